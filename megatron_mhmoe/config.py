@@ -1,0 +1,191 @@
+"""Model configuration: dataclasses with a docstring per field, validated once with the arithmetic.
+
+Parallel sizes are not model config: they live in ParallelContext. `validate_for_parallel` checks
+that a model can be split the way a context asks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+@dataclass
+class MoEConfig:
+    """Multi-Head Mixture-of-Experts FFN (DESIGN.md section 2). h=1 without projections is SMoE/X-MoE."""
+
+    num_experts: int = 8
+    """E: experts per MoE layer (across all expert-parallel ranks)."""
+    top_k: int = 2
+    """Experts chosen per sub-token; gate values are renormalised over the k when k > 1."""
+    num_heads: int = 4
+    """h: sub-tokens per token. Must divide hidden_size; sub-token width is hidden_size / h."""
+    head_projection: bool = True
+    """Apply the head (d x d) and merge (d x d) projections. False with num_heads=1 gives plain SMoE."""
+    expert_hidden_size: int = 256
+    """Hidden width of each expert FFN (d/h -> expert_hidden_size -> d/h)."""
+    expert_activation: str = "gelu"
+    """Expert FFN: 'gelu' (two matrices) or 'swiglu' (three matrices)."""
+    gate: str = "xmoe"
+    """Router: 'xmoe' (low-dim cosine routing, learnable temperature) or 'softmax' (linear + softmax)."""
+    gate_dim: int = 16
+    """X-MoE gate: dimension the sub-token is projected to before cosine scoring."""
+    gate_temperature: float = 0.3
+    """X-MoE gate: initial temperature tau (scores = cosine / tau); learnable."""
+    capacity_factor: float = 0.0
+    """Per-expert capacity = ceil(cf * k * S / E) sub-tokens; overflow is dropped. <= 0 means dropless."""
+    moe_every: int = 2
+    """Every moe_every-th layer (layers moe_every-1, 2*moe_every-1, ...) has an MoE FFN; others are dense."""
+    aux_loss_coef: float = 0.01
+    """Coefficient of the load-balance loss E * sum_e f_e P_e, summed over MoE layers."""
+    z_loss_coef: float = 0.0
+    """Coefficient of the router z-loss mean(logsumexp(logits)^2), summed over MoE layers. 0 = off."""
+    activation_threshold: float = 0.5
+    """An expert counts as active in a layer when its share of assignments is >= this x 1/E."""
+
+
+@dataclass
+class ModelConfig:
+    """A GPT-style pre-norm decoder. `moe=None` gives a dense model."""
+
+    vocab_size: int = 512
+    """Tokenizer vocabulary. The embedding is padded up to a multiple of make_vocab_divisible_by x TP."""
+    hidden_size: int = 128
+    """d: residual stream width."""
+    num_layers: int = 2
+    """Transformer blocks."""
+    num_attention_heads: int = 4
+    """Attention heads; must be divisible by the tensor-parallel size."""
+    ffn_hidden_size: int = 512
+    """Hidden width of the dense FFN layers."""
+    max_seq_len: int = 128
+    """Longest sequence (size of learned position table, RoPE cache)."""
+    activation: str = "gelu"
+    """Dense FFN: 'gelu' or 'swiglu'."""
+    norm: str = "layernorm"
+    """'layernorm' or 'rmsnorm'."""
+    norm_eps: float = 1e-5
+    """Epsilon of the norms."""
+    position_embedding: str = "learned"
+    """'learned' absolute positions or 'rope' rotary embeddings."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the LM head."""
+    dropout: float = 0.0
+    """Dropout on attention probabilities and residual branches."""
+    init_std: float = 0.02
+    """Std of the normal init of embeddings and linear layers (output layers scaled by 1/sqrt(2L))."""
+    make_vocab_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this times TP (Megatron's convention)."""
+    moe: Optional[MoEConfig] = None
+    """MH-MoE settings; None for a dense model."""
+
+    # ------------------------------------------------------------------ derived
+    def padded_vocab_size(self, tp_size: int = 1) -> int:
+        multiple = self.make_vocab_divisible_by * tp_size
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer % self.moe.moe_every == self.moe.moe_every - 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "ModelConfig":
+        _choice("activation", self.activation, ("gelu", "swiglu"))
+        _choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        _choice("position_embedding", self.position_embedding, ("learned", "rope"))
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
+                     "max_seq_len", "make_vocab_divisible_by"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads} ({self.hidden_size} % {self.num_attention_heads} = "
+                f"{self.hidden_size % self.num_attention_heads})")
+        if self.position_embedding == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim; hidden_size/heads = {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.moe is not None:
+            _validate_moe(self.moe, self.hidden_size, self.num_layers)
+        return self
+
+    def validate_for_parallel(self, tp_size: int, ep_size: int) -> None:
+        """Can this model be split over TP and EP? ValueError with the arithmetic if not."""
+        self.validate()
+        if self.num_attention_heads % tp_size:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not divisible by tensor-parallel size "
+                f"{tp_size} ({self.num_attention_heads} % {tp_size} = {self.num_attention_heads % tp_size}); "
+                f"each TP rank needs whole heads")
+        if self.ffn_hidden_size % tp_size:
+            raise ValueError(
+                f"ffn_hidden_size {self.ffn_hidden_size} is not divisible by tensor-parallel size {tp_size} "
+                f"({self.ffn_hidden_size} % {tp_size} = {self.ffn_hidden_size % tp_size})")
+        padded = self.padded_vocab_size(tp_size)
+        if padded % tp_size:  # cannot happen with the padding rule; kept as the invariant it is
+            raise AssertionError(f"padded vocab {padded} not divisible by TP {tp_size}")
+        if self.moe is not None and self.moe.num_experts % ep_size:
+            raise ValueError(
+                f"num_experts {self.moe.num_experts} is not divisible by expert-parallel size {ep_size} "
+                f"({self.moe.num_experts} % {ep_size} = {self.moe.num_experts % ep_size}); each EP rank "
+                f"holds num_experts / ep_size experts: pick an EP from "
+                f"{[d for d in range(1, self.moe.num_experts + 1) if self.moe.num_experts % d == 0]}")
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+
+
+def _validate_moe(moe: MoEConfig, hidden_size: int, num_layers: int) -> None:
+    _choice("moe.gate", moe.gate, ("xmoe", "softmax"))
+    _choice("moe.expert_activation", moe.expert_activation, ("gelu", "swiglu"))
+    if moe.num_experts < 1:
+        raise ValueError(f"moe.num_experts={moe.num_experts} must be >= 1")
+    if not 1 <= moe.top_k <= moe.num_experts:
+        raise ValueError(f"moe.top_k={moe.top_k} must be in [1, num_experts={moe.num_experts}]")
+    if moe.num_heads < 1 or hidden_size % moe.num_heads:
+        raise ValueError(
+            f"moe.num_heads {moe.num_heads} does not divide hidden_size {hidden_size} "
+            f"({hidden_size} % {moe.num_heads} = {hidden_size % moe.num_heads if moe.num_heads else 'n/a'}); "
+            f"a token of width d splits into h sub-tokens of width d/h")
+    if moe.expert_hidden_size < 1 or moe.gate_dim < 1:
+        raise ValueError(f"moe.expert_hidden_size={moe.expert_hidden_size} and moe.gate_dim={moe.gate_dim} "
+                         f"must be >= 1")
+    if moe.gate_temperature <= 0:
+        raise ValueError(f"moe.gate_temperature={moe.gate_temperature} must be > 0")
+    if moe.moe_every < 1 or moe.moe_every > num_layers:
+        raise ValueError(f"moe.moe_every={moe.moe_every} must be in [1, num_layers={num_layers}] "
+                         f"or no layer would be MoE")
+
+
+# ---------------------------------------------------------------------- dict round trip
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    """Build a ModelConfig from a plain dict, rejecting unknown keys by name."""
+    d = dict(d)
+    moe = d.pop("moe", None)
+    cfg = ModelConfig(**_known(ModelConfig, d, "model"))
+    if moe is not None:
+        cfg.moe = MoEConfig(**_known(MoEConfig, moe, "model.moe"))
+    return cfg
+
+
+def _known(cls, d: dict, where: str) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(names)}")
+    return d
+
+
