@@ -1,0 +1,150 @@
+"""Tests of megatron_mhmoe.moe.sizing: hand counts, the published sizes, matching, errors, CLI."""
+import subprocess
+import sys
+
+import pytest
+
+from megatron_mhmoe.config import ModelConfig, MoEConfig
+from megatron_mhmoe.moe import sizing
+
+
+def _tiny() -> ModelConfig:
+    # d=8, V=10, L=2 (layer 1 is MoE), learned positions (4), tied, LayerNorm, GELU dense FFN f=16;
+    # MoE: h=2, E=4, k=2, projections, xmoe gate_dim=3, GELU experts of width 6.
+    return ModelConfig(vocab_size=10, hidden_size=8, num_layers=2, num_attention_heads=2, ffn_hidden_size=16,
+                       max_seq_len=4, moe=MoEConfig(num_experts=4, top_k=2, num_heads=2, expert_hidden_size=6,
+                                                    gate_dim=3, moe_every=2)).validate()
+
+
+def _published_smoe() -> ModelConfig:
+    dense = ModelConfig(vocab_size=50257, hidden_size=768, num_layers=12, num_attention_heads=12,
+                        ffn_hidden_size=2048, max_seq_len=2048, activation="swiglu")
+    return sizing.smoe_from_dense(dense, num_experts=8, top_k=1)
+
+
+def test_params_hand_count():
+    p = sizing.count_params(_tiny())
+    embedding, position = 10 * 8, 4 * 8
+    attention = 2 * (8 * 24 + 24 + 8 * 8 + 8)           # 2 x 288
+    norms = 5 * 2 * 8                                  # 2 per block + final, weight + bias
+    dense_ffn = 8 * 16 + 16 + 16 * 8 + 8               # 280
+    proj = 2 * (8 * 8 + 8)                             # 144
+    router = 4 * 3 + 4 * 3 + 1                         # Linear(4 -> 3) + 4 x 3 embeddings + temperature
+    experts = 4 * 2 * 4 * 6                            # E * n * (d/h) * e = 192
+    total = embedding + position + attention + norms + dense_ffn + proj + router + experts
+    assert total == 1409
+    assert p["total"] == total and p["expert"] == experts and p["non_expert"] == total - experts
+    assert p["active_per_token"] == total                       # h*k = 4 = E: every expert reachable
+    assert p["active_per_subtoken"] == total - experts + experts * 2 / 4
+
+
+def test_params_variants():
+    cfg = _tiny()
+    untied = ModelConfig(**{**cfg.__dict__, "tie_embeddings": False, "position_embedding": "rope",
+                            "norm": "rmsnorm"})
+    p, q = sizing.count_params(cfg), sizing.count_params(untied)
+    assert q["total"] - p["total"] == 10 * 8 - 4 * 8 - 5 * 8   # + LM head, - position table, - norm biases
+    swiglu = ModelConfig(**{**cfg.__dict__, "activation": "swiglu", "moe": None})
+    assert sizing.dense_ffn_params(swiglu) == 3 * 8 * 16
+    soft = ModelConfig(**{**cfg.__dict__, "moe": MoEConfig(num_experts=4, top_k=1, num_heads=1,
+                                                             head_projection=False, expert_hidden_size=6,
+                                                             gate="softmax", expert_activation="swiglu")})
+    assert sizing.moe_layer_params(soft) == {"projection": 0, "router": 8 * 4, "experts": 4 * 3 * 8 * 6,
+                                             "total": 32 + 576}
+
+
+def test_flops_hand_count():
+    f = sizing.flops_breakdown(_tiny(), seq_len=4)
+    assert f == {"attention_proj": 2 * 2 * 4 * 64, "attention_scores": 2 * 2 * 2 * 4 * 8,
+                 "dense_ffn": 2 * 2 * 8 * 16, "moe_proj": 2 * 2 * 64, "router": 2 * 2 * (4 * 3 + 4 * 3),
+                 "experts": 2 * 2 * 2 * 2 * 4 * 6, "lm_head": 2 * 10 * 8, "total": 2688}
+    assert sizing.flops_per_token(_tiny(), 4) == 2688
+
+
+def test_published_follow_up_sizes():
+    # 2*768^2 + 3*768*d'*k' = 3*768*2048*1  ->  d'k' = 1536
+    assert (3 * 768 * 2048 - 2 * 768 ** 2) / (3 * 768) == 1536
+    smoe = _published_smoe()
+    cfg2, r2 = sizing.flops_and_params_matched(smoe, 2)
+    cfg3, r3 = sizing.flops_and_params_matched(smoe, 3)
+    assert (r2["d_prime"], r2["k_prime"], r2["E_prime"]) == (768, 2, 40)
+    assert (r3["d_prime"], r3["k_prime"], r3["E_prime"]) == (512, 3, 96)
+    assert r2["E_prime_exact"] == pytest.approx(36569088 / 884736) == pytest.approx(41.333, abs=1e-3)
+    assert r3["E_prime_exact"] == pytest.approx(93.0)
+    assert (cfg2.moe.num_heads, cfg2.moe.top_k, cfg2.moe.expert_hidden_size, cfg2.moe.num_experts) == \
+        (2, 2, 768, 40)
+    assert cfg3.moe.head_projection and cfg3.moe.expert_activation == "swiglu"
+    # the multiple-of-8 rounding misses an exact parameter match by exactly 2d^2 per MoE layer
+    d2 = 2 * 768 ** 2
+    assert r2["layer_params_ref"] - r2["layer_params"] == pytest.approx(d2, rel=1e-2)
+    assert r3["layer_params"] - r3["layer_params_ref"] == pytest.approx(d2, rel=1e-2)
+    for r in (r2, r3):
+        assert r["layer_flops_ratio"] == pytest.approx(1.0, rel=1e-2)
+
+
+@pytest.mark.parametrize("activation,d_ff,h", [("swiglu", 2048, 2), ("swiglu", 2048, 3), ("swiglu", 2048, 4),
+                                                ("gelu", 3072, 2), ("gelu", 3072, 4), ("gelu", 3072, 8)])
+def test_matched_configs_match(activation, d_ff, h):
+    dense = ModelConfig(vocab_size=50257, hidden_size=768, num_layers=12, num_attention_heads=12,
+                        ffn_hidden_size=d_ff, max_seq_len=2048, activation=activation)
+    smoe = sizing.smoe_from_dense(dense, num_experts=8, top_k=1)
+    seq = 2048
+
+    def close(a, b):
+        return abs(a / b - 1) < 0.01
+
+    new, rep = sizing.flops_and_params_matched(smoe, h, expert_multiple=1)
+    assert close(sizing.count_params(new)["total"], sizing.count_params(smoe)["total"])
+    assert close(rep["layer_params"], rep["layer_params_ref"])
+    assert close(sizing.flops_per_token(new, seq), sizing.flops_per_token(smoe, seq))
+    macs, macs_ref = sizing.moe_layer_macs(new), sizing.moe_layer_macs(smoe)
+    assert close(macs["projection"] + macs["experts"], macs_ref["experts"])     # the equation's terms
+    if h <= 4:  # the xmoe router scores h * E' sub-token/expert pairs: 1.8% of the layer at h=8, E'=661
+        assert close(rep["layer_macs"], rep["layer_macs_ref"])
+
+    new, rep = sizing.param_matched(smoe, h)
+    assert close(sizing.count_params(new)["total"], sizing.count_params(smoe)["total"])
+    assert close(rep["layer_params"], rep["layer_params_ref"])
+    assert rep["E_prime"] == 8 and rep["k_prime"] == 1 and rep["d_prime"] % 8 == 0
+    assert rep["layer_flops_ratio"] > 1.5          # parameter matching makes experts ~h x wider
+
+
+def test_dense_reference_is_one_expert_smoe():
+    dense = ModelConfig(vocab_size=100, hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=256)
+    _, rep = sizing.flops_and_params_matched(dense, 2, expert_multiple=1)
+    assert (rep["k_prime"], rep["E_prime"], rep["d_prime"]) == (2, 4, 96)   # E' = h k'; d'k' = 256 - 64
+    _, rep = sizing.param_matched(dense, 2)
+    assert rep["E_prime"] == 1 and rep["d_prime"] == 384                   # (2*64*256 - 2*64^2)/(2*32)
+
+
+def test_invalid_inputs():
+    smoe = _published_smoe()
+    with pytest.raises(ValueError, match=r"768 % 5 = 3"):
+        sizing.flops_and_params_matched(smoe, 5)
+    with pytest.raises(ValueError, match=r"768 % 5 = 3"):
+        sizing.param_matched(smoe, 5)
+    with pytest.raises(ValueError, match="k_prime=0"):
+        sizing.flops_and_params_matched(smoe, 2, k_prime=0)
+    # projections (2d^2 = 8192) outweigh tiny experts: E n d d_ff = 2*2*64*16 = 4096, k n d d_ff = 2048
+    small = ModelConfig(vocab_size=100, hidden_size=64, num_layers=2, num_attention_heads=4,
+                        moe=MoEConfig(num_experts=2, top_k=1, num_heads=1, head_projection=False,
+                                      expert_hidden_size=16))
+    with pytest.raises(ValueError, match=r"\(2048 - 2\*64\^2\)"):
+        sizing.flops_and_params_matched(small, 2)
+    with pytest.raises(ValueError, match=r"\(4096 - 2\*64\^2\)"):
+        sizing.param_matched(small, 2)
+    with pytest.raises(ValueError, match="seq_len"):
+        sizing.flops_per_token(smoe, 0)
+
+
+def test_cli():
+    run = [sys.executable, "-m", "megatron_mhmoe.moe.sizing"]
+    out = subprocess.run(run + ["--help"], capture_output=True, text=True, check=True).stdout
+    assert "--mode" in out and "--heads" in out
+    out = subprocess.run(run + ["--hidden-size", "768", "--num-layers", "12", "--vocab-size", "50257",
+                                "--ffn-hidden-size", "2048", "--num-experts", "8", "--top-k", "1",
+                                "--heads", "2", "3", "--activation", "swiglu", "--moe-every", "2",
+                                "--mode", "flops", "--seq-len", "2048"],
+                         capture_output=True, text=True, check=True).stdout
+    for s in ("Dense", "SMoE", "MH-MoE h=2 [flops]", "k'=2 d'=768 E'=40", "k'=3 d'=512 E'=96"):
+        assert s in out, out
