@@ -1,0 +1,54 @@
+"""Causal self-attention with heads split over the TP group.
+
+The fused QKV projection is column-parallel. Its full weight's output dim is laid out head-major,
+[heads, 3 (q, k, v), head_dim], so a contiguous 1/TP slice of it holds whole heads with their own
+q, k and v: each rank attends over its heads alone. The output projection is row-parallel over the
+same head dims, so the block costs one all-reduce (or reduce-scatter with SP) forward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_mhmoe.config import ModelConfig
+from megatron_mhmoe.model.rope import apply_rotary
+from megatron_mhmoe.parallel import init as pinit
+from megatron_mhmoe.parallel.context import ParallelContext
+from megatron_mhmoe.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+
+class SelfAttention(nn.Module):
+    """x [s, b, d] (or [s/tp, b, d] with SP) -> same shape; causal, optional RoPE."""
+
+    def __init__(self, config: ModelConfig, ctx: ParallelContext):
+        super().__init__()
+        if config.num_attention_heads % ctx.tp_size:
+            raise ValueError(f"num_attention_heads {config.num_attention_heads} is not divisible by "
+                             f"tensor-parallel size {ctx.tp_size} ({config.num_attention_heads} % "
+                             f"{ctx.tp_size} = {config.num_attention_heads % ctx.tp_size})")
+        self.num_heads_local = config.num_attention_heads // ctx.tp_size
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        self.use_rope = config.position_embedding == "rope"
+        d = config.hidden_size
+        self.qkv = ColumnParallelLinear(d, 3 * d, ctx, bias=True, init_method=pinit.normal(config.init_std))
+        self.proj = RowParallelLinear(d, d, ctx, bias=True,
+                                      init_method=pinit.scaled_normal(config.init_std, config.num_layers))
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        qkv = self.qkv(x)  # (s, b, nh_local * 3 * hd): full sequence even with SP
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, self.num_heads_local, 3, self.head_dim)  # (s, b, nh_local, 3, hd)
+        qkv = qkv.permute(3, 1, 2, 0, 4)  # (3, b, nh_local, s, hd)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (b, nh_local, s, hd) each
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        # (b, nh_local, s, hd) -> (s, b, nh_local * hd)
+        out = out.permute(2, 0, 1, 3).reshape(s, b, self.num_heads_local * self.head_dim)
+        return self.proj(out)
