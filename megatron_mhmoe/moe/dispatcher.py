@@ -1,0 +1,152 @@
+"""All communication of the MoE layer: TP token split/gather, replica-wide counts and sums, and the
+expert-parallel all-to-all dispatch/combine of sub-tokens. EP=1 runs the same code minus the all-to-all.
+
+Dispatch of S local sub-tokens with k choices each (choice-major flat index f = j*S + i):
+1. Sort assignments by expert id (dropped ones get the sentinel id E and sort last); the counts per
+   expert come to the host once: they size every split below.
+2. Gather the kept rows in that order: rows for EP rank p's experts are now contiguous.
+3. Exchange per-expert counts over the EP group, then all-to-all the rows with uneven splits.
+4. Received rows are ordered (source rank, local expert): regroup them by local expert.
+5. Run the local experts on exact counts (no padding to a capacity).
+6. Undo 4, reverse the all-to-all, and add each row times its gate into its sub-token's output.
+No dense [tokens x experts x capacity] tensor is built: memory is O(S*k*d), whatever E.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from megatron_mhmoe.parallel import comm
+from megatron_mhmoe.parallel.context import ParallelContext
+
+
+@dataclass
+class DispatchProfile:
+    """What the last forward moved and where its time went (seconds; filled only when profiling)."""
+
+    rows_sent: int = 0
+    """Sub-token rows handed to the dispatch all-to-all (this rank's kept assignments)."""
+    bytes_sent: int = 0
+    """Bytes handed to the dispatch all-to-alls: rows * d_sub * itemsize + the counts (E int64)."""
+    times: dict = field(default_factory=dict)
+
+
+class MoEDispatcher:
+    def __init__(self, ctx: ParallelContext, num_experts: int):
+        if num_experts % ctx.ep_size:
+            raise ValueError(
+                f"num_experts {num_experts} is not divisible by expert-parallel size {ctx.ep_size} "
+                f"({num_experts} % {ctx.ep_size} = {num_experts % ctx.ep_size})")
+        self.ctx = ctx
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // ctx.ep_size
+        self.profile_enabled = False
+        self.profile = DispatchProfile()
+
+    # ------------------------------------------------------------------ TP token split
+    @property
+    def splits_tokens(self) -> bool:
+        """Without sequence parallelism the MoE input is replicated over TP: each rank takes 1/TP."""
+        return not self.ctx.sequence_parallel and self.ctx.tp_size > 1
+
+    def split_tokens(self, tokens: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N/TP, d)
+        if not self.splits_tokens:
+            return tokens
+        if tokens.shape[0] % self.ctx.tp_size:
+            raise ValueError(
+                f"the MoE layer splits its {tokens.shape[0]} tokens (seq x micro-batch) over "
+                f"tensor-parallel size {self.ctx.tp_size}, but {tokens.shape[0]} % {self.ctx.tp_size} = "
+                f"{tokens.shape[0] % self.ctx.tp_size}: make seq_len x micro_batch divisible by TP")
+        return comm.scatter_to_region(tokens, 0, self.ctx.tp_group)
+
+    def gather_tokens(self, tokens: torch.Tensor) -> torch.Tensor:  # (N/TP, d) -> (N, d)
+        if not self.splits_tokens:
+            return tokens
+        return comm.gather_from_region(tokens, 0, self.ctx.tp_group)
+
+    # ------------------------------------------------------------------ replica-wide reductions
+    def replica_counts(self, local_counts: torch.Tensor) -> torch.Tensor:
+        """(k, E) local counts -> (TP, k, E): every TP rank's counts (the replica's routing group)."""
+        return comm.all_gather(local_counts.unsqueeze(0), 0, self.ctx.tp_group)
+
+    def replica_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the TP ranks that share a replica's tokens; gradient flows back unchanged."""
+        return comm.reduce_from_region(t, self.ctx.tp_group)
+
+    @torch.no_grad()
+    def replica_sum_stats(self, t: torch.Tensor) -> torch.Tensor:
+        return comm.all_reduce_(t.clone(), self.ctx.tp_group)
+
+    # ------------------------------------------------------------------ dispatch / combine
+    def _tick(self, name: str, t0: float, device: torch.device) -> float:
+        if not self.profile_enabled:
+            return t0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        self.profile.times[name] = self.profile.times.get(name, 0.0) + (now - t0)
+        return now
+
+    def dispatch_combine(self, x_sub: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor,
+                         keep: torch.Tensor | None, run_experts: Callable) -> torch.Tensor:
+        """x_sub (S, d_sub), experts/gates (S, k), keep (k*S,) choice-major or None -> (S, d_sub).
+
+        run_experts(rows (n, d_sub) grouped by local expert, counts list[E_local]) -> (n, d_sub).
+        """
+        S, k = experts.shape
+        E, E_local, ep = self.num_experts, self.num_local_experts, self.ctx.ep_size
+        self.profile = DispatchProfile()
+        t0 = time.perf_counter()
+        # 1.
+        e_flat = experts.t().reshape(-1)  # (k*S,) choice-major
+        if keep is not None:
+            e_flat = torch.where(keep, e_flat, torch.full_like(e_flat, E))
+        order = torch.argsort(e_flat, stable=True)  # (k*S,)
+        counts = torch.bincount(e_flat, minlength=E + 1)[:E]  # (E,)
+        counts_host = counts.tolist()  # the one host sync of the local dispatch
+        n = sum(counts_host)
+        perm = order[:n]  # (n,) flat assignment index of each row, grouped by expert
+        src = perm % S  # (n,) sub-token of each row
+        # 2.
+        rows = x_sub.index_select(0, src)  # (n, d_sub)
+        t0 = self._tick("permute", t0, x_sub.device)
+        if ep > 1:
+            # 3.
+            recv_counts = comm.all_to_all_v(counts, [E_local] * ep, [E_local] * ep, self.ctx.ep_group)
+            recv_counts = recv_counts.view(ep, E_local)  # (EP, E_local): from rank p for my expert e
+            recv_host = recv_counts.tolist()
+            send_splits = [sum(counts_host[p * E_local:(p + 1) * E_local]) for p in range(ep)]
+            recv_splits = [sum(r) for r in recv_host]
+            self.profile.rows_sent = n
+            self.profile.bytes_sent = n * x_sub.shape[1] * x_sub.element_size() + counts.numel() * counts.element_size()
+            t0 = self._tick("counts_exchange", t0, x_sub.device)
+            rows = comm.all_to_all(rows, recv_splits, send_splits, self.ctx.ep_group)  # (m, d_sub)
+            t0 = self._tick("all_to_all", t0, x_sub.device)
+            # 4.
+            local_ids = torch.arange(E_local, device=rows.device).repeat(ep)  # (EP*E_local,)
+            local_ids = local_ids.repeat_interleave(recv_counts.reshape(-1), output_size=rows.shape[0])  # (m,)
+            regroup = torch.argsort(local_ids, stable=True)  # (m,)
+            rows = rows.index_select(0, regroup)
+            expert_counts = [sum(recv_host[p][e] for p in range(ep)) for e in range(E_local)]
+            t0 = self._tick("permute", t0, x_sub.device)
+        else:
+            expert_counts = counts_host
+        # 5.
+        out = run_experts(rows, expert_counts)  # (m, d_sub)
+        t0 = self._tick("experts", t0, x_sub.device)
+        # 6.
+        if ep > 1:
+            inverse = torch.empty_like(regroup)
+            inverse[regroup] = torch.arange(regroup.numel(), device=regroup.device)
+            out = out.index_select(0, inverse)
+            t0 = self._tick("permute", t0, x_sub.device)
+            out = comm.all_to_all(out, send_splits, recv_splits, self.ctx.ep_group)  # (n, d_sub)
+            t0 = self._tick("all_to_all", t0, x_sub.device)
+        weights = gates.t().reshape(-1).index_select(0, perm).to(out.dtype)  # (n,)
+        y = x_sub.new_zeros(x_sub.shape).index_add(0, src, out * weights.unsqueeze(1))  # (S, d_sub)
+        self._tick("combine", t0, x_sub.device)
+        return y
+

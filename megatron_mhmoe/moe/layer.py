@@ -1,0 +1,129 @@
+"""The MH-MoE FFN layer (Wu et al. 2024), DESIGN.md section 2. h=1 without projections is SMoE/X-MoE.
+
+For the tokens x (N, d) a rank owns (its 1/TP share of a replica, or its sequence-parallel shard):
+1. head projection x_hat = x W_head^T + b_head;
+2. split token-major into h sub-tokens of width d/h (sub-token j of a token is columns [j d/h, (j+1) d/h));
+3. route every sub-token (fp32), top-k, capacity (decided on the whole replica);
+4. dispatch to the experts (all-to-all over EP), combine with the gate weights;
+5. merge the h sub-tokens back into a token and apply the merge projection.
+The block around it adds the residual; the layer has none of its own.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from megatron_mhmoe.config import ModelConfig
+from megatron_mhmoe.moe import capacity as cap
+from megatron_mhmoe.moe.dispatcher import MoEDispatcher
+from megatron_mhmoe.moe.experts import GroupedExperts
+from megatron_mhmoe.moe.losses import load_balance_loss, z_loss_sum
+from megatron_mhmoe.moe.metrics import MoEStats, divergence_histogram
+from megatron_mhmoe.moe.router import SoftmaxGate, XMoEGate, top_k
+from megatron_mhmoe.parallel.context import ParallelContext
+from megatron_mhmoe.parallel.init import init_parameters, normal, scaled_normal, set_init, xavier_uniform, zeros
+from megatron_mhmoe.parallel.params import mark_tp_partial
+
+
+class MHMoELayer(nn.Module):
+    def __init__(self, config: ModelConfig, ctx: ParallelContext, layer_idx: int = 0):
+        super().__init__()
+        moe = config.moe
+        if moe is None:
+            raise ValueError("MHMoELayer needs config.moe (an MoEConfig); got a dense config")
+        config.validate_for_parallel(ctx.tp_size, ctx.ep_size)
+        self.config, self.moe, self.ctx, self.layer_idx = config, moe, ctx, layer_idx
+        d, h = config.hidden_size, moe.num_heads
+        self.d_sub = d // h
+        self.dispatcher = MoEDispatcher(ctx, moe.num_experts)
+        if moe.head_projection:
+            self.head = nn.Linear(d, d)
+            self.merge = nn.Linear(d, d)
+            set_init(self.head.weight, xavier_uniform(1.0 / math.sqrt(2.0)))
+            set_init(self.merge.weight, xavier_uniform(1.0))
+            set_init(self.head.bias, zeros())
+            set_init(self.merge.bias, zeros())
+        else:
+            self.head = self.merge = None
+        if moe.gate == "xmoe":
+            self.router = XMoEGate(self.d_sub, moe.num_experts, moe.gate_dim, moe.gate_temperature, config.init_std)
+        else:
+            self.router = SoftmaxGate(self.d_sub, moe.num_experts, config.init_std)
+        self.experts = GroupedExperts(
+            self.dispatcher.num_local_experts, self.d_sub, moe.expert_hidden_size, moe.expert_activation, ctx,
+            normal(config.init_std), scaled_normal(config.init_std, config.num_layers))
+        # Each TP rank feeds these with other tokens (its share), so their grads are summed over TP.
+        for name, p in self.named_parameters():
+            if not name.startswith("experts."):
+                mark_tp_partial(p)
+        self._init_local()
+
+    def _init_local(self) -> None:
+        """Initialise from the same full tensors whatever TP/EP (the model re-inits with its own seed)."""
+        init_parameters(self, self.ctx, seed=1234 + self.layer_idx)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        """x: (s, b, d) replicated over TP, or (s/TP, b, d) with sequence parallelism -> same shape."""
+        moe, disp = self.moe, self.dispatcher
+        shape = x.shape
+        d, h, k, E = shape[-1], moe.num_heads, moe.top_k, moe.num_experts
+        tokens = disp.split_tokens(x.reshape(-1, d))  # (n, d): this rank's share of the replica
+        n = tokens.shape[0]
+        # 1.
+        x_hat = self.head(tokens) if self.head is not None else tokens  # (n, d)
+        # 2. token-major: the h sub-tokens of a token are adjacent rows.
+        x_sub = x_hat.reshape(n * h, self.d_sub)  # (n*h, d/h)
+        # 3.
+        logits = self.router(x_sub)  # (n*h, E) fp32
+        choice = top_k(logits, k)
+        local_counts = cap.local_choice_counts(choice.experts, E)  # (k, E)
+        counts_all = disp.replica_counts(local_counts)  # (TP, k, E)
+        tp_shards = counts_all.shape[0]
+        S = n * h * tp_shards  # sub-tokens in the routing group (the replica)
+        capacity = cap.expert_capacity(moe.capacity_factor, k, S, E)
+        keep = cap.capacity_keep(choice.experts, counts_all, self.ctx.tp_rank if tp_shards > 1 else 0,
+                                 capacity) if capacity > 0 else None
+        # 4.
+        y_sub = disp.dispatch_combine(x_sub, choice.experts, choice.gates, keep, self.experts)  # (n*h, d/h)
+        # 5.
+        y = y_sub.reshape(n, d)  # (n, d)
+        if self.merge is not None:
+            y = self.merge(y)
+        y = disp.gather_tokens(y).reshape(shape)
+        return y, self._stats(logits, choice, counts_all, keep, S, n * tp_shards)
+
+    def _stats(self, logits, choice, counts_all, keep, S: int, num_tokens: int) -> MoEStats:
+        disp, E = self.dispatcher, self.moe.num_experts
+        aux = load_balance_loss(disp.replica_sum(choice.probs.sum(0)), counts_all[:, 0].sum(0), S)
+        z = disp.replica_sum(z_loss_sum(logits)) / S
+        with torch.no_grad():
+            e_flat = choice.experts.t().reshape(-1)
+            kept_local = torch.bincount(e_flat[keep] if keep is not None else e_flat, minlength=E)
+            div_local = divergence_histogram(choice.experts, self.moe.num_heads)
+            both = disp.replica_sum_stats(torch.cat([kept_local, div_local]))
+        return MoEStats(aux_loss=aux, z_loss=z, selections=counts_all.sum((0, 1)), kept=both[:E],
+                        divergence=both[E:], num_tokens=num_tokens, num_sub_tokens=S)
+
+    # ------------------------------------------------------------------ slow reference (tests)
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Single-process (TP=EP=1) output by the obvious loops: no sorting, no dispatcher."""
+        assert self.ctx.world_size == 1, "the reference runs on one process"
+        moe = self.moe
+        d = x.shape[-1]
+        tokens = x.reshape(-1, d)
+        x_hat = self.head(tokens) if self.head is not None else tokens
+        x_sub = x_hat.reshape(-1, self.d_sub)
+        choice = top_k(self.router(x_sub), moe.top_k)
+        ids = choice.experts.clone()
+        capacity = cap.expert_capacity(moe.capacity_factor, moe.top_k, x_sub.shape[0], moe.num_experts)
+        if capacity > 0:
+            keep = cap.capacity_keep_reference(choice.experts, moe.num_experts, capacity)  # (S, k)
+            ids[~keep] = -1
+        y_sub = self.experts.forward_reference(x_sub, ids, choice.gates)
+        y = y_sub.reshape(-1, d)
+        if self.merge is not None:
+            y = self.merge(y)
+        return y.reshape(x.shape)

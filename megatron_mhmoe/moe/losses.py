@@ -1,0 +1,21 @@
+"""Auxiliary router losses from replica-wide sums (the dispatcher provides the sums)."""
+from __future__ import annotations
+
+import torch
+
+
+def load_balance_loss(prob_sum: torch.Tensor, top1_counts: torch.Tensor, num_sub_tokens: int) -> torch.Tensor:
+    """E * sum_e f_e * P_e (Switch/GShard), over the sub-tokens of one routing group.
+
+    prob_sum: (E,) sum over sub-tokens of the router probabilities (carries the gradient);
+    top1_counts: (E,) sub-tokens whose first choice is e (no gradient). Equals 1 when routing is uniform.
+    """
+    E = prob_sum.shape[0]
+    f = top1_counts.to(prob_sum.dtype) / num_sub_tokens  # (E,)
+    P = prob_sum / num_sub_tokens  # (E,)
+    return E * torch.sum(f * P)
+
+
+def z_loss_sum(logits: torch.Tensor) -> torch.Tensor:
+    """Sum over sub-tokens of logsumexp(logits)^2 (ST-MoE's router z-loss, before the mean)."""
+    return torch.logsumexp(logits, dim=-1).square().sum()

@@ -1,0 +1,75 @@
+"""Routers (gates): sub-token -> expert logits, and top-k selection. Local maths only, no communication.
+
+All router maths runs in fp32 whatever the model dtype: softmax over hundreds of experts and the
+cosine/temperature scores lose their ranking in bf16, and the balance loss multiplies small numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_mhmoe.parallel.init import constant, normal, set_init
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+class XMoEGate(nn.Module):
+    """X-MoE gate (Chi et al. 2022): cosine routing in a low-dimensional space with a learnable temperature.
+
+    score(x, e) = <W x / |W x|, m_e / |m_e|> / tau. Projecting to gate_dim (16) before scoring keeps
+    the router from collapsing onto the few directions that dominate the hidden space.
+    """
+
+    def __init__(self, d_sub: int, num_experts: int, gate_dim: int, temperature: float, init_std: float):
+        super().__init__()
+        self.proj = nn.Linear(d_sub, gate_dim, bias=False)
+        self.expert_embeddings = nn.Parameter(torch.empty(num_experts, gate_dim))
+        self.temperature = nn.Parameter(torch.tensor(float(temperature)))
+        set_init(self.proj.weight, normal(init_std))
+        set_init(self.expert_embeddings, normal(init_std))
+        set_init(self.temperature, constant(temperature))
+
+    def forward(self, x_sub: torch.Tensor) -> torch.Tensor:  # (S, d/h) -> (S, E) fp32
+        with torch.autocast(device_type=x_sub.device.type, enabled=False):
+            z = F.normalize(F.linear(_fp32(x_sub), _fp32(self.proj.weight)), dim=-1)  # (S, gate_dim)
+            m = F.normalize(_fp32(self.expert_embeddings), dim=-1)  # (E, gate_dim)
+            # A temperature that trains towards 0 would blow the logits up: keep it positive.
+            tau = _fp32(self.temperature).clamp(min=1e-2)
+            return (z @ m.t()) / tau  # (S, E)
+
+
+class SoftmaxGate(nn.Module):
+    """Linear(d/h, E, bias=False); probabilities are the softmax of its logits (the paper's Eq. 5)."""
+
+    def __init__(self, d_sub: int, num_experts: int, init_std: float):
+        super().__init__()
+        self.proj = nn.Linear(d_sub, num_experts, bias=False)
+        set_init(self.proj.weight, normal(init_std))
+
+    def forward(self, x_sub: torch.Tensor) -> torch.Tensor:  # (S, d/h) -> (S, E) fp32
+        with torch.autocast(device_type=x_sub.device.type, enabled=False):
+            return F.linear(_fp32(x_sub), _fp32(self.proj.weight))
+
+
+@dataclass
+class TopK:
+    """Routing decision for S sub-tokens (all fp32 / int64)."""
+
+    probs: torch.Tensor
+    """(S, E) softmax of the logits: used by the balance loss."""
+    experts: torch.Tensor
+    """(S, k) chosen expert ids, best first."""
+    gates: torch.Tensor
+    """(S, k) combine weights: the chosen probabilities, renormalised over the k when k > 1."""
+
+
+def top_k(logits: torch.Tensor, k: int) -> TopK:
+    probs = torch.softmax(logits, dim=-1)  # (S, E)
+    top_p, top_e = probs.topk(k, dim=-1)  # (S, k)
+    gates = top_p / top_p.sum(dim=-1, keepdim=True) if k > 1 else top_p
+    return TopK(probs=probs, experts=top_e, gates=gates)
