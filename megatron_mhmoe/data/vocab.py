@@ -1,0 +1,60 @@
+"""Checks that token ids in a dataset fit the model's embedding table."""
+from __future__ import annotations
+
+from typing import Optional
+
+from .errors import DataError
+from .indexed import IndexedDataset, meta_path
+
+# Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by (128) * TP; with TP <= 8
+# that adds at most 1023 rows. More padding than that almost always means the wrong tokenizer.
+DEFAULT_MAX_PADDING = 1024
+
+
+def check_vocab(tokenizer_vocab: int, model_vocab: int, max_padding: int = DEFAULT_MAX_PADDING) -> None:
+    """Raise DataError unless a model with `model_vocab` embedding rows fits a `tokenizer_vocab` tokenizer.
+
+    The model may be larger by up to `max_padding` rows (Megatron-style padding for tensor parallelism);
+    smaller would index out of the embedding, much larger signals a different tokenizer.
+    """
+    if tokenizer_vocab <= 0 or model_vocab <= 0:
+        raise DataError(f"vocabulary sizes must be positive: tokenizer {tokenizer_vocab}, model {model_vocab}")
+    if model_vocab < tokenizer_vocab:
+        raise DataError(f"the tokenizer has {tokenizer_vocab} tokens but the model's embedding has only "
+                        f"{model_vocab} rows: token ids >= {model_vocab} would be out of range. Set the model "
+                        f"vocab size to at least {tokenizer_vocab} (padded), or use the tokenizer the data was "
+                        "made with.")
+    if model_vocab - tokenizer_vocab > max_padding:
+        raise DataError(f"the model's vocab ({model_vocab}) exceeds the tokenizer's ({tokenizer_vocab}) by "
+                        f"{model_vocab - tokenizer_vocab} > {max_padding} padding rows: the model config and the "
+                        "tokenizer probably belong to different setups. Set the model vocab size from the "
+                        "tokenizer (padded to a multiple of 128 * TP), or raise max_padding if intended.")
+
+
+def check_dataset_vocab(dataset: IndexedDataset, model_vocab: int, tokenizer_sha256: Optional[str] = None,
+                        max_padding: int = DEFAULT_MAX_PADDING, scan_without_meta: bool = True) -> None:
+    """Check a tokenized dataset against the model (and optionally the tokenizer it should come from).
+
+    With our `.meta.json` sidecar the check is free (vocab size, tokenizer hash and max token id are
+    recorded). A dataset without one (e.g. made by Megatron-LM) is scanned once for its largest id.
+    """
+    meta = dataset.meta
+    if meta is not None:
+        if meta.get("vocab_size") is not None:
+            try:
+                check_vocab(int(meta["vocab_size"]), model_vocab, max_padding)
+            except DataError as e:
+                raise DataError(f"dataset {dataset.prefix} (tokenizer recorded in {meta_path(dataset.prefix)}): "
+                                f"{e}") from None
+        recorded = meta.get("tokenizer_sha256")
+        if tokenizer_sha256 and recorded and recorded != tokenizer_sha256:
+            raise DataError(f"dataset {dataset.prefix} was tokenized with tokenizer sha256 {recorded[:12]}... "
+                            f"({meta.get('tokenizer_model')}), not the given tokenizer ({tokenizer_sha256[:12]}...)."
+                            " Use the same tokenizer model for preprocessing and training.")
+        max_id = meta.get("max_token_id")
+    else:
+        max_id = dataset.max_token_id() if scan_without_meta else None
+    if max_id is not None and int(max_id) >= model_vocab:
+        raise DataError(f"dataset {dataset.prefix} contains token id {max_id}, out of range for a model vocab of "
+                        f"{model_vocab}: the data was made with a larger tokenizer. Re-tokenize it or enlarge the "
+                        "model vocab.")

@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Tokenize JSONL or text into Megatron-LM `.bin/.idx` datasets (byte-compatible with Megatron-LM).
+
+Example:
+  python tools/preprocess_data.py --input corpus.jsonl --json-keys text \\
+      --tokenizer-model tok.model --append-eod --output-prefix data/corpus --workers 8
+writes data/corpus_text_document.{bin,idx} (+ .meta.json, a sidecar Megatron ignores) for training
+with --data-path data/corpus_text_document.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from megatron_mhmoe.data.errors import DataError  # noqa: E402
+from megatron_mhmoe.data.input_reader import InputConfig  # noqa: E402
+from megatron_mhmoe.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
+
+BAD_INPUT_POLICY = """\
+bad input policy (counts and the first locations are printed as warnings at the end):
+  invalid JSON / not an object / missing --json-keys key or non-string value: line skipped
+  non-UTF-8 bytes: decoded with U+FFFD replacement characters, counted
+  NUL characters: removed from the text, counted
+  document longer than --max-doc-chars characters: skipped; a raw line longer than
+      6 * --max-doc-chars bytes is skipped without being read into memory
+  empty documents: skipped
+  --strict turns every case above except empty documents into an error naming file:line.
+  No documents at all (empty input, or everything skipped) is always an error.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, epilog=BAD_INPUT_POLICY,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("input")
+    g.add_argument("--input", nargs="+", required=True,
+                   help="JSONL or text files, directories or globs; .gz is decompressed on the fly")
+    g.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="JSON keys to tokenize; one output dataset per key (default: text)")
+    g.add_argument("--input-format", choices=["auto", "jsonl", "text"], default="auto",
+                   help="auto: by extension (.jsonl/.json -> jsonl, .txt -> text), else by the first line")
+    g.add_argument("--text-doc", choices=["line", "file"], default="line",
+                   help="text input: each non-empty line is a document (line) or each file is one (file)")
+    g.add_argument("--max-doc-chars", type=int, default=50_000_000,
+                   help="skip (count) documents longer than this many characters (default 50M)")
+    g.add_argument("--strict", action="store_true", help="fail on the first bad line instead of skipping it")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", default="sentencepiece", choices=["sentencepiece", "byte"],
+                   help="sentencepiece (needs --tokenizer-model) or byte (UTF-8 bytes, EOD=256)")
+    g.add_argument("--tokenizer-model", help="SentencePiece .model from tools/train_tokenizer.py")
+    g.add_argument("--append-eod", action="store_true", help="append the EOD (eos) id after each document")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-prefix", required=True,
+                   help="writes <prefix>_<key>_document.bin/.idx/.meta.json")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="tokenizer worker processes (default: cores - 1)")
+    g.add_argument("--partitions", type=int, default=1,
+                   help="split the input files into N groups, each written as its own dataset (finished ones "
+                        "are reused when a crashed run is restarted), then merged")
+    g.add_argument("--keep-partitions", action="store_true", help="keep the per-partition datasets")
+    g.add_argument("--log-interval", type=int, default=1000, help="progress line every N documents")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = PreprocessConfig(
+            inputs=args.input, output_prefix=args.output_prefix, tokenizer_type=args.tokenizer_type,
+            tokenizer_model=args.tokenizer_model, append_eod=args.append_eod, workers=args.workers,
+            log_interval=args.log_interval, partitions=args.partitions, keep_partitions=args.keep_partitions,
+            input=InputConfig(json_keys=tuple(args.json_keys), input_format=args.input_format,
+                              text_doc=args.text_doc, max_doc_chars=args.max_doc_chars, strict=args.strict))
+        result = preprocess(cfg)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for key, prefix in result.outputs.items():
+        print(f"{key}: {prefix}.bin / .idx")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
