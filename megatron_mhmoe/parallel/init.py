@@ -85,9 +85,11 @@ def set_init(param: nn.Parameter, fn: Optional[InitMethod]) -> nn.Parameter:
 def param_seed(seed: int, name: str) -> int:
     """A generator seed from (seed, parameter name); stable across processes and Python runs.
 
-    crc32 rather than hash(): Python salts str hashes per process.
+    crc32 rather than hash(): Python salts str hashes per process. The result fits in 32 bits because
+    torch's CPU generator (mt19937) only uses the low 32 bits of its seed: `seed << 32 | crc` would
+    give every seed the same weights. The odd multiplier spreads consecutive seeds apart.
     """
-    return ((seed & 0xFFFFFFFF) << 32) | zlib.crc32(name.encode("utf-8"))
+    return (seed * 0x9E3779B1 + zlib.crc32(name.encode("utf-8"))) & 0xFFFFFFFF
 
 
 def full_shape(param: torch.Tensor, ctx: ParallelContext, vocab_size: int) -> list[int]:
