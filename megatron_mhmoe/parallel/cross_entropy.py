@@ -26,10 +26,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, group, vocab_start, vocab_size):
         # logits: (..., V_local) this rank's columns [vocab_start, vocab_start + V_local); target: (...)
         v_local = logits.shape[-1]
-        z = logits.float()
+        # At least fp32 (bf16 exp/sum loses the loss); float64 stays float64.
+        z = logits.to(torch.promote_types(logits.dtype, torch.float32))
         n_real = max(0, min(v_local, vocab_size - vocab_start))  # columns that are real vocabulary
         if n_real < v_local:
-            # Not in place: logits.float() is the caller's tensor when it is already fp32.
+            # Not in place: z is the caller's tensor when the dtype did not change.
             pad = torch.arange(v_local, device=z.device) >= n_real
             z = z.masked_fill(pad, float("-inf"))
 
@@ -71,8 +72,8 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ctx
     """Per-token loss -log softmax(logits)[target], logits split over the vocabulary across TP.
 
     logits: (..., V_local), this TP rank's contiguous shard of the padded vocabulary (any float dtype;
-    computed in fp32). target: (...) long ids in [0, vocab_size). vocab_size: the true vocabulary;
-    columns at or beyond it are padding and are excluded. Returns (...) fp32 losses.
+    computed in at least fp32). target: (...) long ids in [0, vocab_size). vocab_size: the true vocabulary;
+    columns at or beyond it are padding and are excluded. Returns (...) losses in at least fp32.
     """
     v_local = logits.shape[-1]
     vocab_start = ctx.tp_rank * v_local
