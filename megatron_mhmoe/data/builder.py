@@ -60,7 +60,7 @@ def build_train_valid_test_datasets(
         if model_vocab_size is not None:
             check_dataset_vocab(ds, model_vocab_size, tokenizer_sha256)
         indexed.append(ds)
-    ranges = [split_ranges(len(ds), split_weights) for ds in indexed]
+    ranges = [split_ranges(ds.num_documents, split_weights) for ds in indexed]
     out: list[Optional[Dataset]] = []
     for s, name in enumerate(SPLIT_NAMES):
         n = num_samples[s]
@@ -79,8 +79,7 @@ def build_train_valid_test_datasets(
             out.append(child(0, n))
             continue
         if n is None:  # one epoch: the largest blend in which no dataset needs more than its epoch
-            epoch = [max((int(indexed[k].sizes[slice(*ranges[k][s])].sum(dtype=np.int64)) - 1) // seq_len, 0)
-                     for k in range(len(indexed))]
+            epoch = [max((_split_tokens(indexed[k], *ranges[k][s]) - 1) // seq_len, 0) for k in range(len(indexed))]
             n = int(min(e / w for e, w in zip(epoch, weights) if w > 0))
             if n == 0:
                 raise DataError(f"the {name} split of {prefixes} is too small for one blended sample of "
@@ -92,6 +91,11 @@ def build_train_valid_test_datasets(
         children = [child(k, int(counts[k])) if counts[k] else _Empty() for k in range(len(indexed))]
         out.append(BlendedDataset(children, weights, n, indices=(di, si), name=name))
     return out[0], out[1], out[2]
+
+
+def _split_tokens(ds: IndexedDataset, first_doc: int, end_doc: int) -> int:
+    """Tokens in documents [first_doc, end_doc)."""
+    return int(ds.sizes[int(ds.doc_idx[first_doc]):int(ds.doc_idx[end_doc])].sum(dtype=np.int64))
 
 
 class _Empty:

@@ -1,8 +1,10 @@
 """GPT pretraining samples: fixed windows of seq_len + 1 tokens over shuffled, concatenated documents.
 
 The three index arrays follow Megatron-LM's scheme (pure numpy here, no C++ helper):
-1. doc_index: the split's documents, one independent random permutation per epoch, concatenated.
-   Epochs are added until the concatenation holds num_samples windows.
+1. doc_index: the split's documents, one independent random permutation per epoch, concatenated,
+   then written as the *sequence* ids of those documents (the same thing for our one-sequence-per-
+   document files; a multi-sentence document stays whole). Epochs are added until the concatenation
+   holds num_samples windows.
 2. sample_index[j] = (position in doc_index, token offset) where window j starts; window j covers
    tokens [j*seq_len, j*seq_len + seq_len + 1) of the concatenation, so consecutive windows share
    one token (the last label of j is the first input of j + 1) and windows span document boundaries.
@@ -50,6 +52,18 @@ def build_doc_index(documents: np.ndarray, num_epochs: int, rng: np.random.Rando
     return documents[order].reshape(-1)
 
 
+def expand_to_sequences(doc_ids: np.ndarray, doc_idx: np.ndarray) -> np.ndarray:
+    """Sequence ids of documents, in the given document order (documents made of several sequences,
+    e.g. Megatron's --split-sentences data, stay whole and in order)."""
+    starts, ends = doc_idx[doc_ids], doc_idx[doc_ids + 1]
+    lengths = ends - starts
+    offsets = np.zeros(len(doc_ids), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    # sequence k of the output = starts[d] + (k - offsets[d]) for the document d it falls in
+    seq = np.repeat(starts - offsets, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+    return seq.astype(doc_ids.dtype if seq.size == 0 or seq.max() < 2**31 - 1 else np.int64)
+
+
 def build_sample_index(sizes: np.ndarray, doc_index: np.ndarray, seq_len: int, num_samples: int) -> np.ndarray:
     """(doc_index position, offset) of token j*seq_len for j = 0..num_samples; int64 [num_samples + 1, 2]."""
     cum = np.zeros(len(doc_index) + 1, dtype=np.int64)
@@ -67,7 +81,7 @@ class GPTDataset:
 
     Args:
         indexed: the tokenized data.
-        documents: sequence ids of `indexed` in this split (e.g. arange(start, end)).
+        documents: document ids of `indexed` in this split (e.g. arange(start, end)).
         num_samples: windows to provide; None = exactly one epoch's worth.
         seq_len: model sequence length.
         seed: shuffling seed.
@@ -84,9 +98,10 @@ class GPTDataset:
             raise DataError(f"seq_len must be >= 1, got {seq_len}")
         self.indexed, self.seq_len, self.seed, self.name = indexed, seq_len, seed, name
         self.documents = np.asarray(documents, dtype=np.int64)
-        if len(self.documents) and (self.documents.min() < 0 or self.documents.max() >= len(indexed)):
-            raise DataError(f"document ids out of range for {indexed.prefix} ({len(indexed)} sequences)")
-        self.tokens_per_epoch = int(indexed.sizes[self.documents].sum(dtype=np.int64)) if len(self.documents) else 0
+        if len(self.documents) and (self.documents.min() < 0 or self.documents.max() >= indexed.num_documents):
+            raise DataError(f"document ids out of range for {indexed.prefix} ({indexed.num_documents} documents)")
+        # Our files (and Megatron's without --split-sentences) hold one sequence per document.
+        self.tokens_per_epoch = int(indexed.sizes[self._sequences(self.documents)].sum(dtype=np.int64))
         where = f"the {name} split of {indexed.prefix} ({len(self.documents)} documents)"
         if self.tokens_per_epoch == 0:
             raise DataError(f"{where} has no tokens; give it a larger share in the split string or use more data.")
@@ -127,9 +142,14 @@ class GPTDataset:
         self.sample_index: np.ndarray = arrays["sample_index"]
         self.shuffle_index: np.ndarray = arrays["shuffle_index"]
 
+    def _sequences(self, doc_ids: np.ndarray) -> np.ndarray:
+        if self.indexed.one_sequence_per_document:
+            return doc_ids
+        return expand_to_sequences(doc_ids, np.asarray(self.indexed.doc_idx))
+
     def _build(self) -> dict[str, np.ndarray]:
         rng = np.random.RandomState(self.seed)
-        doc_index = build_doc_index(self.documents, self.num_epochs, rng)
+        doc_index = self._sequences(build_doc_index(self.documents, self.num_epochs, rng))
         sample_index = build_sample_index(self.indexed.sizes, doc_index, self.seq_len, self.num_samples)
         shuffle_index = rng.permutation(self.num_samples).astype(np.int64)
         return {"doc_index": doc_index, "sample_index": sample_index, "shuffle_index": shuffle_index}

@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
@@ -163,11 +164,16 @@ def read_meta(prefix: str) -> Optional[dict]:
 
 def write_json_atomic(path: str, obj: Any) -> None:
     """Write JSON via a temporary file + os.replace so readers never see half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 class IndexedDataset:
@@ -204,6 +210,7 @@ class IndexedDataset:
         # numpy cannot memory-map an empty file; an empty dataset is still a valid dataset.
         self._bin_mmap = np.memmap(bpath, dtype=np.uint8, mode="r") if bin_size else np.zeros(0, np.uint8)
         self.meta: Optional[dict] = read_meta(self.prefix)
+        self._one_seq: Optional[bool] = None
         if verify:
             self._verify(bin_size)
 
@@ -241,6 +248,16 @@ class IndexedDataset:
     def num_documents(self) -> int:
         """Documents (doc_idx has one extra leading 0 entry)."""
         return max(len(self.doc_idx) - 1, 0)
+
+    @property
+    def one_sequence_per_document(self) -> bool:
+        """True when doc_idx == [0, 1, ..., S] (no sentence splitting): documents are sequences."""
+        if self._one_seq is None:
+            d = self.doc_idx
+            self._one_seq = len(d) == len(self) + 1 and all(
+                np.array_equal(d[i:i + _VERIFY_CHUNK], np.arange(i, min(i + _VERIFY_CHUNK, len(d))))
+                for i in range(0, len(d), _VERIFY_CHUNK))
+        return self._one_seq
 
     @property
     def num_tokens(self) -> int:

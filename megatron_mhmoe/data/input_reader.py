@@ -229,7 +229,8 @@ def parse_record(raw: Optional[bytes], fmt: str, where: str, config: InputConfig
         try:
             obj = json.loads(text)
         except ValueError as e:
-            _problem("invalid_json", where, f"invalid JSON ({e})", config, stats)
+            _problem("invalid_json", where, f"invalid JSON ({e}); expected one JSON object per line (JSON Lines)",
+                     config, stats)
             return None
         if not isinstance(obj, dict):
             _problem("invalid_json", where, f"a JSON {type(obj).__name__}, not an object", config, stats)

@@ -129,3 +129,30 @@ def test_index_cache_is_reused_and_self_healing(tmp_path, monkeypatch):
     ds = build_train_valid_test_datasets(prefix, "90,10", 16, 7, (300, 0, 0), cache_dir=str(blocker / "sub"),
                                          log=logs.append)[0]
     assert len(ds) == 300 and any("cannot write index cache" in m for m in logs)
+
+
+def test_multi_sentence_documents_stay_whole(tmp_path):
+    """Megatron --split-sentences data: a document's sequences are shuffled as one unit, in order."""
+    prefix = str(tmp_path / "sent")
+    rng = np.random.RandomState(0)
+    pos, docs = 0, []
+    with IndexedDatasetWriter(prefix, np.int32) as w:
+        for _ in range(30):
+            lens = [int(x) for x in rng.randint(0, 9, size=rng.randint(0, 4))]
+            w.add_document(np.arange(pos, pos + sum(lens)), lengths=lens)
+            docs.append(list(range(pos, pos + sum(lens))))
+            pos += sum(lens)
+        w.finalize()
+    indexed = IndexedDataset(prefix)
+    assert not indexed.one_sequence_per_document and indexed.num_documents == 30
+    train, valid, _ = build_train_valid_test_datasets(prefix, "2,1", 5, 0, (None, None, 0), use_cache=False,
+                                                      log=QUIET)
+    for ds in (train, valid):
+        tokens = concatenation(ds).tolist()
+        split_docs = [docs[d] for d in ds.documents]
+        assert ds.tokens_per_epoch == sum(map(len, split_docs)) == len(tokens)
+        # the concatenation is the split's documents, each contiguous and in order, in some order
+        starts = sorted((tokens.index(d[0]), tuple(d)) for d in split_docs if d)
+        assert [t for _, d in starts for t in d] == tokens
+        for j in range(len(ds)):
+            assert ds.window(j).tolist() == tokens[j * 5: j * 5 + 6]
