@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip (count) documents longer than this many characters (default 50M)")
     g.add_argument("--strict", action="store_true", help="fail on the first bad line instead of skipping it")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", default="sentencepiece", choices=["sentencepiece", "byte"],
+    g.add_argument("--tokenizer-type", default="sentencepiece",
+                   choices=["sentencepiece", "byte", "SentencePieceTokenizer", "GPTSentencePieceTokenizer"],
                    help="sentencepiece (needs --tokenizer-model) or byte (UTF-8 bytes, EOD=256)")
     g.add_argument("--tokenizer-model", help="SentencePiece .model from tools/train_tokenizer.py")
     g.add_argument("--append-eod", action="store_true", help="append the EOD (eos) id after each document")

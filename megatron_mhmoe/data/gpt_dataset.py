@@ -100,7 +100,6 @@ class GPTDataset:
         self.documents = np.asarray(documents, dtype=np.int64)
         if len(self.documents) and (self.documents.min() < 0 or self.documents.max() >= indexed.num_documents):
             raise DataError(f"document ids out of range for {indexed.prefix} ({indexed.num_documents} documents)")
-        # Our files (and Megatron's without --split-sentences) hold one sequence per document.
         self.tokens_per_epoch = int(indexed.sizes[self._sequences(self.documents)].sum(dtype=np.int64))
         where = f"the {name} split of {indexed.prefix} ({len(self.documents)} documents)"
         if self.tokens_per_epoch == 0:
@@ -118,7 +117,7 @@ class GPTDataset:
         self.dtype = indexed.dtype
         self.desc = {
             "class": "GPTDataset", "version": INDEX_VERSION, "data": os.path.basename(indexed.prefix),
-            "num_sequences": len(indexed), "num_tokens": indexed.num_tokens, "name": name,
+            "num_sequences": len(indexed), "num_documents_total": indexed.num_documents, "num_tokens": indexed.num_tokens, "name": name,
             "documents_sha256": hashlib.sha256(self.documents.tobytes()).hexdigest(),
             "num_documents": len(self.documents), "num_samples": self.num_samples, "seq_len": seq_len,
             "seed": seed, "num_epochs": self.num_epochs,
@@ -143,6 +142,8 @@ class GPTDataset:
         self.shuffle_index: np.ndarray = arrays["shuffle_index"]
 
     def _sequences(self, doc_ids: np.ndarray) -> np.ndarray:
+        """Sequence ids of documents: the same ids for our files (and Megatron's without
+        --split-sentences), which hold one sequence per document."""
         if self.indexed.one_sequence_per_document:
             return doc_ids
         return expand_to_sequences(doc_ids, np.asarray(self.indexed.doc_idx))

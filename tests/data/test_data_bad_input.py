@@ -193,3 +193,17 @@ def test_cli_reports_errors_without_traceback(tmp_path, spm_model):
     r = run_tool("preprocess_data.py", "--input", bad, "--tokenizer-model", str(tmp_path / "none.model"),
                  "--output-prefix", str(tmp_path / "o"))
     assert r.returncode == 1 and "none.model does not exist" in r.stderr
+
+
+def test_truncated_gzip_input(tmp_path, spm_model):
+    import gzip
+
+    data = gzip.compress(("\n".join([GOOD] * 2000) + "\n").encode())
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(data[: len(data) // 2])
+    for workers in (1, 2):
+        cfg = PreprocessConfig(inputs=[str(path)], output_prefix=str(tmp_path / "o"), tokenizer_model=spm_model,
+                               workers=workers)
+        with pytest.raises(DataError, match=rf"cannot read {path}: .*truncated or corrupt .gz"):
+            preprocess(cfg, log=lambda m: None)
+    assert not list(tmp_path.glob("o*"))
