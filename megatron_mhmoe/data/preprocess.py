@@ -20,7 +20,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from .errors import DataError
-from .indexed import IndexedDatasetWriter, merge_datasets, optimal_dtype, read_meta, write_json_atomic, meta_path
+from .indexed import (IndexedDataset, IndexedDatasetWriter, merge_datasets, meta_path, optimal_dtype, read_meta,
+                      write_json_atomic)
 from .input_reader import InputConfig, InputStats, detect_format, expand_inputs, iter_raw, parse_record
 
 Log = Callable[[str], None]
@@ -299,15 +300,24 @@ def preprocess(cfg: PreprocessConfig, log: Log = _stderr_log) -> PreprocessResul
     return PreprocessResult(outputs, stats, seconds, num_tokens)
 
 
+def _finished(prefix: str, files: list[str], cfg: PreprocessConfig, tok_info: dict) -> bool:
+    """Whether a partition dataset from an earlier run is complete and made from the same inputs/tokenizer."""
+    meta = read_meta(prefix)
+    if meta is None or meta.get("inputs") != [os.path.abspath(f) for f in files] \
+            or meta.get("tokenizer_sha256") != tok_info["tokenizer_sha256"] or meta.get("append_eod") != cfg.append_eod:
+        return False
+    try:
+        return IndexedDataset(prefix).num_tokens == meta.get("num_tokens")  # opens and checks both files
+    except DataError:
+        return False
+
+
 def _run_partitions(groups: list[list[str]], keys: list[str], outputs: dict, cfg: PreprocessConfig,
                     tok_info: dict, log: Log, progress: _Progress, stats: InputStats) -> int:
     parts: dict[str, list[str]] = {k: [] for k in keys}
     for i, group in enumerate(groups):
         part_prefixes = [output_prefix_for(f"{cfg.output_prefix}_part{i:03d}", k) for k in keys]
-        metas = [read_meta(p) for p in part_prefixes]
-        done = all(m is not None and m.get("inputs") == [os.path.abspath(f) for f in group]
-                   and m.get("tokenizer_sha256") == tok_info["tokenizer_sha256"]
-                   and m.get("append_eod") == cfg.append_eod for m in metas)
+        done = all(_finished(p, group, cfg, tok_info) for p in part_prefixes)
         if done:
             log(f"partition {i + 1}/{len(groups)}: reusing finished {part_prefixes[0]}")
         else:

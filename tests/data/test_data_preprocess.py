@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 
 import numpy as np
@@ -72,6 +73,16 @@ def test_partitions_match_single_run_and_merge_tool(tmp_path, corpus, spm_model)
     for ext in (".bin", ".idx"):
         assert open(single + ext, "rb").read() == open(parted + ext, "rb").read()
     assert not list(tmp_path.glob("parted_part*"))  # partitions removed after merging
+    # kept partitions are reused by a rerun (e.g. after a crash)
+    logs: list = []
+    cfg = PreprocessConfig(inputs=parts, output_prefix=str(tmp_path / "kept"), tokenizer_model=spm_model,
+                           append_eod=True, partitions=3, keep_partitions=True)
+    preprocess(cfg, log=logs.append)
+    os.remove(str(tmp_path / "kept_part001_text_document.idx"))  # as if the run died in partition 2
+    logs.clear()
+    out = preprocess(cfg, log=logs.append).outputs["text"]
+    assert sum("reusing finished" in m for m in logs) == 2
+    assert open(out + ".bin", "rb").read() == open(single + ".bin", "rb").read()
     # merge tool: two single-file datasets -> same as the 2-file run
     a = run(parts[:1], str(tmp_path / "a"), spm_model, append_eod=True)["text"]
     b = run(parts[1:2], str(tmp_path / "b"), spm_model, append_eod=True)["text"]
