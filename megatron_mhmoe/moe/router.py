@@ -29,7 +29,8 @@ class XMoEGate(nn.Module):
         super().__init__()
         self.proj = nn.Linear(d_sub, gate_dim, bias=False)
         self.expert_embeddings = nn.Parameter(torch.empty(num_experts, gate_dim))
-        self.temperature = nn.Parameter(torch.tensor(float(temperature)))
+        # Shape (1,), not 0-dim: DeepSpeed broadcasts params as byte views, which 0-dim tensors refuse.
+        self.temperature = nn.Parameter(torch.tensor([float(temperature)]))
         set_init(self.proj.weight, normal(init_std))
         set_init(self.expert_embeddings, normal(init_std))
         set_init(self.temperature, constant(temperature))

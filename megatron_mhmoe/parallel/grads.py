@@ -58,3 +58,40 @@ def reduce_gradients(model: nn.Module, ctx: ParallelContext) -> None:
     reduce_tp_partial_grads(model, ctx)
     _all_reduce_flat(_grads(model, lambda p: not is_expert(p)), ctx.dp_group, 1.0 / ctx.dp_size)
     _all_reduce_flat(_grads(model, is_expert), ctx.edp_group, 1.0 / ctx.dp_size)
+
+
+@torch.no_grad()
+def global_grad_norm(model: nn.Module, ctx: ParallelContext) -> torch.Tensor:
+    """L2 norm of the full model's gradient, every element counted once (call after reduction).
+
+    A rank counts TP shards when it is in DP replica 0, replicated params when it is also TP rank 0,
+    and its local experts when it is EDP rank 0; one all-reduce over the world sums the rest.
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if is_expert(p):
+            mine = ctx.edp_rank == 0
+        elif getattr(p, "tp_dim", None) is not None:
+            mine = ctx.dp_rank == 0
+        else:
+            mine = ctx.dp_rank == 0 and ctx.tp_rank == 0
+        if mine:
+            total += p.grad.detach().double().square().sum().cpu()
+    if ctx.world_size > 1:
+        import torch.distributed as dist
+        dist.all_reduce(total)
+    return total.sqrt().float()
+
+
+@torch.no_grad()
+def clip_gradients_(model: nn.Module, ctx: ParallelContext, max_norm: float) -> float:
+    """Scale gradients so their global norm is at most max_norm; returns the norm before clipping."""
+    norm = float(global_grad_norm(model, ctx))
+    if max_norm > 0 and norm > max_norm:
+        coef = max_norm / (norm + 1e-6)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return norm

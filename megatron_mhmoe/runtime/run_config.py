@@ -1,0 +1,271 @@
+"""Everything a training run is configured by: model, parallel layout, optimisation, data, logging.
+
+A run config is a YAML/JSON file plus `--section.key=value` overrides on the command line; unknown
+keys are errors that name the key and the known ones. `validate` checks the batch arithmetic once
+(micro batch x accumulation x DP = global batch) and prints it in the message when it fails.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from megatron_mhmoe.config import ModelConfig, MoEConfig, model_config_from_dict
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is split. World size comes from the launcher."""
+
+    tp: int = 1
+    """Tensor-parallel size (attention heads, dense FFN, vocab)."""
+    ep: int = 1
+    """Expert-parallel size (experts split over EP consecutive ranks; may exceed DP)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism inside TP groups."""
+    timeout_s: float = 600.0
+    """Collective timeout: a dead or stuck peer becomes an error on every surviving rank after this."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, schedule, checkpoints."""
+
+    micro_batch_size: int = 4
+    """Sequences per rank per forward/backward."""
+    global_batch_size: int = 0
+    """Sequences per optimizer step over all DP ranks; 0 = micro_batch_size x grad_accum x DP."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (derived from global_batch_size when that is set)."""
+    seq_len: int = 64
+    """Tokens per sample (the model sees seq_len, predicts the next token of each)."""
+    train_steps: int = 200
+    """Optimizer steps."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the decay."""
+    warmup_steps: int = 20
+    """Linear warmup from 0 to lr."""
+    lr_decay_style: str = "cosine"
+    """'cosine', 'linear' or 'constant' after warmup."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases, norms, temperatures, embeddings of experts)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.98
+    """Adam beta2 (the paper uses 0.98)."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm (every expert counted once) to this; 0 = off."""
+    precision: str = "fp32"
+    """'fp32', 'bf16' or 'fp16' (fp16 uses dynamic loss scaling)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0/1/2 (3 for dense models only)."""
+    offload_optimizer: bool = False
+    """ZeRO optimizer state offload to CPU (ZeRO 1/2)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in backward."""
+    seed: int = 1234
+    """Seed of weights, data order and dropout."""
+    save_dir: str = "runs/default/checkpoints"
+    """Where checkpoints go (a folder per step plus a `latest` pointer)."""
+    save_interval: int = 100
+    """Save every N steps (and at the end); 0 = only at the end."""
+    keep_last: int = 2
+    """Keep the newest K checkpoints."""
+    resume: bool = True
+    """Resume from save_dir/latest when it exists."""
+    eval_interval: int = 100
+    """Validation perplexity every N steps (and at the end); 0 = only at the end."""
+    eval_iters: int = 10
+    """Micro-batches per validation."""
+    log_interval: int = 10
+    """Console/wandb line every N steps."""
+    max_nonfinite_steps: int = 5
+    """Stop (keeping the last good checkpoint) after this many non-finite steps in a row."""
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from."""
+
+    data_path: list = field(default_factory=list)
+    """Megatron prefixes, or a blend [w1, prefix1, w2, prefix2, ...]. Empty = the built-in corpus."""
+    split: str = "969,30,1"
+    """train,valid,test weights over documents."""
+    tokenizer_model: str = ""
+    """SentencePiece model whose vocabulary the data was tokenized with (checked against the model)."""
+    cache_dir: str = ""
+    """Index caches; empty = next to the data."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging (rank 0 only)."""
+
+    project: str = "megatron_mhmoe"
+    """W&B project."""
+    group: str = ""
+    """Run group (a sweep puts all its runs in one)."""
+    name: str = ""
+    """Run name; empty = derived from the config."""
+    tags: list = field(default_factory=list)
+    """Run tags."""
+    mode: str = ""
+    """'online', 'offline' or 'disabled'; empty = WANDB_MODE, else online with an API key, else offline."""
+    dir: str = ""
+    """Where wandb writes; empty = the run directory."""
+
+
+@dataclass
+class RunConfig:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    run_dir: str = "runs/default"
+    """Folder for this run's logs, metrics.jsonl, wandb files and (by default) checkpoints."""
+
+    # ------------------------------------------------------------------ batch arithmetic
+    def resolve_batch(self, world_size: int) -> None:
+        """Fill global batch / accumulation from each other; raise with the arithmetic if they disagree."""
+        t, p = self.train, self.parallel
+        if world_size % p.tp:
+            raise ValueError(f"tensor-parallel size {p.tp} does not divide world size {world_size}")
+        dp = world_size // p.tp
+        per_step = t.micro_batch_size * dp
+        if t.micro_batch_size < 1 or t.grad_accum_steps < 1:
+            raise ValueError(f"micro_batch_size={t.micro_batch_size} and grad_accum_steps={t.grad_accum_steps} "
+                             f"must be >= 1")
+        if t.global_batch_size <= 0:
+            t.global_batch_size = per_step * t.grad_accum_steps
+            return
+        if t.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size {t.global_batch_size} is not a multiple of micro_batch_size x DP = "
+                f"{t.micro_batch_size} x {dp} = {per_step} ({t.global_batch_size} % {per_step} = "
+                f"{t.global_batch_size % per_step}); global = micro x accumulation x DP")
+        t.grad_accum_steps = t.global_batch_size // per_step
+
+    def validate(self, world_size: int) -> None:
+        m, t, p = self.model, self.train, self.parallel
+        m.validate_for_parallel(p.tp, p.ep)
+        from megatron_mhmoe.parallel.layout import validate_sizes
+        validate_sizes(world_size, p.tp, p.ep)
+        self.resolve_batch(world_size)
+        if t.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision={t.precision!r} is not one of ['fp32', 'bf16', 'fp16']")
+        if t.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"train.zero_stage={t.zero_stage} is not one of [0, 1, 2, 3]")
+        if t.zero_stage == 3 and m.moe is not None:
+            raise ValueError("ZeRO-3 partitions every parameter over DP, which breaks expert parallelism "
+                             "(DeepSpeed refuses ZeRO-3 with MoE too): use train.zero_stage=1 or 2 for MoE "
+                             "models, or a dense model (model.moe=null) with ZeRO-3")
+        if t.lr_decay_style not in ("cosine", "linear", "constant"):
+            raise ValueError(f"train.lr_decay_style={t.lr_decay_style!r} is not one of cosine/linear/constant")
+        if t.seq_len > m.max_seq_len:
+            raise ValueError(f"train.seq_len {t.seq_len} exceeds model.max_seq_len {m.max_seq_len}")
+        if t.train_steps < 1:
+            raise ValueError(f"train.train_steps={t.train_steps} must be >= 1")
+        if m.moe is not None and p.tp > 1 and not p.sequence_parallel \
+                and (t.seq_len * t.micro_batch_size) % p.tp:
+            raise ValueError(
+                f"the MoE layer splits seq_len x micro_batch = {t.seq_len} x {t.micro_batch_size} = "
+                f"{t.seq_len * t.micro_batch_size} tokens over TP={p.tp}: make it divisible")
+        if p.sequence_parallel and t.seq_len % p.tp:
+            raise ValueError(f"sequence parallelism splits seq_len {t.seq_len} over TP={p.tp}: "
+                             f"{t.seq_len} % {p.tp} = {t.seq_len % p.tp}")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown top-level key(s) {unknown}; known: {sorted(known)}")
+        cfg = cls()
+        if "model" in d:
+            cfg.model = model_config_from_dict(d["model"] or {})
+        for name, typ in (("parallel", ParallelConfig), ("train", TrainConfig), ("data", DataConfig),
+                          ("wandb", WandbConfig)):
+            if name in d:
+                setattr(cfg, name, _build(typ, d[name] or {}, name))
+        if "run_dir" in d:
+            cfg.run_dir = d["run_dir"]
+        return cfg
+
+
+def _build(typ, d: dict, where: str):
+    names = {f.name for f in dataclasses.fields(typ)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(names)}")
+    return typ(**d)
+
+
+def load_config_file(path: str) -> dict:
+    if not os.path.exists(path):
+        raise ValueError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+        data = yaml.safe_load(text)  # safe_load: a config file must not construct Python objects
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` (value parsed as YAML: numbers, bools, lists, null) to a config dict."""
+    import yaml
+    for item in overrides:
+        key, sep, raw = item.lstrip("-").partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like --section.key=value")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = d
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+            node = node[part]
+        node[parts[-1]] = value
+    return d
+
+
+def default_moe_model() -> ModelConfig:
+    """The built-in default: a small MH-MoE GPT that trains on 2 CPU processes in minutes."""
+    return ModelConfig(vocab_size=2048, hidden_size=128, num_layers=4, num_attention_heads=4, ffn_hidden_size=512,
+                       max_seq_len=128, moe=MoEConfig(num_experts=8, top_k=2, num_heads=4, expert_hidden_size=128,
+                                                      capacity_factor=0.0, moe_every=2))
+
+
+def merged_dict(base: RunConfig, file_dict: Optional[dict], overrides: list[str]) -> dict:
+    d = base.to_dict()
+    if file_dict:
+        _deep_update(d, file_dict)
+    return apply_overrides(d, overrides)
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
