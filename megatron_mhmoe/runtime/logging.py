@@ -1,0 +1,137 @@
+"""Rank-0 metrics: console lines, a metrics.jsonl file, and Weights & Biases (offline unless set up).
+
+wandb mode, in order: the config's `wandb.mode`; the WANDB_MODE environment variable; `online` when an
+API key is configured (WANDB_API_KEY or a netrc entry for api.wandb.ai); else `offline`, so a machine
+without network or account still records every run under `<run_dir>/wandb/` (sync it later with
+`wandb sync`). Secrets never reach the logged config: keys that look like credentials are redacted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import re
+import sys
+import time
+from typing import Any, Optional
+
+SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
+SECRET_VALUE = re.compile(r"\b[0-9a-f]{40}\b|\b(sk|hf|ghp|wandb)[-_][A-Za-z0-9_-]{16,}\b")
+
+
+def redact(obj: Any) -> Any:
+    """A copy of a config/mapping with credential-like keys and values replaced by '***'."""
+    if isinstance(obj, dict):
+        return {k: ("***" if isinstance(k, str) and SECRET_KEY.search(k) else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v) for v in obj)
+    if isinstance(obj, str):
+        return SECRET_VALUE.sub("***", obj)
+    return obj
+
+
+def redact_text(text: str) -> str:
+    key = os.environ.get("WANDB_API_KEY")
+    if key:
+        text = text.replace(key, "***")
+    return SECRET_VALUE.sub("***", text)
+
+
+def wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        auth = netrc.netrc().authenticators("api.wandb.ai")
+        return bool(auth and auth[2])
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_wandb_mode(configured: str) -> str:
+    if configured:
+        return configured
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if wandb_has_credentials() else "offline"
+
+
+class MetricsLogger:
+    """Writes on rank 0 only; other ranks get a logger whose methods do nothing."""
+
+    def __init__(self, run_dir: str, wandb_cfg, config_dict: dict, enabled: bool, run_name: str,
+                 resume_id: Optional[str] = None):
+        self.enabled = enabled
+        self.run = None
+        self.run_dir = run_dir
+        self.jsonl = None
+        self.wandb_dir = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        mode = resolve_wandb_mode(wandb_cfg.mode)
+        if mode == "disabled":
+            return
+        os.environ.setdefault("WANDB_SILENT", "true")
+        try:
+            import wandb
+        except ImportError:  # pragma: no cover - wandb is in requirements
+            print("wandb is not installed: logging to metrics.jsonl only", file=sys.stderr)
+            return
+        self.wandb_dir = wandb_cfg.dir or run_dir
+        os.makedirs(self.wandb_dir, exist_ok=True)
+        self.run = wandb.init(
+            project=wandb_cfg.project, group=wandb_cfg.group or None, name=wandb_cfg.name or run_name,
+            tags=list(wandb_cfg.tags) or None, config=redact(config_dict), dir=self.wandb_dir, mode=mode,
+            id=resume_id, resume="allow" if resume_id else None, reinit=True)
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return self.run.id if self.run is not None else None
+
+    @property
+    def wandb_path(self) -> Optional[str]:
+        return getattr(self.run, "dir", None) if self.run is not None else None
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+            self.jsonl.flush()
+        if self.run is not None:
+            self.run.log({k: v for k, v in clean.items() if not (isinstance(v, float) and math.isnan(v))},
+                         step=step)
+
+    def log_image(self, key: str, path: str, step: int) -> None:
+        if self.run is not None:
+            import wandb
+            self.run.log({key: wandb.Image(path)}, step=step)
+
+    def summary(self, values: dict) -> None:
+        if self.run is not None:
+            for k, v in values.items():
+                self.run.summary[k] = v
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+            self.jsonl = None
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def format_line(step: int, total: int, m: dict) -> str:
+    """One console line per log interval."""
+    parts = [f"step {step:>6}/{total}"]
+    for key, fmt in (("loss", ".4f"), ("lm_loss", ".4f"), ("aux_loss", ".4f"), ("z_loss", ".4f"), ("lr", ".2e"),
+                     ("grad_norm", ".3f"), ("loss_scale", ".0f"), ("tokens_per_s", ".0f"), ("step_time_s", ".3f"),
+                     ("all_to_all_s", ".4f"), ("tflops", ".3f"), ("mfu", ".1%"),
+                     ("moe/activation_ratio", ".2f"), ("moe/divergence", ".2f"), ("moe/dropped_fraction", ".3f")):
+        if key in m and m[key] is not None:
+            name = key.split("/")[-1]
+            parts.append(f"{name} {m[key]:{fmt}}")
+    return " | ".join(parts)

@@ -1,0 +1,373 @@
+"""Training entry point: `python -m megatron_mhmoe.train [--config F] [--deepspeed_config F] [--a.b=v ...]`.
+
+Launched by `deepspeed`, `torchrun` or plain `python` (one process). Without data_path it trains on the
+built-in corpus (this machine's Python stdlib), preparing it on first use.
+
+The loop, per optimizer step:
+1. grad_accum micro-batches of this DP rank's share of the global batch: forward, engine.backward;
+2. ZeRO-1/2 clip inside the engine (each expert counted once); ZeRO-0 clips here with the exact norm;
+3. engine.step (fp16 overflow skips the step inside the engine);
+4. every log_interval: metrics line, wandb, routing statistics; every eval_interval: validation
+   perplexity; every save_interval: an atomic checkpoint with data position and RNG state.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_mhmoe.runtime.run_config import RunConfig, default_moe_model, load_config_file, merged_dict
+
+PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(
+        description="Train a GPT with MH-MoE layers. Any config field can be overridden as --section.key=value "
+                    "(e.g. --train.lr=3e-4 --parallel.ep=2 --model.moe.num_heads=4).")
+    p.add_argument("--config", default=None, help="YAML or JSON run config")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
+                   help="DeepSpeed JSON (ZeRO, precision extras); batch fields are filled from the run config")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    p.add_argument("--deepspeed", action="store_true", help="accepted for launcher compatibility")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args, rest = p.parse_known_args(argv)
+    for item in rest:
+        if not (item.startswith("--") and "=" in item):
+            p.error(f"unrecognised argument {item!r}: overrides look like --section.key=value")
+    return args, rest
+
+
+def resolve_config(args, overrides: list[str]) -> RunConfig:
+    base = RunConfig(model=default_moe_model())
+    base.parallel.ep = 2
+    file_dict = load_config_file(args.config) if args.config else None
+    return RunConfig.from_dict(merged_dict(base, file_dict, overrides))
+
+
+def _single_process_env() -> None:
+    """Plain `python -m megatron_mhmoe.train`: a one-rank group on loopback (DeepSpeed needs one)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def rank0_print(*a, **k) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, **k, flush=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args, overrides = parse_args(argv)
+    try:
+        cfg = resolve_config(args, overrides)
+    except ValueError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=1))
+        return 0
+    _single_process_env()
+    world = int(os.environ["WORLD_SIZE"])
+    # Validate before joining the process group: a bad config must not leave peers waiting.
+    try:
+        cfg.validate(world)
+    except ValueError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from megatron_mhmoe.runtime import deepspeed_adapter as ds
+    ds.init_distributed(cfg.parallel.timeout_s)
+    try:
+        code = Trainer(cfg, args.deepspeed_config).run()
+    except Exception as e:
+        from megatron_mhmoe.runtime.logging import redact_text
+        print(f"[rank {dist.get_rank()}] error: {redact_text(f'{type(e).__name__}: {e}')}", file=sys.stderr,
+              flush=True)
+        if os.environ.get("MHMOE_TRACEBACK"):
+            raise
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    # gloo sometimes aborts in interpreter teardown after training (PLATFORM.md): leave cleanly.
+    try:
+        dist.barrier()
+        dist.destroy_process_group()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ds_config_path: Optional[str]):
+        self.cfg = cfg
+        self.ds_config_path = ds_config_path
+
+    # ------------------------------------------------------------------ setup
+    def _data(self, ctx):
+        from megatron_mhmoe.data import build_train_valid_test_datasets
+        from megatron_mhmoe.runtime.builtin_data import prepare_builtin_data
+        from megatron_mhmoe.tokenizer import SentencePieceTokenizer
+        cfg = self.cfg
+        if not cfg.data.data_path:
+            data_dir = os.path.join(os.path.dirname(os.path.abspath(cfg.run_dir)), "builtin_data")
+            if ctx.rank == 0:
+                prefix, tok = prepare_builtin_data(data_dir, vocab_size=min(cfg.model.vocab_size, 4096))
+            dist.barrier()
+            if ctx.rank != 0:
+                prefix, tok = prepare_builtin_data(data_dir, vocab_size=min(cfg.model.vocab_size, 4096))
+            cfg.data.data_path = [prefix]
+            cfg.data.tokenizer_model = tok
+        tokenizer = None
+        if cfg.data.tokenizer_model:
+            if not os.path.exists(cfg.data.tokenizer_model):
+                raise FileNotFoundError(f"data.tokenizer_model {cfg.data.tokenizer_model!r} does not exist: train one "
+                                        f"with tools/train_tokenizer.py or point at the model the data was made with")
+            tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
+            if tokenizer.vocab_size > cfg.model.vocab_size:
+                raise ValueError(f"tokenizer {cfg.data.tokenizer_model} has {tokenizer.vocab_size} pieces but "
+                                 f"model.vocab_size is {cfg.model.vocab_size}: set --model.vocab_size="
+                                 f"{tokenizer.vocab_size}")
+        t = cfg.train
+        evals = (t.train_steps // max(1, t.eval_interval) + 2) * t.eval_iters * t.micro_batch_size * ctx.dp_size
+        data_path = cfg.data.data_path if len(cfg.data.data_path) > 1 else cfg.data.data_path[0]
+        log = (lambda m: print(f"[data] {m}", file=sys.stderr, flush=True)) if ctx.rank == 0 else (lambda m: None)
+        # Rank 0 builds (and caches) the indices first; the others then read the cache.
+        datasets = None
+        for turn in (0, 1):
+            if (ctx.rank == 0) == (turn == 0):
+                datasets = build_train_valid_test_datasets(
+                    data_path, cfg.data.split, t.seq_len, t.seed,
+                    (t.train_steps * t.global_batch_size, evals, 0), cache_dir=cfg.data.cache_dir or None,
+                    model_vocab_size=cfg.model.vocab_size, log=log)
+            dist.barrier()
+        return datasets[0], datasets[1], tokenizer
+
+    def run(self) -> int:
+        from megatron_mhmoe.data import make_batch_iterator
+        from megatron_mhmoe.model.gpt import GPTModel
+        from megatron_mhmoe.moe import sizing
+        from megatron_mhmoe.moe.metrics import summarize
+        from megatron_mhmoe.parallel.context import ParallelContext
+        from megatron_mhmoe.parallel.grads import clip_gradients_
+        from megatron_mhmoe.runtime import deepspeed_adapter as ds
+        from megatron_mhmoe.runtime.checkpoint import Checkpointer, CheckpointLayout, rng_state, set_rng_state
+        from megatron_mhmoe.runtime.logging import MetricsLogger, format_line
+        from megatron_mhmoe.runtime.schedule import make_lr_lambda
+
+        cfg, t = self.cfg, self.cfg.train
+        ctx = ParallelContext.from_world(cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.sequence_parallel,
+                                         timeout_s=cfg.parallel.timeout_s)
+        rank0 = ctx.rank == 0
+        if cfg.train.save_dir == "runs/default/checkpoints" and cfg.run_dir != "runs/default":
+            cfg.train.save_dir = os.path.join(cfg.run_dir, "checkpoints")
+        train_ds, valid_ds, tokenizer = self._data(ctx)
+
+        # Same seed on a TP group (replicated activations, dropout masks), different per DP replica.
+        torch.manual_seed(t.seed + 1000 * ctx.dp_rank)
+        model = GPTModel(cfg.model, ctx, seed=t.seed)
+        model.activation_checkpointing = t.activation_checkpointing
+        counts = model.num_params()
+        flops_tok = sizing.flops_per_token(cfg.model, t.seq_len)
+        if rank0:
+            print("=" * 80)
+            print(json.dumps(cfg.to_dict(), indent=1))
+            print(ctx.describe())
+            print("parameters: " + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in counts.items()))
+            print(f"forward FLOPs per token: {flops_tok / 1e6:.2f} MFLOP (x3 for training)")
+            print(f"batch: micro {t.micro_batch_size} x accumulation {t.grad_accum_steps} x DP {ctx.dp_size} = "
+                  f"global {t.global_batch_size} sequences of {t.seq_len} tokens")
+            print("=" * 80, flush=True)
+
+        base = None
+        if self.ds_config_path:
+            with open(self.ds_config_path) as f:
+                base = json.load(f)
+        ds_config = ds.build_ds_config(cfg, ctx.world_size, base)
+        engine = ds.initialize(model, cfg, ctx, ds_config, make_lr_lambda(t))
+        module = engine.module
+
+        layout = CheckpointLayout(ctx.world_size, ctx.tp_size, ctx.ep_size, t.zero_stage, t.precision)
+        ckpt = Checkpointer(t.save_dir, ctx, layout, t.keep_last, log=rank0_print)
+        step, consumed, wandb_id = 0, 0, None
+        if t.resume:
+            loaded = ckpt.load_latest()
+            if loaded is not None:
+                step, state, manifest = loaded
+                module.load_state_dict(state["model"])
+                _load_optimizer(engine, state["optimizer"])
+                engine.lr_scheduler.load_state_dict(state["scheduler"])
+                set_rng_state(state["rng"])
+                consumed = int(state["consumed_samples"])
+                wandb_id = manifest.get("wandb_id")
+                engine.global_steps = step
+                rank0_print(f"resumed from {t.save_dir} at step {step} ({consumed} samples consumed)")
+
+        logger = MetricsLogger(cfg.run_dir, cfg.wandb, cfg.to_dict(), rank0,
+                               run_name=os.path.basename(os.path.abspath(cfg.run_dir)), resume_id=wandb_id)
+        eod = tokenizer.eod if tokenizer is not None else None
+        batches = make_batch_iterator(train_ds, t.micro_batch_size, t.grad_accum_steps, ctx.dp_rank, ctx.dp_size,
+                                      consumed, eod=eod)
+        dispatchers = [m.dispatcher for m in module.modules() if hasattr(m, "dispatcher")]
+        for d in dispatchers:
+            d.profile_enabled = not torch.cuda.is_available()
+        peak = _peak_tflops()
+        threshold = cfg.model.moe.activation_threshold if cfg.model.moe else 0.5
+
+        def save():
+            state = {"model": module.state_dict(), "optimizer": engine.optimizer.state_dict(),
+                     "scheduler": engine.lr_scheduler.state_dict(), "rng": rng_state(),
+                     "consumed_samples": consumed, "step": step}
+            return ckpt.save(step, state, {"wandb_id": logger.run_id, "config": cfg.to_dict(),
+                                           "consumed_samples": consumed})
+
+        def evaluate() -> float:
+            engine.eval()
+            it = make_batch_iterator(valid_ds, t.micro_batch_size, 1, ctx.dp_rank, ctx.dp_size, 0, eod=eod)
+            total = torch.zeros(2, dtype=torch.float64)
+            with torch.no_grad():
+                for _ in range(t.eval_iters):
+                    try:
+                        b = next(it)
+                    except StopIteration:
+                        break
+                    out = engine(b["tokens"], labels=b["labels"], loss_mask=b["loss_mask"])
+                    total += torch.tensor([float(out.lm_loss) * float(b["loss_mask"].sum()),
+                                           float(b["loss_mask"].sum())], dtype=torch.float64)
+            if ctx.dp_group is not None:
+                dist.all_reduce(total, group=ctx.dp_group)
+            engine.train()
+            return float(total[0] / max(total[1], 1.0))
+
+        progress = None
+        if rank0:
+            from tqdm import tqdm
+            progress = tqdm(total=t.train_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                            mininterval=2.0, file=sys.stderr, disable=None)
+        out_line = (progress.write if progress is not None else print)
+        window = {"t0": time.perf_counter(), "steps": 0, "tokens": 0, "a2a": 0.0}
+        nonfinite = 0
+        last_val = None
+        while step < t.train_steps:
+            sums = torch.zeros(4, dtype=torch.float64)  # loss, lm, aux, z
+            stats_all = []
+            for micro in range(t.grad_accum_steps):
+                b = next(batches)
+                out = engine(b["tokens"], labels=b["labels"], loss_mask=b["loss_mask"])
+                engine.backward(out.loss)
+                sums += torch.tensor([float(out.loss.detach()), float(out.lm_loss.detach()),
+                                      float(out.aux_loss.detach()), float(out.z_loss.detach())],
+                                     dtype=torch.float64)
+                stats_all.extend(out.moe_stats)
+                for d in dispatchers:
+                    window["a2a"] += d.profile.times.get("all_to_all", 0.0) + \
+                        d.profile.times.get("counts_exchange", 0.0)
+                if micro == t.grad_accum_steps - 1 and t.zero_stage == 0 and t.precision == "fp32":
+                    grad_norm = clip_gradients_(module, ctx, t.clip_grad)
+                engine.step()
+            if not (t.zero_stage == 0 and t.precision == "fp32"):
+                gn = engine.get_global_grad_norm()
+                grad_norm = float(gn) if gn is not None else float("nan")
+            step += 1
+            consumed += t.global_batch_size
+            if progress is not None:
+                progress.update(1)
+            window["steps"] += 1
+            window["tokens"] += t.global_batch_size * t.seq_len
+            sums /= t.grad_accum_steps
+            if ctx.dp_group is not None:
+                dist.all_reduce(sums, group=ctx.dp_group)
+                sums /= ctx.dp_size
+            if not math.isfinite(float(sums[0])) or not math.isfinite(grad_norm):
+                nonfinite += 1
+                rank0_print(f"WARNING: non-finite loss/grad at step {step} ({nonfinite} in a row)")
+                if nonfinite >= t.max_nonfinite_steps:
+                    rank0_print(f"stopping: {nonfinite} non-finite steps in a row; the last good checkpoint in "
+                                f"{t.save_dir} is kept")
+                    logger.close()
+                    return 3
+            else:
+                nonfinite = 0
+            log_now = step % t.log_interval == 0 or step == t.train_steps
+            if log_now:
+                elapsed = time.perf_counter() - window["t0"]
+                tok_s = window["tokens"] / max(elapsed, 1e-9)
+                tflops = 3 * flops_tok * tok_s / 1e12 / ctx.world_size
+                m = {"loss": float(sums[0]), "lm_loss": float(sums[1]), "aux_loss": float(sums[2]),
+                     "z_loss": float(sums[3]), "lr": engine.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                     "loss_scale": ds.engine_loss_scale(engine) if t.precision == "fp16" else None,
+                     "tokens_per_s": tok_s, "step_time_s": elapsed / max(window["steps"], 1),
+                     "all_to_all_s": window["a2a"] / max(window["steps"], 1), "tflops": tflops,
+                     "mfu": tflops / peak if peak else None, "consumed_samples": consumed,
+                     "skipped_steps": ds.skipped_steps(engine)}
+                if stats_all:
+                    m.update(summarize(stats_all, threshold))
+                    for i, st in enumerate(out.moe_stats):
+                        m[f"moe/layer{i}/tokens_per_expert_max"] = int(st.kept.max())
+                        m[f"moe/layer{i}/tokens_per_expert_min"] = int(st.kept.min())
+                logger.log(step, {k: v for k, v in m.items() if v is not None})
+                if rank0:
+                    out_line(format_line(step, t.train_steps, m))
+                window = {"t0": time.perf_counter(), "steps": 0, "tokens": 0, "a2a": 0.0}
+            if valid_ds is not None and ((t.eval_interval and step % t.eval_interval == 0) or step == t.train_steps):
+                val = evaluate()
+                last_val = val
+                logger.log(step, {"val/lm_loss": val, "val/ppl": math.exp(min(val, 50))})
+                if rank0:
+                    out_line(f"validation at step {step}: lm loss {val:.4f} | perplexity {math.exp(min(val, 50)):.2f}")
+            if (t.save_interval and step % t.save_interval == 0) or step == t.train_steps:
+                save()
+        if progress is not None:
+            progress.close()
+        final = {"final/val_ppl": math.exp(min(last_val, 50)) if last_val is not None else None}
+        if stats_all:
+            final["final/activation_ratio"] = summarize(stats_all, threshold)["moe/activation_ratio"]
+        logger.summary({k: v for k, v in final.items() if v is not None})
+        if rank0:
+            print("=" * 80)
+            if last_val is not None:
+                print(f"final validation perplexity: {math.exp(min(last_val, 50)):.2f}")
+            if "final/activation_ratio" in final:
+                print(f"expert activation ratio: {final['final/activation_ratio']:.3f} "
+                      f"(share >= {threshold} x 1/E, over layers x experts)")
+            print(f"checkpoints: {os.path.abspath(t.save_dir)}")
+            print(f"metrics: {os.path.abspath(os.path.join(cfg.run_dir, 'metrics.jsonl'))}")
+            if logger.wandb_path:
+                print(f"wandb files: {os.path.dirname(os.path.abspath(logger.wandb_path))}")
+            print("=" * 80, flush=True)
+        logger.close()
+        return 0
+
+
+def _load_optimizer(engine, state) -> None:
+    opt = engine.optimizer
+    if engine.zero_optimization():
+        # ZeRO wants the list of every DP rank's state; each rank only reads its own entry.
+        opt.load_state_dict([state] * engine.dp_world_size, load_from_fp32_weights=True)
+    else:
+        opt.load_state_dict(state)
+
+
+def _peak_tflops() -> Optional[float]:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_TFLOPS_BF16.items():
+        if key in name:
+            return value
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
