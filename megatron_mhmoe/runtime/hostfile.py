@@ -180,12 +180,11 @@ def parse_hostfile(path: str) -> "OrderedDict[str, int]":
 
 # ------------------------------------------------------------------------------------------ filters
 def parse_filter(spec: str, kind: str = "include") -> "OrderedDict[str, list[int]]":
-    """Parse `host1:0,1@host2` into {host: sorted slots} ([] = whole host), validating every part."""
+    """Parse `host1:0,1@host2` into {host: sorted slots} ([] = the whole host), validating every part."""
     where = f"--{kind} {_show(spec)}"
     if not isinstance(spec, str) or spec.strip() == "":
         raise ValueError(f"--{kind}: empty filter: use NAME[:SLOT[,SLOT...]][@NAME...], e.g. worker-0@worker-1:0,2")
     out: "OrderedDict[str, list[int]]" = OrderedDict()
-    whole: set[str] = set()
     for node in spec.split("@"):
         if node == "":
             raise ValueError(f"{where}: empty node entry (stray '@'): use NAME[:SLOT[,SLOT...]] between '@'s")
@@ -202,12 +201,9 @@ def parse_filter(spec: str, kind: str = "include") -> "OrderedDict[str, list[int
                     raise ValueError(f"{where}: bad slot {_show(s)} in entry {_show(node)}: slots are "
                                      f"non-negative integers separated by ','")
                 slots.append(int(s))
-        else:
-            whole.add(name)
-        prev = out.get(name, [])
-        out[name] = sorted(set(prev + slots))
-    for name in whole:
-        out[name] = []  # a bare name wins: the whole host
+        # As in DeepSpeed, the slots of repeated entries add up; a host with no slots listed at all
+        # means the whole host (so `h@h:0` is slot 0 only, exactly what DeepSpeed launches).
+        out[name] = sorted(set(out.get(name, []) + slots))
     return out
 
 
