@@ -199,7 +199,8 @@ class Trainer:
         module = engine.module
 
         layout = CheckpointLayout(ctx.world_size, ctx.tp_size, ctx.ep_size, t.zero_stage, t.precision)
-        ckpt = Checkpointer(t.save_dir, ctx, layout, t.keep_last, log=rank0_print)
+        ckpt = Checkpointer(t.save_dir, ctx, layout, t.keep_last, log=rank0_print,
+                            safe_globals=ds.checkpoint_safe_globals())
         step, consumed, wandb_id = 0, 0, None
         if t.resume:
             loaded = ckpt.load_latest()
@@ -259,6 +260,7 @@ class Trainer:
         window = {"t0": time.perf_counter(), "steps": 0, "tokens": 0, "a2a": 0.0}
         nonfinite = 0
         last_val = None
+        start_step = step
         while step < t.train_steps:
             sums = torch.zeros(4, dtype=torch.float64)  # loss, lm, aux, z
             stats_all = []
@@ -326,8 +328,12 @@ class Trainer:
                 logger.log(step, {"val/lm_loss": val, "val/ppl": math.exp(min(val, 50))})
                 if rank0:
                     out_line(f"validation at step {step}: lm loss {val:.4f} | perplexity {math.exp(min(val, 50)):.2f}")
-            if (t.save_interval and step % t.save_interval == 0) or step == t.train_steps:
+            exiting = bool(t.exit_interval) and step - start_step >= t.exit_interval and step < t.train_steps
+            if (t.save_interval and step % t.save_interval == 0) or step == t.train_steps or exiting:
                 save()
+            if exiting:
+                rank0_print(f"exit_interval {t.exit_interval} reached at step {step}: stopping; relaunch to resume")
+                break
         if progress is not None:
             progress.close()
         final = {"final/val_ppl": math.exp(min(last_val, 50)) if last_val is not None else None}

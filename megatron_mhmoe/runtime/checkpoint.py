@@ -120,8 +120,10 @@ def _tensors_to_py_state(d) -> tuple:
 
 class Checkpointer:
     def __init__(self, save_dir: str, ctx: ParallelContext, layout: CheckpointLayout, keep_last: int = 2,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, safe_globals: Optional[list] = None):
         self.save_dir, self.ctx, self.layout, self.keep_last, self.log = save_dir, ctx, layout, keep_last, log
+        self.safe_globals = list(safe_globals or [])
+        """Classes (beyond tensors and plain containers) that loading may construct."""
 
     # ------------------------------------------------------------------ helpers
     def _barrier(self) -> None:
@@ -246,6 +248,7 @@ class Checkpointer:
                          f"trying the previous one")
                 continue
             manifest = self.check_layout(folder)
-            state = torch.load(self.rank_file(folder), map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(self.safe_globals):
+                state = torch.load(self.rank_file(folder), map_location="cpu", weights_only=True)
             return step, state, manifest
         return None

@@ -209,6 +209,17 @@ def init_distributed(timeout_s: float) -> None:
     _skip_cpu_jit_ops()
 
 
+def checkpoint_safe_globals() -> list:
+    """DeepSpeed classes inside ZeRO optimizer state dicts: the allow-list for weights_only loading.
+
+    Plain data holders (an enum, a named tuple of offsets, loss-scaler state); nothing that runs code.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
 def engine_loss_scale(engine) -> float:
     try:
         return float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else 1.0

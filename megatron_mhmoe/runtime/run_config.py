@@ -85,6 +85,9 @@ class TrainConfig:
     """Micro-batches per validation."""
     log_interval: int = 10
     """Console/wandb line every N steps."""
+    exit_interval: int = 0
+    """Stop (after saving a checkpoint) once this launch has run this many steps; 0 = run to train_steps.
+    For jobs split over scheduler allocations; the schedule still follows train_steps."""
     max_nonfinite_steps: int = 5
     """Stop (keeping the last good checkpoint) after this many non-finite steps in a row."""
 
