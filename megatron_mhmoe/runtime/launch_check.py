@@ -113,8 +113,7 @@ def resolve_world(a) -> tuple["OrderedDict[str, list[int]]", str]:
     if gpus is None:
         raise CheckError("no --hostfile and no --gpus-per-node: cannot tell how many ranks to start")
     nodes = nodes or 1
-    return OrderedDict((f"node{i}", list(range(gpus))) for i in range(nodes)), \
-        f"{nodes} node(s) x {gpus} rank(s) per node"
+    return OrderedDict((f"node{i}", list(range(gpus))) for i in range(nodes)), "--nodes x --gpus-per-node"
 
 
 # --------------------------------------------------------------------------------------- run config
@@ -327,7 +326,9 @@ def check(a) -> list[str]:
         warn(f"TP={tp} groups (consecutive ranks) cross node boundaries with {rpn} rank(s) per node: "
              f"tensor-parallel traffic would go over the network")
     lines = [f"launch plan: world {world} = {n_nodes} node(s) x {rpn} rank(s) per node ({source}); "
-             f"TP {tp} x DP {world // tp}, EP {ep} x EDP {world // ep}; rendezvous {addr}:{port}"
+             f"TP {tp} x DP {world // tp}, "
+             + (f"EP {ep} x EDP {world // ep}" if cfg.model.moe is not None else "dense model (no experts)")
+             + f"; rendezvous {addr}:{port}"
              + (f"; this node is node_rank {node_rank}" if node_rank is not None else "")]
     first = 0
     items = list(active.items())
