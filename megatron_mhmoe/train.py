@@ -261,6 +261,7 @@ class Trainer:
         nonfinite = 0
         last_val = None
         start_step = step
+        stats_all: list = []
         while step < t.train_steps:
             sums = torch.zeros(4, dtype=torch.float64)  # loss, lm, aux, z
             stats_all = []
@@ -336,6 +337,11 @@ class Trainer:
                 break
         if progress is not None:
             progress.close()
+        if start_step >= t.train_steps:
+            rank0_print(f"the checkpoint in {t.save_dir} is already at train_steps={t.train_steps}: nothing to train "
+                        f"(raise --train.train_steps to continue, or use another run_dir)")
+        if last_val is None and valid_ds is not None:
+            last_val = evaluate()
         final = {"final/val_ppl": math.exp(min(last_val, 50)) if last_val is not None else None}
         if stats_all:
             final["final/activation_ratio"] = summarize(stats_all, threshold)["moe/activation_ratio"]
