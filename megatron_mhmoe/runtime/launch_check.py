@@ -3,7 +3,8 @@
     python -m megatron_mhmoe.runtime.launch_check [--hostfile F] [--nodes N] [--gpus-per-node G]
         [--node-rank R] [--tp T] [--ep E] [--master-addr A] [--master-port P] [--config FILE]
         [--include SPEC | --exclude SPEC] [--launcher NAME] [--no-ssh] [--module NAME]
-        [--rdzv-backend static|c10d] [--rdzv-id ID] [-- TRAINING ARGS ...]
+        [--rdzv-backend static|c10d] [--rdzv-id ID] [--ssh-port P] [--max-restarts N]
+        [-- TRAINING ARGS ...]
 
 Every launch script in launch/ runs this first and starts its launcher only if it exits 0.
 
@@ -88,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--module", default="megatron_mhmoe.train", help="the Python module that will be launched")
     p.add_argument("--rdzv-backend", default=None, help="torchrun rendezvous backend: static or c10d")
     p.add_argument("--rdzv-id", default=None, help="torchrun rendezvous id")
-    p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the training program's arguments")
+    p.add_argument("--ssh-port", default=None, help="ssh port of the hosts (pdsh), 1-65535")
+    p.add_argument("--max-restarts", default=None, help="torchrun --max_restarts (non-negative integer)")
+    p.epilog = "Everything after `--` is taken as the training program's arguments."
     return p
 
 
@@ -256,6 +259,16 @@ def check(a) -> list[str]:
     if a.rdzv_id is not None and not RDZV_ID_RE.match(a.rdzv_id):
         raise CheckError(f"--rdzv-id {a.rdzv_id!r}: use 1-64 letters, digits, '_', '.', '-'")
 
+    if a.ssh_port is not None:
+        text = str(a.ssh_port).strip()
+        if not re.match(r"^[0-9]+$", text) or not 1 <= int(text) <= 65535:
+            raise CheckError(f"--ssh-port {a.ssh_port!r} is not a port number (an integer 1-65535)")
+    if a.max_restarts is not None and not re.match(r"^[0-9]+$", str(a.max_restarts).strip()):
+        raise CheckError(f"--max-restarts {a.max_restarts!r} is not a non-negative integer")
+    if launcher == "local" and not a.hostfile and os.path.exists("/job/hostfile"):
+        warn("/job/hostfile exists and DeepSpeed's launcher reads it by default: this 'single-node' launch "
+             "would use its hosts; remove it or use train_multi_node.sh")
+
     active, source = resolve_world(a)
     world = sum(len(s) for s in active.values())
     n_nodes = len(active)
@@ -290,8 +303,6 @@ def check(a) -> list[str]:
              f"master address to node 0's private interface")
 
     train_args = list(a.train_args)
-    if train_args and train_args[0] == "--":
-        train_args = train_args[1:]
     targs, overrides = split_train_args(train_args)
     if a.config and targs.config and os.path.abspath(a.config) != os.path.abspath(targs.config):
         raise CheckError(f"--config {a.config} but the training arguments give --config {targs.config}")
@@ -312,6 +323,9 @@ def check(a) -> list[str]:
         cfg.validate(world)
     except ValueError as e:
         raise CheckError(f"run config at world size {world}: {e}") from None
+    if cfg.train.precision == "fp16" and os.environ.get("DS_ACCELERATOR", "").lower() == "cpu":
+        raise CheckError("train.precision=fp16 with DS_ACCELERATOR=cpu: DeepSpeed's CPU accelerator does not "
+                         "support fp16 ('Type fp16 is not supported on your device'); use bf16 or fp32 on CPU")
     ds_path = targs.deepspeed_config
     if ds_path:
         check_ds_config(ds_path, cfg)
@@ -344,7 +358,11 @@ def check(a) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     try:
-        a = build_parser().parse_args(argv)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        # Split at the first `--` by hand: argparse's handling of `--` differs between Python versions.
+        cut = argv.index("--") if "--" in argv else len(argv)
+        a = build_parser().parse_args(argv[:cut])
+        a.train_args = argv[cut + 1:]
         lines = check(a)
     except (CheckError, ValueError) as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
