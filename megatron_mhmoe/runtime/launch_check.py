@@ -303,6 +303,8 @@ def check(a) -> list[str]:
              f"master address to node 0's private interface")
 
     train_args = list(a.train_args)
+    if launcher == "pdsh" and not a.no_ssh and n_nodes > 1:  # DeepSpeed's multi-node (shell) path
+        check_shell_safe(a, train_args + [a.module])
     targs, overrides = split_train_args(train_args)
     if a.config and targs.config and os.path.abspath(a.config) != os.path.abspath(targs.config):
         raise CheckError(f"--config {a.config} but the training arguments give --config {targs.config}")
@@ -330,9 +332,6 @@ def check(a) -> list[str]:
     if ds_path:
         check_ds_config(ds_path, cfg)
 
-    multi_node_shell = launcher == "pdsh" and not a.no_ssh and n_nodes > 1
-    if multi_node_shell:
-        check_shell_safe(a, train_args + [a.module])
 
     per_node = [len(s) for s in active.values()]
     rpn = str(per_node[0]) if len(set(per_node)) == 1 else "/".join(map(str, per_node))

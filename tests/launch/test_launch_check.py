@@ -1,0 +1,245 @@
+"""launch_check: the pre-launch validation CLI (in-process through main(), and as a subprocess)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_mhmoe.runtime import launch_check as LC
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DS = os.path.join(ROOT, "ds_configs")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch, tmp_path):
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./.deepspeed_env from the checkout
+
+
+def run(capsys, *argv):
+    code = LC.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def hostfile(tmp_path, text="node0 slots=2\nnode1 slots=2\n", name="hosts"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def cli(*argv, env=None):
+    e = dict(os.environ)
+    e.pop("DS_ACCELERATOR", None)
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "megatron_mhmoe.runtime.launch_check", *argv],
+                          capture_output=True, text=True, env=e, timeout=60)
+
+
+# ---------------------------------------------------------------------------------------- subprocess
+def test_cli_good_plan(tmp_path):
+    r = cli("--hostfile", hostfile(tmp_path), "--tp", "2", "--ep", "2", "--master-addr", "10.0.0.1",
+            "--master-port", "29600", "--", "--parallel.tp=2")
+    assert r.returncode == 0, r.stderr
+    assert "world 4 = 2 node(s) x 2 rank(s) per node" in r.stdout
+    assert "TP 2 x DP 2, EP 2 x EDP 2" in r.stdout and "10.0.0.1:29600" in r.stdout
+    assert "node0: ranks 0-1 (slots 0,1)" in r.stdout and "node1: ranks 2-3 (slots 0,1)" in r.stdout
+    assert r.stderr == ""
+
+
+def test_cli_tp_not_dividing_world_gives_arithmetic(tmp_path):
+    r = cli("--nodes", "1", "--gpus-per-node", "4", "--tp", "3", "--", "--parallel.tp=3")
+    assert r.returncode != 0 and r.stdout == ""
+    assert "tensor-parallel size 3 does not divide world size 4 (4 % 3 = 1)" in r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("launch_check: error:")
+
+
+def test_cli_malicious_hostfile_and_address(tmp_path):
+    r = cli("--hostfile", hostfile(tmp_path, "node0 slots=1\na;touch pwned slots=1\n"))
+    assert r.returncode == 2 and "line 2" in r.stderr and "'a;touch'" in r.stderr and str(tmp_path) in r.stderr
+    r = cli("--gpus-per-node", "2", "--master-addr", "$(id)")
+    assert r.returncode == 2 and "--master-addr: bad address '$(id)'" in r.stderr
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_cli_help_and_bad_option():
+    assert cli("--help").returncode == 0
+    r = cli("--gpus-per-node", "2", "--bogus")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--bogus" in r.stderr
+
+
+# ---------------------------------------------------------------------------------- world size / plan
+def test_world_from_nodes_times_gpus(capsys):
+    code, out, _ = run(capsys, "--nodes", "2", "--gpus-per-node", "4", "--", "--parallel.tp=4",
+                       "--parallel.ep=8")
+    assert code == 0 and "world 8 = 2 node(s) x 4 rank(s) per node" in out and "TP 4 x DP 2, EP 8 x EDP 1" in out
+
+
+def test_world_from_filters(capsys, tmp_path):
+    hf = hostfile(tmp_path, "node0 slots=4\nnode1 slots=4\nnode2 slots=4\n")
+    code, out, _ = run(capsys, "--hostfile", hf, "--include", "node1:0,1@node2:2,3")
+    assert code == 0 and "world 4 = 2 node(s)" in out and "node2: ranks 2-3 (slots 2,3)" in out
+    code, out, _ = run(capsys, "--hostfile", hf, "--exclude", "node0")
+    assert code == 0 and "world 8" in out
+    code, out, _ = run(capsys, "--hostfile", hf, "--nodes", "2", "--gpus-per-node", "1")
+    assert code == 0 and "world 2 = 2 node(s) x 1 rank(s)" in out
+    code, _, err = run(capsys, "--hostfile", hf, "--include", "node0:0,1,2")
+    assert code == 2 and "expert-parallel size 2 does not divide world size 3 (3 % 2 = 1)" in err
+    code, _, err = run(capsys, "--hostfile", hf, "--include", "node0", "--nodes", "1")
+    assert code == 2 and "cannot be combined" in err
+
+
+def test_uneven_slots_and_tp_across_nodes_warns(capsys, tmp_path):
+    hf = hostfile(tmp_path, "a slots=3\nb slots=1\n")
+    code, out, err = run(capsys, "--hostfile", hf, "--", "--parallel.tp=2")
+    assert code == 0 and "world 4 = 2 node(s) x 3/1 rank(s) per node" in out
+    assert "warning: TP=2 groups" in err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--hostfile", "MISSING"], "does not exist"),
+    (["--gpus-per-node", "0"], "--gpus-per-node: 0 is not a positive integer"),
+    (["--gpus-per-node", "2;id"], "--gpus-per-node: '2;id' is not a positive integer"),
+    (["--nodes", "2"], "no --hostfile and no --gpus-per-node"),
+    (["--gpus-per-node", "2", "--include", "a"], "give --hostfile too"),
+    (["--gpus-per-node", "2", "--master-port", "80"], "port 80 is out of range"),
+    (["--gpus-per-node", "2", "--master-port", "$(id)"], "--master-port: '$(id)' is not a port number"),
+    (["--gpus-per-node", "2", "--master-addr", "10.0.0.1;id"], "bad address"),
+    (["--gpus-per-node", "2", "--node-rank", "1"], "--node-rank 1 but there are 1 node(s)"),
+    (["--gpus-per-node", "2", "--node-rank", "$(id)"], "is not a non-negative integer"),
+    (["--gpus-per-node", "2", "--launcher", "ssh;id"], "is not one of"),
+    (["--gpus-per-node", "2", "--module", "os;id"], "not a dotted Python module name"),
+    (["--gpus-per-node", "2", "--rdzv-backend", "etcd"], "not one of static, c10d"),
+    (["--gpus-per-node", "2", "--rdzv-id", "a b"], "--rdzv-id"),
+    (["--gpus-per-node", "2", "--ssh-port", "0"], "--ssh-port"),
+    (["--gpus-per-node", "2", "--max-restarts", "-1"], "--max-restarts"),
+    (["--gpus-per-node", "4", "--tp", "2"], "--tp 2 but the run config resolves parallel.tp=1"),
+    (["--gpus-per-node", "4", "--ep", "4"], "--ep 4 but the run config resolves parallel.ep=2"),
+    (["--gpus-per-node", "2", "--", "--train.nope=1"], "unknown key(s) ['nope'] in train"),
+    (["--gpus-per-node", "2", "--", "positional"], "'positional' is not understood"),
+    (["--gpus-per-node", "2", "--", "--config", "nope.yaml"], "does not exist"),
+    (["--gpus-per-node", "2", "--", "--train.global_batch_size=7"], "global_batch_size 7 is not a multiple"),
+    (["--gpus-per-node", "2", "--", "--train.zero_stage=3"], "ZeRO-3"),
+])
+def test_refusals(capsys, argv, match):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert match in err and err.startswith("launch_check: error:") and err.count("\n") == 1
+
+
+def test_no_ssh_and_launchers(capsys, tmp_path):
+    hf = hostfile(tmp_path)
+    code, _, err = run(capsys, "--hostfile", hf, "--no-ssh")
+    assert code == 2 and "give --node-rank" in err
+    code, out, _ = run(capsys, "--hostfile", hf, "--no-ssh", "--node-rank", "1", "--master-addr", "127.0.0.1")
+    assert code == 0 and "this node is node_rank 1" in out
+    for launcher in ("openmpi", "mvapich", "slurm"):
+        code, _, err = run(capsys, "--hostfile", hf, "--launcher", launcher, "--master-addr", "10.0.0.1")
+        assert code == 2 and f"--launcher {launcher}" in err
+    code, _, err = run(capsys, "--hostfile", hf, "--launcher", "mpich", "--master-addr", "10.0.0.1",
+                       "--gpus-per-node", "1")
+    assert code == 2 and "uses the whole hostfile" in err
+    code, out, _ = run(capsys, "--hostfile", hf, "--launcher", "IMPI", "--master-addr", "10.0.0.1")
+    assert code == 0
+    code, _, err = run(capsys, "--gpus-per-node", "2", "--launcher", "pdsh")
+    assert code == 2 and "needs --hostfile" in err
+    code, _, err = run(capsys, "--hostfile", hf, "--launcher", "pdsh")
+    assert code == 0 and "loopback" in err
+
+
+# ------------------------------------------------------------------------------------ pdsh shell safety
+@pytest.mark.parametrize("arg", ["--wandb.name=$(touch pwned)", "--wandb.name=`id`", "--run_dir=a;id",
+                                 "--wandb.name=a|b", "--wandb.name=my $HOME", '--wandb.name=a "b"',
+                                 "--run_dir=x\ny", "--wandb.name=it's"])
+def test_pdsh_refuses_shell_active_training_args(capsys, tmp_path, arg):
+    hf = hostfile(tmp_path)
+    code, _, err = run(capsys, "--hostfile", hf, "--launcher", "pdsh", "--master-addr", "10.0.0.1", "--", arg)
+    assert code == 2 and "pdsh launcher passes the arguments through a remote shell" in err
+    # per-node (no ssh) launches pass arguments as argv, with no shell in between (the program itself may
+    # still refuse a value, e.g. a YAML-invalid backtick)
+    code, _, err = run(capsys, "--hostfile", hf, "--launcher", "pdsh", "--no-ssh", "--node-rank", "0",
+                       "--master-addr", "10.0.0.1", "--", arg)
+    assert "remote shell" not in err and (code == 0 or "run config" in err), err
+
+
+def test_pdsh_accepts_plain_and_spaced_args(capsys, tmp_path):
+    hf = hostfile(tmp_path)
+    code, _, err = run(capsys, "--hostfile", hf, "--launcher", "pdsh", "--master-addr", "10.0.0.1", "--",
+                       "--train.lr=3e-4", "--wandb.name=my run (1)", "--run_dir=/scratch/runs/a-b_c.d")
+    assert code == 0, err
+
+
+def test_pdsh_checks_exported_env_and_deepspeed_env(capsys, tmp_path, monkeypatch):
+    hf = hostfile(tmp_path)
+    argv = ["--hostfile", hf, "--launcher", "pdsh", "--master-addr", "10.0.0.1"]
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth0$(id)")
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "NCCL_SOCKET_IFNAME" in err
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth0")
+    (tmp_path / ".deepspeed_env").write_text("OMP_NUM_THREADS=1\nWANDB_MODE=`id`\n")
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and ".deepspeed_env line 2" in err
+    (tmp_path / ".deepspeed_env").write_text("OMP_NUM_THREADS=1\n")
+    assert run(capsys, *argv)[0] == 0
+
+
+# ------------------------------------------------------------------------------- run / DeepSpeed config
+def test_config_file_gives_tp_ep(capsys, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("parallel:\n  tp: 2\n  ep: 4\n")
+    code, out, _ = run(capsys, "--gpus-per-node", "4", "--tp", "2", "--ep", "4", "--", "--config", str(cfg))
+    assert code == 0 and "TP 2 x DP 2, EP 4 x EDP 1" in out
+    code, out, _ = run(capsys, "--gpus-per-node", "4", "--config", str(cfg), "--", "--parallel.ep=2")
+    assert code == 0 and "EP 2 x EDP 2" in out  # overrides win over the file, as in the program
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"parallel": {"tp": 1}}))
+    code, _, err = run(capsys, "--gpus-per-node", "4", "--config", str(cfg), "--", "--config", str(other))
+    assert code == 2 and "--config" in err
+
+
+def test_deepspeed_config_checks(capsys, tmp_path):
+    z2 = os.path.join(DS, "zero2_bf16.json")
+    base = ["--gpus-per-node", "2", "--"]
+    code, _, err = run(capsys, *base, "--deepspeed_config", z2)
+    assert code == 2 and "zero_optimization.stage=2" in err and "--train.zero_stage=2" in err
+    code, _, err = run(capsys, *base, "--deepspeed_config", z2, "--train.zero_stage=2")
+    assert code == 2 and "--train.precision=bf16" in err
+    code, _, err = run(capsys, *base, "--deepspeed_config", z2, "--train.zero_stage=2", "--train.precision=bf16")
+    assert code == 0, err
+    code, _, err = run(capsys, *base, "--deepspeed-config", os.path.join(DS, "zero3_bf16_dense.json"),
+                       "--train.zero_stage=3", "--train.precision=bf16")
+    assert code == 2 and "ZeRO-3" in err
+    code, out, err = run(capsys, *base, "--deepspeed_config", os.path.join(DS, "zero3_bf16_dense.json"),
+                         "--train.zero_stage=3", "--train.precision=bf16", "--model.moe=null")
+    assert code == 0 and "dense model" in out, err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    code, _, err = run(capsys, *base, "--deepspeed_config", str(bad))
+    assert code == 2 and "not valid JSON" in err
+    batch = tmp_path / "batch.json"
+    batch.write_text(json.dumps({"train_batch_size": 8, "optimizer": {"type": "Adam"}}))
+    code, _, err = run(capsys, *base, "--deepspeed_config", str(batch))
+    assert code == 0 and "warning" in err and "train_batch_size" in err and "'optimizer'" in err
+
+
+def test_fp16_refused_on_cpu_accelerator(capsys, monkeypatch):
+    argv = ["--gpus-per-node", "2", "--", "--train.precision=fp16", "--deepspeed_config",
+            os.path.join(DS, "zero1_fp16.json"), "--train.zero_stage=1"]
+    assert run(capsys, *argv)[0] == 0
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "does not support fp16" in err
+
+
+def test_program_base_matches_the_training_program():
+    """launch_check mirrors megatron_mhmoe.train.resolve_config without importing torch."""
+    train = pytest.importorskip("megatron_mhmoe.train")
+    args, overrides = train.parse_args(["--parallel.tp=2", "--train.lr=0.5"])
+    assert LC.resolve_run_config(None, overrides).to_dict() == train.resolve_config(args, overrides).to_dict()
+    args, overrides = train.parse_args([])
+    assert LC.program_base().to_dict() == train.resolve_config(args, []).to_dict()
