@@ -16,7 +16,8 @@ import sys
 import time
 from typing import Any, Optional
 
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
+# `token(?!iz)`: hf_token / accessToken are secrets; tokenizer_model (a path in the run config) is not.
+SECRET_KEY = re.compile(r"(api[_-]?key|token(?!iz)|secret|password|passwd|credential)", re.IGNORECASE)
 SECRET_VALUE = re.compile(r"\b[0-9a-f]{40}\b|\b(sk|hf|ghp|wandb)[-_][A-Za-z0-9_-]{16,}\b")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -197,6 +198,9 @@ class RunConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown top-level key(s) {unknown}; known: {sorted(known)}")
+        for name, value in d.items():
+            if name != "run_dir" and value is not None and not isinstance(value, dict):
+                raise ValueError(f"section {name!r} must be a mapping of keys, got {type(value).__name__} {value!r}")
         cfg = cls()
         if "model" in d:
             cfg.model = model_config_from_dict(d["model"] or {})
@@ -217,14 +221,33 @@ def _build(typ, d: dict, where: str):
     return typ(**d)
 
 
+def _yaml_load(text: str, what: str) -> Any:
+    """yaml.safe_load (never constructs Python objects) that also reads `3e-4` / `1e3` as floats.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so `lr: 3e-4` would
+    silently become the string '3e-4'. Malformed YAML is a ValueError naming `what`.
+    """
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+.0123456789"))
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{what} is not valid YAML: {e}") from None
+
+
 def load_config_file(path: str) -> dict:
     if not os.path.exists(path):
         raise ValueError(f"config file {path!r} does not exist")
     with open(path) as f:
         text = f.read()
     if path.endswith((".yaml", ".yml")):
-        import yaml
-        data = yaml.safe_load(text)  # safe_load: a config file must not construct Python objects
+        data = _yaml_load(text, f"config file {path!r}")  # safe: a config file must not construct Python objects
     else:
         data = json.loads(text)
     if not isinstance(data, dict):
@@ -234,12 +257,11 @@ def load_config_file(path: str) -> dict:
 
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
     """Apply `section.key=value` (value parsed as YAML: numbers, bools, lists, null) to a config dict."""
-    import yaml
     for item in overrides:
         key, sep, raw = item.lstrip("-").partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like --section.key=value")
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml_load(raw, f"override {item!r}") if raw != "" else ""
         node = d
         parts = key.split(".")
         for part in parts[:-1]:
