@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_mhmoe.runtime.run_config import RunConfig, default_moe_model, load_config_file, merged_dict
+from megatron_mhmoe.runtime.run_config import (RunConfig, check_ds_config_agrees, load_config_file, merged_dict,
+                                               program_defaults)
 
 PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
@@ -47,8 +48,7 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
 
 
 def resolve_config(args, overrides: list[str]) -> RunConfig:
-    base = RunConfig(model=default_moe_model())
-    base.parallel.ep = 2
+    base = program_defaults()
     file_dict = load_config_file(args.config) if args.config else None
     return RunConfig.from_dict(merged_dict(base, file_dict, overrides))
 
@@ -83,6 +83,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Validate before joining the process group: a bad config must not leave peers waiting.
     try:
         cfg.validate(world)
+        if args.deepspeed_config:
+            if not os.path.exists(args.deepspeed_config):
+                raise ValueError(f"--deepspeed_config {args.deepspeed_config!r} does not exist")
+            with open(args.deepspeed_config) as f:
+                try:
+                    ds_dict = json.load(f)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"--deepspeed_config {args.deepspeed_config} is not valid JSON: {err}")
+            check_ds_config_agrees(cfg, ds_dict, args.deepspeed_config)
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -281,6 +281,36 @@ def default_moe_model() -> ModelConfig:
                                                       capacity_factor=0.0, moe_every=2))
 
 
+def program_defaults() -> RunConfig:
+    """What `python -m megatron_mhmoe.train` starts from before the config file and overrides."""
+    cfg = RunConfig(model=default_moe_model())
+    cfg.parallel.ep = 2
+    return cfg
+
+
+def check_ds_config_agrees(run_cfg: RunConfig, ds_cfg: dict, path: str) -> None:
+    """ZeRO stage and precision come from the run config; a DeepSpeed file that says otherwise is an error,
+    not a silent override."""
+    t = run_cfg.train
+    problems = []
+    stage = (ds_cfg.get("zero_optimization") or {}).get("stage")
+    if stage is not None and int(stage) != t.zero_stage:
+        problems.append(f"zero_optimization.stage={stage} but train.zero_stage={t.zero_stage} "
+                        f"(add --train.zero_stage={stage})")
+    for prec in ("bf16", "fp16"):
+        enabled = bool((ds_cfg.get(prec) or {}).get("enabled", False))
+        if enabled and t.precision != prec:
+            problems.append(f"{prec}.enabled=true but train.precision={t.precision} (add --train.precision={prec})")
+        if not enabled and prec in ds_cfg and t.precision == prec:
+            problems.append(f"{prec}.enabled=false but train.precision={prec}")
+    offload = "offload_optimizer" in (ds_cfg.get("zero_optimization") or {})
+    if offload != t.offload_optimizer and offload:
+        problems.append("zero_optimization.offload_optimizer is set but train.offload_optimizer=false "
+                        "(add --train.offload_optimizer=true)")
+    if problems:
+        raise ValueError(f"DeepSpeed config {path} disagrees with the run config: " + "; ".join(problems))
+
+
 def merged_dict(base: RunConfig, file_dict: Optional[dict], overrides: list[str]) -> dict:
     d = base.to_dict()
     if file_dict:
