@@ -5,6 +5,8 @@ Policy (shared by tools/preprocess_data.py and tools/train_tokenizer.py):
   the line is skipped and counted; a warning with the first locations is printed at the end.
   With strict=True the first such line raises DataError naming file:line.
 - bytes that are not UTF-8: decoded with errors='replace' (U+FFFD) and counted (strict: error).
+- lone UTF-16 surrogates (JSON escapes like \\ud800 without their pair): replaced with U+FFFD and counted
+  (strict: error); they cannot be encoded as UTF-8, so no tokenizer can take them.
 - NUL characters (raw or \\u0000): removed from the text and counted (strict: error). They are almost
   always binary junk and some tools truncate strings at NUL.
 - a document longer than max_doc_chars characters: skipped and counted (strict: error). A raw line
@@ -22,6 +24,7 @@ import gzip
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator, Optional, Sequence
 
@@ -37,11 +40,14 @@ PROBLEMS = {
     "missing_key": "lines without a string value for a requested --json-keys key were skipped",
     "non_utf8": "lines had bytes that are not UTF-8; they were decoded with U+FFFD replacement characters",
     "nul": "documents contained NUL characters, which were removed",
+    "surrogate": "documents contained lone UTF-16 surrogates, which were replaced with U+FFFD",
     "too_long": "documents longer than --max-doc-chars were skipped",
     "empty": "empty documents were skipped",
 }
 # Kinds that raise under strict=True ('empty' never does).
-STRICT_KINDS = ("invalid_json", "missing_key", "non_utf8", "nul", "too_long")
+# json.loads turns a "\ud800" escape into a lone surrogate code point; valid pairs arrive combined.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+STRICT_KINDS = ("invalid_json", "missing_key", "non_utf8", "nul", "too_long", "surrogate")
 
 
 def line_byte_limit(max_doc_chars: int) -> int:
@@ -251,6 +257,10 @@ def parse_record(raw: Optional[bytes], fmt: str, where: str, config: InputConfig
         if "\x00" in doc:
             _problem("nul", where, "NUL characters in the text", config, stats)
             doc = doc.replace("\x00", "")
+        if _LONE_SURROGATE.search(doc):
+            _problem("surrogate", where, "lone UTF-16 surrogates (e.g. a \\ud800 escape without its pair)",
+                     config, stats)
+            doc = _LONE_SURROGATE.sub("\ufffd", doc)
         if len(doc) > config.max_doc_chars:
             _problem("too_long", where, f"a document of {len(doc)} characters > --max-doc-chars "
                      f"{config.max_doc_chars}", config, stats)

@@ -87,6 +87,20 @@ def test_nul_characters_are_removed_and_counted(tmp_path, spm_model):
     assert res.stats.counts["nul"] == 1 and tok.decode(IndexedDataset(res.outputs["text"])[0]) == "xy"
 
 
+def test_lone_surrogates_are_replaced_and_counted(tmp_path, spm_model):
+    """A JSON escape of half a surrogate pair cannot be encoded as UTF-8: replaced, not a crash."""
+    from megatron_mhmoe.tokenizer import SentencePieceTokenizer
+
+    tok = SentencePieceTokenizer(spm_model)
+    pair = '{"text": "ok \\ud83d\\ude00"}'  # a valid pair: one emoji, untouched
+    res, _ = run(tmp_path, ['{"text": "a\\ud800b"}', pair], spm_model)
+    assert res.stats.counts["surrogate"] == 1
+    docs = IndexedDataset(res.outputs["text"])
+    assert tok.decode(docs[0]) == "a\ufffdb" and tok.decode(docs[1]) == "ok \U0001F600"
+    with pytest.raises(DataError, match="surrogates"):
+        run(tmp_path, ['{"text": "a\\udc00"}'], spm_model, strict=True)
+
+
 def test_huge_line_is_skipped_with_bounded_reads(tmp_path, spm_model):
     cfg = InputConfig(max_doc_chars=100)
     big = tmp_path / "big.jsonl"
