@@ -76,7 +76,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=1))
+        from megatron_mhmoe.runtime.logging import redact
+        print(json.dumps(redact(cfg.to_dict()), indent=1))
         return 0
     _single_process_env()
     world = int(os.environ["WORLD_SIZE"])
@@ -172,7 +173,7 @@ class Trainer:
         from megatron_mhmoe.parallel.grads import clip_gradients_
         from megatron_mhmoe.runtime import deepspeed_adapter as ds
         from megatron_mhmoe.runtime.checkpoint import Checkpointer, CheckpointLayout, rng_state, set_rng_state
-        from megatron_mhmoe.runtime.logging import MetricsLogger, format_line
+        from megatron_mhmoe.runtime.logging import MetricsLogger, format_line, redact
         from megatron_mhmoe.runtime.schedule import make_lr_lambda
 
         cfg, t = self.cfg, self.cfg.train
@@ -191,7 +192,7 @@ class Trainer:
         flops_tok = sizing.flops_per_token(cfg.model, t.seq_len)
         if rank0:
             print("=" * 80)
-            print(json.dumps(cfg.to_dict(), indent=1))
+            print(json.dumps(redact(cfg.to_dict()), indent=1))
             print(ctx.describe())
             print("parameters: " + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in counts.items()))
             print(f"forward FLOPs per token: {flops_tok / 1e6:.2f} MFLOP (x3 for training)")
@@ -239,7 +240,7 @@ class Trainer:
             state = {"model": module.state_dict(), "optimizer": engine.optimizer.state_dict(),
                      "scheduler": engine.lr_scheduler.state_dict(), "rng": rng_state(),
                      "consumed_samples": consumed, "step": step}
-            return ckpt.save(step, state, {"wandb_id": logger.run_id, "config": cfg.to_dict(),
+            return ckpt.save(step, state, {"wandb_id": logger.run_id, "config": redact(cfg.to_dict()),
                                            "consumed_samples": consumed})
 
         def evaluate() -> float:
