@@ -243,10 +243,14 @@ class Trainer:
             return ckpt.save(step, state, {"wandb_id": logger.run_id, "config": redact(cfg.to_dict()),
                                            "consumed_samples": consumed})
 
+        val_routing: dict = {}
+
         def evaluate() -> float:
+            """Validation LM loss; also keeps the validation set's routing counts in val_routing."""
             engine.eval()
             it = make_batch_iterator(valid_ds, t.micro_batch_size, 1, ctx.dp_rank, ctx.dp_size, 0, eod=eod)
             total = torch.zeros(2, dtype=torch.float64)
+            selections, divergence = None, None
             with torch.no_grad():
                 for _ in range(t.eval_iters):
                     try:
@@ -256,8 +260,18 @@ class Trainer:
                     out = engine(b["tokens"], labels=b["labels"], loss_mask=b["loss_mask"])
                     total += torch.tensor([float(out.lm_loss) * float(b["loss_mask"].sum()),
                                            float(b["loss_mask"].sum())], dtype=torch.float64)
+                    if out.moe_stats:
+                        sel = torch.stack([st.selections.double() for st in out.moe_stats])  # (L, E)
+                        div = torch.stack([st.divergence.double() for st in out.moe_stats])  # (L, h*k+1)
+                        selections = sel if selections is None else selections + sel
+                        divergence = div if divergence is None else divergence + div
             if ctx.dp_group is not None:
                 dist.all_reduce(total, group=ctx.dp_group)
+                if selections is not None:
+                    dist.all_reduce(selections, group=ctx.dp_group)
+                    dist.all_reduce(divergence, group=ctx.dp_group)
+            if selections is not None:
+                val_routing.update(selections=selections, divergence=divergence)
             engine.train()
             return float(total[0] / max(total[1], 1.0))
 
@@ -271,6 +285,7 @@ class Trainer:
         nonfinite = 0
         last_val = None
         start_step = step
+        loop_t0 = time.perf_counter()
         stats_all: list = []
         while step < t.train_steps:
             sums = torch.zeros(4, dtype=torch.float64)  # loss, lm, aux, z
@@ -353,9 +368,21 @@ class Trainer:
         if last_val is None and valid_ds is not None:
             last_val = evaluate()
         final = {"final/val_ppl": math.exp(min(last_val, 50)) if last_val is not None else None}
-        if stats_all:
+        if val_routing:
+            routing = routing_report(val_routing["selections"], val_routing["divergence"], threshold)
+            final.update({f"final/{k}": routing[k] for k in ("activation_ratio", "effective_experts", "divergence")})
+            if rank0:
+                _write_json_atomic(os.path.join(cfg.run_dir, "moe_stats.json"), routing)
+        elif stats_all:
             final["final/activation_ratio"] = summarize(stats_all, threshold)["moe/activation_ratio"]
+        if step > start_step:
+            final["final/tokens_per_s"] = (step - start_step) * t.global_batch_size * t.seq_len / max(
+                time.perf_counter() - loop_t0, 1e-9)
+        final["final/step"] = step
         logger.summary({k: v for k, v in final.items() if v is not None})
+        if rank0:
+            _write_json_atomic(os.path.join(cfg.run_dir, "summary.json"),
+                               {k.split("/", 1)[1]: v for k, v in final.items() if v is not None})
         if rank0:
             print("=" * 80)
             if last_val is not None:
@@ -363,6 +390,10 @@ class Trainer:
             if "final/activation_ratio" in final:
                 print(f"expert activation ratio: {final['final/activation_ratio']:.3f} "
                       f"(share >= {threshold} x 1/E, over layers x experts)")
+            if "final/effective_experts" in final:
+                print(f"effective experts per layer (exp entropy of shares): {final['final/effective_experts']:.2f}; "
+                      f"distinct experts per token: {final['final/divergence']:.2f}")
+                print(f"routing report: {os.path.abspath(os.path.join(cfg.run_dir, 'moe_stats.json'))}")
             print(f"checkpoints: {os.path.abspath(t.save_dir)}")
             print(f"metrics: {os.path.abspath(os.path.join(cfg.run_dir, 'metrics.jsonl'))}")
             if logger.wandb_path:
@@ -379,6 +410,35 @@ def _load_optimizer(engine, state) -> None:
         opt.load_state_dict([state] * engine.dp_world_size, load_from_fp32_weights=True)
     else:
         opt.load_state_dict(state)
+
+
+def routing_report(selections: torch.Tensor, divergence: torch.Tensor, threshold: float) -> dict:
+    """The validation set's routing as plain JSON: per-layer expert shares and the paper's metrics.
+
+    selections: (L, E) assignments per layer and expert; divergence: (L, h*k+1) tokens by number of
+    distinct experts their sub-tokens reached.
+    """
+    from megatron_mhmoe.moe.metrics import activation_ratio, effective_experts, expert_shares, mean_divergence
+
+    shares = expert_shares(selections)  # (L, E)
+    hist = divergence.sum(0)  # (h*k+1,)
+    return {
+        "source": "validation set, final weights",
+        "threshold": threshold,
+        "activation_ratio": activation_ratio(shares, threshold),
+        "effective_experts": float(effective_experts(shares).mean()),
+        "effective_experts_per_layer": [float(v) for v in effective_experts(shares)],
+        "divergence": mean_divergence(hist),
+        "shares": [[float(v) for v in row] for row in shares],
+        "divergence_hist": {"bins": list(range(hist.numel())), "counts": [int(v) for v in hist]},
+    }
+
+
+def _write_json_atomic(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _peak_tflops() -> Optional[float]:
