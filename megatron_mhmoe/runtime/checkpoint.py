@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mhmoe.parallel.context import ParallelContext
+from megatron_mhmoe.runtime import faults
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -156,19 +157,24 @@ class Checkpointer:
         path = self.rank_file(tmp)
         _fsync_write(path, lambda f: torch.save(state, f))
         entry = {"file": os.path.basename(path), "sha256": _sha256(path), "bytes": os.path.getsize(path)}
+        faults.at_checkpoint("kill_after_rank_file", step, self.ctx.rank)  # no-op unless MHMOE_FAULT is set
         entries = self._gather(entry)
         # 2.
         if self.ctx.rank == 0:
+            faults.at_checkpoint("kill_before_manifest", step, 0)
             manifest = {"format_version": FORMAT_VERSION, "step": step, "layout": self.layout.__dict__,
                         "files": entries, "time": time.time(), **(extra_manifest or {})}
             _fsync_write(os.path.join(tmp, MANIFEST),
                          lambda f: f.write(json.dumps(manifest, indent=1).encode()))
             _fsync_dir(tmp)
+            faults.at_checkpoint("kill_before_rename", step, 0)
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.save_dir)
+            faults.at_checkpoint("kill_before_latest", step, 0)
             _fsync_write(os.path.join(self.save_dir, LATEST), lambda f: f.write(step_dirname(step).encode()))
+            faults.at_checkpoint("kill_before_prune", step, 0)
             self._prune()
         self._barrier()
         self.log(f"saved checkpoint {final} ({sum(e['bytes'] for e in entries) / 1e6:.1f} MB, "
