@@ -63,6 +63,37 @@ def _single_process_env() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+EXIT_NONFINITE = 3
+"""Exit code: too many non-finite steps in a row (train.max_nonfinite_steps); the last good checkpoint is kept."""
+EXIT_PEER_FAILURE = 4
+"""Exit code: a collective failed or timed out (a peer rank died or is stuck), or the group could not form."""
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text[:limit]}"
+
+
+def _is_comm_failure(e: BaseException) -> bool:
+    """A gloo/NCCL/store failure (timeout, peer gone), which torch raises as RuntimeError from deep inside."""
+    if type(e).__name__ in ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError"):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "gloo", "Gloo", "NCCL", "Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+        "Broken pipe", "Socket Timeout"))
+
+
+def _comm_failure_message(e: BaseException, cfg: RunConfig) -> str:
+    text = str(e)
+    hint = (f"check the other ranks' output for the first error, then relaunch: training resumes from the last "
+            f"complete checkpoint in {cfg.train.save_dir} (detail: {_first_line(e)})")
+    if "imed out" in text or "Timeout" in text or "timeout" in text:
+        return (f"collective timed out after {cfg.parallel.timeout_s:g}s (parallel.timeout_s): a peer rank died or "
+                f"is stuck; {hint}")
+    return f"collective failed: a peer rank died or its connection dropped; {hint}"
+
+
 def rank0_print(*a, **k) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*a, **k, flush=True)
@@ -93,22 +124,40 @@ def main(argv: Optional[list[str]] = None) -> int:
                 except json.JSONDecodeError as err:
                     raise ValueError(f"--deepspeed_config {args.deepspeed_config} is not valid JSON: {err}")
             check_ds_config_agrees(cfg, ds_dict, args.deepspeed_config)
+        from megatron_mhmoe.runtime import faults
+        armed = faults.check()
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if armed:
+        print(armed, file=sys.stderr, flush=True)
     from megatron_mhmoe.runtime import deepspeed_adapter as ds
-    ds.init_distributed(cfg.parallel.timeout_s)
+    from megatron_mhmoe.runtime.logging import redact_text
+    rank = os.environ.get("RANK", "?")
+    try:
+        ds.init_distributed(cfg.parallel.timeout_s)
+    except Exception as e:  # a peer that never arrives, a taken port, an unreachable master
+        print(f"[rank {rank}] error: could not join the process group of {world} ranks at "
+              f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within parallel.timeout_s="
+              f"{cfg.parallel.timeout_s:g}s: {redact_text(_first_line(e))}", file=sys.stderr, flush=True)
+        if os.environ.get("MHMOE_TRACEBACK"):
+            raise
+        sys.stderr.flush()
+        os._exit(EXIT_PEER_FAILURE)
     try:
         code = Trainer(cfg, args.deepspeed_config).run()
     except Exception as e:
-        from megatron_mhmoe.runtime.logging import redact_text
-        print(f"[rank {dist.get_rank()}] error: {redact_text(f'{type(e).__name__}: {e}')}", file=sys.stderr,
-              flush=True)
+        if _is_comm_failure(e):
+            msg, exit_code = _comm_failure_message(e, cfg), EXIT_PEER_FAILURE
+        else:
+            msg, exit_code = f"{type(e).__name__}: {e}", 1
+        print(f"[rank {rank}] error: {redact_text(msg)}", file=sys.stderr, flush=True)
         if os.environ.get("MHMOE_TRACEBACK"):
             raise
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)
+        # Never dist.destroy_process_group() here: with a dead peer it can block; leave at once.
+        os._exit(exit_code)
     # gloo sometimes aborts in interpreter teardown after training (PLATFORM.md): leave cleanly.
     try:
         dist.barrier()
@@ -172,7 +221,9 @@ class Trainer:
         from megatron_mhmoe.parallel.context import ParallelContext
         from megatron_mhmoe.parallel.grads import clip_gradients_
         from megatron_mhmoe.runtime import deepspeed_adapter as ds
-        from megatron_mhmoe.runtime.checkpoint import Checkpointer, CheckpointLayout, rng_state, set_rng_state
+        from megatron_mhmoe.runtime import faults
+        from megatron_mhmoe.runtime.checkpoint import (Checkpointer, CheckpointLayout, rng_state, set_rng_state,
+                                                       step_dirname)
         from megatron_mhmoe.runtime.logging import MetricsLogger, format_line, redact
         from megatron_mhmoe.runtime.schedule import make_lr_lambda
 
@@ -282,7 +333,7 @@ class Trainer:
                             mininterval=2.0, file=sys.stderr, disable=None)
         out_line = (progress.write if progress is not None else print)
         window = {"t0": time.perf_counter(), "steps": 0, "tokens": 0, "a2a": 0.0}
-        nonfinite = 0
+        guard = NonFiniteGuard(t.max_nonfinite_steps)
         last_val = None
         start_step = step
         loop_t0 = time.perf_counter()
@@ -290,9 +341,16 @@ class Trainer:
         while step < t.train_steps:
             sums = torch.zeros(4, dtype=torch.float64)  # loss, lm, aux, z
             stats_all = []
+            skipped_before = ds.skipped_steps(engine)
             for micro in range(t.grad_accum_steps):
                 b = next(batches)
                 out = engine(b["tokens"], labels=b["labels"], loss_mask=b["loss_mask"])
+                if faults.active():  # tests only (MHMOE_FAULT): die/hang mid-step, poison the loss
+                    if micro == 0:
+                        faults.at_step(step + 1, ctx.rank)
+                    poison = faults.loss_value(step + 1)
+                    if poison is not None:
+                        out.loss = out.loss * poison
                 engine.backward(out.loss)
                 sums += torch.tensor([float(out.loss.detach()), float(out.lm_loss.detach()),
                                       float(out.aux_loss.detach()), float(out.z_loss.detach())],
@@ -303,6 +361,11 @@ class Trainer:
                         d.profile.times.get("counts_exchange", 0.0)
                 if micro == t.grad_accum_steps - 1 and t.zero_stage == 0 and t.precision == "fp32":
                     grad_norm = clip_gradients_(module, ctx, t.clip_grad)
+                    if not math.isfinite(grad_norm):
+                        # Skip the update (as ZeRO-1/2 and fp16 loss scaling do): AdamW leaves params without
+                        # a grad untouched, so one bad batch does not turn every weight into NaN.
+                        for p in module.parameters():
+                            p.grad = None
                 engine.step()
             if not (t.zero_stage == 0 and t.precision == "fp32"):
                 gn = engine.get_global_grad_norm()
@@ -317,16 +380,20 @@ class Trainer:
             if ctx.dp_group is not None:
                 dist.all_reduce(sums, group=ctx.dp_group)
                 sums /= ctx.dp_size
-            if not math.isfinite(float(sums[0])) or not math.isfinite(grad_norm):
-                nonfinite += 1
-                rank0_print(f"WARNING: non-finite loss/grad at step {step} ({nonfinite} in a row)")
-                if nonfinite >= t.max_nonfinite_steps:
-                    rank0_print(f"stopping: {nonfinite} non-finite steps in a row; the last good checkpoint in "
-                                f"{t.save_dir} is kept")
+            # Same decision on every rank: sums are DP-reduced and the grad norm is global.
+            overflow_skip = t.precision == "fp16" and ds.skipped_steps(engine) > skipped_before
+            if guard.update(float(sums[0]), grad_norm, overflow_skip):
+                rank0_print(f"WARNING: non-finite loss {float(sums[0])} / grad norm {grad_norm} at step {step} "
+                            f"({guard.in_a_row} in a row; the run stops at train.max_nonfinite_steps="
+                            f"{t.max_nonfinite_steps})")
+                if guard.should_stop:
+                    good = ckpt.complete_steps()
+                    rank0_print(f"stopping: {guard.in_a_row} non-finite steps in a row (loss or gradients are NaN/Inf; "
+                                f"lower train.lr, raise train.warmup_steps or check the data); no checkpoint was "
+                                f"written from the non-finite state; the last good checkpoint is "
+                                + (os.path.join(t.save_dir, step_dirname(good[-1])) if good else "(none saved yet)"))
                     logger.close()
-                    return 3
-            else:
-                nonfinite = 0
+                    return EXIT_NONFINITE
             log_now = step % t.log_interval == 0 or step == t.train_steps
             if log_now:
                 elapsed = time.perf_counter() - window["t0"]
@@ -356,7 +423,10 @@ class Trainer:
                     out_line(f"validation at step {step}: lm loss {val:.4f} | perplexity {math.exp(min(val, 50)):.2f}")
             exiting = bool(t.exit_interval) and step - start_step >= t.exit_interval and step < t.train_steps
             if (t.save_interval and step % t.save_interval == 0) or step == t.train_steps or exiting:
-                save()
+                if guard.clean:
+                    save()
+                else:
+                    rank0_print(f"not saving a checkpoint at step {step}: it is non-finite; the last good one is kept")
             if exiting:
                 rank0_print(f"exit_interval {t.exit_interval} reached at step {step}: stopping; relaunch to resume")
                 break
@@ -449,6 +519,39 @@ def _peak_tflops() -> Optional[float]:
         if key in name:
             return value
     return None
+
+
+class NonFiniteGuard:
+    """Counts non-finite steps in a row (loss or global grad norm NaN/Inf).
+
+    An fp16 step that DeepSpeed's dynamic loss scaler skipped for overflow (finite loss, inf grad norm) is
+    loss-scale calibration, not a non-finite step, and does not count. `clean` is False while the latest
+    step was non-finite: no checkpoint is written from such a state.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = max(1, int(limit))
+        self.in_a_row = 0
+        self.total = 0
+        self.overflow_skips = 0
+
+    def update(self, loss: float, grad_norm: float, overflow_skip: bool = False) -> bool:
+        """Record one step; True if it was non-finite."""
+        if math.isfinite(loss) and (math.isfinite(grad_norm) or overflow_skip):
+            self.overflow_skips += int(overflow_skip)
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        self.total += 1
+        return True
+
+    @property
+    def should_stop(self) -> bool:
+        return self.in_a_row >= self.limit
+
+    @property
+    def clean(self) -> bool:
+        return self.in_a_row == 0
 
 
 if __name__ == "__main__":
