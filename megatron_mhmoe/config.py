@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -186,6 +188,42 @@ def _known(cls, d: dict, where: str) -> dict:
     unknown = sorted(set(d) - names)
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(names)}")
+    check_field_types(cls, d, where)
     return d
+
+
+def _type_ok(value: Any, typ: Any) -> bool:
+    origin = typing.get_origin(typ)
+    if typ is Any:
+        return True
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_type_ok(value, t) for t in typing.get_args(typ))
+    if typ is type(None):
+        return value is None
+    if origin in (list, tuple) or typ in (list, tuple):
+        args = [a for a in typing.get_args(typ) if a is not Ellipsis]
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value) if args else \
+            isinstance(value, (list, tuple))
+    if origin is dict or typ is dict:
+        return isinstance(value, dict)
+    if typ is float:  # YAML writes 1 for 1.0; a bool is never a number here
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(typ, type):
+        return isinstance(value, typ)
+    return True
+
+
+def check_field_types(cls, d: dict, where: str) -> None:
+    """Reject values of the wrong type by name (e.g. `lr: fast`), before they fail deep inside training."""
+    hints = typing.get_type_hints(cls)
+    for key, value in d.items():
+        typ = hints.get(key)
+        if typ is None or dataclasses.is_dataclass(typ):
+            continue
+        if not _type_ok(value, typ):
+            want = getattr(typ, "__name__", None) or str(typ).replace("typing.", "")
+            raise ValueError(f"{where}.{key} must be {want}, got {type(value).__name__} {value!r}")
 
 

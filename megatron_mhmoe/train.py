@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_mhmoe.runtime.logging import redact_text
 from megatron_mhmoe.runtime.run_config import (RunConfig, check_ds_config_agrees, load_config_file, merged_dict,
                                                program_defaults)
 
@@ -91,7 +92,8 @@ def _comm_failure_message(e: BaseException, cfg: RunConfig) -> str:
     if "imed out" in text or "Timeout" in text or "timeout" in text:
         return (f"collective timed out after {cfg.parallel.timeout_s:g}s (parallel.timeout_s): a peer rank died or "
                 f"is stuck; {hint}")
-    return f"collective failed: a peer rank died or its connection dropped; {hint}"
+    return (f"collective failed: a peer rank died or is stuck (its connection dropped before the "
+            f"parallel.timeout_s={cfg.parallel.timeout_s:g}s timeout); {hint}")
 
 
 def rank0_print(*a, **k) -> None:
@@ -104,7 +106,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = resolve_config(args, overrides)
     except ValueError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"config error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     if args.print_config:
         from megatron_mhmoe.runtime.logging import redact
@@ -127,12 +129,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         from megatron_mhmoe.runtime import faults
         armed = faults.check()
     except ValueError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"config error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     if armed:
         print(armed, file=sys.stderr, flush=True)
     from megatron_mhmoe.runtime import deepspeed_adapter as ds
-    from megatron_mhmoe.runtime.logging import redact_text
     rank = os.environ.get("RANK", "?")
     try:
         ds.init_distributed(cfg.parallel.timeout_s)

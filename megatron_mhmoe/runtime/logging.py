@@ -82,10 +82,16 @@ class MetricsLogger:
             return
         self.wandb_dir = wandb_cfg.dir or run_dir
         os.makedirs(self.wandb_dir, exist_ok=True)
-        self.run = wandb.init(
-            project=wandb_cfg.project, group=wandb_cfg.group or None, name=redact_text(wandb_cfg.name or run_name),
-            tags=[redact_text(t) for t in wandb_cfg.tags] or None, config=redact(config_dict), dir=self.wandb_dir, mode=mode,
-            id=resume_id, resume="allow" if resume_id else None, reinit=True)
+        # wandb records the command line in the run's metadata: hand it a redacted copy.
+        argv, sys.argv = sys.argv, [redact_text(a) for a in sys.argv]
+        try:
+            self.run = wandb.init(
+                project=wandb_cfg.project, group=wandb_cfg.group or None,
+                name=redact_text(wandb_cfg.name or run_name), tags=[redact_text(t) for t in wandb_cfg.tags] or None,
+                config=redact(config_dict), dir=self.wandb_dir, mode=mode, id=resume_id,
+                resume="allow" if resume_id else None, reinit=True)
+        finally:
+            sys.argv = argv
 
     @property
     def run_id(self) -> Optional[str]:

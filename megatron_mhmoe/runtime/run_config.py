@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from megatron_mhmoe.config import ModelConfig, MoEConfig, model_config_from_dict
+from megatron_mhmoe.config import ModelConfig, MoEConfig, check_field_types, model_config_from_dict
 
 
 @dataclass
@@ -218,6 +218,7 @@ def _build(typ, d: dict, where: str):
     unknown = sorted(set(d) - names)
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(names)}")
+    check_field_types(typ, d, where)
     return typ(**d)
 
 
