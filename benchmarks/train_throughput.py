@@ -1,0 +1,100 @@
+"""Training tokens/s of the main job (MH-MoE) and of a dense GPT with the same active FLOPs, side by side.
+
+Both models are launched the same way (torchrun, NPROC CPU processes, the quickstart preset and data);
+the dense model's FFN width is chosen so that its forward FLOPs per token equal the MH-MoE model's
+(sizing.flops_per_token, attention included). Runs alternate (MoE, dense, MoE, dense, ...) so that
+machine noise hits both alike; each run's tokens/s comes from its summary.json, and the table gives
+medians, spread and the ratio.
+
+    .venv/bin/python benchmarks/train_throughput.py --steps 60 --reps 3
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from megatron_mhmoe.moe import sizing  # noqa: E402
+from megatron_mhmoe.runtime.run_config import RunConfig, load_config_file, merged_dict, program_defaults  # noqa: E402
+
+PRESET = os.path.join(ROOT, "megatron_mhmoe", "presets", "quickstart.yaml")
+
+
+def equal_flops_dense_ffn(cfg: RunConfig) -> tuple[int, int, int]:
+    """(dense ffn width, MoE model FLOPs/token, dense model FLOPs/token): the closest width in steps of 8."""
+    target = sizing.flops_per_token(cfg.model, cfg.train.seq_len)
+
+    def flops(width: int) -> int:
+        dense = dataclasses.replace(cfg.model, moe=None, ffn_hidden_size=width)
+        return sizing.flops_per_token(dense, cfg.train.seq_len)
+
+    width = min(range(8, 16 * cfg.model.hidden_size + 1, 8), key=lambda w: abs(flops(w) - target))
+    return width, target, flops(width)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_once(kind: str, args: argparse.Namespace, dense_ffn: int, workdir: str, rep: int) -> float:
+    run_dir = os.path.join(workdir, f"{kind}_{rep}")
+    overrides = [f"--run_dir={run_dir}", f"--train.train_steps={args.steps}", "--train.save_interval=0",
+                 "--train.eval_interval=0", "--train.eval_iters=1", f"--train.log_interval={args.steps}",
+                 "--wandb.mode=disabled", f"--parallel.ep={args.nproc if kind == 'mhmoe' else 1}"]
+    if kind == "dense":
+        overrides += ["--model.moe=null", f"--model.ffn_hidden_size={dense_ffn}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "megatron_mhmoe.train", "--config", PRESET] + overrides
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{kind} run {rep} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return float(json.load(f)["tokens_per_s"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=60, help="training steps per run (default 60)")
+    ap.add_argument("--reps", type=int, default=3, help="runs per model, alternating (default 3)")
+    ap.add_argument("--nproc", type=int, default=2, help="processes per run; MH-MoE uses EP=nproc (default 2)")
+    ap.add_argument("--workdir", default=None, help="where run dirs go (default: a temporary folder)")
+    args = ap.parse_args()
+    if args.steps < 2 or args.reps < 1 or args.nproc < 1:
+        ap.error("--steps must be >= 2, --reps and --nproc >= 1")
+
+    cfg = RunConfig.from_dict(merged_dict(program_defaults(), load_config_file(PRESET), []))
+    dense_ffn, moe_flops, dense_flops = equal_flops_dense_ffn(cfg)
+    print(f"MH-MoE: {moe_flops / 1e6:.3f} MFLOP/token forward; dense with ffn {dense_ffn}: "
+          f"{dense_flops / 1e6:.3f} MFLOP/token ({100 * (dense_flops / moe_flops - 1):+.1f}%)", flush=True)
+    results: dict[str, list[float]] = {"mhmoe": [], "dense": []}
+    with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+        for rep in range(args.reps):
+            for kind in ("mhmoe", "dense"):
+                tok_s = run_once(kind, args, dense_ffn, workdir, rep)
+                results[kind].append(tok_s)
+                print(f"  rep {rep + 1}/{args.reps} {kind:6s} {tok_s:9.0f} tokens/s", flush=True)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"\n{'model':8s} {'median tok/s':>13s} {'min':>9s} {'max':>9s}")
+    for k, v in results.items():
+        print(f"{k:8s} {med[k]:13.0f} {min(v):9.0f} {max(v):9.0f}")
+    ratio = med["mhmoe"] / med["dense"]
+    print(f"MH-MoE / dense tokens/s at equal active FLOPs: {ratio:.3f}")
+    print(json.dumps({"bench": "train_throughput", "steps": args.steps, "nproc": args.nproc, "dense_ffn": dense_ffn,
+                      "moe_flops_per_token": moe_flops, "dense_flops_per_token": dense_flops,
+                      "tokens_per_s": results, "ratio_mhmoe_over_dense": ratio}))
+
+
+if __name__ == "__main__":
+    main()
