@@ -1,0 +1,70 @@
+"""Tables over seeds: mean +- std of the final validation perplexity and the routing metrics per
+(kind, h, mode, extra axes) and E. Dense rows carry E = 0 ('-')."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Iterable, Optional
+
+
+def series_label(r: dict) -> str:
+    """Legend label of a result's series: kind (+ h and matching mode) (+ extra axes)."""
+    kind = {"dense": "Dense", "smoe": "SMoE (X-MoE)", "finegrained": "fine-grained SMoE"}.get(r["kind"], r["kind"])
+    if r["kind"] == "mhmoe":
+        kind = f"MH-MoE h={r['h']} [{r['mode']}]"
+    vary = r.get("vary") or {}
+    if vary:
+        kind += " " + ",".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(vary.items()))
+    return kind
+
+
+def mean_std(xs: Iterable) -> tuple[Optional[float], Optional[float], int]:
+    xs = [float(x) for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
+    if not xs:
+        return None, None, 0
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd, len(xs)
+
+
+def aggregate(records: list[dict]) -> dict:
+    """{series label: {E: {metric: (mean, std, n)}}} over the finished (status ok) records."""
+    groups: dict = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r.get("status") == "ok":
+            groups[series_label(r)][r.get("experts", 0)].append(r)
+    out: dict = {}
+    for label, by_e in groups.items():
+        out[label] = {}
+        for E, rs in sorted(by_e.items()):
+            out[label][E] = {m: mean_std(r.get(m) for r in rs)
+                             for m in ("val_ppl", "activation_ratio", "effective_experts", "divergence",
+                                       "tokens_per_s", "params_total", "params_active", "flops_per_token",
+                                       "num_experts")}
+    return out
+
+
+def _pm(t: tuple, fmt: str) -> str:
+    m, sd, n = t
+    if m is None:
+        return "n/a"
+    return f"{m:{fmt}} ± {sd:{fmt}}" if n > 1 else f"{m:{fmt}}"
+
+
+def markdown_table(records: list[dict]) -> str:
+    """One row per series and E: perplexity, activation ratio, effective experts, divergence, tokens/s."""
+    agg = aggregate(records)
+    thr = next((r.get("activation_threshold") for r in records if r.get("activation_threshold") is not None), None)
+    head = ("| model | E (ref) | E | params M (active) | val ppl (mean ± std) | seeds | activation ratio"
+            + (f" (share ≥ {thr}/E)" if thr is not None else "") + " | effective experts | divergence | tokens/s |")
+    lines = [head, "|" + "---|" * 10]
+    order = sorted(agg, key=lambda s: (not s.startswith("Dense"), not s.startswith("SMoE"), s))
+    for label in order:
+        for E, m in agg[label].items():
+            lines.append(
+                f"| {label} | {E or '-'} | {_pm(m['num_experts'], '.0f') if E else '-'} | "
+                f"{(m['params_total'][0] or 0) / 1e6:.2f} ({(m['params_active'][0] or 0) / 1e6:.2f}) | "
+                f"{_pm(m['val_ppl'], '.2f')} | {m['val_ppl'][2]} | "
+                f"{_pm(m['activation_ratio'], '.3f') if E else '-'} | {_pm(m['effective_experts'], '.1f') if E else '-'} | "
+                f"{_pm(m['divergence'], '.2f') if E else '-'} | {_pm(m['tokens_per_s'], '.0f')} |")
+    return "\n".join(lines)
