@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron_mhmoe.moe.grouped_ffn import grouped_ffn
 from megatron_mhmoe.parallel.context import ParallelContext
 from megatron_mhmoe.parallel.init import set_init
 from megatron_mhmoe.parallel.params import mark_expert
@@ -35,9 +36,16 @@ class GroupedExperts(nn.Module):
         return F.gelu(x @ w1) @ w2
 
     def forward(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """rows (sum(counts), d_in) grouped by local expert -> (sum(counts), d_in)."""
-        # Zero-row chunks are fine: their GEMMs give zero gradients, so an expert without tokens
-        # still gets a gradient and the EDP all-reduce never waits for a missing one.
+        """rows (sum(counts), d_in) grouped by local expert -> (sum(counts), d_in).
+
+        One autograd node over all experts (grouped_ffn.py): GEMMs on exact counts into preallocated
+        slices, weight gradients written in place, an expert without rows gets an exact zero gradient
+        (so the EDP all-reduce never waits for a missing one).
+        """
+        return grouped_ffn(rows, self.w1, self.w2, self.w3, counts, self.activation == "swiglu")
+
+    def forward_loop(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The same maths by autograd over a per-expert loop (benchmarks compare it with forward)."""
         # unbind, not W[e] in the loop: indexing a stacked parameter makes autograd allocate a
         # full-size gradient buffer per expert.
         w1s, w2s = self.w1.unbind(0), self.w2.unbind(0)
