@@ -223,6 +223,7 @@ class Trainer:
         from megatron_mhmoe.parallel.grads import clip_gradients_
         from megatron_mhmoe.runtime import deepspeed_adapter as ds
         from megatron_mhmoe.runtime import faults
+        from megatron_mhmoe.runtime import universal
         from megatron_mhmoe.runtime.checkpoint import (Checkpointer, CheckpointLayout, rng_state, set_rng_state,
                                                        step_dirname)
         from megatron_mhmoe.runtime.logging import MetricsLogger, format_line, redact
@@ -269,8 +270,7 @@ class Trainer:
             if loaded is not None:
                 step, state, manifest = loaded
                 module.load_state_dict(state["model"])
-                _load_optimizer(engine, state["optimizer"])
-                engine.lr_scheduler.load_state_dict(state["scheduler"])
+                _load_optimizer(engine, module, ctx, state)
                 set_rng_state(state["rng"])
                 consumed = int(state["consumed_samples"])
                 wandb_id = manifest.get("wandb_id")
@@ -292,8 +292,12 @@ class Trainer:
             state = {"model": module.state_dict(), "optimizer": engine.optimizer.state_dict(),
                      "scheduler": engine.lr_scheduler.state_dict(), "rng": rng_state(),
                      "consumed_samples": consumed, "step": step}
+            # Per-parameter optimizer state for tools/reshard_checkpoint.py (runtime/universal.py).
+            uni = universal.collect(engine, module, ctx, cfg.model)
+            if uni is not None:
+                state["universal"] = uni
             return ckpt.save(step, state, {"wandb_id": logger.run_id, "config": redact(cfg.to_dict()),
-                                           "consumed_samples": consumed})
+                                           "consumed_samples": consumed, "universal": uni is not None})
 
         val_routing: dict = {}
 
@@ -474,13 +478,31 @@ class Trainer:
         return 0
 
 
-def _load_optimizer(engine, state) -> None:
+def _load_optimizer(engine, module, ctx, state: dict) -> None:
+    """Optimizer + LR scheduler from a rank's checkpoint state (after the model weights).
+
+    The native partition when present (exact resume); else the universal per-parameter state that
+    tools/reshard_checkpoint.py writes for a new layout (collective: every rank takes the same branch).
+    """
+    from megatron_mhmoe.runtime import universal
+    from megatron_mhmoe.runtime.checkpoint import CheckpointError
     opt = engine.optimizer
-    if engine.zero_optimization():
-        # ZeRO wants the list of every DP rank's state; each rank only reads its own entry.
-        opt.load_state_dict([state] * engine.dp_world_size, load_from_fp32_weights=True)
+    if "optimizer" in state:
+        if engine.zero_optimization():
+            # ZeRO wants the list of every DP rank's state; each rank only reads its own entry.
+            opt.load_state_dict([state["optimizer"]] * engine.dp_world_size, load_from_fp32_weights=True)
+        else:
+            opt.load_state_dict(state["optimizer"])
+        engine.lr_scheduler.load_state_dict(state["scheduler"])
+    elif "universal" in state:
+        universal.restore(engine, module, ctx, state["universal"])
+        engine.lr_scheduler.load_state_dict(state["scheduler"])
+        universal.sync_lr_from_scheduler(engine)
+        rank0_print("optimizer state restored from the universal per-parameter copy (resharded checkpoint)")
     else:
-        opt.load_state_dict(state)
+        raise CheckpointError("checkpoint has neither a native optimizer partition nor universal optimizer "
+                              "state: it cannot resume training (re-export it with tools/reshard_checkpoint.py "
+                              "from a checkpoint that has one)")
 
 
 def routing_report(selections: torch.Tensor, divergence: torch.Tensor, threshold: float) -> dict:

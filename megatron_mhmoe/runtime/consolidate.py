@@ -1,0 +1,197 @@
+"""Offline checkpoint surgery without processes or a model: read, verify, gather, re-shard, write.
+
+Used by tools/reshard_checkpoint.py and tools/export_checkpoint.py. Works on the Checkpointer format
+(runtime/checkpoint.py): `step_N/rank_XXXXX.pt` + `manifest.json` (sha256 per file) + `latest`.
+- `read_checkpoint` verifies every rank file against the manifest, then loads it with
+  `torch.load(weights_only=True)` (tensors and plain containers only: a planted pickle is refused);
+- `gather_full` assembles single-process ("full") tensors from the TP/EP pieces, using the parameter
+  metadata saved in each rank file (runtime/universal.py), vocab padding removed;
+- `shard_full` cuts full tensors for any (world, TP, EP) rank, re-padding the vocabulary;
+- `write_checkpoint` writes rank files + manifest atomically (temp folder, fsync, rename, then `latest`).
+Everything is held in memory: fine up to a few GB of parameters on one machine.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from typing import Callable, Optional
+
+import torch
+
+from megatron_mhmoe.parallel.layout import RankLayout, validate_sizes
+from megatron_mhmoe.runtime.checkpoint import (FORMAT_VERSION, LATEST, MANIFEST, CheckpointError, _fsync_dir,
+                                               _fsync_write, _sha256, step_dirname)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_folder(path: str) -> str:
+    """A step folder (has manifest.json), or a save_dir whose `latest` names one."""
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        return path
+    latest = os.path.join(path, LATEST)
+    if os.path.exists(latest):
+        with open(latest) as f:
+            name = f.read().strip()
+        if not (name.startswith("step_") and name[5:].isdigit()):
+            raise CheckpointError(f"{latest} does not name a step folder ({name!r})")
+        folder = os.path.join(path, name)
+        if os.path.exists(os.path.join(folder, MANIFEST)):
+            return folder
+    raise CheckpointError(f"{path} is neither a checkpoint step folder (with {MANIFEST}) nor a save_dir with a "
+                          f"`{LATEST}` pointer to one")
+
+
+def read_checkpoint(folder: str, safe_globals: Optional[list] = None,
+                    log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
+    """(manifest, [state of rank 0, 1, ...]) after checking every file's size and sha256."""
+    with open(os.path.join(folder, MANIFEST)) as f:
+        manifest = json.load(f)
+    world = int(manifest["layout"]["world_size"])
+    entries = {e["file"]: e for e in manifest.get("files", [])}
+    states = []
+    for r in range(world):
+        name = f"rank_{r:05d}.pt"
+        path = os.path.join(folder, name)
+        e = entries.get(name)
+        if e is None or not os.path.exists(path):
+            raise CheckpointError(f"{folder}: {name} is {'not in the manifest' if e is None else 'missing'}")
+        if os.path.getsize(path) != e["bytes"] or _sha256(path) != e["sha256"]:
+            raise CheckpointError(f"{folder}: {name} does not match its manifest checksum (corrupt or truncated); "
+                                  f"use an older step folder")
+        with torch.serialization.safe_globals(list(safe_globals or [])):
+            states.append(torch.load(path, map_location="cpu", weights_only=True))
+        log(f"read {path} ({e['bytes'] / 1e6:.1f} MB, sha256 ok)")
+    return manifest, states
+
+
+# ---------------------------------------------------------------------- gather
+def _piece_rank(r: int, layout: RankLayout, meta: dict, t: int, e: int) -> bool:
+    return (meta["tp_dim"] is None or layout.tp_rank == t) and (not meta["expert"] or layout.ep_rank == e)
+
+
+def _gather(pieces: dict, meta: dict, tp: int, ep: int, vocab_size: int) -> torch.Tensor:
+    """Full tensor from {(tp_rank, ep_rank): local piece}; shard order is TP chunk, then EP chunk."""
+    cols = []
+    for t in (range(tp) if meta["tp_dim"] is not None else [0]):
+        parts = [pieces[(t, e)] for e in (range(ep) if meta["expert"] else [0])]
+        cols.append(torch.cat(parts, dim=meta["ep_dim"]) if meta["expert"] else parts[0])
+    full = torch.cat(cols, dim=meta["tp_dim"]) if meta["tp_dim"] is not None else cols[0]
+    if meta["vocab"]:
+        full = full.narrow(meta["tp_dim"], 0, vocab_size)
+    return full.clone()
+
+
+def model_vocab(manifest: dict, states: list[dict]) -> tuple[int, int]:
+    uni = states[0].get("universal")
+    if uni is not None:
+        return int(uni["vocab_size"]), int(uni["make_vocab_divisible_by"])
+    m = manifest.get("config", {}).get("model", {})
+    if "vocab_size" not in m:
+        raise CheckpointError("the checkpoint records neither universal metadata nor the model config: cannot "
+                              "tell the vocabulary size")
+    return int(m["vocab_size"]), int(m.get("make_vocab_divisible_by", 128))
+
+
+def padded_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def require_universal(states: list[dict], folder: str) -> None:
+    if any("universal" not in s for s in states):
+        raise CheckpointError(f"{folder} has no universal per-parameter state (written by an older version, or "
+                              f"an optimizer without a per-parameter layout): it cannot be resharded or exported")
+
+
+def gather_full(manifest: dict, states: list[dict], with_optimizer: bool = True) -> tuple[dict, dict, dict]:
+    """(full model tensors, full optimizer entries {name: {fp32, exp_avg, exp_avg_sq, step}}, meta)."""
+    lay = manifest["layout"]
+    world, tp, ep = int(lay["world_size"]), int(lay["tp"]), int(lay["ep"])
+    meta = states[0]["universal"]["meta"]
+    vocab, _ = model_vocab(manifest, states)
+    layouts = [RankLayout(r, world, tp, ep) for r in range(world)]
+    model, optim = {}, {}
+    for name, m in meta.items():
+        pieces, opt_pieces = {}, {}
+        for t in (range(tp) if m["tp_dim"] is not None else [0]):
+            for e in (range(ep) if m["expert"] else [0]):
+                ranks = [r for r in range(world) if _piece_rank(r, layouts[r], m, t, e)]
+                pieces[(t, e)] = states[ranks[0]]["model"][name]
+                if with_optimizer:
+                    holder = next((r for r in ranks if name in states[r]["universal"]["params"]), None)
+                    if holder is None:
+                        raise CheckpointError(f"no rank file holds the universal state of {name} (tp_rank {t}, "
+                                              f"ep_rank {e}): the checkpoint is incomplete")
+                    opt_pieces[(t, e)] = states[holder]["universal"]["params"][name]
+        model[name] = _gather(pieces, m, tp, ep, vocab)
+        if with_optimizer:
+            optim[name] = {k: _gather({key: p[k] for key, p in opt_pieces.items()}, m, tp, ep, vocab)
+                           for k in ("fp32", "exp_avg", "exp_avg_sq")}
+            optim[name]["step"] = float(next(iter(opt_pieces.values()))["step"])
+    return model, optim, meta
+
+
+# ---------------------------------------------------------------------- shard
+def shard_tensor(full: torch.Tensor, meta: dict, layout: RankLayout, padded: int) -> torch.Tensor:
+    """The piece rank `layout` holds (mirror of parallel.params.shard_tensor, from metadata only)."""
+    t = full
+    if meta["tp_dim"] is not None:
+        if meta["vocab"]:
+            extra = padded - t.shape[meta["tp_dim"]]
+            shape = list(t.shape)
+            shape[meta["tp_dim"]] = extra
+            t = torch.cat([t, t.new_zeros(shape)], dim=meta["tp_dim"])
+        t = t.chunk(layout.tp_size, dim=meta["tp_dim"])[layout.tp_rank]
+    if meta["expert"]:
+        t = t.chunk(layout.ep_size, dim=meta["ep_dim"])[layout.ep_rank]
+    return t.clone()
+
+
+def check_divisible(meta: dict, full: dict, tp: int, ep: int, padded: int) -> None:
+    for name, m in meta.items():
+        shape = list(full[name].shape)
+        if m["tp_dim"] is not None:
+            size = padded if m["vocab"] else shape[m["tp_dim"]]
+            if size % tp:
+                raise CheckpointError(f"{name}: dim {m['tp_dim']} of size {size} does not split over TP={tp}")
+        if m["expert"] and shape[m["ep_dim"]] % ep:
+            raise CheckpointError(f"{name}: {shape[m['ep_dim']]} experts do not split over EP={ep}: pick an EP that "
+                                  f"divides the number of experts")
+
+
+# ---------------------------------------------------------------------- write
+def write_checkpoint(save_dir: str, step: int, rank_states: list[dict], manifest: dict,
+                     log: Callable[[str], None] = print) -> str:
+    """Write `save_dir/step_N` like Checkpointer.save: temp folder, fsync, manifest, rename, `latest`."""
+    os.makedirs(save_dir, exist_ok=True)
+    final = os.path.join(save_dir, step_dirname(step))
+    tmp = os.path.join(save_dir, f".tmp-{step_dirname(step)}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    files = []
+    for r, state in enumerate(rank_states):
+        path = os.path.join(tmp, f"rank_{r:05d}.pt")
+        _fsync_write(path, lambda f, s=state: torch.save(s, f))
+        files.append({"file": os.path.basename(path), "sha256": _sha256(path), "bytes": os.path.getsize(path)})
+        log(f"wrote {os.path.join(final, os.path.basename(path))} ({files[-1]['bytes'] / 1e6:.1f} MB)")
+    manifest = dict(manifest, format_version=FORMAT_VERSION, step=step, files=files, time=time.time())
+    _fsync_write(os.path.join(tmp, MANIFEST), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    _fsync_dir(tmp)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(save_dir)
+    _fsync_write(os.path.join(save_dir, LATEST), lambda f: f.write(step_dirname(step).encode()))
+    return final
+
+
+def validate_target(world: int, tp: int, ep: int) -> None:
+    try:
+        validate_sizes(world, tp, ep)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
