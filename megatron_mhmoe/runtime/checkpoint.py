@@ -175,16 +175,22 @@ class Checkpointer:
             faults.at_checkpoint("kill_before_latest", step, 0)
             _fsync_write(os.path.join(self.save_dir, LATEST), lambda f: f.write(step_dirname(step).encode()))
             faults.at_checkpoint("kill_before_prune", step, 0)
-            self._prune()
+            self._prune(step)
         self._barrier()
         self.log(f"saved checkpoint {final} ({sum(e['bytes'] for e in entries) / 1e6:.1f} MB, "
                  f"{time.perf_counter() - t0:.1f} s)")
         return final
 
-    def _prune(self) -> None:
+    def _prune(self, step: int) -> None:
+        # Folders newer than the one just saved are from an abandoned timeline (a crash before `latest`
+        # moved, then a resume from an older checkpoint): never resumed from, and they must not push the
+        # current checkpoints out of keep_last.
+        steps = self.complete_steps()
+        for stale in [s for s in steps if s > step]:
+            shutil.rmtree(os.path.join(self.save_dir, step_dirname(stale)), ignore_errors=True)
         if self.keep_last <= 0:
             return
-        for old in self.complete_steps()[:-self.keep_last]:
+        for old in [s for s in steps if s <= step][:-self.keep_last]:
             shutil.rmtree(os.path.join(self.save_dir, step_dirname(old)), ignore_errors=True)
 
     # ------------------------------------------------------------------ discovery
