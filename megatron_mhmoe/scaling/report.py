@@ -27,8 +27,24 @@ def mean_std(xs: Iterable) -> tuple[Optional[float], Optional[float], int]:
     return m, sd, len(xs)
 
 
+def _dense_key(r: dict) -> tuple:
+    vary = {k: v for k, v in (r.get("vary") or {}).items() if not k.startswith("model.moe.")}
+    return r["seed"], tuple(sorted(vary.items()))
+
+
+def add_paired_deltas(records: list[dict]) -> None:
+    """r['ppl_vs_dense'] = ppl / ppl of the Dense run with the same seed (and non-MoE axes) - 1.
+    Pairing by seed cancels what the seed changes for every kind alike (data order, validation sample)."""
+    dense = {_dense_key(r): r.get("val_ppl") for r in records if r.get("kind") == "dense" and r.get("val_ppl")}
+    for r in records:
+        ref = dense.get(_dense_key(r)) if r.get("kind") != "dense" else None
+        r["ppl_vs_dense"] = (r["val_ppl"] / ref - 1.0) if ref and r.get("val_ppl") else None
+
+
 def aggregate(records: list[dict]) -> dict:
     """{series label: {E: {metric: (mean, std, n)}}} over the finished (status ok) records."""
+    records = [dict(r) for r in records]
+    add_paired_deltas(records)
     groups: dict = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r.get("status") == "ok":
@@ -40,7 +56,7 @@ def aggregate(records: list[dict]) -> dict:
             out[label][E] = {m: mean_std(r.get(m) for r in rs)
                              for m in ("val_ppl", "activation_ratio", "effective_experts", "divergence",
                                        "tokens_per_s", "params_total", "params_active", "flops_per_token",
-                                       "num_experts")}
+                                       "num_experts", "ppl_vs_dense")}
     return out
 
 
@@ -51,20 +67,28 @@ def _pm(t: tuple, fmt: str) -> str:
     return f"{m:{fmt}} ± {sd:{fmt}}" if n > 1 else f"{m:{fmt}}"
 
 
+def _pct(t: tuple) -> str:
+    m, sd, n = t
+    if m is None:
+        return "-"
+    return f"{100 * m:+.1f}% ± {100 * sd:.1f}" if n > 1 else f"{100 * m:+.1f}%"
+
+
 def markdown_table(records: list[dict]) -> str:
     """One row per series and E: perplexity, activation ratio, effective experts, divergence, tokens/s."""
     agg = aggregate(records)
     thr = next((r.get("activation_threshold") for r in records if r.get("activation_threshold") is not None), None)
-    head = ("| model | E (ref) | E | params M (active) | val ppl (mean ± std) | seeds | activation ratio"
+    head = ("| model | E (ref) | E | params M (active) | val ppl (mean ± std) | vs Dense, same seed | seeds "
+            "| activation ratio"
             + (f" (share ≥ {thr}/E)" if thr is not None else "") + " | effective experts | divergence | tokens/s |")
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     order = sorted(agg, key=lambda s: (not s.startswith("Dense"), not s.startswith("SMoE"), s))
     for label in order:
         for E, m in agg[label].items():
             lines.append(
                 f"| {label} | {E or '-'} | {_pm(m['num_experts'], '.0f') if E else '-'} | "
                 f"{(m['params_total'][0] or 0) / 1e6:.2f} ({(m['params_active'][0] or 0) / 1e6:.2f}) | "
-                f"{_pm(m['val_ppl'], '.2f')} | {m['val_ppl'][2]} | "
+                f"{_pm(m['val_ppl'], '.2f')} | {_pct(m['ppl_vs_dense'])} | {m['val_ppl'][2]} | "
                 f"{_pm(m['activation_ratio'], '.3f') if E else '-'} | {_pm(m['effective_experts'], '.1f') if E else '-'} | "
                 f"{_pm(m['divergence'], '.2f') if E else '-'} | {_pm(m['tokens_per_s'], '.0f')} |")
     return "\n".join(lines)

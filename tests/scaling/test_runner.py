@@ -95,6 +95,7 @@ def test_report_and_plots(tmp_path):
     assert agg["SMoE (X-MoE)"][8]["val_ppl"][:2] == (21.5, 0.7071067811865476)   # seeds 1, 2 -> ppl 21, 22
     table = report.markdown_table(recs)
     assert "| Dense | - |" in table and "MH-MoE h=4 [params]" in table and "21.50 ± 0.71" in table
+    assert "+0.0% ± 0.0" in table                                   # same ppl as Dense of the same seed
     made = plots.make_all(sw.dir, recs, {"Dense": {0: 16.23}, "X-MoE": {8: 14.82}}, log=lambda m: None)
     names = {os.path.basename(p) for p in made}
     assert names == {"ppl_vs_experts.png", "activation_vs_experts.png", "tokens_per_s_vs_experts.png",
