@@ -1,0 +1,137 @@
+"""tools/export_checkpoint.py and tools/generate.py after a tiny 2-rank (TP=2, EP=2, ZeRO-1) run.
+
+- the exported single-process model's logits equal the trained TP/EP model's logits gathered over TP
+  (tolerance atol 1e-5, rel 1e-5; fp32, only the reduction order differs);
+- generate.py: greedy output is deterministic, a seeded sample is reproducible, the CLI runs;
+- a planted pickle whose unpickling would create a file is refused by the export and reshard tools
+  (weights_only loading), and the file is not created.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.distributed import run_workers
+from tests.reliability.test_reshard import load_tool
+from tests.runtime.test_train_launch import byte_data, finish, torchrun  # noqa: F401 (fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def args(data: str, run_dir: str) -> list[str]:
+    return [f"--run_dir={run_dir}", f"--data.data_path=[{data}]", "--model.vocab_size=300",
+            "--model.hidden_size=32", "--model.num_layers=2", "--model.ffn_hidden_size=64", "--model.max_seq_len=32",
+            "--model.num_attention_heads=4", "--model.moe.num_experts=4", "--model.moe.expert_hidden_size=16",
+            "--model.moe.num_heads=2", "--train.seq_len=16", "--train.micro_batch_size=2", "--train.train_steps=2",
+            "--train.warmup_steps=1", "--train.log_interval=1", "--train.eval_interval=100", "--train.eval_iters=1",
+            "--train.zero_stage=1", "--parallel.tp=2", "--parallel.ep=2", "--train.lr=3e-2",
+            "--wandb.mode=disabled", "--data.split=90,10,0"]
+
+
+@pytest.fixture(scope="module")
+def exported(byte_data, tmp_path_factory):  # noqa: F811
+    d = tmp_path_factory.mktemp("export")
+    run = str(d / "run")
+    finish(torchrun(2, args(byte_data, run)))
+    ckpt = os.path.join(run, "checkpoints")
+    out = str(d / "exported")
+    assert load_tool("export_checkpoint").main(["--input", ckpt, "--output", out, "--quiet"]) == 0
+    return {"ckpt": ckpt, "out": out, "dir": d}
+
+
+TOKENS = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _trained_logits(rank: int, world: int, folder: str) -> torch.Tensor:
+    from megatron_mhmoe.config import model_config_from_dict
+    from megatron_mhmoe.model.gpt import GPTModel
+    from megatron_mhmoe.parallel import comm
+    from megatron_mhmoe.parallel.context import ParallelContext
+    from megatron_mhmoe.runtime.deepspeed_adapter import checkpoint_safe_globals
+    with open(os.path.join(folder, "manifest.json")) as f:
+        cfg = model_config_from_dict(json.load(f)["config"]["model"])
+    ctx = ParallelContext.from_world(2, 2)
+    model = GPTModel(cfg, ctx)
+    with torch.serialization.safe_globals(checkpoint_safe_globals()):
+        state = torch.load(os.path.join(folder, f"rank_{rank:05d}.pt"), weights_only=True)
+    model.load_state_dict(state["model"])
+    model.eval()
+    with torch.no_grad():
+        logits = model(TOKENS).logits  # [b, s, V_local]
+    return comm.all_gather(logits, -1, ctx.tp_group)[..., :cfg.vocab_size]
+
+
+def test_exported_logits_equal_trained_logits(exported):
+    from megatron_mhmoe.runtime.consolidate import resolve_folder
+    gen = load_tool("generate")
+    folder = resolve_folder(exported["ckpt"])
+    want = run_workers(_trained_logits, 2, folder)[0]
+    model, info = gen.load_model(exported["out"])
+    assert info["tokenizer"] == {"type": "byte"} and info["step"] == 2
+    with torch.no_grad():
+        got = model(TOKENS).logits[..., :model.config.vocab_size]
+    diff = float((got - want).abs().max())
+    print(f"exported vs trained (TP=2, EP=2) logits: max abs difference {diff:.3g}")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert os.path.exists(os.path.join(exported["out"], "model.safetensors"))
+
+
+def _cli(*a: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    return subprocess.run([sys.executable, *a], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_generate_greedy_is_deterministic_and_cli_runs(exported):
+    gen = load_tool("generate")
+    model, info = gen.load_model(exported["out"])
+    a = gen.generate(model, [100, 101, 102], 12, greedy=True, seed=1)
+    b = gen.generate(model, [100, 101, 102], 12, greedy=True, seed=2)
+    assert a == b and len(a) == 12
+    s1 = gen.generate(model, [100], 12, greedy=False, temperature=1.0, top_k=20, seed=7)
+    s2 = gen.generate(model, [100], 12, greedy=False, temperature=1.0, top_k=20, seed=7)
+    assert s1 == s2
+    r1 = _cli("tools/generate.py", "--model", exported["out"], "--prompt", "def ", "--max-new-tokens", "8",
+              "--greedy", "--ids")
+    r2 = _cli("tools/generate.py", "--model", exported["out"], "--prompt", "def ", "--max-new-tokens", "8",
+              "--greedy", "--ids")
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    assert r1.stdout == r2.stdout and r1.stdout.startswith("def ") and "ids: [" in r1.stdout
+    assert _cli("tools/generate.py", "--help").returncode == 0
+    assert _cli("tools/export_checkpoint.py", "--help").returncode == 0
+
+
+class _Evil:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_planted_pickle_is_refused_by_tools(exported, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "ckpt" / "step_00000002"
+    folder.mkdir(parents=True)
+    rank_file = folder / "rank_00000.pt"
+    torch.save({"model": _Evil(str(marker))}, rank_file)
+    data = rank_file.read_bytes()
+    manifest = {"format_version": 1, "step": 2, "time": 0.0,
+                "layout": {"world_size": 1, "tp": 1, "ep": 1, "zero_stage": 0, "precision": "fp32"},
+                "files": [{"file": "rank_00000.pt", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}]}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "ckpt" / "latest").write_text("step_00000002")
+    export = load_tool("export_checkpoint").main(["--input", str(tmp_path / "ckpt"), "--output",
+                                                  str(tmp_path / "out"), "--quiet"])
+    reshard = load_tool("reshard_checkpoint").main(["--input", str(folder), "--output", str(tmp_path / "r"),
+                                                    "--world-size", "1", "--tp", "1", "--ep", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert export == 3 and reshard == 3, err
+    assert err.count("refusing to load") == 2
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "r").exists()

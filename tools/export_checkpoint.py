@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Export a training checkpoint (any world size, TP, EP, ZeRO stage) as one single-process model.
+
+Example:
+  python tools/export_checkpoint.py --input runs/quickstart/checkpoints --output exported/quickstart
+  python tools/generate.py --model exported/quickstart --prompt "def main(" --greedy
+
+Writes into --output (atomically: a temp folder renamed at the end):
+  model.safetensors   full tensors by parameter name (vocabulary unpadded; experts stacked [E, ...])
+  config.json         {"model": ModelConfig fields, "step", "source", "dtype", "tokenizer": {...}}
+  tokenizer.model     a copy of the run's SentencePiece model (absent for the byte tokenizer)
+The weights are the ones the run trained with (fp32, or bf16/fp16 as stored); --dtype converts.
+Input files are checked against the manifest and read with torch.load(weights_only=True) only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from megatron_mhmoe.runtime.checkpoint import CheckpointError  # noqa: E402
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="a checkpoint step folder, or a save_dir (its `latest` is used)")
+    p.add_argument("--output", required=True, help="folder to write (must not exist, unless --force)")
+    p.add_argument("--dtype", choices=["as-trained", "fp32", "bf16", "fp16"], default="as-trained",
+                   help="dtype of the exported weights (default: as stored by the run)")
+    p.add_argument("--tokenizer", default=None,
+                   help="'byte' or a SentencePiece .model to ship with the export (default: the run's, found "
+                        "from its config or its data's .meta.json)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output folder")
+    p.add_argument("--quiet", action="store_true", help="only errors")
+    return p
+
+
+def find_tokenizer(config: dict, override: str | None) -> dict:
+    """{"type": "byte"} or {"type": "sentencepiece", "path": ...} or {"type": None} if unknown."""
+    if override:
+        if override == "byte":
+            return {"type": "byte"}
+        if not os.path.exists(override):
+            raise CheckpointError(f"--tokenizer {override} does not exist")
+        return {"type": "sentencepiece", "path": override}
+    data = config.get("data", {}) if isinstance(config, dict) else {}
+    if data.get("tokenizer_model") and os.path.exists(data["tokenizer_model"]):
+        return {"type": "sentencepiece", "path": data["tokenizer_model"]}
+    paths = [p for p in data.get("data_path", []) if isinstance(p, str)]
+    for prefix in paths:
+        meta_path = prefix + ".meta.json"
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+            kind = meta.get("tokenizer_type")
+            if kind in ("byte", "ByteTokenizer"):
+                return {"type": "byte"}
+            model = meta.get("tokenizer_model")
+            if model and os.path.exists(model):
+                return {"type": "sentencepiece", "path": model}
+    return {"type": None}
+
+
+def export(input_path: str, output: str, dtype: str = "as-trained", tokenizer: str | None = None,
+           force: bool = False, log=print) -> str:
+    from safetensors.torch import save_file
+
+    from megatron_mhmoe.runtime import consolidate as C
+    from megatron_mhmoe.runtime.deepspeed_adapter import checkpoint_safe_globals
+
+    t0 = time.perf_counter()
+    if os.path.exists(output) and not force:
+        raise CheckpointError(f"--output {output} exists: choose a new folder, or --force to replace it")
+    folder = C.resolve_folder(input_path)
+    manifest, states = C.read_checkpoint(folder, checkpoint_safe_globals(), log)
+    C.require_universal(states, folder)  # the parameter metadata lives there
+    model, _, meta = C.gather_full(manifest, states, with_optimizer=False)
+    config = manifest.get("config") or {}
+    if "model" not in config:
+        raise CheckpointError(f"{folder}/manifest.json has no model config: cannot write config.json")
+    if dtype != "as-trained":
+        model = {k: (v.to(C.DTYPES[dtype]) if v.is_floating_point() else v) for k, v in model.items()}
+    tok = find_tokenizer(config, tokenizer)
+    tmp = f"{output.rstrip(os.sep)}.tmp-{os.getpid()}"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    save_file({k: v.contiguous() for k, v in model.items()}, os.path.join(tmp, "model.safetensors"),
+              metadata={"format": "pt", "source": os.path.abspath(folder), "step": str(manifest["step"])})
+    tok_entry = {"type": tok["type"]}
+    if tok["type"] == "sentencepiece":
+        shutil.copyfile(tok["path"], os.path.join(tmp, TOKENIZER_FILE))
+        tok_entry["file"] = TOKENIZER_FILE
+    elif tok["type"] is None:
+        log("WARNING: the run's tokenizer was not found; pass --tokenizer to tools/generate.py, or re-export with "
+            "--tokenizer")
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in model.values()})
+    cfg_json = {"model": config["model"], "step": int(manifest["step"]), "source": os.path.abspath(folder),
+                "source_layout": manifest["layout"], "dtype": dtypes, "tokenizer": tok_entry,
+                "parameters": {k: list(v.shape) for k, v in model.items()}}
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg_json, f, indent=1)
+    if os.path.exists(output):
+        shutil.rmtree(output)
+    os.replace(tmp, output)
+    n = sum(v.numel() for v in model.values())
+    log(f"exported {folder} (step {manifest['step']}) -> {output}: {len(model)} tensors, {n / 1e6:.3f}M values, "
+        f"{', '.join(dtypes)}, tokenizer {tok['type']} ({time.perf_counter() - t0:.1f} s)")
+    return output
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
+    try:
+        export(args.input, args.output, args.dtype, args.tokenizer, args.force, log)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a refused pickle: name it, no traceback
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            print(f"error: refusing to load {args.input}: it contains pickled objects that are not plain tensors "
+                  f"or containers ({type(e).__name__}). Checkpoints from this project never do; do not trust "
+                  f"this file.", file=sys.stderr)
+            return 3
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

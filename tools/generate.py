@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Sample text from a model exported by tools/export_checkpoint.py (one process, CPU or one GPU).
+
+Examples:
+  python tools/generate.py --model exported/quickstart --prompt "def main(" --greedy
+  python tools/generate.py --model exported/quickstart --prompt "import " --temperature 0.8 --top-k 40 --seed 1
+
+Loads model.safetensors (safetensors only: no pickle) and config.json, builds the GPT with a single-process
+ParallelContext, encodes the prompt with the tokenizer shipped with the export (SentencePiece or bytes),
+then decodes greedily or by temperature / top-k sampling from a seeded generator (same seed, same text).
+Stops after --max-new-tokens or at end-of-document.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="folder written by tools/export_checkpoint.py")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start from end-of-document)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature/top-k/seed)")
+    p.add_argument("--temperature", type=float, default=1.0, help="> 0; lower is more conservative")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--tokenizer", default=None, help="'byte' or a SentencePiece .model (default: the export's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--ids", action="store_true", help="also print the generated token ids")
+    return p
+
+
+def load_model(folder: str, device: str = "cpu"):
+    """(GPTModel on a single-process context, config.json dict)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from megatron_mhmoe.config import model_config_from_dict
+    from megatron_mhmoe.model.gpt import GPTModel
+    from megatron_mhmoe.parallel.context import ParallelContext
+    from megatron_mhmoe.parallel.params import shard_full_state_dict
+
+    cfg_path, weights = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
+    for path in (cfg_path, weights):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing: --model must be a folder written by "
+                                    f"tools/export_checkpoint.py")
+    with open(cfg_path) as f:
+        info = json.load(f)
+    mcfg = model_config_from_dict(info["model"])
+    ctx = ParallelContext.single_process()
+    model = GPTModel(mcfg, ctx)
+    full = load_file(weights)
+    dtype = next(iter(full.values())).dtype
+    local = shard_full_state_dict(model, {k: v.float() for k, v in full.items()}, ctx, mcfg.padded_vocab_size(1))
+    model.load_state_dict(local)
+    model.to(device=device, dtype=dtype if dtype != torch.float16 or device != "cpu" else torch.float32)
+    model.eval()
+    return model, info
+
+
+def load_tokenizer(folder: str, info: dict, override: str | None):
+    from megatron_mhmoe.tokenizer import ByteTokenizer, SentencePieceTokenizer
+    if override:
+        return ByteTokenizer() if override == "byte" else SentencePieceTokenizer(override)
+    tok = info.get("tokenizer") or {}
+    if tok.get("type") == "byte":
+        return ByteTokenizer()
+    if tok.get("type") == "sentencepiece":
+        return SentencePieceTokenizer(os.path.join(folder, tok["file"]))
+    raise ValueError(f"{folder}/config.json names no tokenizer: pass --tokenizer byte or --tokenizer PATH.model")
+
+
+def generate(model, prompt_ids: list[int], max_new_tokens: int, greedy: bool = True, temperature: float = 1.0,
+             top_k: int = 0, seed: int = 0, eod=None) -> list[int]:
+    """Token ids after the prompt. Deterministic for a given seed (greedy: for any seed)."""
+    import torch
+    cfg = model.config
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = list(prompt_ids)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            window = torch.tensor([ids[-cfg.max_seq_len:]], dtype=torch.long, device=device)
+            logits = model(window).logits[0, -1, :cfg.vocab_size].float().cpu()
+            if greedy:
+                nxt = int(logits.argmax())
+            else:
+                logits = logits / max(temperature, 1e-6)
+                if 0 < top_k < logits.numel():
+                    kth = torch.topk(logits, top_k).values[-1]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen))
+            if eod is not None and nxt == eod:
+                break
+            ids.append(nxt)
+            out.append(nxt)
+    return out
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.temperature <= 0 and not args.greedy:
+        print("error: --temperature must be > 0 (or use --greedy)", file=sys.stderr)
+        return 2
+    try:
+        model, info = load_model(args.model, args.device)
+        tok = load_tokenizer(args.model, info, args.tokenizer)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    eod = getattr(tok, "eod", None)
+    prompt = tok.encode(args.prompt) if args.prompt else []
+    if not prompt:
+        prompt = [eod if eod is not None else 0]
+    if any(i >= model.config.vocab_size for i in prompt):
+        print(f"error: the tokenizer produced ids >= the model's vocab_size {model.config.vocab_size}: wrong "
+              f"tokenizer for this model?", file=sys.stderr)
+        return 2
+    new = generate(model, prompt, args.max_new_tokens, args.greedy, args.temperature, args.top_k, args.seed, eod)
+    print(args.prompt + tok.decode(new), flush=True)
+    if args.ids:
+        print(f"ids: {new}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
