@@ -98,6 +98,8 @@ def test_round_trip_4_2_1_4_is_exact(trained, tmp_path):
     _, orig = C.read_checkpoint(src, _safe(), log=lambda m: None)
     manifest, back = C.read_checkpoint(cur, _safe(), log=lambda m: None)
     assert manifest["universal_only"] and manifest["layout"]["world_size"] == 4
+    moments = [e["exp_avg_sq"].abs().sum() for s in orig for e in s["universal"]["params"].values()]
+    assert len(moments) >= len(orig[0]["universal"]["meta"]) and all(m > 0 for m in moments)  # real state
     for r in range(4):
         assert "optimizer" not in back[r]
         _assert_equal(orig[r]["model"], back[r]["model"], f"rank{r}.model")
