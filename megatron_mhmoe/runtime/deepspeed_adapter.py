@@ -139,10 +139,11 @@ def build_ds_config(run_cfg, world_size: int, base: Optional[dict] = None) -> di
         train_batch_size=t.global_batch_size,
         train_micro_batch_size_per_gpu=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum_steps,
-        # ZeRO-1/2 count every expert once (mark_norm_ownership); the engine's stage-0 clip averages
+        # ZeRO-1/2 count every expert once (mark_norm_ownership); the engine's stage-0 fp32 clip averages
         # per-rank norms over DP, which is wrong once DP ranks hold different experts: the training
-        # loop clips stage 0 itself (parallel.grads.global_grad_norm).
-        gradient_clipping=float(t.clip_grad) if t.zero_stage > 0 else 0.0,
+        # loop clips stage-0 fp32 itself (parallel.grads.global_grad_norm). Stage-0 bf16/fp16 keep their
+        # gradients in the engine's fp32 copies, out of the loop's reach, so the engine clips them.
+        gradient_clipping=0.0 if (t.zero_stage == 0 and t.precision == "fp32") else float(t.clip_grad),
         steps_per_print=10 ** 9,  # we log ourselves
         wall_clock_breakdown=False,
     )
