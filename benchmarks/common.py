@@ -93,6 +93,12 @@ def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
     return peak
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # ---------------------------------------------------------------------------------------------- deepspeed
 def init_deepspeed_single(device: torch.device) -> None:
     """A 1-process DeepSpeed/torch.distributed world, without DeepSpeed's JIT-compiled CPU ops."""
@@ -104,10 +110,7 @@ def init_deepspeed_single(device: torch.device) -> None:
     import deepspeed.comm.torch  # noqa: F401  (so that the module object below exists)
     # Compiling deepspeed_shm_comm takes ~25 s on CPU and gloo does not need it (PLATFORM.md).
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)

@@ -29,8 +29,12 @@ class DispatchProfile:
 
     rows_sent: int = 0
     """Sub-token rows handed to the dispatch all-to-all (this rank's kept assignments)."""
+    rows_received: int = 0
+    """Rows the dispatch all-to-all brought to this rank's experts (what the combine sends back)."""
     bytes_sent: int = 0
-    """Bytes handed to the dispatch all-to-alls: rows * d_sub * itemsize + the counts (E int64)."""
+    """Bytes handed to the forward dispatch all-to-alls: rows_sent * d_sub * itemsize + the counts (E int64).
+    A whole fwd+bwd step sends (2 rows_sent + 2 rows_received) * d_sub * itemsize + E * 8: the combine
+    returns the received rows and the backward runs both all-to-alls in the other direction."""
     times: dict = field(default_factory=dict)
 
 
@@ -121,6 +125,7 @@ class MoEDispatcher:
             send_splits = [sum(counts_host[p * E_local:(p + 1) * E_local]) for p in range(ep)]
             recv_splits = [sum(r) for r in recv_host]
             self.profile.rows_sent = n
+            self.profile.rows_received = sum(recv_splits)
             self.profile.bytes_sent = n * x_sub.shape[1] * x_sub.element_size() + counts.numel() * counts.element_size()
             t0 = self._tick("counts_exchange", t0, x_sub.device)
             rows = comm.all_to_all(rows, recv_splits, send_splits, self.ctx.ep_group)  # (m, d_sub)
