@@ -59,7 +59,8 @@ def test_paper_scaling_plan():
 
 
 def test_vary_axis_names_and_dense_dedup():
-    spec, base = load_sweep("activation_probe", ["sweep.kinds=[dense, smoe, mhmoe]"])
+    spec, base = load_sweep("activation_probe", ["sweep.kinds=[dense, smoe, mhmoe]",
+                                                 "sweep.vary={model.moe.aux_loss_coef: [0.0, 0.001]}"])
     runs = build_plan(spec, base)
     names = [r.name for r in runs]
     assert "smoe-E64-aux_loss_coef0.0-s1" in names and "mhmoe-h4-params-E64-aux_loss_coef0.001-s2" in names
