@@ -96,6 +96,25 @@ def _comm_failure_message(e: BaseException, cfg: RunConfig) -> str:
             f"parallel.timeout_s={cfg.parallel.timeout_s:g}s timeout); {hint}")
 
 
+def _check_data_inputs(cfg: RunConfig) -> None:
+    """Files the run reads, checked before any process group forms (ValueError/DataError with the fix)."""
+    from megatron_mhmoe.data.blend import parse_blend
+    from megatron_mhmoe.data.errors import DataError
+    from megatron_mhmoe.data.indexed import _suggest_prefixes
+    from megatron_mhmoe.data.split import parse_split
+    parse_split(cfg.data.split)
+    if cfg.data.data_path:
+        prefixes, _ = parse_blend(cfg.data.data_path)
+        for prefix in prefixes:
+            for ext in (".bin", ".idx"):
+                if not os.path.isfile(prefix + ext):
+                    raise DataError(f"dataset file {prefix + ext} does not exist (data.data_path prefix {prefix!r})."
+                                    + _suggest_prefixes(prefix))
+    if cfg.data.tokenizer_model and not os.path.isfile(cfg.data.tokenizer_model):
+        raise DataError(f"data.tokenizer_model {cfg.data.tokenizer_model!r} does not exist: train one with "
+                        f"tools/train_tokenizer.py or point at the model the data was made with")
+
+
 def rank0_print(*a, **k) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*a, **k, flush=True)
@@ -126,6 +145,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 except json.JSONDecodeError as err:
                     raise ValueError(f"--deepspeed_config {args.deepspeed_config} is not valid JSON: {err}")
             check_ds_config_agrees(cfg, ds_dict, args.deepspeed_config)
+        _check_data_inputs(cfg)
         from megatron_mhmoe.runtime import faults
         armed = faults.check()
     except ValueError as e:
@@ -397,6 +417,8 @@ class Trainer:
                                 f"lower train.lr, raise train.warmup_steps or check the data); no checkpoint was "
                                 f"written from the non-finite state; the last good checkpoint is "
                                 + (os.path.join(t.save_dir, step_dirname(good[-1])) if good else "(none saved yet)"))
+                    logger.log(step, {"loss": float(sums[0]), "lm_loss": float(sums[1]), "grad_norm": grad_norm,
+                                      "nonfinite_in_a_row": guard.in_a_row})
                     logger.close()
                     return EXIT_NONFINITE
             log_now = step % t.log_interval == 0 or step == t.train_steps

@@ -186,6 +186,24 @@ class RunConfig:
         if p.sequence_parallel and t.seq_len % p.tp:
             raise ValueError(f"sequence parallelism splits seq_len {t.seq_len} over TP={p.tp}: "
                              f"{t.seq_len} % {p.tp} = {t.seq_len % p.tp}")
+        # Ranges: a value outside them would crash mid-run (log_interval=0) or silently misbehave (lr<0).
+        import math
+        for where, value, low, strict in (
+                ("train.lr", t.lr, 0.0, True), ("train.min_lr", t.min_lr, 0.0, False),
+                ("train.warmup_steps", t.warmup_steps, 0, False), ("train.weight_decay", t.weight_decay, 0.0, False),
+                ("train.adam_eps", t.adam_eps, 0.0, True), ("train.clip_grad", t.clip_grad, 0.0, False),
+                ("train.log_interval", t.log_interval, 1, False), ("train.save_interval", t.save_interval, 0, False),
+                ("train.eval_interval", t.eval_interval, 0, False), ("train.eval_iters", t.eval_iters, 0, False),
+                ("train.exit_interval", t.exit_interval, 0, False), ("train.keep_last", t.keep_last, 0, False),
+                ("train.max_nonfinite_steps", t.max_nonfinite_steps, 1, False),
+                ("parallel.timeout_s", p.timeout_s, 0.0, True)):
+            if not math.isfinite(float(value)) or value < low or (strict and value == low):
+                raise ValueError(f"{where}={value} must be {'>' if strict else '>='} {low}")
+        for where, value in (("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{where}={value} must be in [0, 1)")
+        if m.moe is not None and not (m.moe.capacity_factor >= 0.0 and math.isfinite(m.moe.capacity_factor)):
+            raise ValueError(f"model.moe.capacity_factor={m.moe.capacity_factor} must be >= 0 (0 = dropless)")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:
@@ -203,6 +221,10 @@ class RunConfig:
                 raise ValueError(f"section {name!r} must be a mapping of keys, got {type(value).__name__} {value!r}")
         cfg = cls()
         if "model" in d:
+            moe = (d["model"] or {}).get("moe")
+            if moe is not None and not isinstance(moe, dict):
+                raise ValueError(f"model.moe must be a mapping of MoE keys (or null for a dense model), got "
+                                 f"{type(moe).__name__} {moe!r}")
             cfg.model = model_config_from_dict(d["model"] or {})
         for name, typ in (("parallel", ParallelConfig), ("train", TrainConfig), ("data", DataConfig),
                           ("wandb", WandbConfig)):

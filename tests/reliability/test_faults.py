@@ -1,5 +1,5 @@
 """Fault injection end to end: 2-process CPU training (EP=2, ZeRO-1) killed with SIGKILL at every stage of a
-checkpoint save (MHMOE_FAULT hooks, runtime/faults.py), at random times (the launcher's whole process group),
+checkpoint save (MHMOE_FAULT hooks, runtime/faults.py), at random times (torchrun and every rank at once),
 with a corrupted newest checkpoint, and with one rank dead or stuck mid-step.
 
 - every relaunch resumes from the last complete checkpoint and the final metrics.jsonl holds, for every step,
@@ -39,7 +39,7 @@ def fault_args(data: str, run_dir: str, steps: int = STEPS) -> list[str]:
                                          "--train.save_interval=2", "--train.keep_last=3"]
 
 
-def launch(args: list[str], fault: str = "", new_session: bool = False) -> subprocess.Popen:
+def launch(args: list[str], fault: str = "") -> subprocess.Popen:
     """torchrun with 2 ranks: when one rank dies the agent stops the other (as in production)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     env.pop("MHMOE_FAULT", None)
@@ -47,8 +47,36 @@ def launch(args: list[str], fault: str = "", new_session: bool = False) -> subpr
         env["MHMOE_FAULT"] = fault
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "megatron_mhmoe.train"] + args
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=new_session)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process under it at once, like a node losing power. (torchrun starts
+    each worker in its own session, so killing the launcher's process group would leave them running.)"""
+    victims = descendants(pid) + [pid]
+    for p in victims:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def run_killed(args: list[str], fault: str) -> str:
@@ -147,43 +175,50 @@ def test_sigkill_at_every_checkpoint_stage_and_corrupt_latest_resume_exactly(byt
 
 
 def test_sigkill_whole_job_at_random_times_resumes_exactly(byte_data, reference, tmp_path):
-    """SIGKILL the launcher's process group (torchrun + both ranks) a random time after training starts."""
+    """SIGKILL torchrun and both ranks at a random point of training, then relaunch; three times."""
     seed = int(os.environ.get("MHMOE_FAULT_SEED", random.SystemRandom().randrange(1 << 30)))
     rng = random.Random(seed)
     run_dir = str(tmp_path / "run")
     save_dir = os.path.join(run_dir, "checkpoints")
     args = fault_args(byte_data, run_dir)
-    report, kills = [], 0
+    report, kills, resume_step = [], 0, 0
     for attempt in range(6):
-        proc = launch(args, new_session=True)
+        proc = launch(args)
         lines: list[str] = []
         started = threading.Event()
 
         def read(p=proc, acc=lines, ev=started):
             for line in p.stdout:
                 acc.append(line)
-                if re.match(r"step +\d+/", line):
+                if re.match(r"step +\d+/", line) or "resumed from" in line:
                     ev.set()
             ev.set()
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         assert started.wait(240), "".join(lines)[-3000:]
-        delay = rng.uniform(0.0, 1.5)
+        # A random step of what is left, then a random fraction of a step: forward, backward, optimizer,
+        # logging, evaluation or a checkpoint save may be under way.
+        first = resume_step + 1
+        target = rng.randint(first, STEPS - 1) if first < STEPS else STEPS
+        while proc.poll() is None and not any(re.match(rf"step +{target}/", x) for x in list(lines)):
+            time.sleep(0.002)
+        delay = rng.uniform(0.0, 0.1)
         time.sleep(delay)
         killed = proc.poll() is None
         if killed:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
         proc.wait(60)
         reader.join(10)
         last = max([int(m.group(1)) for m in (re.match(r"step +(\d+)/", x) for x in lines) if m] or [0])
         steps, latest = check_checkpoints(save_dir)  # valid or absent after every kill
-        report.append(f"seed {seed} attempt {attempt}: {delay:.2f}s after the first step line, "
+        resume_step = latest or 0
+        report.append(f"seed {seed} attempt {attempt}: {delay:.3f}s after the line of step {target}, "
                       f"{'killed' if killed else 'finished before the kill'}; last logged step {last}, "
                       f"complete checkpoints {steps}, latest {latest}")
         if killed:
             kills += 1
-            KILL_POINTS_TRIED.append(f"random SIGKILL of the process group {delay:.2f}s into training "
+            KILL_POINTS_TRIED.append(f"random SIGKILL of torchrun + both ranks {delay:.3f}s after step {target} "
                                      f"(last logged step {last}, latest checkpoint then {latest})")
         if not killed or kills == 3 or latest == STEPS:
             break
