@@ -100,8 +100,9 @@ def _check_data_inputs(cfg: RunConfig) -> None:
     """Files the run reads, checked before any process group forms (ValueError/DataError with the fix)."""
     from megatron_mhmoe.data.blend import parse_blend
     from megatron_mhmoe.data.errors import DataError
-    from megatron_mhmoe.data.indexed import _suggest_prefixes
+    from megatron_mhmoe.data.indexed import IndexedDataset, _suggest_prefixes
     from megatron_mhmoe.data.split import parse_split
+    from megatron_mhmoe.data.vocab import check_dataset_vocab
     parse_split(cfg.data.split)
     if cfg.data.data_path:
         prefixes, _ = parse_blend(cfg.data.data_path)
@@ -110,6 +111,8 @@ def _check_data_inputs(cfg: RunConfig) -> None:
                 if not os.path.isfile(prefix + ext):
                     raise DataError(f"dataset file {prefix + ext} does not exist (data.data_path prefix {prefix!r})."
                                     + _suggest_prefixes(prefix))
+            # Header, sizes and (from the .meta.json sidecar, free) the vocabulary: cheap, no token scan.
+            check_dataset_vocab(IndexedDataset(prefix), cfg.model.vocab_size, scan_without_meta=False)
     if cfg.data.tokenizer_model and not os.path.isfile(cfg.data.tokenizer_model):
         raise DataError(f"data.tokenizer_model {cfg.data.tokenizer_model!r} does not exist: train one with "
                         f"tools/train_tokenizer.py or point at the model the data was made with")
@@ -149,7 +152,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         from megatron_mhmoe.runtime import faults
         armed = faults.check()
     except ValueError as e:
-        print(f"config error: {redact_text(str(e))}", file=sys.stderr)
+        from megatron_mhmoe.data.errors import DataError
+        print(f"{'data' if isinstance(e, DataError) else 'config'} error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     if armed:
         print(armed, file=sys.stderr, flush=True)
@@ -244,8 +248,8 @@ class Trainer:
         from megatron_mhmoe.runtime import deepspeed_adapter as ds
         from megatron_mhmoe.runtime import faults
         from megatron_mhmoe.runtime import universal
-        from megatron_mhmoe.runtime.checkpoint import (Checkpointer, CheckpointLayout, rng_state, set_rng_state,
-                                                       step_dirname)
+        from megatron_mhmoe.runtime.checkpoint import (CheckpointError, Checkpointer, CheckpointLayout,
+                                                       model_mismatch, rng_state, set_rng_state, step_dirname)
         from megatron_mhmoe.runtime.logging import MetricsLogger, format_line, redact
         from megatron_mhmoe.runtime.schedule import make_lr_lambda
 
@@ -289,6 +293,13 @@ class Trainer:
             loaded = ckpt.load_latest()
             if loaded is not None:
                 step, state, manifest = loaded
+                problem = model_mismatch(module.state_dict(), state["model"], (manifest.get("config") or {}).get("model"),
+                                         cfg.to_dict()["model"])
+                if problem:
+                    raise CheckpointError(f"checkpoint {os.path.join(t.save_dir, step_dirname(step))} holds a different "
+                                          f"model than this config: {problem}. Launch with the config it was trained "
+                                          f"with (saved in its manifest.json), or start fresh in another run_dir "
+                                          f"(or --train.resume=false)")
                 module.load_state_dict(state["model"])
                 _load_optimizer(engine, module, ctx, state)
                 set_rng_state(state["rng"])

@@ -119,6 +119,40 @@ def _tensors_to_py_state(d) -> tuple:
     return (d["version"], tuple(int(x) for x in d["state"].tolist()), d["gauss"])
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def model_mismatch(expected: dict, saved: dict, saved_model_cfg: Optional[dict] = None,
+                   model_cfg: Optional[dict] = None) -> Optional[str]:
+    """None if `saved` (a rank's model state) has exactly the keys and shapes of `expected`, else what differs:
+    the model config fields (from the manifest) and the first differing parameters."""
+    shapes = []
+    for k in sorted(set(expected) | set(saved)):
+        a, b = expected.get(k), saved.get(k)
+        if a is None or b is None:
+            shapes.append(f"{k} {'missing from the checkpoint' if b is None else 'not in this model'}")
+        elif tuple(a.shape) != tuple(b.shape):
+            shapes.append(f"{k} {list(b.shape)} saved vs {list(a.shape)} here")
+    if not shapes:
+        return None
+    parts = []
+    if saved_model_cfg is not None and model_cfg is not None:
+        old, new = _flatten(saved_model_cfg), _flatten(model_cfg)
+        diffs = [f"model.{k} {old.get(k)!r} saved vs {new.get(k)!r} here" for k in sorted(set(old) | set(new))
+                 if old.get(k) != new.get(k)]
+        if diffs:
+            parts.append("; ".join(diffs[:6]) + (f" (+{len(diffs) - 6} more)" if len(diffs) > 6 else ""))
+    parts.append(f"{len(shapes)} parameter(s) differ: " + "; ".join(shapes[:3]) + (" ..." if len(shapes) > 3 else ""))
+    return "; ".join(parts)
+
+
 class Checkpointer:
     def __init__(self, save_dir: str, ctx: ParallelContext, layout: CheckpointLayout, keep_last: int = 2,
                  log: Callable[[str], None] = print, safe_globals: Optional[list] = None):
