@@ -149,6 +149,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     raise ValueError(f"--deepspeed_config {args.deepspeed_config} is not valid JSON: {err}")
             check_ds_config_agrees(cfg, ds_dict, args.deepspeed_config)
         _check_data_inputs(cfg)
+        if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("train.precision=fp16 needs a GPU: DeepSpeed's CPU accelerator does not support fp16 "
+                             "('Type fp16 is not supported on your device'); use bf16 or fp32 on CPU")
         from megatron_mhmoe.runtime import faults
         armed = faults.check()
     except ValueError as e:

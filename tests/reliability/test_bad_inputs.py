@@ -149,6 +149,7 @@ CASES = [
     ("unknown-section", "train", ["--optim.lr=0.1"], 2, 2, "unknown top-level key(s) ['optim']"),
     ("unknown-model-key", "train", ["--model.dtype=bf16"], 2, 2, "unknown key(s) ['dtype'] in model"),
     ("moe-not-mapping", "train", ["--model.moe=5"], 2, 2, "model.moe must be a mapping"),
+    ("fp16-on-cpu", "train", ["--train.precision=fp16"], 2, 2, "train.precision=fp16 needs a GPU"),
     ("bad-precision", "train", ["--train.precision=fp8"], 2, 2, "train.precision='fp8' is not one of"),
     ("batch-arithmetic", "train", ["--train.global_batch_size=7", "--train.micro_batch_size=2"], 2, 2,
      "global_batch_size 7 is not a multiple of micro_batch_size x DP = 2 x 2 = 4"),

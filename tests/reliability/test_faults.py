@@ -232,11 +232,11 @@ def test_sigkill_whole_job_at_random_times_resumes_exactly(byte_data, reference,
 
 
 # ---------------------------------------------------------------------- dead or stuck peer: no hang
-def launch_ranks(args: list[str], fault: str, world: int = 2) -> list[subprocess.Popen]:
+def launch_ranks(args: list[str], fault: str, world: int = 2, only: list[int] | None = None) -> list[subprocess.Popen]:
     """Each rank as a plain process (no torchrun agent to clean up): what survivors do is up to them."""
     port = free_port()
     procs = []
-    for r in range(world):
+    for r in (range(world) if only is None else only):
         env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled", RANK=str(r),
                    LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         env.pop("MHMOE_FAULT", None)
@@ -295,6 +295,24 @@ def test_dead_or_stuck_peer_is_a_clear_error_within_the_timeout(byte_data, tmp_p
             if p.poll() is None:
                 p.kill()
             p.wait(30)
+
+
+def test_peer_that_never_arrives_is_a_clear_error(byte_data, tmp_path):
+    """Only rank 0 of a 2-rank job starts: joining the group fails after parallel.timeout_s, exit 4."""
+    args = fault_args(byte_data, str(tmp_path / "run")) + ["--parallel.timeout_s=4"]
+    proc = launch_ranks(args, "", world=2, only=[0])
+    t0 = time.monotonic()
+    try:
+        out, _ = proc[0].communicate(timeout=120)
+    finally:
+        if proc[0].poll() is None:
+            proc[0].kill()
+    waited = time.monotonic() - t0
+    assert proc[0].returncode == 4, out[-3000:]
+    assert "[rank 0] error: could not join the process group of 2 ranks at 127.0.0.1:" in out
+    assert "within parallel.timeout_s=4s" in out and "Traceback" not in out
+    assert waited < 60
+    KILL_POINTS_TRIED.append("peer never started (rendezvous timeout)")
 
 
 def test_zz_report():
