@@ -6,9 +6,17 @@ built-in corpus (this machine's Python stdlib), preparing it on first use.
 The loop, per optimizer step:
 1. grad_accum micro-batches of this DP rank's share of the global batch: forward, engine.backward;
 2. ZeRO-1/2 clip inside the engine (each expert counted once); ZeRO-0 clips here with the exact norm;
-3. engine.step (fp16 overflow skips the step inside the engine);
+3. engine.step (fp16 overflow skips the step inside the engine; so does a non-finite gradient norm in
+   ZeRO-1/2 (DeepSpeed) and ZeRO-0 fp32 (here));
 4. every log_interval: metrics line, wandb, routing statistics; every eval_interval: validation
-   perplexity; every save_interval: an atomic checkpoint with data position and RNG state.
+   perplexity; every save_interval: an atomic checkpoint with data position and RNG state (never from a
+   non-finite step).
+
+Exit codes: 0 done; 1 an error while training (one `[rank R] error: ...` line); 2 a config/data error, found
+before any process group forms; 3 train.max_nonfinite_steps non-finite steps in a row (the last good
+checkpoint is kept); 4 a collective failed or timed out (a peer rank died or is stuck, after at most
+parallel.timeout_s), or the process group could not form. Tests inject faults with MHMOE_FAULT
+(runtime/faults.py).
 """
 from __future__ import annotations
 
