@@ -35,8 +35,9 @@ from megatron_mhmoe.parallel.context import ParallelContext
 PRESETS = {
     "cpu": dict(device="cpu", dtype="fp32", tokens=4096, hidden=256, heads=4, ffn=1024, experts="8,32,64,256",
                 act="gelu", reps=7, warmup=2),
+    # One thread: on a loaded 2-core machine a 2-thread op waits for both threads to be scheduled.
     "quick": dict(device="cpu", dtype="fp32", tokens=256, hidden=64, heads=4, ffn=128, experts="4,8",
-                  act="gelu", reps=3, warmup=1),
+                  act="gelu", reps=3, warmup=1, threads=1),
     # Mixtral-sized expert FLOPs: top-2 of 8 SwiGLU experts 4096 -> 14336 -> 4096.
     "gpu": dict(device="cuda", dtype="bf16", tokens=4096, hidden=4096, heads=4, ffn=14336, experts="8",
                 act="swiglu", reps=10, warmup=3),

@@ -28,10 +28,12 @@ def local_choice_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor
     return torch.bincount(flat, minlength=k * num_experts).view(k, num_experts)
 
 
-def capacity_keep(experts: torch.Tensor, counts_all: torch.Tensor, tp_rank: int, capacity: int) -> torch.Tensor:
+def capacity_keep(experts: torch.Tensor, counts_all: torch.Tensor, tp_rank: int, capacity: int,
+                  order: torch.Tensor | None = None) -> torch.Tensor:
     """Which assignments fit, in choice-major order (k*S,) bool.
 
-    experts: (S, k) this rank's choices; counts_all: (TP, k, E) every TP rank's local_choice_counts.
+    experts: (S, k) this rank's choices; counts_all: (TP, k, E) every TP rank's local_choice_counts;
+    order: argsort(choice-major ids, stable=True) if the caller has it (the dispatcher reuses it).
     1. Local position of each assignment among this rank's assignments to the same expert, in
        choice-major order (stable sort by expert id).
     2. Offset of (choice j, expert e) on this rank within the replica queue: the other TP ranks'
@@ -42,7 +44,8 @@ def capacity_keep(experts: torch.Tensor, counts_all: torch.Tensor, tp_rank: int,
     e_flat = experts.t().reshape(-1)  # (k*S,) choice-major
     choice = torch.arange(k, device=experts.device).repeat_interleave(S)  # (k*S,)
     # 1.
-    order = torch.argsort(e_flat, stable=True)
+    if order is None:
+        order = torch.argsort(e_flat, stable=True)
     local = counts_all[tp_rank]  # (k, E)
     per_expert = local.sum(0)  # (E,)
     starts = torch.cumsum(per_expert, 0) - per_expert  # (E,) first sorted slot of each expert

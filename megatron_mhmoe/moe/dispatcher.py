@@ -95,24 +95,26 @@ class MoEDispatcher:
         return now
 
     def dispatch_combine(self, x_sub: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor,
-                         keep: torch.Tensor | None, run_experts: Callable) -> torch.Tensor:
+                         keep: torch.Tensor | None, run_experts: Callable,
+                         order: torch.Tensor | None = None) -> torch.Tensor:
         """x_sub (S, d_sub), experts/gates (S, k), keep (k*S,) choice-major or None -> (S, d_sub).
 
         run_experts(rows (n, d_sub) grouped by local expert, counts list[E_local]) -> (n, d_sub).
+        order: the stable argsort of the choice-major expert ids, if the caller already has it
+        (capacity.capacity_keep sorts the same ids): saves the one O(k*S log) sort here.
         """
         S, k = experts.shape
         E, E_local, ep = self.num_experts, self.num_local_experts, self.ctx.ep_size
         self.profile = DispatchProfile()
         t0 = time.perf_counter()
-        # 1.
+        # 1. Kept assignments stay grouped by expert and in queue order when filtered out of the sort.
         e_flat = experts.t().reshape(-1)  # (k*S,) choice-major
-        if keep is not None:
-            e_flat = torch.where(keep, e_flat, torch.full_like(e_flat, E))
-        order = torch.argsort(e_flat, stable=True)  # (k*S,)
-        counts = torch.bincount(e_flat, minlength=E + 1)[:E]  # (E,)
+        if order is None:
+            order = torch.argsort(e_flat, stable=True)  # (k*S,)
+        perm = order if keep is None else order[keep.index_select(0, order)]  # (n,) flat assignment ids
+        counts = torch.bincount(e_flat.index_select(0, perm), minlength=E)  # (E,)
         counts_host = counts.tolist()  # the one host sync of the local dispatch
-        n = sum(counts_host)
-        perm = order[:n]  # (n,) flat assignment index of each row, grouped by expert
+        n = perm.shape[0]
         src = perm % S  # (n,) sub-token of each row
         # 2.
         rows = x_sub.index_select(0, src)  # (n, d_sub)

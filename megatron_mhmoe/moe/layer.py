@@ -19,7 +19,7 @@ from megatron_mhmoe.config import ModelConfig
 from megatron_mhmoe.moe import capacity as cap
 from megatron_mhmoe.moe.dispatcher import MoEDispatcher
 from megatron_mhmoe.moe.experts import GroupedExperts
-from megatron_mhmoe.moe.losses import load_balance_loss, z_loss_sum
+from megatron_mhmoe.moe.losses import load_balance_loss
 from megatron_mhmoe.moe.metrics import MoEStats, divergence_histogram
 from megatron_mhmoe.moe.router import SoftmaxGate, XMoEGate, top_k
 from megatron_mhmoe.parallel.context import ParallelContext
@@ -84,10 +84,12 @@ class MHMoELayer(nn.Module):
         tp_shards = counts_all.shape[0]
         S = n * h * tp_shards  # sub-tokens in the routing group (the replica)
         capacity = cap.expert_capacity(moe.capacity_factor, k, S, E)
+        # One stable sort of the choice-major expert ids serves capacity and dispatch.
+        order = torch.argsort(choice.experts.t().reshape(-1), stable=True)  # (k*n*h,)
         keep = cap.capacity_keep(choice.experts, counts_all, self.ctx.tp_rank if tp_shards > 1 else 0,
-                                 capacity) if capacity > 0 else None
+                                 capacity, order) if capacity > 0 else None
         # 4.
-        y_sub = disp.dispatch_combine(x_sub, choice.experts, choice.gates, keep, self.experts)  # (n*h, d/h)
+        y_sub = disp.dispatch_combine(x_sub, choice.experts, choice.gates, keep, self.experts, order)  # (n*h, d/h)
         # 5.
         y = y_sub.reshape(n, d)  # (n, d)
         if self.merge is not None:
@@ -98,7 +100,7 @@ class MHMoELayer(nn.Module):
     def _stats(self, logits, choice, counts_all, keep, S: int, num_tokens: int) -> MoEStats:
         disp, E = self.dispatcher, self.moe.num_experts
         aux = load_balance_loss(disp.replica_sum(choice.probs.sum(0)), counts_all[:, 0].sum(0), S)
-        z = disp.replica_sum(z_loss_sum(logits)) / S
+        z = disp.replica_sum(choice.lse.square().sum()) / S  # == z_loss_sum(logits), O(S) from top_k
         with torch.no_grad():
             e_flat = choice.experts.t().reshape(-1)
             kept_local = torch.bincount(e_flat[keep] if keep is not None else e_flat, minlength=E)

@@ -67,10 +67,17 @@ class TopK:
     """(S, k) chosen expert ids, best first."""
     gates: torch.Tensor
     """(S, k) combine weights: the chosen probabilities, renormalised over the k when k > 1."""
+    lse: torch.Tensor
+    """(S,) logsumexp of the logits (for the z-loss), from the top-1 choice in O(S)."""
 
 
 def top_k(logits: torch.Tensor, k: int) -> TopK:
+    """Everything after the logits is O(S x k) except the softmax and the top-k selection themselves."""
     probs = torch.softmax(logits, dim=-1)  # (S, E)
     top_p, top_e = probs.topk(k, dim=-1)  # (S, k)
     gates = top_p / top_p.sum(dim=-1, keepdim=True) if k > 1 else top_p
-    return TopK(probs=probs, experts=top_e, gates=gates)
+    # logsumexp(l) = l_e - log p_e for any e; e = the top-1 choice has p_e >= 1/E, so the log is
+    # well conditioned. Its gradient is softmax(l), as logsumexp's: d(l_e - log p_e)/dl = onehot_e -
+    # (onehot_e - p) = p. This replaces a second O(S x E) exp pass (torch.logsumexp) and its backward.
+    lse = logits.gather(1, top_e[:, :1]).squeeze(1) - torch.log(top_p[:, 0])  # (S,)
+    return TopK(probs=probs, experts=top_e, gates=gates, lse=lse)
