@@ -104,13 +104,51 @@ class GroupedFFN:
 
     grouped_mm_failed: Optional[str] = None
     """Why torch._grouped_mm was abandoned in this process (None: not tried or working)."""
+    _checked: dict = {}
 
     @staticmethod
-    def use_grouped_mm(rows: torch.Tensor) -> bool:
+    def use_grouped_mm(rows: torch.Tensor, w1: torch.Tensor) -> bool:
         # On CPU torch._grouped_mm loops over experts itself and its fp32 backward fails on expanded
         # gradients (torch 2.13): measured no faster than the loop above, so only CUDA half types use it.
-        return (rows.device.type == "cuda" and rows.dtype in (torch.bfloat16, torch.float16)
-                and hasattr(torch, "_grouped_mm") and GroupedFFN.grouped_mm_failed is None)
+        if not (rows.device.type == "cuda" and rows.dtype in (torch.bfloat16, torch.float16)
+                and hasattr(torch, "_grouped_mm") and GroupedFFN.grouped_mm_failed is None):
+            return False
+        if rows.shape[1] % 8 or w1.shape[2] % 8:  # row strides must be multiples of 16 bytes
+            return False
+        key = (str(rows.device), rows.dtype)
+        if key not in GroupedFFN._checked:
+            GroupedFFN._checked[key] = _self_test(rows.device, rows.dtype)
+        return GroupedFFN._checked[key]
+
+
+def _self_test(device: torch.device, dtype: torch.dtype) -> bool:
+    """Forward and backward of a tiny grouped FFN against the loop: a failure here cannot surface
+    later inside a backward pass, where no fallback is possible."""
+    try:
+        with torch.enable_grad():  # the caller may be under no_grad (evaluation)
+            return _self_test_body(device, dtype)
+    except RuntimeError as err:
+        GroupedFFN.grouped_mm_failed = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return False
+
+
+def _self_test_body(device: torch.device, dtype: torch.dtype) -> bool:
+    g = torch.Generator(device=device).manual_seed(0)
+    rows = torch.randn(24, 16, device=device, dtype=dtype, generator=g, requires_grad=True)
+    w1 = torch.randn(3, 16, 32, device=device, dtype=dtype, generator=g, requires_grad=True)
+    w2 = torch.randn(3, 32, 16, device=device, dtype=dtype, generator=g, requires_grad=True)
+    counts = [8, 0, 16]
+    outs = []
+    for fn in (_grouped_mm_ffn, _GroupedFFNFunction.apply):
+        for t in (rows, w1, w2):
+            t.grad = None
+        y = fn(rows, w1, w2, None, counts, False)
+        y.float().square().sum().backward()
+        outs.append([y.float(), rows.grad.float(), w1.grad.float(), w2.grad.float()])
+    for a, b in zip(*outs):
+        if not torch.allclose(a, b, atol=0.1 * float(b.abs().max()) + 1e-3, rtol=0.05):
+            raise RuntimeError("torch._grouped_mm disagrees with the per-expert loop")
+    return True
 
 
 def _grouped_mm_ffn(rows, w1, w2, w3, counts: list[int], swiglu: bool) -> torch.Tensor:
@@ -134,7 +172,7 @@ def grouped_ffn(rows: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: Opti
         rows, w1, w2 = rows.to(dt), w1.to(dt), w2.to(dt)
         w3 = w3.to(dt) if w3 is not None else None
     with torch.autocast(dev, enabled=False):
-        if GroupedFFN.use_grouped_mm(rows):
+        if GroupedFFN.use_grouped_mm(rows, w1):
             try:
                 return _grouped_mm_ffn(rows, w1, w2, w3, counts, swiglu)
             except RuntimeError as err:  # unsupported arch/layout: remember and use the loop
