@@ -25,7 +25,7 @@ def prepare_builtin_data(data_dir: str, vocab_size: int = 2048, max_mb: float = 
     os.makedirs(data_dir, exist_ok=True)
     corpus = os.path.join(data_dir, "corpus.jsonl")
     tok_prefix = os.path.join(data_dir, f"spm_bpe_{vocab_size}")
-    out_prefix = os.path.join(data_dir, "stdlib")
+    out_prefix = os.path.join(data_dir, f"stdlib_bpe_{vocab_size}")  # token files belong to one tokenizer
     data_prefix = output_prefix_for(out_prefix, "text")
     if not os.path.exists(corpus):
         docs, nbytes = build_corpus(corpus, max_mb=max_mb)
