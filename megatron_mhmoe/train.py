@@ -304,13 +304,13 @@ class Trainer:
             loaded = ckpt.load_latest()
             if loaded is not None:
                 step, state, manifest = loaded
-                problem = model_mismatch(module.state_dict(), state["model"], (manifest.get("config") or {}).get("model"),
-                                         cfg.to_dict()["model"])
+                problem = model_mismatch(module.state_dict(), state["model"],
+                                         (manifest.get("config") or {}).get("model"), cfg.to_dict()["model"])
                 if problem:
-                    raise CheckpointError(f"checkpoint {os.path.join(t.save_dir, step_dirname(step))} holds a different "
-                                          f"model than this config: {problem}. Launch with the config it was trained "
-                                          f"with (saved in its manifest.json), or start fresh in another run_dir "
-                                          f"(or --train.resume=false)")
+                    raise CheckpointError(f"checkpoint {os.path.join(t.save_dir, step_dirname(step))} holds a "
+                                          f"different model than this config: {problem}. Launch with the config it "
+                                          f"was trained with (saved in its manifest.json), or start fresh in another "
+                                          f"run_dir (or --train.resume=false)")
                 module.load_state_dict(state["model"])
                 _load_optimizer(engine, module, ctx, state)
                 set_rng_state(state["rng"])
