@@ -34,14 +34,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(steps: dict[str, Callable[[], None]], reps: int, warmup: int,
-                     device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call of each step, `reps` samples each after `warmup` unrecorded rounds."""
+def time_interleaved(steps: dict[str, Callable[[], None]], reps: int, warmup: int, device: torch.device,
+                     before: dict[str, Callable[[], None]] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each step, `reps` samples each after `warmup` unrecorded rounds.
+
+    before[name] runs untimed ahead of each call (e.g. dropping last step's gradients).
+    """
     names = list(steps)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + reps):
         rot = r % len(names)
         for name in names[rot:] + names[:rot]:
+            if before and name in before:
+                before[name]()
             sync(device)
             t0 = time.perf_counter()
             steps[name]()
@@ -65,8 +70,11 @@ MEMORY_NOTE = {
 }
 
 
-def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """Peak additional tensor memory of one call of `step` (see MEMORY_NOTE)."""
+def peak_step_bytes(step: Callable[[], None], device: torch.device, before: Callable[[], None] | None = None) -> int:
+    """Peak additional tensor memory of one call of `step` (see MEMORY_NOTE); `before` runs first, unmeasured
+    (it must release what the previous step left, e.g. gradients, or their frees would offset the peak)."""
+    if before is not None:
+        before()
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -137,7 +137,7 @@ def run_point(args, shape: str, E: int, device, dtype, aux_coef: float = 0.01) -
     y_ours, st = ours(x)
     counts = st.kept.tolist()  # (E,) rows each expert processes after capacity
     n_rows = sum(counts)
-    steps, checks = {}, {}
+    steps, checks, before = {}, {}, {}
 
     def use_loop(on: bool) -> None:
         # An instance attribute shadows the class's forward: ours with the autograd per-expert loop.
@@ -148,16 +148,15 @@ def run_point(args, shape: str, E: int, device, dtype, aux_coef: float = 0.01) -
 
     def make_ours(loop: bool):
         def step():
-            zero(ours)
             use_loop(loop)
             y, s = ours(x)
             torch.autograd.backward([y, s.aux_loss], [gy, aux_grad])
         return step
 
     if "ours" in args.impl_list:
-        steps["ours"] = make_ours(False)
+        steps["ours"], before["ours"] = make_ours(False), lambda: zero(ours)
     if "loop" in args.impl_list:
-        steps["loop"] = make_ours(True)
+        steps["loop"], before["loop"] = make_ours(True), lambda: zero(ours)
     if "deepspeed" in args.impl_list:
         from ds_moe import DeepSpeedMHMoE
         ds = DeepSpeedMHMoE(ours)
@@ -170,32 +169,33 @@ def run_point(args, shape: str, E: int, device, dtype, aux_coef: float = 0.01) -
         checks["tokens_with_drops"] = int((~clean).sum())
 
         def ds_step():
-            zero(ds)
             y, l_aux = ds(x)
             torch.autograd.backward([y, l_aux], [gy, aux_grad.to(l_aux.dtype)])
-        steps["deepspeed"] = ds_step
+        steps["deepspeed"], before["deepspeed"] = ds_step, lambda: zero(ds)
     if "floor" in args.impl_list:
         # Already-permuted rows with ours' per-expert counts: only the GEMMs (and the activation) remain.
         rows = torch.randn(n_rows, ours.d_sub, device=device, dtype=dtype, requires_grad=True)  # (n, d/h)
         g_rows = torch.randn(n_rows, ours.d_sub, device=device, dtype=dtype)
         x_merge = torch.randn(N, d, device=device, dtype=dtype, requires_grad=True)  # merge's input (N, d)
 
-        def floor_step():
+        def floor_zero():
             zero(ours)
-            use_loop(False)
             rows.grad = x_merge.grad = None
+
+        def floor_step():
+            use_loop(False)
             outs, grads = [ours.experts(rows, counts)], [g_rows]
             if ours.head is not None:
                 outs += [ours.head(x), ours.merge(x_merge)]
                 grads += [gy, gy]
             torch.autograd.backward(outs, grads)
-        steps["floor"] = floor_step
+        steps["floor"], before["floor"] = floor_step, floor_zero
 
-    samples = time_interleaved(steps, args.reps, args.warmup, device)
+    samples = time_interleaved(steps, args.reps, args.warmup, device, before)
     res = {name: summary(s) for name, s in samples.items()}
     if not args.no_memory:
         for name, step in steps.items():
-            res[name]["peak_mb"] = peak_step_bytes(step, device) / 2 ** 20
+            res[name]["peak_mb"] = peak_step_bytes(step, device, before[name]) / 2 ** 20
     use_loop(False)
     n_mats = 3 if args.act == "swiglu" else 2
     flops = 3 * 2 * n_rows * ours.d_sub * args.ffn * n_mats  # fwd + 2 backward GEMMs per weight
@@ -258,6 +258,10 @@ def main(argv=None) -> None:
         cols.insert(-1, ("loop/floor", "loop/floor", ".3f"))
     print()
     print_table(rows, cols)
+    from megatron_mhmoe.moe.grouped_ffn import GroupedFFN
+    used = [k for k, ok in GroupedFFN._checked.items() if ok]
+    print(f"# expert GEMMs: {'torch._grouped_mm on ' + str(used) if used else 'per-expert torch.mm loop'}"
+          + (f" (grouped_mm refused: {GroupedFFN.grouped_mm_failed})" if GroupedFFN.grouped_mm_failed else ""))
     print("# ±%: (max - min) / median over the timed reps; %peak: floor FLOPs / median time vs the matmul peak")
 
 

@@ -12,7 +12,8 @@ Why a hand-written backward instead of autograd over a per-expert loop:
    with ~128 rows per expert, 256 tiny elementwise kernels cost more than one large one.
 3. Saved for backward: X, H and the activation output A (and X W3 for SwiGLU), as autograd would.
    Recomputing A in backward saves an (n, f) tensor but costs a GELU pass, ~10% of the step on CPU
-   (erf is expensive); the saved set is already no larger than DeepSpeed's MoE keeps.
+   (erf is expensive). Backward frees A once W2's gradient is done and builds its (rows, f)
+   temporaries a chunk of experts at a time (about n/4 rows), to keep the peak near per-expert autograd's.
 An expert with zero rows gets an exact zero gradient, so expert-data-parallel all-reduces never wait.
 
 On CUDA in bf16/fp16, `torch._grouped_mm` (one kernel for all experts) replaces the per-expert loop
@@ -52,6 +53,18 @@ def _mm_weight_grad(a: torch.Tensor, g: torch.Tensor, segs, num_experts: int) ->
     return grad
 
 
+def _chunks(segs, n: int, parts: int = 4) -> list[list[tuple[int, int, int]]]:
+    """Consecutive experts grouped into about `parts` chunks of rows (an expert is never split)."""
+    target, out, cur, rows = max(1, -(-n // parts)), [], [], 0
+    for seg in segs:
+        cur.append(seg)
+        rows += seg[2] - seg[1]
+        if rows >= target:
+            out.append(cur)
+            cur, rows = [], 0
+    return out + ([cur] if cur else [])
+
+
 class _GroupedFFNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, w1, w2, w3, counts: list[int], swiglu: bool):
@@ -65,37 +78,51 @@ class _GroupedFFNFunction(torch.autograd.Function):
             u = None
             a = F.gelu(h)  # (n, f)
         y = _mm_rows(a, w2, segs, rows.new_empty(n, w2.shape[2]))  # (n, d_in)
-        ctx.save_for_backward(rows, w1, w2, w3, h, u, a)
+        ctx.save_for_backward(rows, w1, w2, w3)
+        # Intermediates live on ctx, not in save_for_backward, so that backward can drop each one as
+        # soon as it is used (saved tensors stay alive until backward returns).
+        ctx.h, ctx.u, ctx.a = h, u, a
         ctx.segs, ctx.swiglu = segs, swiglu
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        rows, w1, w2, w3, h, u, a = ctx.saved_tensors
+        rows, w1, w2, w3 = ctx.saved_tensors
+        h, u, a = ctx.h, ctx.u, ctx.a
+        del ctx.h, ctx.u, ctx.a
         segs, E = ctx.segs, w1.shape[0]
         gy = gy.contiguous()
-        n = rows.shape[0]
-        sh = F.silu(h) if ctx.swiglu else None
+        n, f = h.shape
         gw2 = _mm_weight_grad(a, gy, segs, E)  # (E, f, d_in)
-        del a
-        ga = _mm_rows(gy, w2, segs, rows.new_empty(n, w2.shape[1]), transpose_w=True)  # (n, f)
-        if ctx.swiglu:
-            sig = torch.sigmoid(h)
-            gu = ga * sh  # d/du
-            gh = ga * u * (sig * (1 + h * (1 - sig)))  # silu'(h) = sig(h) (1 + h (1 - sig(h)))
-            del sig, sh
-        else:
-            gh = torch.ops.aten.gelu_backward(ga, h)  # (n, f)
-            gu = None
-        del ga
-        gw1 = _mm_weight_grad(rows, gh, segs, E)  # (E, d_in, f)
-        gw3 = _mm_weight_grad(rows, gu, segs, E) if gu is not None else None
-        gx = None
-        if ctx.needs_input_grad[0]:
-            # Every row belongs to a segment (sum(counts) == n), so new_empty is fully written.
-            gx = _mm_rows(gh, w1, segs, rows.new_empty(n, rows.shape[1]), transpose_w=True)  # (n, d_in)
-            if gu is not None:
-                gx.add_(_mm_rows(gu, w3, segs, torch.empty_like(gx), transpose_w=True))
+        del a  # frees (n, f) before the weight gradients and the backward's temporaries exist
+        gw1 = rows.new_zeros(w1.shape) if len(segs) < E else rows.new_empty(w1.shape)  # (E, d_in, f)
+        gw3 = (rows.new_zeros(w3.shape) if len(segs) < E else rows.new_empty(w3.shape)) if ctx.swiglu else None
+        gx = rows.new_empty(rows.shape) if ctx.needs_input_grad[0] else None  # (n, d_in), every row written
+        # The (rows, f) temporaries are built a chunk of experts at a time: peak memory stays near the
+        # forward's, as autograd over per-expert modules would have it, with few elementwise calls.
+        for chunk in _chunks(segs, n):
+            c0, c1 = chunk[0][1], chunk[-1][2]
+            ga = rows.new_empty(c1 - c0, f)  # (rows of chunk, f)
+            for e, s, t in chunk:
+                torch.mm(gy[s:t], w2[e].t(), out=ga[s - c0:t - c0])
+            hc = h[c0:c1]
+            if ctx.swiglu:
+                sh, sig = F.silu(hc), torch.sigmoid(hc)
+                gu = ga * sh  # d/du of silu(h) * u
+                gh = ga * u[c0:c1] * (sig * (1 + hc * (1 - sig)))  # silu'(h) = sig (1 + h (1 - sig))
+                del sh, sig
+            else:
+                gh, gu = torch.ops.aten.gelu_backward(ga, hc), None  # (rows of chunk, f)
+            del ga
+            for e, s, t in chunk:
+                torch.mm(rows[s:t].t(), gh[s - c0:t - c0], out=gw1[e])
+                if gu is not None:
+                    torch.mm(rows[s:t].t(), gu[s - c0:t - c0], out=gw3[e])
+                if gx is not None:
+                    torch.mm(gh[s - c0:t - c0], w1[e].t(), out=gx[s:t])
+                    if gu is not None:
+                        gx[s:t].addmm_(gu[s - c0:t - c0], w3[e].t())
+            del gh, gu
         return gx, gw1, gw2, gw3, None, None
 
 
