@@ -68,7 +68,8 @@ def _sha256(path: str) -> str:
 
 
 def _fsync_write(path: str, write: Callable[[Any], None], binary: bool = True) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
+    # A hidden `.tmp-` name: a crash mid-write leaves a file that discovery and pruning know to ignore/remove.
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}.{os.getpid()}")
     with open(tmp, "wb" if binary else "w") as f:
         write(f)
         f.flush()
@@ -219,6 +220,12 @@ class Checkpointer:
         # Folders newer than the one just saved are from an abandoned timeline (a crash before `latest`
         # moved, then a resume from an older checkpoint): never resumed from, and they must not push the
         # current checkpoints out of keep_last.
+        for name in os.listdir(self.save_dir):
+            if name.startswith(f".tmp-{LATEST}."):  # a `latest` write cut short by a crash
+                try:
+                    os.remove(os.path.join(self.save_dir, name))
+                except OSError:
+                    pass
         steps = self.complete_steps()
         for stale in [s for s in steps if s > step]:
             shutil.rmtree(os.path.join(self.save_dir, step_dirname(stale)), ignore_errors=True)
