@@ -29,6 +29,8 @@ from typing import Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from megatron_mhmoe.runtime.proctree import descendants  # noqa: E402
+
 
 def rss_bytes(pid: int) -> Optional[int]:
     try:
@@ -50,28 +52,17 @@ def rss_bytes(pid: int) -> Optional[int]:
 
 def worker_ranks(launcher_pid: int) -> dict[int, int]:
     """{rank: pid} of the training processes under the launcher (RANK from each one's environment)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = {}, [launcher_pid]
-    while todo:
-        for pid in children.get(todo.pop(), []):
-            todo.append(pid)
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read().split(b"\0")
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-            except OSError:
-                continue
-            if b"megatron_mhmoe.train" in cmd and b"RANK" in env:
-                out[int(env[b"RANK"])] = pid
+    out = {}
+    for pid in descendants(launcher_pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if b"megatron_mhmoe.train" in cmd and b"RANK" in env:
+            out[int(env[b"RANK"])] = pid
     return out
 
 

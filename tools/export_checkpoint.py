@@ -124,13 +124,13 @@ def main(argv=None) -> int:
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # a refused pickle: name it, no traceback
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            print(f"error: refusing to load {args.input}: it contains pickled objects that are not plain tensors "
-                  f"or containers ({type(e).__name__}). Checkpoints from this project never do; do not trust "
-                  f"this file.", file=sys.stderr)
-            return 3
-        raise
+    except Exception as e:
+        from megatron_mhmoe.runtime.consolidate import refused_pickle_message
+        message = refused_pickle_message(args.input, e)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 3
     return 0
 
 

@@ -28,6 +28,14 @@ from megatron_mhmoe.runtime.checkpoint import (FORMAT_VERSION, LATEST, MANIFEST,
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def refused_pickle_message(path: str, e: BaseException) -> Optional[str]:
+    """The message for a checkpoint that torch.load(weights_only=True) refused, or None for other errors."""
+    if "weights_only" not in str(e) and "Unsupported global" not in str(e):
+        return None
+    return (f"error: refusing to load {path}: it contains pickled objects that are not plain tensors or "
+            f"containers ({type(e).__name__}). Checkpoints from this project never do; do not trust this file.")
+
+
 def resolve_folder(path: str) -> str:
     """A step folder (has manifest.json), or a save_dir whose `latest` names one."""
     if os.path.exists(os.path.join(path, MANIFEST)):

@@ -27,6 +27,7 @@ import time
 import pytest
 
 from megatron_mhmoe.runtime.checkpoint import LATEST, MANIFEST
+from megatron_mhmoe.runtime.proctree import descendants
 from tests.distributed import free_port
 from tests.runtime.test_train_launch import ROOT, byte_data, common_args, finish, losses, torchrun  # noqa: F401
 
@@ -48,24 +49,6 @@ def launch(args: list[str], fault: str = "") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "megatron_mhmoe.train"] + args
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 def kill_tree(pid: int) -> None:
