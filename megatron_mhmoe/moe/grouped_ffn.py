@@ -12,8 +12,8 @@ Why a hand-written backward instead of autograd over a per-expert loop:
    with ~128 rows per expert, 256 tiny elementwise kernels cost more than one large one.
 3. Saved for backward: X, H and the activation output A (and X W3 for SwiGLU), as autograd would.
    Recomputing A in backward saves an (n, f) tensor but costs a GELU pass, ~10% of the step on CPU
-   (erf is expensive). Backward frees A once W2's gradient is done and builds its (rows, f)
-   temporaries a chunk of experts at a time (about n/4 rows), to keep the peak near per-expert autograd's.
+   (erf is expensive). All (rows, f) tensors are built in row chunks of <= 16 MB (see CHUNK_ELEMS:
+   larger CPU blocks are fresh zero-filled pages at every step) and backward frees each chunk once used.
 An expert with zero rows gets an exact zero gradient, so expert-data-parallel all-reduces never wait.
 
 On CUDA in bf16/fp16, `torch._grouped_mm` (one kernel for all experts) replaces the per-expert loop
@@ -37,87 +37,106 @@ def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
     return segs
 
 
-def _mm_rows(a: torch.Tensor, w: torch.Tensor, segs, out: torch.Tensor, transpose_w: bool = False) -> torch.Tensor:
-    """out[s:t] = a[s:t] @ w[e] (or w[e]^T) for every segment; rows outside segments are untouched."""
-    for e, s, t in segs:
-        torch.mm(a[s:t], w[e].t() if transpose_w else w[e], out=out[s:t])
+CHUNK_ELEMS = 4 * 2 ** 20
+"""Most elements of one (rows, f) intermediate: 16 MB in fp32. glibc serves blocks above its mmap
+threshold (at most 32 MB) with fresh mmap'd pages, which the kernel zero-fills on first touch at every
+step: on CPU one (32768, 1024) fp32 buffer cost more than its GEMMs' share. Row chunks stay below it."""
+
+
+def _chunks(segs, n: int, f: int) -> list[list[tuple[int, int, int]]]:
+    """Row ranges of at most CHUNK_ELEMS // f rows, each as its (expert, start, end) pieces.
+
+    An expert's rows may span two chunks: its weight gradient then sums the pieces.
+    """
+    step = max(1, CHUNK_ELEMS // max(1, f))
+    out = []
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        out.append([(e, max(s, c0), min(t, c1)) for e, s, t in segs if s < c1 and t > c0])
     return out
 
 
-def _mm_weight_grad(a: torch.Tensor, g: torch.Tensor, segs, num_experts: int) -> torch.Tensor:
-    """grad[e] = a[s:t]^T @ g[s:t]; experts without rows get exact zeros."""
-    grad = a.new_zeros(num_experts, a.shape[1], g.shape[1]) if len(segs) < num_experts else \
-        a.new_empty(num_experts, a.shape[1], g.shape[1])
-    for e, s, t in segs:
-        torch.mm(a[s:t].t(), g[s:t], out=grad[e])
-    return grad
+def _weight_grad(grad: torch.Tensor, e: int, a: torch.Tensor, b: torch.Tensor, seen: set) -> None:
+    """grad[e] (+)= a @ b: the first piece of expert e writes, later pieces accumulate."""
+    if e in seen:
+        grad[e].addmm_(a, b)
+    else:
+        torch.mm(a, b, out=grad[e])
+        seen.add(e)
 
 
-def _chunks(segs, n: int, parts: int = 4) -> list[list[tuple[int, int, int]]]:
-    """Consecutive experts grouped into about `parts` chunks of rows (an expert is never split)."""
-    target, out, cur, rows = max(1, -(-n // parts)), [], [], 0
-    for seg in segs:
-        cur.append(seg)
-        rows += seg[2] - seg[1]
-        if rows >= target:
-            out.append(cur)
-            cur, rows = [], 0
-    return out + ([cur] if cur else [])
+def _new_grad(w: torch.Tensor, segs) -> torch.Tensor:
+    """Zeros when some expert has no rows: its gradient must exist and be exactly 0."""
+    return w.new_zeros(w.shape) if len(segs) < w.shape[0] else w.new_empty(w.shape)
 
 
 class _GroupedFFNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, w1, w2, w3, counts: list[int], swiglu: bool):
         segs = _segments(counts)
-        n = rows.shape[0]
-        h = _mm_rows(rows, w1, segs, rows.new_empty(n, w1.shape[2]))  # (n, f)
-        if swiglu:
-            u = _mm_rows(rows, w3, segs, rows.new_empty(n, w3.shape[2]))  # (n, f)
-            a = F.silu(h) * u
-        else:
+        n, f = rows.shape[0], w1.shape[2]
+        chunks = _chunks(segs, n, f)
+        y = rows.new_empty(n, w2.shape[2])  # (n, d_in)
+        saved = []
+        for chunk in chunks:
+            c0, c1 = chunk[0][1], chunk[-1][2]
+            h = rows.new_empty(c1 - c0, f)  # (rows of chunk, f)
+            for e, s, t in chunk:
+                torch.mm(rows[s:t], w1[e], out=h[s - c0:t - c0])
             u = None
-            a = F.gelu(h)  # (n, f)
-        y = _mm_rows(a, w2, segs, rows.new_empty(n, w2.shape[2]))  # (n, d_in)
+            if swiglu:
+                u = rows.new_empty(c1 - c0, f)
+                for e, s, t in chunk:
+                    torch.mm(rows[s:t], w3[e], out=u[s - c0:t - c0])
+            a = F.silu(h) * u if swiglu else F.gelu(h)  # (rows of chunk, f)
+            for e, s, t in chunk:
+                torch.mm(a[s - c0:t - c0], w2[e], out=y[s:t])
+            saved.append([h, u, a])
         ctx.save_for_backward(rows, w1, w2, w3)
-        # Intermediates live on ctx, not in save_for_backward, so that backward can drop each one as
-        # soon as it is used (saved tensors stay alive until backward returns).
-        ctx.h, ctx.u, ctx.a = h, u, a
-        ctx.segs, ctx.swiglu = segs, swiglu
+        # On ctx, not in save_for_backward (whose tensors live until backward returns): backward frees
+        # each chunk's intermediates as soon as they are used.
+        ctx.saved, ctx.chunks, ctx.segs, ctx.swiglu = saved, chunks, segs, swiglu
         return y
 
     @staticmethod
     def backward(ctx, gy):
         rows, w1, w2, w3 = ctx.saved_tensors
-        h, u, a = ctx.h, ctx.u, ctx.a
-        del ctx.h, ctx.u, ctx.a
-        segs, E = ctx.segs, w1.shape[0]
+        saved, chunks, segs, swiglu = ctx.saved, ctx.chunks, ctx.segs, ctx.swiglu
+        del ctx.saved
         gy = gy.contiguous()
-        n, f = h.shape
-        gw2 = _mm_weight_grad(a, gy, segs, E)  # (E, f, d_in)
-        del a  # frees (n, f) before the weight gradients and the backward's temporaries exist
-        gw1 = rows.new_zeros(w1.shape) if len(segs) < E else rows.new_empty(w1.shape)  # (E, d_in, f)
-        gw3 = (rows.new_zeros(w3.shape) if len(segs) < E else rows.new_empty(w3.shape)) if ctx.swiglu else None
-        gx = rows.new_empty(rows.shape) if ctx.needs_input_grad[0] else None  # (n, d_in), every row written
-        # The (rows, f) temporaries are built a chunk of experts at a time: peak memory stays near the
-        # forward's, as autograd over per-expert modules would have it, with few elementwise calls.
-        for chunk in _chunks(segs, n):
-            c0, c1 = chunk[0][1], chunk[-1][2]
-            ga = rows.new_empty(c1 - c0, f)  # (rows of chunk, f)
+        # Pass 1: W2's gradient and dL/dH per chunk; each chunk's A and H are freed once used.
+        gw2, seen = _new_grad(w2, segs), set()  # (E, f, d_in)
+        grads_h = []
+        for i, chunk in enumerate(chunks):
+            h, u, a = saved[i]
+            saved[i] = None
+            c0 = chunk[0][1]
+            ga = torch.empty_like(h)  # (rows of chunk, f)
             for e, s, t in chunk:
+                _weight_grad(gw2, e, a[s - c0:t - c0].t(), gy[s:t], seen)
                 torch.mm(gy[s:t], w2[e].t(), out=ga[s - c0:t - c0])
-            hc = h[c0:c1]
-            if ctx.swiglu:
-                sh, sig = F.silu(hc), torch.sigmoid(hc)
+            del a
+            if swiglu:
+                sh, sig = F.silu(h), torch.sigmoid(h)
                 gu = ga * sh  # d/du of silu(h) * u
-                gh = ga * u[c0:c1] * (sig * (1 + hc * (1 - sig)))  # silu'(h) = sig (1 + h (1 - sig))
+                gh = ga * u * (sig * (1 + h * (1 - sig)))  # silu'(h) = sig (1 + h (1 - sig))
                 del sh, sig
             else:
-                gh, gu = torch.ops.aten.gelu_backward(ga, hc), None  # (rows of chunk, f)
-            del ga
+                gh, gu = torch.ops.aten.gelu_backward(ga, h), None  # (rows of chunk, f)
+            del ga, h, u
+            grads_h.append((gh, gu))
+        # Pass 2: W1's (and W3's) gradient and dL/dX, freeing each chunk's dL/dH.
+        gw1, seen1 = _new_grad(w1, segs), set()  # (E, d_in, f)
+        gw3, seen3 = (_new_grad(w3, segs), set()) if swiglu else (None, None)
+        gx = rows.new_empty(rows.shape) if ctx.needs_input_grad[0] else None  # (n, d_in), every row written
+        for i, chunk in enumerate(chunks):
+            gh, gu = grads_h[i]
+            grads_h[i] = None
+            c0 = chunk[0][1]
             for e, s, t in chunk:
-                torch.mm(rows[s:t].t(), gh[s - c0:t - c0], out=gw1[e])
+                _weight_grad(gw1, e, rows[s:t].t(), gh[s - c0:t - c0], seen1)
                 if gu is not None:
-                    torch.mm(rows[s:t].t(), gu[s - c0:t - c0], out=gw3[e])
+                    _weight_grad(gw3, e, rows[s:t].t(), gu[s - c0:t - c0], seen3)
                 if gx is not None:
                     torch.mm(gh[s - c0:t - c0], w1[e].t(), out=gx[s:t])
                     if gu is not None:

@@ -4,15 +4,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_mhmoe.moe import grouped_ffn as grouped_ffn_module
 from megatron_mhmoe.moe.experts import GroupedExperts
 from megatron_mhmoe.moe.router import top_k
 from megatron_mhmoe.parallel.context import ParallelContext
 from megatron_mhmoe.parallel.init import normal
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 3])
 @pytest.mark.parametrize("act", ["gelu", "swiglu"])
 @pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 7, 0], [2, 2, 2, 2]])
-def test_grouped_ffn_equals_autograd_loop(act, counts):
+def test_grouped_ffn_equals_autograd_loop(act, counts, chunk_rows, monkeypatch):
+    """chunk_rows=3: row chunks cut through experts, whose weight gradients then sum the pieces."""
+    if chunk_rows:
+        monkeypatch.setattr(grouped_ffn_module, "CHUNK_ELEMS", chunk_rows * 16)
     torch.manual_seed(0)
     ex = GroupedExperts(4, 8, 16, act, ParallelContext.single_process(), normal(0.5), normal(0.5))
     for w in (ex.w1, ex.w2, ex.w3):
