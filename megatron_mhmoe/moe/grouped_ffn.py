@@ -12,8 +12,8 @@ Why a hand-written backward instead of autograd over a per-expert loop:
    with ~128 rows per expert, 256 tiny elementwise kernels cost more than one large one.
 3. Saved for backward: X, H and the activation output A (and X W3 for SwiGLU), as autograd would.
    Recomputing A in backward saves an (n, f) tensor but costs a GELU pass, ~10% of the step on CPU
-   (erf is expensive). All (rows, f) tensors are built in row chunks of <= 16 MB (see CHUNK_ELEMS:
-   larger CPU blocks are fresh zero-filled pages at every step) and backward frees each chunk once used.
+   (erf is expensive). On CPU all (rows, f) tensors are built in L2-sized row chunks of whole experts
+   (CHUNK_ELEMS) and backward frees each chunk once used.
 An expert with zero rows gets an exact zero gradient, so expert-data-parallel all-reduces never wait.
 
 On CUDA in bf16/fp16, `torch._grouped_mm` (one kernel for all experts) replaces the per-expert loop
@@ -37,23 +37,33 @@ def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
     return segs
 
 
-CHUNK_ELEMS = 4 * 2 ** 20
-"""Most elements of one (rows, f) intermediate: 16 MB in fp32. glibc serves blocks above its mmap
-threshold (at most 32 MB) with fresh mmap'd pages, which the kernel zero-fills on first touch at every
-step: on CPU one (32768, 1024) fp32 buffer cost more than its GEMMs' share. Row chunks stay below it."""
+CHUNK_ELEMS = 2 ** 18
+"""CPU: most elements of one (rows, f) intermediate (1 MB in fp32). Two reasons, both measured on the
+2-core Xeon: (a) blocks above glibc's mmap threshold (<= 32 MB) are fresh pages the kernel zero-fills at
+every step: one (32768, 1024) fp32 buffer cost more than its GEMMs' share; (b) a chunk that fits in L2 is
+still cached when the activation and the next GEMM read it: 16 MB chunks ran the expert FFN 10-20% slower
+than 1 MB ones, and as slow as DeepSpeed's per-expert modules. CUDA builds one chunk (caching allocator)."""
 
 
-def _chunks(segs, n: int, f: int) -> list[list[tuple[int, int, int]]]:
-    """Row ranges of at most CHUNK_ELEMS // f rows, each as its (expert, start, end) pieces.
-
-    An expert's rows may span two chunks: its weight gradient then sums the pieces.
-    """
-    step = max(1, CHUNK_ELEMS // max(1, f))
-    out = []
-    for c0 in range(0, n, step):
-        c1 = min(n, c0 + step)
-        out.append([(e, max(s, c0), min(t, c1)) for e, s, t in segs if s < c1 and t > c0])
-    return out
+def _chunks(segs, n: int, f: int, cpu: bool = True) -> list[list[tuple[int, int, int]]]:
+    """Consecutive whole experts grouped into chunks of at most CHUNK_ELEMS // f rows, as their
+    (expert, start, end) pieces; only an expert larger than a chunk is cut (its weight gradient then
+    sums the pieces)."""
+    limit = max(1, CHUNK_ELEMS // max(1, f)) if cpu else max(1, n)
+    out, cur, rows = [], [], 0
+    for e, s, t in segs:
+        while t - s > 0:
+            if rows and rows + (t - s) > limit:  # close the chunk rather than cut this expert
+                out.append(cur)
+                cur, rows = [], 0
+            take = min(t - s, limit - rows)
+            cur.append((e, s, s + take))
+            rows += take
+            s += take
+            if rows == limit:
+                out.append(cur)
+                cur, rows = [], 0
+    return out + ([cur] if cur else [])
 
 
 def _weight_grad(grad: torch.Tensor, e: int, a: torch.Tensor, b: torch.Tensor, seen: set) -> None:
@@ -75,7 +85,7 @@ class _GroupedFFNFunction(torch.autograd.Function):
     def forward(ctx, rows, w1, w2, w3, counts: list[int], swiglu: bool):
         segs = _segments(counts)
         n, f = rows.shape[0], w1.shape[2]
-        chunks = _chunks(segs, n, f)
+        chunks = _chunks(segs, n, f, rows.device.type == "cpu")
         y = rows.new_empty(n, w2.shape[2])  # (n, d_in)
         saved = []
         for chunk in chunks:
