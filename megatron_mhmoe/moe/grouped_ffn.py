@@ -21,6 +21,8 @@ where it exists; `GroupedFFN.grouped_mm_failed` records a fallback.
 """
 from __future__ import annotations
 
+import ctypes
+import sys
 from typing import Optional
 
 import torch
@@ -75,9 +77,45 @@ def _weight_grad(grad: torch.Tensor, e: int, a: torch.Tensor, b: torch.Tensor, s
         seen.add(e)
 
 
+HUGE_PAGE_MIN_BYTES = 32 << 20
+"""CPU (Linux): a new tensor of at least this size is advised onto transparent huge pages before it is
+first written. glibc serves blocks this large (its largest dynamic mmap threshold) with a fresh mmap at
+every allocation and the kernel faults them in 4 KB page by page: the stacked (E, d, f) weight gradients
+are such blocks at every step (2 x 32 MB at E=32). Measured on the 2-core Xeon (THP in `madvise` mode),
+SMoE E=32: 16k minor faults per fwd+bwd, ~10-15% of the step; with the advice 0.1-5k, the step 6-12%
+faster. Advisory only: where THP is off or the call fails nothing changes. None: never advise."""
+
+_madvise = None
+
+
+def _advise_huge_pages(t: torch.Tensor) -> None:
+    """madvise(MADV_HUGEPAGE) on the 2 MB-aligned part of a large, not yet written CPU tensor."""
+    global _madvise
+    if HUGE_PAGE_MIN_BYTES is None or t.device.type != "cpu" or t.nbytes < HUGE_PAGE_MIN_BYTES:
+        return
+    if _madvise is None:
+        _madvise = False
+        if sys.platform.startswith("linux"):
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).madvise
+                fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+                _madvise = fn
+            except (OSError, AttributeError):
+                pass
+    if not _madvise:
+        return
+    huge, madv_hugepage = 2 << 20, 14
+    start = -(-t.data_ptr() // huge) * huge
+    end = (t.data_ptr() + t.nbytes) // huge * huge
+    if end > start:
+        _madvise(start, end - start, madv_hugepage)  # a failure only leaves the 4 KB pages
+
+
 def _new_grad(w: torch.Tensor, segs) -> torch.Tensor:
     """Zeros when some expert has no rows: its gradient must exist and be exactly 0."""
-    return w.new_zeros(w.shape) if len(segs) < w.shape[0] else w.new_empty(w.shape)
+    g = w.new_empty(w.shape)
+    _advise_huge_pages(g)
+    return g.zero_() if len(segs) < w.shape[0] else g
 
 
 class _GroupedFFNFunction(torch.autograd.Function):
