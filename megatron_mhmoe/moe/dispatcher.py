@@ -153,7 +153,31 @@ class MoEDispatcher:
             out = comm.all_to_all(out, send_splits, recv_splits, self.ctx.ep_group)  # (n, d_sub)
             t0 = self._tick("all_to_all", t0, x_sub.device)
         weights = gates.t().reshape(-1).index_select(0, perm).to(out.dtype)  # (n,)
-        y = x_sub.new_zeros(x_sub.shape).index_add(0, src, out * weights.unsqueeze(1))  # (S, d_sub)
+        y = _GateCombine.apply(out, weights, src, S)  # (S, d_sub)
         self._tick("combine", t0, x_sub.device)
         return y
 
+
+
+class _GateCombine(torch.autograd.Function):
+    """y = zeros(S, d).index_add(0, src, out * w[:, None]) as one node.
+
+    Autograd over those ops keeps g*w and g*out as two new (n, d) tensors in backward (plus the reduction
+    of the second); here dL/dout is dL/dy[src] scaled in place and dL/dw one batched dot per row."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, w: torch.Tensor, src: torch.Tensor, num_rows: int) -> torch.Tensor:
+        y = out.new_zeros(num_rows, out.shape[1])  # (S, d)
+        y.index_add_(0, src, out * w.unsqueeze(1))
+        ctx.save_for_backward(out, w, src)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        out, w, src = ctx.saved_tensors
+        g_rows = gy.index_select(0, src)  # (n, d): a new tensor, free to scale in place
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gw = torch.bmm(g_rows.unsqueeze(1), out.unsqueeze(2)).view(-1)  # (n,) <dL/dy[src_i], out_i>
+        g_out = g_rows.mul_(w.unsqueeze(1)) if ctx.needs_input_grad[0] else None
+        return g_out, gw, None, None
