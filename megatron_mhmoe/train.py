@@ -239,15 +239,21 @@ class Trainer:
         data_path = cfg.data.data_path if len(cfg.data.data_path) > 1 else cfg.data.data_path[0]
         log = (lambda m: print(f"[data] {m}", file=sys.stderr, flush=True)) if ctx.rank == 0 else (lambda m: None)
         # Rank 0 builds (and caches) the indices first; the others then read the cache.
-        datasets = None
+        eval_seed = t.seed if cfg.data.eval_seed is None else cfg.data.eval_seed
+        train_ds = valid_ds = None
         for turn in (0, 1):
             if (ctx.rank == 0) == (turn == 0):
-                datasets = build_train_valid_test_datasets(
-                    data_path, cfg.data.split, t.seq_len, t.seed,
-                    (t.train_steps * t.global_batch_size, evals, 0), cache_dir=cfg.data.cache_dir or None,
-                    model_vocab_size=cfg.model.vocab_size, log=log)
+                def build(seed: int, sizes: tuple):
+                    return build_train_valid_test_datasets(
+                        data_path, cfg.data.split, t.seq_len, seed, sizes, cache_dir=cfg.data.cache_dir or None,
+                        model_vocab_size=cfg.model.vocab_size, log=log)
+                if eval_seed == t.seed:
+                    train_ds, valid_ds, _ = build(t.seed, (t.train_steps * t.global_batch_size, evals, 0))
+                else:
+                    train_ds = build(t.seed, (t.train_steps * t.global_batch_size, 0, 0))[0]
+                    valid_ds = build(eval_seed, (0, evals, 0))[1]
             dist.barrier()
-        return datasets[0], datasets[1], tokenizer
+        return train_ds, valid_ds, tokenizer
 
     def run(self) -> int:
         from megatron_mhmoe.data import make_batch_iterator

@@ -105,6 +105,9 @@ class DataConfig:
     """SentencePiece model whose vocabulary the data was tokenized with (checked against the model)."""
     cache_dir: str = ""
     """Index caches; empty = next to the data."""
+    eval_seed: Optional[int] = 1234
+    """Shuffling seed of the validation split, fixed so that runs with different train.seed are evaluated on
+    the same samples (seed sweeps compare models, not validation draws); null = train.seed, as Megatron."""
 
 
 @dataclass
