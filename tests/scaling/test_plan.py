@@ -58,6 +58,13 @@ def test_paper_scaling_plan():
     assert (small["smoe-E256-s1"].placement.nodes, small["smoe-E256-s1"].placement.ep) == (2, 16)
 
 
+def test_activation_probe_runs_no_and_weak_balance_loss():
+    spec, base = load_sweep("activation_probe", [])
+    names = sorted(r.name for r in build_plan(spec, base))
+    assert names == sorted(f"{k}-E64-aux_loss_coef{c}-s{s}" for k in ("smoe", "mhmoe-h4-params")
+                           for c in ("0.0", "0.001") for s in (1, 2))
+
+
 def test_vary_axis_names_and_dense_dedup():
     spec, base = load_sweep("activation_probe", ["sweep.kinds=[dense, smoe, mhmoe]",
                                                  "sweep.vary={model.moe.aux_loss_coef: [0.0, 0.001]}"])
