@@ -116,6 +116,14 @@ class MoEDispatcher:
         counts_host = counts.tolist()  # the one host sync of the local dispatch
         n = perm.shape[0]
         src = perm % S  # (n,) sub-token of each row
+        if ep == 1 and hasattr(run_experts, "forward_combine"):
+            # 2, 5 and 6 as one node that gathers rows per chunk (experts.GroupedExperts.forward_combine)
+            weights = gates.t().reshape(-1).index_select(0, perm)  # (n,)
+            t0 = self._tick("permute", t0, x_sub.device)
+            y = run_experts.forward_combine(x_sub, src, weights, counts_host, S)
+            if y is not None:
+                self._tick("experts", t0, x_sub.device)
+                return y
         # 2.
         rows = x_sub.index_select(0, src)  # (n, d_sub)
         t0 = self._tick("permute", t0, x_sub.device)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_mhmoe.moe.grouped_ffn import grouped_ffn
+from megatron_mhmoe.moe.grouped_ffn import grouped_ffn, grouped_ffn_combine
 from megatron_mhmoe.parallel.context import ParallelContext
 from megatron_mhmoe.parallel.init import set_init
 from megatron_mhmoe.parallel.params import mark_expert
@@ -43,6 +43,14 @@ class GroupedExperts(nn.Module):
         (so the EDP all-reduce never waits for a missing one).
         """
         return grouped_ffn(rows, self.w1, self.w2, self.w3, counts, self.activation == "swiglu")
+
+    def forward_combine(self, x: torch.Tensor, src: torch.Tensor, weights: torch.Tensor, counts: list[int],
+                        num_rows: int):
+        """EP=1: zeros(num_rows, d_in).index_add(0, src, weights[:, None] * forward(x[src], counts)) as one
+        node that never builds the gathered rows (grouped_ffn.grouped_ffn_combine); None where the caller
+        must take the separate gather / forward / combine path."""
+        return grouped_ffn_combine(x, src, weights, self.w1, self.w2, self.w3, counts,
+                                   self.activation == "swiglu", num_rows)
 
     def forward_loop(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """The same maths by autograd over a per-expert loop (benchmarks compare it with forward)."""

@@ -272,3 +272,138 @@ def grouped_ffn(rows: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: Opti
             except RuntimeError as err:  # unsupported arch/layout: remember and use the loop
                 GroupedFFN.grouped_mm_failed = str(err).splitlines()[0]
         return _GroupedFFNFunction.apply(rows.contiguous(), w1, w2, w3, counts, swiglu)
+
+
+class _GroupedFFNCombineFunction(torch.autograd.Function):
+    """Gather, expert FFNs and gate-weighted combine of an EP=1 layer as one node:
+    y = zeros(S, d).index_add(0, src, w[:, None] * FFN(x[src])) with FFN as in _GroupedFFNFunction.
+
+    Against gather -> _GroupedFFNFunction -> combine it never builds an (n, d) tensor: each chunk's rows
+    are gathered from x when used (forward and W1's gradient), its output is scaled and added into y
+    while cache-hot, dL/dY is gathered per chunk from dL/dy and dL/dX of a chunk is added straight into
+    dL/dx. That is 3 (n, d) buffers fewer at the backward's peak (the gathered rows, dL/dY, and dL/dX at
+    (n, d) instead of (S, d)): SMoE at 4096 tokens (n = 2S rows) peaked at 123 MB, now 107 (E=32);
+    186 -> 168 (E=64), 573 -> 556 (E=256). The unscaled expert outputs O are kept per chunk for dL/dw_r =
+    <dL/dy[src_r], O_r> and freed in pass 1, before the peak (W1's and W2's gradients and all dL/dH);
+    <dL/dY_r W2^T, A_r> instead (no O kept) cost 3-4 ms more per SMoE step (a dot over f, not d). The
+    gate scaling of dL/dH is applied to the (n, d)-wide rows in pass 2 (gate * X for W1's gradient,
+    gate * dL/dX), not to the (n, f) chunks."""
+
+    @staticmethod
+    def forward(ctx, x, w, w1, w2, w3, src, counts: list[int], swiglu: bool, num_rows: int):
+        segs = _segments(counts)
+        n, f = src.shape[0], w1.shape[2]
+        chunks = _chunks(segs, n, f, x.device.type == "cpu")
+        y = x.new_zeros(num_rows, w2.shape[2])  # (S, d)
+        saved = []
+        for chunk in chunks:
+            c0, c1 = chunk[0][1], chunk[-1][2]
+            xr = x.index_select(0, src[c0:c1])  # (rows of chunk, d)
+            h = x.new_empty(c1 - c0, f)
+            for e, s, t in chunk:
+                torch.mm(xr[s - c0:t - c0], w1[e], out=h[s - c0:t - c0])
+            u = None
+            if swiglu:
+                u = x.new_empty(c1 - c0, f)
+                for e, s, t in chunk:
+                    torch.mm(xr[s - c0:t - c0], w3[e], out=u[s - c0:t - c0])
+            a = F.silu(h) * u if swiglu else F.gelu(h)
+            o = xr  # same shape: the gathered rows are dead once H (and U) exist
+            for e, s, t in chunk:
+                torch.mm(a[s - c0:t - c0], w2[e], out=o[s - c0:t - c0])
+            y.index_add_(0, src[c0:c1], o * w[c0:c1].unsqueeze(1))
+            del xr
+            saved.append([h, u, a, o if ctx.needs_input_grad[1] else None])
+        ctx.save_for_backward(x, w, w1, w2, w3, src)
+        ctx.saved, ctx.chunks, ctx.segs, ctx.swiglu = saved, chunks, segs, swiglu
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w, w1, w2, w3, src = ctx.saved_tensors
+        saved, chunks, segs, swiglu = ctx.saved, ctx.chunks, ctx.segs, ctx.swiglu
+        del ctx.saved
+        gy = gy.contiguous()
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gw = w.new_empty(w.shape) if need_w else None  # (n,)
+        # Pass 1: dL/dw, W2's gradient and dL/dH per chunk; each chunk's A and H are freed once used.
+        gw2, seen = _new_grad(w2, segs), set()
+        grads_h = []
+        for i, chunk in enumerate(chunks):
+            h, u, a, o = saved[i]
+            saved[i] = None
+            c0, c1 = chunk[0][1], chunk[-1][2]
+            g = gy.index_select(0, src[c0:c1])  # (rows of chunk, d): dL/dy of each row, before the gate
+            if need_w:
+                torch.linalg.vecdot(g, o, out=gw[c0:c1])
+            del o
+            ga = torch.empty_like(h)
+            for e, s, t in chunk:
+                torch.mm(g[s - c0:t - c0], w2[e].t(), out=ga[s - c0:t - c0])
+            g.mul_(w[c0:c1].unsqueeze(1))
+            for e, s, t in chunk:
+                _weight_grad(gw2, e, a[s - c0:t - c0].t(), g[s - c0:t - c0], seen)
+            del a, g
+            # dL/dH (dL/dU) stay unscaled by the gate: pass 2 scales the (n, d)-wide rows instead.
+            if swiglu:
+                sh, sig = F.silu(h), torch.sigmoid(h)
+                gu = ga * sh
+                gh = ga * u * (sig * (1 + h * (1 - sig)))
+                del sh, sig
+            else:
+                gh, gu = torch.ops.aten.gelu_backward(ga, h), None
+            del ga, h, u
+            grads_h.append((gh, gu))
+        # Pass 2: W1's (and W3's) gradient and dL/dx, freeing each chunk's dL/dH.
+        gw1, seen1 = _new_grad(w1, segs), set()
+        gw3, seen3 = (_new_grad(w3, segs), set()) if swiglu else (None, None)
+        gx = torch.zeros_like(x) if need_x else None  # (S, d)
+        for i, chunk in enumerate(chunks):
+            gh, gu = grads_h[i]
+            grads_h[i] = None
+            c0, c1 = chunk[0][1], chunk[-1][2]
+            wc = w[c0:c1].unsqueeze(1)
+            xr = x.index_select(0, src[c0:c1]).mul_(wc)  # gate * X: W1's gradient of the scaled dL/dH
+            for e, s, t in chunk:
+                _weight_grad(gw1, e, xr[s - c0:t - c0].t(), gh[s - c0:t - c0], seen1)
+                if gu is not None:
+                    _weight_grad(gw3, e, xr[s - c0:t - c0].t(), gu[s - c0:t - c0], seen3)
+            if gx is not None:
+                gxr = xr  # reused: the rows are dead once the weight gradients have them
+                for e, s, t in chunk:
+                    torch.mm(gh[s - c0:t - c0], w1[e].t(), out=gxr[s - c0:t - c0])
+                    if gu is not None:
+                        gxr[s - c0:t - c0].addmm_(gu[s - c0:t - c0], w3[e].t())
+                gx.index_add_(0, src[c0:c1], gxr.mul_(wc))
+            del gh, gu, xr
+        return gx, gw, gw1, gw2, gw3, None, None, None, None
+
+
+COMBINE_MIN_WIDTH = 128
+"""Narrowest rows (d_in) that take the fused node. At d_in=64 (MH-MoE h=4, 16384 sub-tokens, E=32, 1
+thread) it measured ~8% slower than gather -> grouped FFN -> combine (382 vs 354 ms, one interleaved
+comparison, not yet explained), while that shape's memory is already 7-17% under DeepSpeed's; at
+d_in=256 (SMoE) it is on par in time and 16-18 MB lower in memory."""
+
+
+def grouped_ffn_combine(x: torch.Tensor, src: torch.Tensor, w: torch.Tensor, w1: torch.Tensor,
+                        w2: torch.Tensor, w3: Optional[torch.Tensor], counts: list[int], swiglu: bool,
+                        num_rows: int) -> Optional[torch.Tensor]:
+    """zeros(num_rows, d).index_add(0, src, w[:, None] * grouped_ffn(x[src], ...)) as one node (EP=1):
+    src (n,) the row of x of each assignment, grouped by expert; w (n,) its gate weight. None where the
+    separate path must be taken (torch._grouped_mm on CUDA half types, or an empty batch)."""
+    if len(counts) != w1.shape[0] or sum(counts) != src.shape[0]:
+        raise ValueError(f"counts {len(counts)} experts / {sum(counts)} rows do not match weights "
+                         f"{tuple(w1.shape)} and {src.shape[0]} assignments")
+    if src.shape[0] == 0 or x.shape[0] == 0 or x.shape[1] < COMBINE_MIN_WIDTH:
+        return None
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
+        w3 = w3.to(dt) if w3 is not None else None
+    if GroupedFFN.use_grouped_mm(x, w1):
+        return None
+    with torch.autocast(dev, enabled=False):
+        return _GroupedFFNCombineFunction.apply(x.contiguous(), w.to(x.dtype), w1, w2, w3, src, counts,
+                                                swiglu, num_rows)
