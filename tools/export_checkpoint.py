@@ -119,19 +119,9 @@ def export(input_path: str, output: str, dtype: str = "as-trained", tokenizer: s
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
-    try:
-        export(args.input, args.output, args.dtype, args.tokenizer, args.force, log)
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        from megatron_mhmoe.runtime.consolidate import refused_pickle_message
-        message = refused_pickle_message(args.input, e)
-        if message is None:
-            raise
-        print(message, file=sys.stderr)
-        return 3
-    return 0
+    from megatron_mhmoe.runtime.consolidate import run_checkpoint_tool
+    return run_checkpoint_tool(lambda: export(args.input, args.output, args.dtype, args.tokenizer, args.force, log),
+                               args.input)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,23 @@ def refused_pickle_message(path: str, e: BaseException) -> Optional[str]:
             f"containers ({type(e).__name__}). Checkpoints from this project never do; do not trust this file.")
 
 
+def run_checkpoint_tool(work: Callable[[], object], input_path: str) -> int:
+    """Exit code of a checkpoint tool's work: 0 done, 2 a named problem (no traceback), 3 a refused pickle."""
+    import sys
+    try:
+        work()
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        message = refused_pickle_message(input_path, e)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 3
+    return 0
+
+
 def resolve_folder(path: str) -> str:
     """A step folder (has manifest.json), or a save_dir whose `latest` names one."""
     if os.path.exists(os.path.join(path, MANIFEST)):
