@@ -77,6 +77,37 @@ def _weight_grad(grad: torch.Tensor, e: int, a: torch.Tensor, b: torch.Tensor, s
         seen.add(e)
 
 
+def _hidden(xr: torch.Tensor, chunk, w1, w3, swiglu: bool):
+    """One chunk's H = X W1, U = X W3 (SwiGLU, else None) and A = act(H) (* U); xr holds the chunk's rows."""
+    c0, f = chunk[0][1], w1.shape[2]
+    h = xr.new_empty(xr.shape[0], f)  # (rows of chunk, f)
+    for e, s, t in chunk:
+        torch.mm(xr[s - c0:t - c0], w1[e], out=h[s - c0:t - c0])
+    u = None
+    if swiglu:
+        u = xr.new_empty(xr.shape[0], f)
+        for e, s, t in chunk:
+            torch.mm(xr[s - c0:t - c0], w3[e], out=u[s - c0:t - c0])
+    return h, u, (F.silu(h) * u if swiglu else F.gelu(h))
+
+
+def _activation_backward(ga: torch.Tensor, h: torch.Tensor, u, swiglu: bool):
+    """dL/dA -> (dL/dH, dL/dU or None)."""
+    if not swiglu:
+        return torch.ops.aten.gelu_backward(ga, h), None
+    sig = torch.sigmoid(h)
+    gu = ga * F.silu(h)  # d/du of silu(h) * u
+    return ga * u * (sig * (1 + h * (1 - sig))), gu  # silu'(h) = sig (1 + h (1 - sig))
+
+
+def _cast_for_autocast(dev: str, x, w1, w2, w3):
+    """mm(out=...) is not autocast-aware: cast once, as autocast would for each GEMM."""
+    if not torch.is_autocast_enabled(dev):
+        return x, w1, w2, w3
+    dt = torch.get_autocast_dtype(dev)
+    return x.to(dt), w1.to(dt), w2.to(dt), (w3.to(dt) if w3 is not None else None)
+
+
 HUGE_PAGE_MIN_BYTES = 32 << 20
 """CPU (Linux): a new tensor of at least this size is advised onto transparent huge pages before it is
 first written. glibc serves blocks this large (its largest dynamic mmap threshold) with a fresh mmap at
@@ -128,15 +159,7 @@ class _GroupedFFNFunction(torch.autograd.Function):
         saved = []
         for chunk in chunks:
             c0, c1 = chunk[0][1], chunk[-1][2]
-            h = rows.new_empty(c1 - c0, f)  # (rows of chunk, f)
-            for e, s, t in chunk:
-                torch.mm(rows[s:t], w1[e], out=h[s - c0:t - c0])
-            u = None
-            if swiglu:
-                u = rows.new_empty(c1 - c0, f)
-                for e, s, t in chunk:
-                    torch.mm(rows[s:t], w3[e], out=u[s - c0:t - c0])
-            a = F.silu(h) * u if swiglu else F.gelu(h)  # (rows of chunk, f)
+            h, u, a = _hidden(rows[c0:c1], chunk, w1, w3, swiglu)  # (rows of chunk, f) each
             for e, s, t in chunk:
                 torch.mm(a[s - c0:t - c0], w2[e], out=y[s:t])
             saved.append([h, u, a])
@@ -164,13 +187,7 @@ class _GroupedFFNFunction(torch.autograd.Function):
                 _weight_grad(gw2, e, a[s - c0:t - c0].t(), gy[s:t], seen)
                 torch.mm(gy[s:t], w2[e].t(), out=ga[s - c0:t - c0])
             del a
-            if swiglu:
-                sh, sig = F.silu(h), torch.sigmoid(h)
-                gu = ga * sh  # d/du of silu(h) * u
-                gh = ga * u * (sig * (1 + h * (1 - sig)))  # silu'(h) = sig (1 + h (1 - sig))
-                del sh, sig
-            else:
-                gh, gu = torch.ops.aten.gelu_backward(ga, h), None  # (rows of chunk, f)
+            gh, gu = _activation_backward(ga, h, u, swiglu)  # (rows of chunk, f)
             del ga, h, u
             grads_h.append((gh, gu))
         # Pass 2: W1's (and W3's) gradient and dL/dX, freeing each chunk's dL/dH.
@@ -260,11 +277,7 @@ def grouped_ffn(rows: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: Opti
         raise ValueError(f"counts {len(counts)} experts / {sum(counts)} rows do not match weights "
                          f"{tuple(w1.shape)} and rows {tuple(rows.shape)}")
     dev = rows.device.type
-    if torch.is_autocast_enabled(dev):
-        # mm(out=...) is not autocast-aware: cast once here, as autocast would for each GEMM.
-        dt = torch.get_autocast_dtype(dev)
-        rows, w1, w2 = rows.to(dt), w1.to(dt), w2.to(dt)
-        w3 = w3.to(dt) if w3 is not None else None
+    rows, w1, w2, w3 = _cast_for_autocast(dev, rows, w1, w2, w3)
     with torch.autocast(dev, enabled=False):
         if GroupedFFN.use_grouped_mm(rows, w1):
             try:
@@ -299,15 +312,7 @@ class _GroupedFFNCombineFunction(torch.autograd.Function):
         for chunk in chunks:
             c0, c1 = chunk[0][1], chunk[-1][2]
             xr = x.index_select(0, src[c0:c1])  # (rows of chunk, d)
-            h = x.new_empty(c1 - c0, f)
-            for e, s, t in chunk:
-                torch.mm(xr[s - c0:t - c0], w1[e], out=h[s - c0:t - c0])
-            u = None
-            if swiglu:
-                u = x.new_empty(c1 - c0, f)
-                for e, s, t in chunk:
-                    torch.mm(xr[s - c0:t - c0], w3[e], out=u[s - c0:t - c0])
-            a = F.silu(h) * u if swiglu else F.gelu(h)
+            h, u, a = _hidden(xr, chunk, w1, w3, swiglu)  # (rows of chunk, f) each
             o = xr  # same shape: the gathered rows are dead once H (and U) exist
             for e, s, t in chunk:
                 torch.mm(a[s - c0:t - c0], w2[e], out=o[s - c0:t - c0])
@@ -345,13 +350,7 @@ class _GroupedFFNCombineFunction(torch.autograd.Function):
                 _weight_grad(gw2, e, a[s - c0:t - c0].t(), g[s - c0:t - c0], seen)
             del a, g
             # dL/dH (dL/dU) stay unscaled by the gate: pass 2 scales the (n, d)-wide rows instead.
-            if swiglu:
-                sh, sig = F.silu(h), torch.sigmoid(h)
-                gu = ga * sh
-                gh = ga * u * (sig * (1 + h * (1 - sig)))
-                del sh, sig
-            else:
-                gh, gu = torch.ops.aten.gelu_backward(ga, h), None
+            gh, gu = _activation_backward(ga, h, u, swiglu)
             del ga, h, u
             grads_h.append((gh, gu))
         # Pass 2: W1's (and W3's) gradient and dL/dx, freeing each chunk's dL/dH.
@@ -398,10 +397,7 @@ def grouped_ffn_combine(x: torch.Tensor, src: torch.Tensor, w: torch.Tensor, w1:
     if src.shape[0] == 0 or x.shape[0] == 0 or x.shape[1] < COMBINE_MIN_WIDTH:
         return None
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
-        w3 = w3.to(dt) if w3 is not None else None
+    x, w1, w2, w3 = _cast_for_autocast(dev, x, w1, w2, w3)
     if GroupedFFN.use_grouped_mm(x, w1):
         return None
     with torch.autocast(dev, enabled=False):

@@ -11,11 +11,8 @@ from megatron_mhmoe.parallel.context import ParallelContext
 from megatron_mhmoe.parallel.init import normal
 
 
-@pytest.mark.parametrize("chunk_rows", [None, 3])
-@pytest.mark.parametrize("act", ["gelu", "swiglu"])
-@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 7, 0], [2, 2, 2, 2]])
-def test_grouped_ffn_equals_autograd_loop(act, counts, chunk_rows, monkeypatch):
-    """chunk_rows=3: row chunks cut through experts, whose weight gradients then sum the pieces."""
+def small_experts(act: str, chunk_rows, monkeypatch) -> GroupedExperts:
+    """4 experts 8 -> 16 -> 8 with O(1) weights; chunk_rows makes grouped_ffn cut its row chunks that small."""
     if chunk_rows:
         monkeypatch.setattr(grouped_ffn_module, "CHUNK_ELEMS", chunk_rows * 16)
     torch.manual_seed(0)
@@ -23,6 +20,15 @@ def test_grouped_ffn_equals_autograd_loop(act, counts, chunk_rows, monkeypatch):
     for w in (ex.w1, ex.w2, ex.w3):
         if w is not None:
             torch.nn.init.normal_(w, std=0.5)
+    return ex
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 7, 0], [2, 2, 2, 2]])
+def test_grouped_ffn_equals_autograd_loop(act, counts, chunk_rows, monkeypatch):
+    """chunk_rows=3: row chunks cut through experts, whose weight gradients then sum the pieces."""
+    ex = small_experts(act, chunk_rows, monkeypatch)
     rows = torch.randn(sum(counts), 8, requires_grad=True)
     g = torch.randn(sum(counts), 8)
     grads = []
@@ -70,13 +76,7 @@ def test_grouped_ffn_combine_equals_gather_ffn_combine(act, counts, chunk_rows, 
     """The EP=1 fused node (rows gathered per chunk, gate-weighted combine inside) against autograd over
     gather -> per-expert loop -> scale -> index_add: output and every gradient (x, gates, weights)."""
     monkeypatch.setattr(grouped_ffn_module, "COMBINE_MIN_WIDTH", 1)
-    if chunk_rows:
-        monkeypatch.setattr(grouped_ffn_module, "CHUNK_ELEMS", chunk_rows * 16)
-    torch.manual_seed(0)
-    ex = GroupedExperts(4, 8, 16, act, ParallelContext.single_process(), normal(0.5), normal(0.5))
-    for w in (ex.w1, ex.w2, ex.w3):
-        if w is not None:
-            torch.nn.init.normal_(w, std=0.5)
+    ex = small_experts(act, chunk_rows, monkeypatch)
     S, n = 6, sum(counts)
     x = torch.randn(S, 8, requires_grad=True)
     gates = torch.rand(n, requires_grad=True)
@@ -102,18 +102,8 @@ def test_grouped_ffn_combine_equals_gather_ffn_combine(act, counts, chunk_rows, 
 @pytest.mark.parametrize("k,h,cf,act", [(2, 1, 1.0, "gelu"), (1, 4, 0.0, "swiglu"), (2, 4, 1.0, "gelu")])
 def test_layer_fused_combine_equals_reference(k, h, cf, act, width, monkeypatch):
     """The layer with (width=1) and without the fused gather/FFN/combine node against the loop reference."""
-    from tests.moe.test_layer import SP, cfg_of
+    from tests.moe.test_layer import SP, assert_layer_matches_reference, cfg_of
     from megatron_mhmoe.moe.layer import MHMoELayer
     monkeypatch.setattr(grouped_ffn_module, "COMBINE_MIN_WIDTH", width)
     torch.manual_seed(0)
-    layer = MHMoELayer(cfg_of(k=k, h=h, proj=h > 1, cf=cf, act=act, gate="softmax"), SP)
-    x = torch.randn(12, 2, 32)
-    y, _ = layer(x)
-    y.square().sum().backward()
-    fast = {n: p.grad.clone() for n, p in layer.named_parameters()}
-    layer.zero_grad()
-    y_ref = layer.forward_reference(x)
-    y_ref.square().sum().backward()
-    torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-5)
-    for n, p in layer.named_parameters():
-        torch.testing.assert_close(fast[n], p.grad, atol=1e-5, rtol=1e-4, msg=f"grad of {n}")
+    assert_layer_matches_reference(MHMoELayer(cfg_of(k=k, h=h, proj=h > 1, cf=cf, act=act, gate="softmax"), SP))

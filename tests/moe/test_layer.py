@@ -30,7 +30,11 @@ def cfg_of(d=32, E=8, k=2, h=4, proj=True, cf=0.0, act="gelu", gate="xmoe", f=16
     [1, 2], [1, 4], [0.0, 1.0], ["gelu", "swiglu"], ["xmoe", "softmax"])))
 def test_grouped_experts_equal_loop_reference(k, h, cf, act, gate):
     torch.manual_seed(0)
-    layer = MHMoELayer(cfg_of(k=k, h=h, proj=h > 1, cf=cf, act=act, gate=gate), SP)
+    assert_layer_matches_reference(MHMoELayer(cfg_of(k=k, h=h, proj=h > 1, cf=cf, act=act, gate=gate), SP))
+
+
+def assert_layer_matches_reference(layer: MHMoELayer) -> None:
+    """The layer's fast path against its slow reference: output and every parameter gradient."""
     x = torch.randn(12, 2, 32)
     y, _ = layer(x)
     y.square().sum().backward()
