@@ -7,7 +7,6 @@ implementation once, in an order rotated by r), after warm-up reps; we report th
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import sys
 import time
@@ -101,12 +100,6 @@ def peak_step_bytes(step: Callable[[], None], device: torch.device, before: Call
     return peak
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------------------------- deepspeed
 def init_deepspeed_single(device: torch.device) -> None:
     """A 1-process DeepSpeed/torch.distributed world, without DeepSpeed's JIT-compiled CPU ops."""
@@ -115,9 +108,9 @@ def init_deepspeed_single(device: torch.device) -> None:
     if dist.is_initialized():
         return
     import deepspeed
-    import deepspeed.comm.torch  # noqa: F401  (so that the module object below exists)
-    # Compiling deepspeed_shm_comm takes ~25 s on CPU and gloo does not need it (PLATFORM.md).
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    from megatron_mhmoe.parallel.spawn import free_port
+    from megatron_mhmoe.runtime.deepspeed_adapter import skip_cpu_jit_ops
+    skip_cpu_jit_ops()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=0, world_size=1)

@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import tempfile
 import time
-import traceback
 
 import torch
-import torch.multiprocessing as mp
 
 import common  # noqa: F401  (puts the repo on sys.path)
 from a2a_meter import A2AMeter, formula_bytes
-from common import DTYPES, free_port, print_table
+from common import DTYPES, print_table
+from megatron_mhmoe.parallel.spawn import run_workers
 
 PHASES = ["routing", "permute", "counts_exchange", "all_to_all", "experts", "combine", "backward", "step"]
 
@@ -122,48 +119,19 @@ def measure(rank: int, ep: int, args, shape: str, device, dtype) -> dict:
                 formula=formula, rows_sent=prof.rows_sent, rows_received=prof.rows_received, dropless=dropless)
 
 
-def _worker(rank: int, ep: int, port: int, out_dir: str, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(ep),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(args.threads)
-    import torch.distributed as dist
-    try:
-        device = torch.device(args.device)
-        if device.type == "cuda":
-            device = torch.device("cuda", rank % torch.cuda.device_count())
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=ep)
-        res = {shape: measure(rank, ep, args, shape, device, DTYPES[args.dtype]) for shape in args.shapes.split(",")}
-        torch.save(res, os.path.join(out_dir, f"{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-    finally:
-        os._exit(0)  # gloo may abort in interpreter teardown (PLATFORM.md); results are on disk
+def _rank_results(rank: int, ep: int, args) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # spawn set one GPU per rank
+    return {shape: measure(rank, ep, args, shape, device, DTYPES[args.dtype]) for shape in args.shapes.split(",")}
 
 
 def run_ep(args, ep: int) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as out:
-        port = free_port()
-        procs = [ctx.Process(target=_worker, args=(r, ep, port, out, args), daemon=True) for r in range(ep)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + args.timeout
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        errs = [open(os.path.join(out, f)).read() for f in sorted(os.listdir(out)) if f.endswith(".err")]
-        if errs:
-            raise SystemExit("EP worker(s) failed:\n" + "\n".join(errs))
-        missing = [r for r in range(ep) if not os.path.exists(os.path.join(out, f"{r}.pt"))]
-        if missing:
-            raise SystemExit(f"EP {ep}: ranks {missing} produced no result within --timeout {args.timeout:.0f}s")
-        return [torch.load(os.path.join(out, f"{r}.pt"), weights_only=False) for r in range(ep)]
+    backend = "nccl" if args.device.startswith("cuda") else "gloo"
+    try:
+        return run_workers(_rank_results, ep, args, timeout_s=args.timeout, backend=backend, threads=args.threads)
+    except (RuntimeError, TimeoutError) as e:
+        raise SystemExit(f"EP {ep}: {e}")
 
 
 def main(argv=None) -> None:

@@ -90,7 +90,7 @@ def train_args(data: str, run_dir: str, a) -> list[str]:
 
 
 def soak(a) -> dict:
-    from tests.distributed import free_port
+    from megatron_mhmoe.parallel.spawn import free_port
     run_dir = a.run_dir or tempfile.mkdtemp(prefix="mhmoe-soak-")
     os.makedirs(run_dir, exist_ok=True)
     data = a.data_prefix or prepare_data(run_dir)

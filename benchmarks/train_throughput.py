@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron_mhmoe.moe import sizing  # noqa: E402
+from megatron_mhmoe.parallel.spawn import free_port  # noqa: E402
 from megatron_mhmoe.runtime.run_config import RunConfig, load_config_file, merged_dict, program_defaults  # noqa: E402
 
 PRESET = os.path.join(ROOT, "megatron_mhmoe", "presets", "quickstart.yaml")
@@ -39,12 +39,6 @@ def equal_flops_dense_ffn(cfg: RunConfig) -> tuple[int, int, int]:
 
     width = min(range(8, 16 * cfg.model.hidden_size + 1, 8), key=lambda w: abs(flops(w) - target))
     return width, target, flops(width)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_once(kind: str, args: argparse.Namespace, dense_ffn: int, workdir: str, rep: int) -> float:

@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import sys
 import time
 from typing import Optional
@@ -66,10 +65,8 @@ def _single_process_env() -> None:
     """Plain `python -m megatron_mhmoe.train`: a one-rank group on loopback (DeepSpeed needs one)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from megatron_mhmoe.parallel.spawn import free_port
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 EXIT_NONFINITE = 3

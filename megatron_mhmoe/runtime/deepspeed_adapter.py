@@ -33,7 +33,7 @@ from deepspeed.moe.layer import MoE as _DeepSpeedMoE  # noqa: E402
 from deepspeed.utils import groups as _ds_groups  # noqa: E402
 
 
-def _skip_cpu_jit_ops() -> None:
+def skip_cpu_jit_ops() -> None:
     """DeepSpeed compiles a shared-memory allreduce op at init on CPU (~25 s); gloo does not need it."""
     mod = sys.modules.get("deepspeed.comm.torch")
     if mod is not None and not torch.cuda.is_available():
@@ -181,7 +181,7 @@ def build_ds_config(run_cfg, world_size: int, base: Optional[dict] = None) -> di
 
 def initialize(model: nn.Module, run_cfg, ctx: ParallelContext, ds_config: dict, lr_lambda):
     """deepspeed.initialize with the context as mpu, MoE groups registered and TP-partial hooks installed."""
-    _skip_cpu_jit_ops()
+    skip_cpu_jit_ops()
     attach_moe_markers(model, ctx)
     install_tp_partial_grad_hooks(model, ctx)
     mark_norm_ownership(model)
@@ -201,13 +201,13 @@ def init_distributed(timeout_s: float) -> None:
     import torch.distributed as dist
     if dist.is_initialized():
         return
-    _skip_cpu_jit_ops()
+    skip_cpu_jit_ops()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
-    _skip_cpu_jit_ops()
+    skip_cpu_jit_ops()
 
 
 def checkpoint_safe_globals() -> list:

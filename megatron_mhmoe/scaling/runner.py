@@ -20,7 +20,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from megatron_mhmoe.config import to_dict
+from megatron_mhmoe.parallel.spawn import free_port
 from megatron_mhmoe.scaling import matching, results
 from megatron_mhmoe.scaling.plan import RunPlan, build_plan, format_plan
 from megatron_mhmoe.scaling.spec import SweepSpec, spec_to_dict
@@ -44,12 +44,6 @@ class MultiNode:
     master_addr: str
     master_port: int = 29500
     launcher: str = "pdsh"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_config(run: RunPlan, spec: SweepSpec, base: dict, sweep_dir: str) -> dict:
@@ -83,7 +77,7 @@ def local_command(run: RunPlan, config_path: str, python: str = sys.executable) 
     if run.placement.world == 1:
         return [python, "-m", "megatron_mhmoe.train", "--config", config_path]
     return [python, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(run.placement.world),
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "megatron_mhmoe.train",
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "megatron_mhmoe.train",
             "--config", config_path]
 
 
