@@ -19,19 +19,15 @@ import torch
 
 from tests.distributed import run_workers
 from tests.reliability.test_reshard import load_tool
-from tests.runtime.test_train_launch import byte_data, finish, torchrun  # noqa: F401 (fixture)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.runtime.test_train_launch import byte_data, common_args, finish, torchrun  # noqa: F401 (fixture)
 
 
 def args(data: str, run_dir: str) -> list[str]:
-    return [f"--run_dir={run_dir}", f"--data.data_path=[{data}]", "--model.vocab_size=300",
-            "--model.hidden_size=32", "--model.num_layers=2", "--model.ffn_hidden_size=64", "--model.max_seq_len=32",
-            "--model.num_attention_heads=4", "--model.moe.num_experts=4", "--model.moe.expert_hidden_size=16",
-            "--model.moe.num_heads=2", "--train.seq_len=16", "--train.micro_batch_size=2", "--train.train_steps=2",
-            "--train.warmup_steps=1", "--train.log_interval=1", "--train.eval_interval=100", "--train.eval_iters=1",
-            "--train.zero_stage=1", "--parallel.tp=2", "--parallel.ep=2", "--train.lr=3e-2",
-            "--wandb.mode=disabled", "--data.split=90,10,0"]
+    """The launch tests' tiny model at TP=2 x EP=2, 2 steps (later overrides win)."""
+    return common_args(data, run_dir) + [
+        "--model.num_attention_heads=4", "--model.moe.expert_hidden_size=16", "--train.seq_len=16",
+        "--train.train_steps=2", "--train.warmup_steps=1", "--train.eval_interval=100", "--train.eval_iters=1",
+        "--parallel.tp=2", "--parallel.ep=2", "--train.lr=3e-2"]
 
 
 @pytest.fixture(scope="module")

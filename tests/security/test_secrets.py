@@ -37,9 +37,7 @@ def files_containing(root: str, needles: list[bytes]) -> list[str]:
 
 def test_training_run_writes_no_credentials(tmp_path, byte_data):  # noqa: F811
     run_dir = str(tmp_path / "run")
-    args = common_args(byte_data, run_dir)
-    args = [a for a in args if not a.startswith(("--wandb.mode", "--train.train_steps", "--model.moe.num_experts"))]
-    args += ["--wandb.mode=offline", "--train.train_steps=4", "--model.moe.num_experts=2", "--parallel.ep=1",
+    args = common_args(byte_data, run_dir) + ["--wandb.mode=offline", "--train.train_steps=4", "--model.moe.num_experts=2", "--parallel.ep=1",
              f"--wandb.name=run-{WANDB_KEY}", f'--wandb.tags=["{WANDB_KEY}", "{HF_TOKEN}"]']
     proc = run_train(args, {"WANDB_API_KEY": WANDB_KEY, "HF_TOKEN": HF_TOKEN, "WANDB_MODE": "offline"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
