@@ -19,7 +19,7 @@ import torch
 
 from tests.distributed import run_workers
 from tests.reliability.test_reshard import load_tool
-from tests.runtime.test_train_launch import byte_data, common_args, finish, torchrun  # noqa: F401 (fixture)
+from tests.runtime.test_train_launch import ROOT, byte_data, common_args, finish, torchrun  # noqa: F401 (fixture)
 
 
 def args(data: str, run_dir: str) -> list[str]:
