@@ -238,12 +238,14 @@ class Trainer:
         # Rank 0 builds (and caches) the indices first; the others then read the cache.
         eval_seed = t.seed if cfg.data.eval_seed is None else cfg.data.eval_seed
         train_ds = valid_ds = None
+
+        def build(seed: int, sizes: tuple):
+            return build_train_valid_test_datasets(
+                data_path, cfg.data.split, t.seq_len, seed, sizes, cache_dir=cfg.data.cache_dir or None,
+                model_vocab_size=cfg.model.vocab_size, log=log)
+
         for turn in (0, 1):
             if (ctx.rank == 0) == (turn == 0):
-                def build(seed: int, sizes: tuple):
-                    return build_train_valid_test_datasets(
-                        data_path, cfg.data.split, t.seq_len, seed, sizes, cache_dir=cfg.data.cache_dir or None,
-                        model_vocab_size=cfg.model.vocab_size, log=log)
                 if eval_seed == t.seed:
                     train_ds, valid_ds, _ = build(t.seed, (t.train_steps * t.global_batch_size, evals, 0))
                 else:
@@ -264,6 +266,7 @@ class Trainer:
         from megatron_mhmoe.runtime import universal
         from megatron_mhmoe.runtime.checkpoint import (CheckpointError, Checkpointer, CheckpointLayout,
                                                        model_mismatch, rng_state, set_rng_state, step_dirname)
+        from megatron_mhmoe.data.indexed import write_json_atomic
         from megatron_mhmoe.runtime.logging import MetricsLogger, format_line, redact
         from megatron_mhmoe.runtime.schedule import make_lr_lambda
 
@@ -494,7 +497,7 @@ class Trainer:
             routing = routing_report(val_routing["selections"], val_routing["divergence"], threshold)
             final.update({f"final/{k}": routing[k] for k in ("activation_ratio", "effective_experts", "divergence")})
             if rank0:
-                _write_json_atomic(os.path.join(cfg.run_dir, "moe_stats.json"), routing)
+                write_json_atomic(os.path.join(cfg.run_dir, "moe_stats.json"), routing)
         elif stats_all:
             final["final/activation_ratio"] = summarize(stats_all, threshold)["moe/activation_ratio"]
         if step > start_step:
@@ -503,9 +506,8 @@ class Trainer:
         final["final/step"] = step
         logger.summary({k: v for k, v in final.items() if v is not None})
         if rank0:
-            _write_json_atomic(os.path.join(cfg.run_dir, "summary.json"),
-                               {k.split("/", 1)[1]: v for k, v in final.items() if v is not None})
-        if rank0:
+            write_json_atomic(os.path.join(cfg.run_dir, "summary.json"),
+                              {k.split("/", 1)[1]: v for k, v in final.items() if v is not None})
             print("=" * 80)
             if last_val is not None:
                 print(f"final validation perplexity: {math.exp(min(last_val, 50)):.2f}")
@@ -572,13 +574,6 @@ def routing_report(selections: torch.Tensor, divergence: torch.Tensor, threshold
         "shares": [[float(v) for v in row] for row in shares],
         "divergence_hist": {"bins": list(range(hist.numel())), "counts": [int(v) for v in hist]},
     }
-
-
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _peak_tflops() -> Optional[float]:
