@@ -27,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from megatron_mhmoe.config import ModelConfig  # noqa: E402
 from megatron_mhmoe.runtime.checkpoint import MANIFEST, CheckpointError  # noqa: E402
 
 
@@ -71,7 +72,7 @@ def reshard(input_path: str, output: str, world: int, tp: int, ep: int, zero_sta
         f"ZeRO-{src['zero_stage']} {src['precision']}")
     model, optim, meta = C.gather_full(manifest, states)
     vocab, divisible = C.model_vocab(manifest, states)
-    padded = C.padded_vocab(vocab, divisible, tp)
+    padded = ModelConfig(vocab_size=vocab, make_vocab_divisible_by=divisible).padded_vocab_size(tp)
     C.check_divisible(meta, model, tp, ep, padded)
     zero = src["zero_stage"] if zero_stage is None else zero_stage
     prec = src["precision"] if precision is None else precision

@@ -58,19 +58,28 @@ def _pad_vocab(t: torch.Tensor, dim: int, padded: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(pad_shape)], dim=dim)
 
 
+def shard_piece(full: torch.Tensor, tp_dim: Optional[int], vocab: bool, ep_dim: Optional[int], tp_size: int,
+                tp_rank: int, ep_size: int, ep_rank: int, padded_vocab: Optional[int] = None) -> torch.Tensor:
+    """The piece of `full` that (tp_rank, ep_rank) holds: vocabulary padded, then TP chunk, then EP chunk
+    (tp_dim / ep_dim None: not split that way). Shared by live models and offline checkpoint tools."""
+    t = full
+    if tp_dim is not None:
+        if vocab:
+            if padded_vocab is None:
+                raise ValueError("padded_vocab is required to shard a vocabulary-parallel parameter")
+            t = _pad_vocab(t, tp_dim, padded_vocab)
+        t = t.chunk(tp_size, dim=tp_dim)[tp_rank]
+    if ep_dim is not None:
+        t = t.chunk(ep_size, dim=ep_dim)[ep_rank]
+    return t
+
+
 def shard_tensor(full: torch.Tensor, param: torch.Tensor, ctx: ParallelContext,
                  padded_vocab: Optional[int] = None) -> torch.Tensor:
     """This rank's piece of a full tensor, by the layout attributes of `param`."""
-    t = full
-    dim = getattr(param, "tp_dim", None)
-    if dim is not None:
-        if getattr(param, "vocab_dim", None) is not None:
-            if padded_vocab is None:
-                raise ValueError("padded_vocab is required to shard a vocabulary-parallel parameter")
-            t = _pad_vocab(t, dim, padded_vocab)
-        t = t.chunk(ctx.tp_size, dim=dim)[ctx.tp_rank]
-    if is_expert(param):
-        t = t.chunk(ctx.ep_size, dim=param.ep_dim)[ctx.ep_rank]
+    t = shard_piece(full, getattr(param, "tp_dim", None), getattr(param, "vocab_dim", None) is not None,
+                    param.ep_dim if is_expert(param) else None, ctx.tp_size, ctx.tp_rank, ctx.ep_size,
+                    ctx.ep_rank, padded_vocab)
     if t.shape != param.shape:
         raise ValueError(f"full tensor {tuple(full.shape)} sharded to {tuple(t.shape)} but the local "
                          f"parameter is {tuple(param.shape)}: the checkpoint does not match this model")

@@ -13,7 +13,6 @@ Everything is held in memory: fine up to a few GB of parameters on one machine.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -22,6 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_mhmoe.parallel.layout import RankLayout, validate_sizes
+from megatron_mhmoe.parallel.params import shard_piece
 from megatron_mhmoe.runtime.checkpoint import (FORMAT_VERSION, LATEST, MANIFEST, CheckpointError, _fsync_dir,
                                                _fsync_write, _sha256, step_dirname)
 
@@ -121,11 +121,6 @@ def model_vocab(manifest: dict, states: list[dict]) -> tuple[int, int]:
     return int(m["vocab_size"]), int(m.get("make_vocab_divisible_by", 128))
 
 
-def padded_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
-    multiple = divisible_by * tp
-    return int(math.ceil(vocab_size / multiple) * multiple)
-
-
 def require_universal(states: list[dict], folder: str) -> None:
     if any("universal" not in s for s in states):
         raise CheckpointError(f"{folder} has no universal per-parameter state (written by an older version, or "
@@ -163,17 +158,8 @@ def gather_full(manifest: dict, states: list[dict], with_optimizer: bool = True)
 # ---------------------------------------------------------------------- shard
 def shard_tensor(full: torch.Tensor, meta: dict, layout: RankLayout, padded: int) -> torch.Tensor:
     """The piece rank `layout` holds (mirror of parallel.params.shard_tensor, from metadata only)."""
-    t = full
-    if meta["tp_dim"] is not None:
-        if meta["vocab"]:
-            extra = padded - t.shape[meta["tp_dim"]]
-            shape = list(t.shape)
-            shape[meta["tp_dim"]] = extra
-            t = torch.cat([t, t.new_zeros(shape)], dim=meta["tp_dim"])
-        t = t.chunk(layout.tp_size, dim=meta["tp_dim"])[layout.tp_rank]
-    if meta["expert"]:
-        t = t.chunk(layout.ep_size, dim=meta["ep_dim"])[layout.ep_rank]
-    return t.clone()
+    return shard_piece(full, meta["tp_dim"], meta["vocab"], meta["ep_dim"] if meta["expert"] else None,
+                       layout.tp_size, layout.tp_rank, layout.ep_size, layout.ep_rank, padded).clone()
 
 
 def check_divisible(meta: dict, full: dict, tp: int, ep: int, padded: int) -> None:
