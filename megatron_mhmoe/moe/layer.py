@@ -100,7 +100,7 @@ class MHMoELayer(nn.Module):
     def _stats(self, logits, choice, counts_all, keep, S: int, num_tokens: int) -> MoEStats:
         disp, E = self.dispatcher, self.moe.num_experts
         aux = load_balance_loss(disp.replica_sum(choice.probs.sum(0)), counts_all[:, 0].sum(0), S)
-        z = disp.replica_sum(choice.lse.square().sum()) / S  # == z_loss_sum(logits), O(S) from top_k
+        z = disp.replica_sum(choice.lse.square().sum()) / S  # ST-MoE z-loss: mean logsumexp(logits)^2, lse from top_k
         with torch.no_grad():
             e_flat = choice.experts.t().reshape(-1)
             kept_local = torch.bincount(e_flat[keep] if keep is not None else e_flat, minlength=E)

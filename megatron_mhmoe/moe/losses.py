@@ -14,8 +14,3 @@ def load_balance_loss(prob_sum: torch.Tensor, top1_counts: torch.Tensor, num_sub
     f = top1_counts.to(prob_sum.dtype) / num_sub_tokens  # (E,)
     P = prob_sum / num_sub_tokens  # (E,)
     return E * torch.sum(f * P)
-
-
-def z_loss_sum(logits: torch.Tensor) -> torch.Tensor:
-    """Sum over sub-tokens of logsumexp(logits)^2 (ST-MoE's router z-loss, before the mean)."""
-    return torch.logsumexp(logits, dim=-1).square().sum()
