@@ -258,6 +258,7 @@ class Trainer:
         from megatron_mhmoe.data import make_batch_iterator
         from megatron_mhmoe.model.gpt import GPTModel
         from megatron_mhmoe.moe import sizing
+        from megatron_mhmoe.moe import metrics
         from megatron_mhmoe.moe.metrics import summarize
         from megatron_mhmoe.parallel.context import ParallelContext
         from megatron_mhmoe.parallel.grads import clip_gradients_
@@ -494,7 +495,7 @@ class Trainer:
             last_val = evaluate()
         final = {"final/val_ppl": math.exp(min(last_val, 50)) if last_val is not None else None}
         if val_routing:
-            routing = routing_report(val_routing["selections"], val_routing["divergence"], threshold)
+            routing = metrics.routing_report(val_routing["selections"], val_routing["divergence"], threshold)
             final.update({f"final/{k}": routing[k] for k in ("activation_ratio", "effective_experts", "divergence")})
             if rank0:
                 write_json_atomic(os.path.join(cfg.run_dir, "moe_stats.json"), routing)
@@ -552,28 +553,6 @@ def _load_optimizer(engine, module, ctx, state: dict) -> None:
         raise CheckpointError("checkpoint has neither a native optimizer partition nor universal optimizer "
                               "state: it cannot resume training (re-export it with tools/reshard_checkpoint.py "
                               "from a checkpoint that has one)")
-
-
-def routing_report(selections: torch.Tensor, divergence: torch.Tensor, threshold: float) -> dict:
-    """The validation set's routing as plain JSON: per-layer expert shares and the paper's metrics.
-
-    selections: (L, E) assignments per layer and expert; divergence: (L, h*k+1) tokens by number of
-    distinct experts their sub-tokens reached.
-    """
-    from megatron_mhmoe.moe.metrics import activation_ratio, effective_experts, expert_shares, mean_divergence
-
-    shares = expert_shares(selections)  # (L, E)
-    hist = divergence.sum(0)  # (h*k+1,)
-    return {
-        "source": "validation set, final weights",
-        "threshold": threshold,
-        "activation_ratio": activation_ratio(shares, threshold),
-        "effective_experts": float(effective_experts(shares).mean()),
-        "effective_experts_per_layer": [float(v) for v in effective_experts(shares)],
-        "divergence": mean_divergence(hist),
-        "shares": [[float(v) for v in row] for row in shares],
-        "divergence_hist": {"bins": list(range(hist.numel())), "counts": [int(v) for v in hist]},
-    }
 
 
 def _peak_tflops() -> Optional[float]:

@@ -91,3 +91,24 @@ def summarize(stats: Sequence[MoEStats], threshold: float) -> dict:
         "moe/dropped_fraction": dropped / total if total else 0.0,
         "moe/max_share_x_uniform": float(shares.max() * shares.shape[-1]),
     }
+
+
+def routing_report(selections: torch.Tensor, divergence: torch.Tensor, threshold: float) -> dict:
+    """The validation set's routing as plain JSON: per-layer expert shares and the paper's metrics.
+
+    selections: (L, E) assignments per layer and expert; divergence: (L, h*k+1) tokens by number of
+    distinct experts their sub-tokens reached.
+    """
+    shares = expert_shares(selections)  # (L, E)
+    eff = effective_experts(shares)  # (L,)
+    hist = divergence.sum(0)  # (h*k+1,)
+    return {
+        "source": "validation set, final weights",
+        "threshold": threshold,
+        "activation_ratio": activation_ratio(shares, threshold),
+        "effective_experts": float(eff.mean()),
+        "effective_experts_per_layer": [float(v) for v in eff],
+        "divergence": mean_divergence(hist),
+        "shares": [[float(v) for v in row] for row in shares],
+        "divergence_hist": {"bins": list(range(hist.numel())), "counts": [int(v) for v in hist]},
+    }
