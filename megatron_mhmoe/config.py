@@ -201,9 +201,10 @@ def _type_ok(value: Any, typ: Any) -> bool:
     if typ is type(None):
         return value is None
     if origin in (list, tuple) or typ in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
         args = [a for a in typing.get_args(typ) if a is not Ellipsis]
-        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value) if args else \
-            isinstance(value, (list, tuple))
+        return not args or all(_type_ok(v, args[0]) for v in value)
     if origin is dict or typ is dict:
         return isinstance(value, dict)
     if typ is float:  # YAML writes 1 for 1.0; a bool is never a number here
