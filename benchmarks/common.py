@@ -109,7 +109,7 @@ def init_deepspeed_single(device: torch.device) -> None:
         return
     import deepspeed
     from megatron_mhmoe.parallel.spawn import free_port
-    from megatron_mhmoe.runtime.deepspeed_adapter import skip_cpu_jit_ops
+    from megatron_mhmoe.runtime.engine import skip_cpu_jit_ops
     skip_cpu_jit_ops()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     backend = "nccl" if device.type == "cuda" else "gloo"

@@ -20,7 +20,6 @@ parallel.timeout_s), or the process group could not form. Tests inject faults wi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -32,33 +31,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_mhmoe.runtime.logging import redact_text
-from megatron_mhmoe.runtime.run_config import (RunConfig, check_ds_config_agrees, load_config_file, merged_dict,
-                                               program_defaults)
+from megatron_mhmoe.runtime.cli import parse_args, resolve_config
+from megatron_mhmoe.runtime.run_config import RunConfig, check_ds_config_agrees
 
 PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-
-
-def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(
-        description="Train a GPT with MH-MoE layers. Any config field can be overridden as --section.key=value "
-                    "(e.g. --train.lr=3e-4 --parallel.ep=2 --model.moe.num_heads=4).")
-    p.add_argument("--config", default=None, help="YAML or JSON run config")
-    p.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
-                   help="DeepSpeed JSON (ZeRO, precision extras); batch fields are filled from the run config")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
-    p.add_argument("--deepspeed", action="store_true", help="accepted for launcher compatibility")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args, rest = p.parse_known_args(argv)
-    for item in rest:
-        if not (item.startswith("--") and "=" in item):
-            p.error(f"unrecognised argument {item!r}: overrides look like --section.key=value")
-    return args, rest
-
-
-def resolve_config(args, overrides: list[str]) -> RunConfig:
-    base = program_defaults()
-    file_dict = load_config_file(args.config) if args.config else None
-    return RunConfig.from_dict(merged_dict(base, file_dict, overrides))
 
 
 def _single_process_env() -> None:
@@ -131,7 +107,7 @@ def rank0_print(*a, **k) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args, overrides = parse_args(argv)
     try:
-        cfg = resolve_config(args, overrides)
+        cfg = resolve_config(args.config, overrides)
     except ValueError as e:
         print(f"config error: {redact_text(str(e))}", file=sys.stderr)
         return 2
@@ -165,7 +141,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     if armed:
         print(armed, file=sys.stderr, flush=True)
-    from megatron_mhmoe.runtime import deepspeed_adapter as ds
+    from megatron_mhmoe.runtime import engine as ds
     rank = os.environ.get("RANK", "?")
     try:
         ds.init_distributed(cfg.parallel.timeout_s)
@@ -209,8 +185,8 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _data(self, ctx):
         from megatron_mhmoe.data import build_train_valid_test_datasets
-        from megatron_mhmoe.runtime.builtin_data import prepare_builtin_data
-        from megatron_mhmoe.tokenizer import SentencePieceTokenizer
+        from megatron_mhmoe.data.builtin_data import prepare_builtin_data
+        from megatron_mhmoe.data.tokenizer import SentencePieceTokenizer
         cfg = self.cfg
         if not cfg.data.data_path:
             data_dir = os.path.join(os.path.dirname(os.path.abspath(cfg.run_dir)), "builtin_data")
@@ -262,7 +238,7 @@ class Trainer:
         from megatron_mhmoe.moe.metrics import summarize
         from megatron_mhmoe.parallel.context import ParallelContext
         from megatron_mhmoe.parallel.grads import clip_gradients_
-        from megatron_mhmoe.runtime import deepspeed_adapter as ds
+        from megatron_mhmoe.runtime import engine as ds
         from megatron_mhmoe.runtime import faults
         from megatron_mhmoe.runtime import universal
         from megatron_mhmoe.runtime.checkpoint import (CheckpointError, Checkpointer, CheckpointLayout,

@@ -73,7 +73,7 @@ def export(input_path: str, output: str, dtype: str = "as-trained", tokenizer: s
     from safetensors.torch import save_file
 
     from megatron_mhmoe.runtime import consolidate as C
-    from megatron_mhmoe.runtime.deepspeed_adapter import checkpoint_safe_globals
+    from megatron_mhmoe.runtime.engine import checkpoint_safe_globals
 
     t0 = time.perf_counter()
     if os.path.exists(output) and not force:

@@ -65,7 +65,7 @@ def load_model(folder: str, device: str = "cpu"):
 
 
 def load_tokenizer(folder: str, info: dict, override: str | None):
-    from megatron_mhmoe.tokenizer import ByteTokenizer, SentencePieceTokenizer
+    from megatron_mhmoe.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
     if override:
         return ByteTokenizer() if override == "byte" else SentencePieceTokenizer(override)
     tok = info.get("tokenizer") or {}

@@ -55,7 +55,7 @@ def reshard(input_path: str, output: str, world: int, tp: int, ep: int, zero_sta
     from megatron_mhmoe.runtime import consolidate as C
     from megatron_mhmoe.runtime import universal
     from megatron_mhmoe.runtime.checkpoint import CheckpointLayout
-    from megatron_mhmoe.runtime.deepspeed_adapter import checkpoint_safe_globals
+    from megatron_mhmoe.runtime.engine import checkpoint_safe_globals
 
     t0 = time.perf_counter()
     C.validate_target(world, tp, ep)

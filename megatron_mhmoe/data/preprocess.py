@@ -91,7 +91,7 @@ _STATE: dict = {}
 
 def _init_worker(tokenizer_type: str, tokenizer_model: Optional[str], input_cfg: InputConfig,
                  append_eod: bool) -> None:
-    from megatron_mhmoe.tokenizer import build_tokenizer
+    from megatron_mhmoe.data.tokenizer import build_tokenizer
 
     tok = build_tokenizer(tokenizer_type, tokenizer_model)
     _STATE.update(tok=tok, input=input_cfg, append_eod=append_eod, dtype=optimal_dtype(tok.vocab_size))
@@ -267,7 +267,7 @@ def _partition(files: list[str], n: int) -> list[list[str]]:
 
 def preprocess(cfg: PreprocessConfig, log: Log = _stderr_log) -> PreprocessResult:
     """Tokenize the inputs into `<output_prefix>_<key>_document` datasets; see PreprocessConfig."""
-    from megatron_mhmoe.tokenizer import build_tokenizer
+    from megatron_mhmoe.data.tokenizer import build_tokenizer
 
     if cfg.workers < 1:
         raise DataError(f"--workers must be >= 1, got {cfg.workers}")

@@ -121,7 +121,7 @@ class Sweep:
         data = self.base.setdefault("data", {})
         if data.get("data_path"):
             return
-        from megatron_mhmoe.runtime.builtin_data import prepare_builtin_data
+        from megatron_mhmoe.data.builtin_data import prepare_builtin_data
         vocab = int(self.base["model"].get("vocab_size", 2048))
         prefix, tok = prepare_builtin_data(os.path.join(self.dir, "builtin_data"), vocab_size=min(vocab, 4096))
         data.update(data_path=[prefix], tokenizer_model=tok)

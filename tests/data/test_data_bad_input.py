@@ -61,7 +61,7 @@ def test_missing_key(tmp_path, spm_model):
 
 
 def test_non_utf8_bytes_are_replaced_and_counted(tmp_path, spm_model):
-    from megatron_mhmoe.tokenizer import SentencePieceTokenizer
+    from megatron_mhmoe.data.tokenizer import SentencePieceTokenizer
 
     tok = SentencePieceTokenizer(spm_model)
     res, path = run(tmp_path, [b'{"text": "caf\xe9 ok"}'], spm_model)
@@ -72,7 +72,7 @@ def test_non_utf8_bytes_are_replaced_and_counted(tmp_path, spm_model):
 
 
 def test_nul_characters_are_removed_and_counted(tmp_path, spm_model):
-    from megatron_mhmoe.tokenizer import SentencePieceTokenizer
+    from megatron_mhmoe.data.tokenizer import SentencePieceTokenizer
 
     tok = SentencePieceTokenizer(spm_model)
     res, _ = run(tmp_path, ['{"text": "a\\u0000b"}', b'{"text": "raw\x00nul"}'], spm_model)
@@ -89,7 +89,7 @@ def test_nul_characters_are_removed_and_counted(tmp_path, spm_model):
 
 def test_lone_surrogates_are_replaced_and_counted(tmp_path, spm_model):
     """A JSON escape of half a surrogate pair cannot be encoded as UTF-8: replaced, not a crash."""
-    from megatron_mhmoe.tokenizer import SentencePieceTokenizer
+    from megatron_mhmoe.data.tokenizer import SentencePieceTokenizer
 
     tok = SentencePieceTokenizer(spm_model)
     pair = '{"text": "ok \\ud83d\\ude00"}'  # a valid pair: one emoji, untouched

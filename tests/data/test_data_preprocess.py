@@ -11,7 +11,7 @@ import numpy as np
 from megatron_mhmoe.data.indexed import IndexedDataset
 from megatron_mhmoe.data.input_reader import InputConfig
 from megatron_mhmoe.data.preprocess import PreprocessConfig, preprocess
-from megatron_mhmoe.tokenizer import SentencePieceTokenizer
+from megatron_mhmoe.data.tokenizer import SentencePieceTokenizer
 
 from .conftest import run_tool, write_jsonl
 

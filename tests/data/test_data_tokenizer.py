@@ -7,7 +7,7 @@ import pytest
 
 from megatron_mhmoe.data.errors import DataError
 from megatron_mhmoe.data.spm_train import TokenizerTrainConfig, reservoir_sample, split_sentences, train_tokenizer
-from megatron_mhmoe.tokenizer import ByteTokenizer, SentencePieceTokenizer, build_tokenizer, check_vocab
+from megatron_mhmoe.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, build_tokenizer, check_vocab
 
 from .conftest import TRICKY, run_tool, write_jsonl
 

@@ -93,7 +93,7 @@ def test_program_merge_keeps_settings(name):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from megatron_mhmoe.runtime.deepspeed_adapter import build_ds_config
+    from megatron_mhmoe.runtime.engine import build_ds_config
     from megatron_mhmoe.runtime.run_config import RunConfig
     stage, precision, offload = SPEC[name]
     run = RunConfig()

@@ -225,12 +225,12 @@ def _fill(good: dict, tmp_path, items: list[str]) -> list[str]:
 
 def _run_train(argv: list[str], world: int, monkeypatch, capsys) -> tuple[int, str]:
     from megatron_mhmoe import train
-    from megatron_mhmoe.runtime import deepspeed_adapter
+    from megatron_mhmoe.runtime import engine
 
     def reached(*a, **k):
         raise AssertionError("validation let a bad input through to the process-group init")
 
-    monkeypatch.setattr(deepspeed_adapter, "init_distributed", reached)
+    monkeypatch.setattr(engine, "init_distributed", reached)
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                      MASTER_PORT="29999").items():
         monkeypatch.setenv(k, v)

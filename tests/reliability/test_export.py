@@ -49,7 +49,7 @@ def _trained_logits(rank: int, world: int, folder: str) -> torch.Tensor:
     from megatron_mhmoe.model.gpt import GPTModel
     from megatron_mhmoe.parallel import comm
     from megatron_mhmoe.parallel.context import ParallelContext
-    from megatron_mhmoe.runtime.deepspeed_adapter import checkpoint_safe_globals
+    from megatron_mhmoe.runtime.engine import checkpoint_safe_globals
     with open(os.path.join(folder, "manifest.json")) as f:
         cfg = model_config_from_dict(json.load(f)["config"]["model"])
     ctx = ParallelContext.from_world(2, 2)

@@ -151,7 +151,7 @@ def test_one_nan_step_is_skipped_and_training_continues(byte_data, tmp_path, zer
 
 
 def _assert_finite_checkpoint(folder: str) -> None:
-    from megatron_mhmoe.runtime.deepspeed_adapter import checkpoint_safe_globals
+    from megatron_mhmoe.runtime.engine import checkpoint_safe_globals
     for name in sorted(os.listdir(folder)):
         if name == MANIFEST:
             continue

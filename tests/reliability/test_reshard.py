@@ -138,5 +138,5 @@ def test_other_layout_without_tool_names_the_tool(trained, tmp_path):
 
 
 def _safe():
-    from megatron_mhmoe.runtime.deepspeed_adapter import checkpoint_safe_globals
+    from megatron_mhmoe.runtime.engine import checkpoint_safe_globals
     return checkpoint_safe_globals()

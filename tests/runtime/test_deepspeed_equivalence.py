@@ -41,7 +41,7 @@ def train_case(ctx_args, world: int) -> tuple[list, list]:
     from megatron_mhmoe.model.gpt import GPTModel
     from megatron_mhmoe.parallel.context import ParallelContext
     from megatron_mhmoe.parallel.grads import clip_gradients_
-    from megatron_mhmoe.runtime import deepspeed_adapter as ds
+    from megatron_mhmoe.runtime import engine as ds
     from megatron_mhmoe.runtime.run_config import RunConfig
 
     tp, ep, zero = ctx_args
@@ -76,7 +76,7 @@ def train_case(ctx_args, world: int) -> tuple[list, list]:
 
 def worker(rank: int, world: int) -> dict:
     os.environ["DS_ACCELERATOR"] = "cpu"
-    from megatron_mhmoe.runtime import deepspeed_adapter as ds
+    from megatron_mhmoe.runtime import engine as ds
     ds.init_distributed(120)
     return {case: train_case(case, world) for case in CASES[world]}
 
