@@ -26,6 +26,7 @@ from megatron_mhmoe.model.attention import SelfAttention
 from megatron_mhmoe.model.mlp import build_ffn
 from megatron_mhmoe.model.norms import build_norm
 from megatron_mhmoe.model.rope import rotary_tables
+from megatron_mhmoe.moe import sizing
 from megatron_mhmoe.parallel import init as pinit
 from megatron_mhmoe.parallel.context import ParallelContext
 from megatron_mhmoe.parallel.cross_entropy import masked_mean, vocab_parallel_cross_entropy
@@ -174,7 +175,9 @@ class GPTModel(nn.Module):
 
         Same numbers for every TP/EP layout: TP-split dims count TP times, expert stacks EP times,
         vocab dims count the true vocabulary (padding rows are never used). Tied weights count once.
-        active_per_token = non_expert + expert * top_k / num_experts (params a token's FFN touches).
+        active_per_token: `sizing.active_params` applied to this module's own counts, so that the figure
+        printed at start and `sizing.count_params(config)` follow one definition (non-expert parameters
+        in full, plus the h*k expert slots of a token's sub-tokens).
         """
         total = expert = 0
         for p in self.parameters():  # deduplicated: a tied weight is one parameter
@@ -185,6 +188,5 @@ class GPTModel(nn.Module):
             if is_expert(p):
                 expert += n
         non_expert = total - expert
-        moe = self.config.moe
-        active = non_expert + (round(expert * moe.top_k / moe.num_experts) if moe is not None else 0)
+        active = sizing.active_params(self.config.moe, non_expert, expert)
         return {"total": total, "expert": expert, "non_expert": non_expert, "active_per_token": active}

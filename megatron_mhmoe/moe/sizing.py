@@ -18,10 +18,23 @@ Parameter conventions (the layers follow these; a test may compare them with `nu
      experts E * n * (d/h) * e, stacked, no biases (n from moe.expert_activation).
   6. expert = the stacked expert weights of all MoE layers; non_expert = total - expert (router and
      head/merge projections are non-expert: every token uses them).
-     active_per_token = non_expert + expert * min(h*k, E) / E: a token's h sub-tokens each pass through
-     k whole experts, so it touches at most h*k of the E experts (equality when they are distinct).
-     active_per_subtoken = non_expert + expert * k / E (the usual SMoE figure; the same when h = 1).
-     With h*k <= E, 2 * active_per_token is exactly the weight-matmul FLOPs per token.
+
+Active parameters per token (`active_params`, the one definition; GPTModel.num_params uses it too):
+  active_per_token = non_expert + expert * h*k / E
+                   = non_expert + (MoE layers) * h*k * n*(d/h)*e.
+  - Non-expert parameters count in full: the whole input embedding table (V*d, not the one row a token
+    looks up), the whole learned position table, and the output layer (an untied LM head V*d; with tied
+    embeddings the one shared table, once). This is the usual MoE convention (total minus the experts a
+    token does not use): a dense model's active count is its total, and active differs from total only
+    by routing.
+  - Experts count per routing slot: each of a token's h sub-tokens goes to k experts, and each slot is one
+    expert FFN of input width d/h (n*(d/h)*e weights), so a token fills h*k slots per MoE layer. Two
+    sub-tokens of one token that pick the same expert count it twice: the figure is the expert weights
+    the token's matmuls read, 2 * (its expert part) == the 'experts' FLOPs term exactly, whatever the
+    routing, and it exceeds the expert total when h*k > E. The number of DISTINCT experts a token
+    touches depends on the routing (between k and min(h*k, E)), so it is not a config quantity.
+    Tokens dropped by a finite capacity factor are not accounted for (the figure is the dropless one).
+  active_per_subtoken = non_expert + expert * k / E (the usual SMoE figure; equal to the above when h = 1).
 
 FLOPs conventions (forward, per token, FLOPs = 2 * multiply-accumulates; bias adds, norms,
 activations, softmax, top-k, dispatch and the embedding lookup are not counted):
@@ -91,20 +104,32 @@ def count_params(cfg: ModelConfig) -> Dict[str, float]:
     expert = n_moe * moe["experts"]
     total = embedding + position + attention + norms + dense_ffn + n_moe * moe["total"]
     non_expert = total - expert
-    if n_moe:
-        m = cfg.moe
-        touched = min(m.num_heads * m.top_k, m.num_experts) / m.num_experts
-        per_sub = m.top_k / m.num_experts
-    else:
-        touched = per_sub = 0.0
+    per_sub = cfg.moe.top_k / cfg.moe.num_experts if n_moe else 0.0
     return {
         "total": total, "expert": expert, "non_expert": non_expert,
-        "active_per_token": non_expert + expert * touched,
+        "active_per_token": active_params(cfg.moe, non_expert, expert),
         "active_per_subtoken": non_expert + expert * per_sub,
         "embedding": embedding, "position": position, "attention": attention, "norms": norms,
         "dense_ffn": dense_ffn, "moe_projection": n_moe * moe["projection"],
         "router": n_moe * moe["router"],
     }
+
+
+def active_params(moe: Optional[MoEConfig], non_expert: int, expert: int) -> int:
+    """Active parameters per token (module docstring) from the non-expert and expert totals.
+
+    Takes the two totals rather than a whole config so that the live model (GPTModel.num_params, which
+    counts its own tensors) and `count_params` (which counts the config) apply the same definition.
+    `expert` is E equal stacks of experts, so expert * h*k / E is a whole number.
+    """
+    if moe is None or expert == 0:
+        return non_expert
+    return non_expert + expert * moe.num_heads * moe.top_k // moe.num_experts
+
+
+def active_params_per_token(cfg: ModelConfig) -> int:
+    """Active parameters per token of the model `cfg` describes (module docstring)."""
+    return count_params(cfg)["active_per_token"]
 
 
 # ============================================================================ FLOPs
@@ -381,7 +406,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base = {"params": count_params(smoe)["total"], "flops": flops_per_token(smoe, a.seq_len)}
     print(f"d={a.hidden_size} L={a.num_layers} V={a.vocab_size} d_ff={a.ffn_hidden_size} {a.activation} "
           f"E={a.num_experts} k={a.top_k} MoE every {a.moe_every} layer(s), seq_len={a.seq_len}; "
-          f"ratios vs the SMoE; active = params a token can touch")
+          f"ratios vs the SMoE; active = non-expert params + the h*k expert slots of a token")
     print(_table(rows, a.seq_len, base))
     print("matched sizes:")
     print("\n".join(notes))

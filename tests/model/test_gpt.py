@@ -204,7 +204,42 @@ def test_ffn_slot_builds_moe_layers_and_collects_stats(stub_moe):
     expert = 2 * 8 * 64 * 32
     assert counts["expert"] == expert
     assert counts["total"] == counts["non_expert"] + expert
-    assert counts["active_per_token"] == counts["non_expert"] + expert * 2 // 8
+    assert counts["active_per_token"] == counts["non_expert"] + expert * 4 * 2 // 8  # h*k slots of E
+
+
+def _sizing_variants():
+    import os
+
+    from megatron_mhmoe.runtime.cli import resolve_config
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    preset = os.path.join(root, "megatron_mhmoe", "presets", "quickstart.yaml")
+    d = dict(vocab_size=10, hidden_size=8, num_layers=2, num_attention_heads=2, ffn_hidden_size=16, max_seq_len=4)
+    smoe = MoEConfig(num_experts=4, top_k=2, num_heads=1, head_projection=False, expert_hidden_size=16,
+                     gate="softmax", moe_every=2)
+    mhmoe = MoEConfig(num_experts=16, top_k=2, num_heads=4, expert_hidden_size=6, gate_dim=3, moe_every=2)
+    many_slots = MoEConfig(num_experts=4, top_k=2, num_heads=4, expert_hidden_size=6, expert_activation="swiglu",
+                           moe_every=1)
+    return {
+        "quickstart": resolve_config(preset, []).model,
+        "dense_tied": ModelConfig(**d), "dense_untied_rope": ModelConfig(**d, tie_embeddings=False,
+                                                                         position_embedding="rope"),
+        "smoe": ModelConfig(**d, moe=smoe), "mhmoe": ModelConfig(**d, moe=mhmoe),
+        "mhmoe_untied_rmsnorm": ModelConfig(**d, moe=mhmoe, tie_embeddings=False, norm="rmsnorm"),
+        "mhmoe_hk_over_E": ModelConfig(**d, moe=many_slots),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_sizing_variants()))
+def test_num_params_is_the_sizing_count(name):
+    """The live module's counts (what training prints) are the config arithmetic of moe/sizing.py."""
+    from megatron_mhmoe.moe import sizing
+    cfg = _sizing_variants()[name]
+    counts = GPTModel(cfg, SINGLE).num_params()
+    want = sizing.count_params(cfg)
+    assert counts == {k: want[k] for k in ("total", "expert", "non_expert", "active_per_token")}
+    assert counts["active_per_token"] == sizing.active_params_per_token(cfg)
+    if name == "quickstart":
+        assert counts["active_per_token"] == counts["total"] == 1006850  # h*k = 8 = E slots per token
 
 
 def test_dense_model_does_not_import_moe(monkeypatch):

@@ -148,3 +148,78 @@ def test_cli():
                          capture_output=True, text=True, check=True).stdout
     for s in ("Dense", "SMoE", "MH-MoE h=2 [flops]", "k'=2 d'=768 E'=40", "k'=3 d'=512 E'=96"):
         assert s in out, out
+
+
+# ---------------------------------------------------------------------------- active parameters per token
+# d=8, V=10, L=2, 2 attention heads, GELU dense FFN f=16, LayerNorm, 4 learned positions; layer 1 is MoE.
+_BASE = dict(vocab_size=10, hidden_size=8, num_layers=2, num_attention_heads=2, ffn_hidden_size=16, max_seq_len=4)
+# Non-expert parts shared by every variant below (tied): token table 10*8, positions 4*8, attention
+# 2 x (8*24 + 24 + 8*8 + 8), norms 5 x (8 + 8).
+_SHARED = 10 * 8 + 4 * 8 + 2 * 288 + 5 * 16        # 768
+_DENSE_FFN = 8 * 16 + 16 + 16 * 8 + 8               # 280 per dense layer
+
+
+def _variant(name: str) -> ModelConfig:
+    if name in ("dense", "dense_untied"):
+        return ModelConfig(**_BASE, tie_embeddings=name == "dense").validate()
+    if name == "smoe":   # h=1, no projections, softmax gate, E=4 top-2 GELU experts of width 16
+        moe = MoEConfig(num_experts=4, top_k=2, num_heads=1, head_projection=False, expert_hidden_size=16,
+                        gate="softmax", moe_every=2)
+    else:                # h=4 (sub-tokens of width 2), k=2, E=16 GELU experts of width 6, xmoe gate_dim 3
+        moe = MoEConfig(num_experts=16, top_k=2, num_heads=4, expert_hidden_size=6, gate_dim=3, moe_every=2)
+    return ModelConfig(**_BASE, tie_embeddings=not name.endswith("untied"), moe=moe).validate()
+
+
+# name: (total, expert, active) counted by hand
+_ACTIVE_BY_HAND = {
+    # every parameter is active in a dense model, the whole embedding table included
+    "dense": (_SHARED + 2 * _DENSE_FFN, 0, _SHARED + 2 * _DENSE_FFN),
+    # + an untied LM head 10*8, active in full (every token's logits use all of it)
+    "dense_untied": (_SHARED + 2 * _DENSE_FFN + 80, 0, _SHARED + 2 * _DENSE_FFN + 80),
+    # router Linear(8 -> 4) = 32; experts 4 x (8*16 + 16*8) = 1024; a token uses 2 of them: 2 x 256
+    "smoe": (_SHARED + _DENSE_FFN + 32 + 1024, 1024, _SHARED + _DENSE_FFN + 32 + 2 * 256),
+    # projections 2 x (64 + 8) = 144; router Linear(2 -> 3) + 16 x 3 embeddings + temperature = 55;
+    # experts 16 x (2*6 + 6*2) = 384; a token's 4 sub-tokens x 2 experts = 8 slots of 24 weights = 192
+    "mhmoe": (_SHARED + _DENSE_FFN + 144 + 55 + 384, 384, _SHARED + _DENSE_FFN + 144 + 55 + 8 * 24),
+    "mhmoe_untied": (_SHARED + _DENSE_FFN + 144 + 55 + 384 + 80, 384, _SHARED + _DENSE_FFN + 144 + 55 + 192 + 80),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ACTIVE_BY_HAND))
+def test_active_params_by_hand(name):
+    total, expert, active = _ACTIVE_BY_HAND[name]
+    cfg = _variant(name)
+    p = sizing.count_params(cfg)
+    assert (p["total"], p["expert"], p["active_per_token"]) == (total, expert, active)
+    assert sizing.active_params_per_token(cfg) == active
+    assert isinstance(p["active_per_token"], int)
+
+
+def test_active_params_count_every_routing_slot():
+    """h*k slots per token even when h*k > E: twice the weights read is twice the active expert part, and
+    2 x the active expert part is the experts' FLOPs term whatever h, k and E are."""
+    for h, k, E in ((1, 1, 4), (1, 2, 4), (4, 2, 16), (4, 2, 8), (4, 2, 4), (2, 4, 4), (8, 1, 2)):
+        moe = MoEConfig(num_experts=E, top_k=k, num_heads=h, expert_hidden_size=6, gate_dim=3, moe_every=1)
+        cfg = ModelConfig(**_BASE, moe=moe).validate()
+        p = sizing.count_params(cfg)
+        active_expert = p["active_per_token"] - p["non_expert"]
+        # 2 MoE layers x h*k slots x 2 GELU matrices of (d/h) x 6
+        assert active_expert == 2 * h * k * 2 * (8 // h) * 6
+        assert 2 * active_expert == sizing.flops_breakdown(cfg, 4)["experts"]
+        if h == 1:
+            assert p["active_per_token"] == p["active_per_subtoken"]
+
+
+def test_active_params_quickstart_preset():
+    import os
+
+    from megatron_mhmoe.runtime.cli import resolve_config
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    preset = os.path.join(root, "megatron_mhmoe", "presets", "quickstart.yaml")
+    cfg = resolve_config(preset, []).model
+    p = sizing.count_params(cfg)
+    # 2 MoE layers x 8 experts x (32*128 + 128*32) = 131072 expert weights; h*k = 4*2 = 8 = E slots of
+    # 8192 weights per layer: every expert weight once per token, so active = total here.
+    assert p["expert"] == 131072 and p["total"] == 1006850
+    assert p["active_per_token"] == p["total"] == 1006850
+    assert p["active_per_subtoken"] == 1006850 - 131072 + 131072 * 2 // 8 == 908546
