@@ -1,8 +1,9 @@
 """The training program's command line, defined once.
 
 `megatron_mhmoe.train` parses with it, and `runtime/launch_check.py` (the pre-launch check of every launch
-script) splits the training arguments with the same parser, so the two cannot drift apart. Importing this
-module does not import torch.
+script) splits the training arguments with the same `parse_args` and resolves them with the same
+`resolve_config`, so the two cannot drift apart. Importing this module (and calling `resolve_config`) does
+not import torch: the launch check runs it before anything is started.
 """
 from __future__ import annotations
 
@@ -20,9 +21,13 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser(raise_errors: bool = False) -> argparse.ArgumentParser:
-    """The options of `python -m megatron_mhmoe.train`; raise_errors: ValueError instead of usage + exit 2."""
+    """The options of `python -m megatron_mhmoe.train`.
+
+    raise_errors: ValueError instead of usage + exit 2, and no -h/--help (which would print and exit), so a
+    caller that checks arguments is never ended by them.
+    """
     cls = _OneLineParser if raise_errors else argparse.ArgumentParser
-    p = cls(prog="python -m megatron_mhmoe.train",
+    p = cls(prog="python -m megatron_mhmoe.train", add_help=not raise_errors,
             description="Train a GPT with MH-MoE layers. Any config field can be overridden as --section.key=value "
                         "(e.g. --train.lr=3e-4 --parallel.ep=2 --model.moe.num_heads=4).")
     p.add_argument("--config", default=None, help="YAML or JSON run config")
@@ -42,9 +47,10 @@ def split_overrides(rest: list[str]) -> Optional[str]:
     return None
 
 
-def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
-    """(options, overrides); exits with usage on a bad argument, like any argparse program."""
-    p = build_parser()
+def parse_args(argv: Optional[list[str]], raise_errors: bool = False) -> tuple[argparse.Namespace, list[str]]:
+    """(options, overrides); exits with usage on a bad argument, like any argparse program, or with
+    raise_errors raises ValueError (see build_parser)."""
+    p = build_parser(raise_errors)
     args, rest = p.parse_known_args(argv)
     bad = split_overrides(rest)
     if bad is not None:

@@ -13,8 +13,10 @@ World size: from the hostfile (after --include/--exclude, or --nodes/--gpus-per-
 `--` are resolved exactly as megatron_mhmoe.train resolves them (built-in defaults < --config file <
 --section.key=value overrides), so a bad run config (TP/EP not dividing the world, batch arithmetic,
 unknown keys, ZeRO-3 with MoE ...) fails here, before any process is started; --tp/--ep, when given,
-must agree with it. A --deepspeed_config among the training arguments must be a JSON object whose ZeRO
-stage and precision agree with the run config (the program takes both from the run config).
+must agree with it. The training arguments are parsed and resolved by the program's own functions
+(runtime/cli.py), and a --deepspeed_config among them is held to the program's own rules
+(run_config.check_ds_config_agrees: a JSON object whose ZeRO stage, precision and optimizer offload agree
+with the run config), so nothing here can drift from what the program accepts. None of it imports torch.
 
 With the pdsh backend (DeepSpeed's default for multi-node), DeepSpeed joins host names, the master address,
 the module name, the training arguments and some environment variables into one shell command line that
@@ -49,7 +51,6 @@ _DQUOTE_ACTIVE = set('$`"\\!\n\r\x00')
 # Environment variables DeepSpeed's multi-node backends export to the remote command (runner.EXPORT_ENVS
 # plus the CUDA accelerator's export_envs()).
 _DS_EXPORT_PREFIXES = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL")
-_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
 class CheckError(Exception):
@@ -120,42 +121,19 @@ def resolve_world(a) -> tuple["OrderedDict[str, list[int]]", str]:
 
 
 # --------------------------------------------------------------------------------------- run config
-def _train_arg_parser() -> argparse.ArgumentParser:
-    """The options of megatron_mhmoe.train.parse_args (kept in step with it)."""
-    p = _Parser(prog="megatron_mhmoe.train", add_help=False)
-    p.add_argument("--config", default=None)
-    p.add_argument("--deepspeed_config", "--deepspeed-config", default=None)
-    p.add_argument("--local_rank", "--local-rank", default=None)
-    p.add_argument("--deepspeed", action="store_true")
-    p.add_argument("--print-config", action="store_true")
-    return p
-
-
 def split_train_args(train_args: list[str]):
-    args, rest = _train_arg_parser().parse_known_args(train_args)
-    for item in rest:
-        if not (item.startswith("--") and "=" in item):
-            raise CheckError(f"training argument {item!r} is not understood: options are --config FILE, "
-                             f"--deepspeed_config FILE and overrides --section.key=value")
-    return args, rest
-
-
-def program_base():
-    """The run config megatron_mhmoe.train starts from before the --config file and overrides."""
-    from megatron_mhmoe.runtime import run_config as rc
-    if hasattr(rc, "program_defaults"):
-        return rc.program_defaults()
-    # Mirrors megatron_mhmoe.train.resolve_config (train.py imports torch, too slow for a pre-launch check);
-    # tests/launch/test_launch_check.py compares the two.
-    base = rc.RunConfig(model=rc.default_moe_model())
-    base.parallel.ep = 2
-    return base
+    """(options, overrides) of the training arguments, parsed by the training program's own parser."""
+    from megatron_mhmoe.runtime import cli
+    try:
+        return cli.parse_args(train_args, raise_errors=True)
+    except ValueError as e:
+        raise CheckError(f"training arguments: {e}") from None
 
 
 def resolve_run_config(config_path: Optional[str], overrides: list[str]):
-    from megatron_mhmoe.runtime.run_config import RunConfig, load_config_file, merged_dict
-    file_dict = load_config_file(config_path) if config_path else None
-    return RunConfig.from_dict(merged_dict(program_base(), file_dict, overrides))
+    """The run config exactly as megatron_mhmoe.train resolves it."""
+    from megatron_mhmoe.runtime import cli
+    return cli.resolve_config(config_path, overrides)
 
 
 def check_sizes(world: int, tp: int, ep: int) -> None:
@@ -167,6 +145,8 @@ def check_sizes(world: int, tp: int, ep: int) -> None:
 
 
 def check_ds_config(path: str, cfg) -> dict:
+    """Read the --deepspeed_config file; its rules are the program's (run_config.check_ds_config_agrees)."""
+    from megatron_mhmoe.runtime.run_config import check_ds_config_agrees
     if not os.path.isfile(path):
         raise CheckError(f"--deepspeed_config {path} does not exist")
     try:
@@ -174,30 +154,12 @@ def check_ds_config(path: str, cfg) -> dict:
             ds = json.load(f)
     except (OSError, ValueError) as e:
         raise CheckError(f"--deepspeed_config {path} is not valid JSON: {e}") from None
-    if not isinstance(ds, dict):
-        raise CheckError(f"--deepspeed_config {path} must hold a JSON object, got {type(ds).__name__}")
-    present = [k for k in _BATCH_KEYS if k in ds]
-    if present:
-        warn(f"--deepspeed_config {path} sets {', '.join(present)}: ignored, the program fills the batch "
-             f"fields from the run config (train.micro_batch_size / global_batch_size / grad_accum_steps)")
-    for key in ("optimizer", "scheduler"):
-        if key in ds:
-            warn(f"--deepspeed_config {path} has an '{key}' section: ignored, the program builds its own")
-    t = cfg.train
-    stage = (ds.get("zero_optimization") or {}).get("stage")
-    if stage is not None and stage != t.zero_stage:
-        raise CheckError(
-            f"--deepspeed_config {path} has zero_optimization.stage={stage} but the run config has "
-            f"train.zero_stage={t.zero_stage}, and the program takes the stage from the run config: add "
-            f"--train.zero_stage={stage}")
-    want = "bf16" if (ds.get("bf16") or {}).get("enabled") else "fp16" if (ds.get("fp16") or {}).get("enabled") \
-        else None
-    if want is None and ("bf16" in ds or "fp16" in ds):
-        want = "fp32"
-    if want is not None and want != t.precision:
-        raise CheckError(
-            f"--deepspeed_config {path} enables {want} but the run config has train.precision={t.precision}, "
-            f"and the program takes the precision from the run config: add --train.precision={want}")
+    try:
+        notes = check_ds_config_agrees(cfg, ds, path)
+    except ValueError as e:
+        raise CheckError(str(e)) from None
+    for note in notes:
+        warn(note)
     return ds
 
 

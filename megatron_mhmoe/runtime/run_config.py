@@ -314,27 +314,62 @@ def program_defaults() -> RunConfig:
     return cfg
 
 
-def check_ds_config_agrees(run_cfg: RunConfig, ds_cfg: dict, path: str) -> None:
-    """ZeRO stage and precision come from the run config; a DeepSpeed file that says otherwise is an error,
-    not a silent override."""
+# Batch fields and these sections of a DeepSpeed file are replaced by what the program builds.
+DS_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+DS_REPLACED_SECTIONS = ("optimizer", "scheduler")
+
+
+def check_ds_config_agrees(run_cfg: RunConfig, ds_cfg: Any, path: str) -> list[str]:
+    """The rules a --deepspeed_config file must follow, for the program and for the pre-launch check alike.
+
+    ZeRO stage, precision and optimizer offload come from the run config; a DeepSpeed file that says
+    otherwise is a ValueError naming every disagreement, not a silent override. Returns notes on what
+    the file sets that the program replaces (batch fields, optimizer/scheduler sections), for the caller
+    to show as warnings.
+    """
+    if not isinstance(ds_cfg, dict):
+        raise ValueError(f"DeepSpeed config {path} must hold a JSON object, got {type(ds_cfg).__name__}")
+    for key in ("zero_optimization", "bf16", "fp16"):
+        if ds_cfg.get(key) is not None and not isinstance(ds_cfg[key], dict):
+            raise ValueError(f"DeepSpeed config {path}: '{key}' must be a JSON object, got "
+                             f"{type(ds_cfg[key]).__name__} {ds_cfg[key]!r}")
     t = run_cfg.train
+    zero = ds_cfg.get("zero_optimization") or {}
     problems = []
-    stage = (ds_cfg.get("zero_optimization") or {}).get("stage")
-    if stage is not None and int(stage) != t.zero_stage:
-        problems.append(f"zero_optimization.stage={stage} but train.zero_stage={t.zero_stage} "
-                        f"(add --train.zero_stage={stage})")
-    for prec in ("bf16", "fp16"):
-        enabled = bool((ds_cfg.get(prec) or {}).get("enabled", False))
-        if enabled and t.precision != prec:
-            problems.append(f"{prec}.enabled=true but train.precision={t.precision} (add --train.precision={prec})")
-        if not enabled and prec in ds_cfg and t.precision == prec:
-            problems.append(f"{prec}.enabled=false but train.precision={prec}")
-    offload = "offload_optimizer" in (ds_cfg.get("zero_optimization") or {})
-    if offload != t.offload_optimizer and offload:
+    stage = zero.get("stage")
+    if stage is not None:
+        # bool is an int in Python, but `"stage": true` is no stage; "2" (a string) is refused as well.
+        if isinstance(stage, bool) or not isinstance(stage, (int, float)):
+            problems.append(f"zero_optimization.stage={stage!r} is not a ZeRO stage number (0-3); the program "
+                            f"takes the stage from train.zero_stage={t.zero_stage}")
+        elif stage != t.zero_stage:
+            problems.append(f"zero_optimization.stage={stage} but train.zero_stage={t.zero_stage} "
+                            f"(add --train.zero_stage={stage:g})")
+    enabled = [prec for prec in ("bf16", "fp16") if bool((ds_cfg.get(prec) or {}).get("enabled", False))]
+    if len(enabled) == 2:
+        problems.append(f"bf16.enabled and fp16.enabled are both true; train.precision={t.precision}")
+    elif enabled and enabled[0] != t.precision:
+        problems.append(f"{enabled[0]}.enabled=true but train.precision={t.precision} "
+                        f"(add --train.precision={enabled[0]})")
+    elif not enabled and ("bf16" in ds_cfg or "fp16" in ds_cfg) and t.precision != "fp32":
+        # A file that names a half-precision section only to disable it asks for fp32.
+        sections = " and ".join(f"{prec}.enabled=false" for prec in ("bf16", "fp16") if prec in ds_cfg)
+        problems.append(f"{sections} (fp32) but train.precision={t.precision} (add --train.precision=fp32)")
+    if "offload_optimizer" in zero and not t.offload_optimizer:
         problems.append("zero_optimization.offload_optimizer is set but train.offload_optimizer=false "
                         "(add --train.offload_optimizer=true)")
     if problems:
-        raise ValueError(f"DeepSpeed config {path} disagrees with the run config: " + "; ".join(problems))
+        raise ValueError(f"DeepSpeed config {path} disagrees with the run config, from which the program takes "
+                         f"ZeRO stage, precision and offload: " + "; ".join(problems))
+    notes = []
+    present = [k for k in DS_BATCH_KEYS if k in ds_cfg]
+    if present:
+        notes.append(f"DeepSpeed config {path} sets {', '.join(present)}: ignored, the program fills the batch "
+                     f"fields from the run config (train.micro_batch_size / global_batch_size / grad_accum_steps)")
+    for key in DS_REPLACED_SECTIONS:
+        if key in ds_cfg:
+            notes.append(f"DeepSpeed config {path} has an '{key}' section: ignored, the program builds its own")
+    return notes
 
 
 def merged_dict(base: RunConfig, file_dict: Optional[dict], overrides: list[str]) -> dict:

@@ -121,7 +121,9 @@ def test_uneven_slots_and_tp_across_nodes_warns(capsys, tmp_path):
     (["--gpus-per-node", "4", "--tp", "2"], "--tp 2 but the run config resolves parallel.tp=1"),
     (["--gpus-per-node", "4", "--ep", "4"], "--ep 4 but the run config resolves parallel.ep=2"),
     (["--gpus-per-node", "2", "--", "--train.nope=1"], "unknown key(s) ['nope'] in train"),
-    (["--gpus-per-node", "2", "--", "positional"], "'positional' is not understood"),
+    (["--gpus-per-node", "2", "--", "positional"], "unrecognised argument 'positional'"),
+    (["--gpus-per-node", "2", "--", "--local_rank=x"], "argument --local_rank/--local-rank: invalid int value: 'x'"),
+    (["--gpus-per-node", "2", "--", "--help"], "unrecognised argument '--help'"),
     (["--gpus-per-node", "2", "--", "--config", "nope.yaml"], "does not exist"),
     (["--gpus-per-node", "2", "--", "--train.global_batch_size=7"], "global_batch_size 7 is not a multiple"),
     (["--gpus-per-node", "2", "--", "--train.zero_stage=3"], "ZeRO-3"),
@@ -236,10 +238,124 @@ def test_fp16_refused_on_cpu_accelerator(capsys, monkeypatch):
     assert code == 2 and "does not support fp16" in err
 
 
-def test_program_base_matches_the_training_program():
-    """launch_check mirrors megatron_mhmoe.train.resolve_config without importing torch."""
-    train = pytest.importorskip("megatron_mhmoe.train")
-    args, overrides = train.parse_args(["--parallel.tp=2", "--train.lr=0.5"])
-    assert LC.resolve_run_config(None, overrides).to_dict() == train.resolve_config(args, overrides).to_dict()
-    args, overrides = train.parse_args([])
-    assert LC.program_base().to_dict() == train.resolve_config(args, []).to_dict()
+# Every rule of run_config.check_ds_config_agrees, as (file contents, training overrides, message): each must
+# refuse the launch in launch_check and stop megatron_mhmoe.train before it starts.
+DS_RULES = {
+    "not an object": ([{"zero_optimization": {"stage": 0}}], [], "must hold a JSON object, got list"),
+    "section not an object": ({"zero_optimization": 1}, [], "'zero_optimization' must be a JSON object"),
+    "precision section not an object": ({"bf16": True}, [], "'bf16' must be a JSON object"),
+    "stage differs": ({"zero_optimization": {"stage": 2}}, [],
+                      "zero_optimization.stage=2 but train.zero_stage=0 (add --train.zero_stage=2)"),
+    "stage not a number": ({"zero_optimization": {"stage": "1"}}, ["--train.zero_stage=1"],
+                           "zero_optimization.stage='1' is not a ZeRO stage number"),
+    "bf16 on, run fp32": ({"bf16": {"enabled": True}}, [],
+                          "bf16.enabled=true but train.precision=fp32 (add --train.precision=bf16)"),
+    "fp16 on, run bf16": ({"fp16": {"enabled": True}}, ["--train.precision=bf16"],
+                          "fp16.enabled=true but train.precision=bf16 (add --train.precision=fp16)"),
+    "both on": ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, ["--train.precision=bf16"],
+                "bf16.enabled and fp16.enabled are both true"),
+    "bf16 off, run bf16": ({"bf16": {"enabled": False}}, ["--train.precision=bf16"],
+                           "bf16.enabled=false (fp32) but train.precision=bf16 (add --train.precision=fp32)"),
+    "fp16 off, run bf16": ({"fp16": {"enabled": False}}, ["--train.precision=bf16"],
+                           "fp16.enabled=false (fp32) but train.precision=bf16"),
+    "offload, run without": ({"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}},
+                             ["--train.zero_stage=1"], "add --train.offload_optimizer=true"),
+}
+
+
+@pytest.fixture(scope="module")
+def train_module():
+    # A plain import, not importorskip: a training program that no longer imports is a failure here.
+    import megatron_mhmoe.train as train
+    return train
+
+
+@pytest.mark.parametrize("path", ["launch_check", "train"])
+@pytest.mark.parametrize("rule", sorted(DS_RULES))
+def test_deepspeed_config_rules_fire_in_launch_check_and_train(capsys, tmp_path, monkeypatch, request, rule, path):
+    ds, overrides, match = DS_RULES[rule]
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps(ds))
+    argv = ["--deepspeed_config", str(f), *overrides]
+    if path == "launch_check":
+        code, out, err = run(capsys, "--gpus-per-node", "2", "--", *argv)
+        assert code == 2 and out == "" and err.startswith("launch_check: error:") and err.count("\n") == 1
+    else:
+        train = request.getfixturevalue("train_module")
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
+            monkeypatch.setenv(key, value)
+
+        def past_the_deepspeed_check(cfg):  # a file that passes must not start a run here
+            raise ValueError("the DeepSpeed config was accepted")
+        monkeypatch.setattr(train, "_check_data_inputs", past_the_deepspeed_check)
+        code = train.main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("config error:"), err
+    assert match in err, err
+
+
+def test_deepspeed_config_rules_accept_the_fixed_file(tmp_path):
+    """The hint in each message fixes it: the same file with the suggested override passes."""
+    from megatron_mhmoe.runtime.run_config import check_ds_config_agrees
+    fixed = {"stage differs": ["--train.zero_stage=2"], "bf16 on, run fp32": ["--train.precision=bf16"],
+             "fp16 on, run bf16": ["--train.precision=fp16"], "bf16 off, run bf16": ["--train.precision=fp32"],
+             "fp16 off, run bf16": ["--train.precision=fp32"],
+             "offload, run without": ["--train.zero_stage=1", "--train.offload_optimizer=true"]}
+    for rule, overrides in fixed.items():
+        cfg = LC.resolve_run_config(None, overrides)
+        assert check_ds_config_agrees(cfg, DS_RULES[rule][0], "ds.json") == [], rule
+    notes = check_ds_config_agrees(LC.resolve_run_config(None, []),
+                                   {"train_batch_size": 8, "scheduler": {}, "optimizer": {}}, "ds.json")
+    assert len(notes) == 3 and "train_batch_size" in notes[0] and "'optimizer'" in notes[1]
+
+
+def _with_extra_option(monkeypatch):
+    from megatron_mhmoe.runtime import cli
+    original = cli.build_parser
+
+    def with_extra(raise_errors=False):
+        p = original(raise_errors)
+        p.add_argument("--extra-option", default=None)
+        return p
+    monkeypatch.setattr(cli, "build_parser", with_extra)
+    return original
+
+
+def test_launch_check_parses_and_resolves_with_cli(capsys, monkeypatch):
+    """launch_check has no copy of the training command line: an option added to runtime/cli.py's parser,
+    or a change of its config resolution, reaches launch_check."""
+    from megatron_mhmoe.runtime import cli
+    assert run(capsys, "--gpus-per-node", "2", "--", "--extra-option", "7")[0] == 2
+    _with_extra_option(monkeypatch)
+    code, _, err = run(capsys, "--gpus-per-node", "2", "--", "--extra-option", "7", "--train.lr=0.5")
+    assert code == 0, err
+
+    def resolver(config_path, overrides):
+        raise ValueError(f"resolved by cli.resolve_config({config_path!r}, {overrides!r})")
+    monkeypatch.setattr(cli, "resolve_config", resolver)
+    code, _, err = run(capsys, "--gpus-per-node", "2", "--", "--train.lr=0.5")
+    assert code == 2 and "resolved by cli.resolve_config(None, ['--train.lr=0.5'])" in err
+
+
+def test_train_parses_and_resolves_with_cli(monkeypatch, train_module):
+    """...and so does the program: both use runtime/cli.py's functions, not copies of them."""
+    from megatron_mhmoe.runtime import cli
+    assert train_module.parse_args is cli.parse_args and train_module.resolve_config is cli.resolve_config
+    _with_extra_option(monkeypatch)
+    assert train_module.parse_args(["--extra-option", "7", "--train.lr=0.5"])[0].extra_option == "7"
+
+
+def test_launch_check_does_not_import_torch(tmp_path):
+    """The whole check (run config, DeepSpeed file, sizes) runs without torch or deepspeed: it precedes every
+    launch, and importing torch there would cost seconds and tie the check to an installed torch."""
+    code = ("import sys; from megatron_mhmoe.runtime import launch_check as LC; "
+            "rc = LC.main(sys.argv[1:]); heavy = sorted({'torch', 'deepspeed'} & set(sys.modules)); "
+            "print('heavy', heavy); sys.exit(rc)")
+    e = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    e.pop("DS_ACCELERATOR", None)
+    r = subprocess.run([sys.executable, "-c", code, "--gpus-per-node", "2", "--", "--config",
+                        os.path.join(ROOT, "megatron_mhmoe", "presets", "quickstart.yaml"), "--deepspeed_config",
+                        os.path.join(DS, "zero1_bf16.json"), "--train.precision=bf16"],
+                       capture_output=True, text=True, env=e, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "launch plan: world 2" in r.stdout and "heavy []" in r.stdout, r.stdout

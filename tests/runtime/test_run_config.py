@@ -305,3 +305,19 @@ def test_main_malformed_override_exits_2(bad, capsys):
     err = capsys.readouterr().err
     assert err.startswith("config error:")
     assert not dist.is_initialized()
+
+
+# ---------------------------------------------------------------------- DeepSpeed file vs run config
+def test_ds_config_disagreements_are_all_named_in_one_error():
+    """One message lists every disagreement (so one fix-up round, not one per launch), each with its fix."""
+    from megatron_mhmoe.runtime.run_config import check_ds_config_agrees
+    ds = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "bf16": {"enabled": True}}
+    with pytest.raises(ValueError) as e:
+        check_ds_config_agrees(moe_cfg(zero_stage=1), ds, "ds.json")
+    msg = str(e.value)
+    assert msg.startswith("DeepSpeed config ds.json disagrees with the run config")
+    for fix in ("--train.zero_stage=2", "--train.precision=bf16", "--train.offload_optimizer=true"):
+        assert fix in msg, msg
+    cfg = moe_cfg(zero_stage=2, precision="bf16", offload_optimizer=True)
+    assert check_ds_config_agrees(cfg, ds, "ds.json") == []
+    assert check_ds_config_agrees(cfg, {"zero_optimization": {"stage": 2.0}}, "ds.json") == []
