@@ -23,9 +23,35 @@ from megatron_mhmoe.parallel import comm
 from megatron_mhmoe.parallel.context import ParallelContext
 
 
+def _device_clock(device: torch.device) -> bool:
+    """Whether phases on `device` are timed with device events: CUDA kernels are asynchronous, so a host
+    clock around them measures the launch, not the work (and synchronizing to fix that would stall the
+    stream every phase). CPU ops are synchronous: the host clock is exact there."""
+    return device.type == "cuda"
+
+
+def _record_event(device: torch.device):
+    """A timing event recorded on the current stream of `device` (where the phase's kernels run)."""
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record(torch.cuda.current_stream(device))
+    return ev
+
+
+def _span_seconds(start, end) -> float:
+    # elapsed_time refuses events that have not completed. Both were recorded on one stream, start
+    # first, so once the end event is done the start is too: waiting on the end is enough.
+    end.synchronize()
+    return start.elapsed_time(end) / 1000.0
+
+
 @dataclass
 class DispatchProfile:
-    """What the last forward moved and where its time went (seconds; filled only when profiling)."""
+    """What a forward moved and where its time went (seconds per phase).
+
+    Phase times are host-clock durations on CPU and device-event spans on CUDA. Event spans are kept
+    unresolved until read: `times`, `seconds(name)` and `resolve()` wait for the recorded end events,
+    so reading is the only synchronization profiling adds. Read once per log interval (or use
+    `MoEDispatcher.take_times()`), not after every micro-batch."""
 
     rows_sent: int = 0
     """Sub-token rows handed to the dispatch all-to-all (this rank's kept assignments)."""
@@ -35,7 +61,42 @@ class DispatchProfile:
     """Bytes handed to the forward dispatch all-to-alls: rows_sent * d_sub * itemsize + the counts (E int64).
     A whole fwd+bwd step sends (2 rows_sent + 2 rows_received) * d_sub * itemsize + E * 8: the combine
     returns the received rows and the backward runs both all-to-alls in the other direction."""
-    times: dict = field(default_factory=dict)
+    _resolved: dict = field(default_factory=dict, repr=False)
+    _pending: list = field(default_factory=list, repr=False)  # (name, start event, end event)
+
+    def add_seconds(self, name: str, seconds: float) -> None:
+        self._resolved[name] = self._resolved.get(name, 0.0) + seconds
+
+    def add_span(self, name: str, start, end) -> None:
+        self._pending.append((name, start, end))
+
+    def drain_ready(self) -> None:
+        """Fold in the spans whose events have completed, without waiting: keeps the pending list as
+        short as the GPU is behind the host when nobody reads for a long while."""
+        if not self._pending:
+            return
+        waiting = []
+        for name, start, end in self._pending:
+            if end.query():
+                self.add_seconds(name, start.elapsed_time(end) / 1000.0)
+            else:
+                waiting.append((name, start, end))
+        self._pending = waiting
+
+    def resolve(self) -> dict:
+        """Seconds per phase (name -> float), waiting for any span still running on the device."""
+        pending, self._pending = self._pending, []
+        for name, start, end in pending:
+            self.add_seconds(name, _span_seconds(start, end))
+        return self._resolved
+
+    @property
+    def times(self) -> dict:
+        """Seconds per phase; reading it resolves pending device spans (see `resolve`)."""
+        return self.resolve()
+
+    def seconds(self, name: str) -> float:
+        return self.resolve().get(name, 0.0)
 
 
 class MoEDispatcher:
@@ -47,8 +108,11 @@ class MoEDispatcher:
         self.ctx = ctx
         self.num_experts = num_experts
         self.num_local_experts = num_experts // ctx.ep_size
-        self.profile_enabled = False
+        self.profile_enabled = True
+        """Time the dispatch phases (host clock on CPU, device events on CUDA: no synchronization until read)."""
         self.profile = DispatchProfile()
+        """The last forward: rows and bytes moved, seconds per phase."""
+        self._since_take = DispatchProfile()  # seconds per phase over every forward since take_times()
 
     # ------------------------------------------------------------------ TP token split
     @property
@@ -85,13 +149,32 @@ class MoEDispatcher:
         return comm.all_reduce_(t.clone(), self.ctx.tp_group)
 
     # ------------------------------------------------------------------ dispatch / combine
-    def _tick(self, name: str, t0: float, device: torch.device) -> float:
+    def take_times(self) -> dict:
+        """Seconds per phase summed over every forward since the previous call, then restarted.
+
+        Waits for the device events of those forwards still running (once per call, so call it once per
+        log interval). Includes forwards recomputed by activation checkpointing: their all-to-alls are
+        real communication time too. Phases: permute, counts_exchange, all_to_all, experts, combine."""
+        times, self._since_take = self._since_take.resolve(), DispatchProfile()
+        return times
+
+    def _mark(self, device: torch.device):
         if not self.profile_enabled:
-            return t0
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            return None
+        return _record_event(device) if _device_clock(device) else time.perf_counter()
+
+    def _tick(self, name: str, mark, device: torch.device):
+        """Close phase `name` begun at `mark`; the returned mark begins the next phase."""
+        if mark is None:
+            return None
+        if _device_clock(device):
+            end = _record_event(device)
+            self.profile.add_span(name, mark, end)
+            self._since_take.add_span(name, mark, end)
+            return end
         now = time.perf_counter()
-        self.profile.times[name] = self.profile.times.get(name, 0.0) + (now - t0)
+        self.profile.add_seconds(name, now - mark)
+        self._since_take.add_seconds(name, now - mark)
         return now
 
     def dispatch_combine(self, x_sub: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor,
@@ -106,7 +189,8 @@ class MoEDispatcher:
         S, k = experts.shape
         E, E_local, ep = self.num_experts, self.num_local_experts, self.ctx.ep_size
         self.profile = DispatchProfile()
-        t0 = time.perf_counter()
+        self._since_take.drain_ready()
+        t0 = self._mark(x_sub.device)
         # 1. Kept assignments stay grouped by expert and in queue order when filtered out of the sort.
         e_flat = experts.t().reshape(-1)  # (k*S,) choice-major
         if order is None:
