@@ -62,7 +62,7 @@ def mean_divergence(hist: torch.Tensor) -> float:
     """Average number of distinct experts per token from a divergence histogram."""
     h = hist.double()
     total = h.sum()
-    return float((h * torch.arange(h.numel(), dtype=torch.float64)).sum() / total) if total > 0 else 0.0
+    return float((h * torch.arange(h.numel(), dtype=torch.float64, device=h.device)).sum() / total) if total > 0 else 0.0
 
 
 def divergence_histogram(experts: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -13,6 +13,11 @@
 Every function is the identity when its group is None (size 1), so single-process code runs the
 same path. gloo (CPU) has no reduce-scatter and no all_gather_into_tensor: the helpers fall back to
 all-reduce + split and list all-gather there.
+
+This module (and the rest of parallel/) is the only caller of torch.distributed. Every tensor handed to a
+collective is checked against the device its backend needs (`check_device`): NCCL takes only CUDA tensors,
+which gloo does not enforce, and under the host-tensor guard (parallel/host_tensor.py) no host tensor
+may reach a collective, so a CPU test sees what a GPU run would hit.
 """
 from __future__ import annotations
 
@@ -21,7 +26,11 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_mhmoe.parallel.host_tensor import DeviceMismatch, is_host
+
 Group = Optional[dist.ProcessGroup]
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
 def group_size(group: Group) -> int:
@@ -36,11 +45,61 @@ def _is_gloo(group: Group) -> bool:
     return dist.get_backend(group) == "gloo"
 
 
+def world_group() -> Group:
+    """The default group, or None on one process (then every collective here is the identity)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return dist.group.WORLD
+
+
+def check_device(x: torch.Tensor, group: Group) -> None:
+    """Refuse a tensor the group's backend would refuse on a GPU node (module docstring)."""
+    if is_host(x):
+        raise DeviceMismatch(f"a host tensor of shape {tuple(x.shape)} was handed to a collective: on NCCL this "
+                             f"fails; create it with device=engine.device or move it with .to(engine.device)")
+    if group is not None and x.device.type != "cuda" and dist.get_backend(group) == "nccl":
+        raise DeviceMismatch(f"a {x.device} tensor of shape {tuple(x.shape)} was handed to an NCCL collective, "
+                             f"which takes CUDA tensors only: create it on engine.device")
+
+
 # ------------------------------------------------------------------ raw (non-autograd) helpers
-def all_reduce_(x: torch.Tensor, group: Group) -> torch.Tensor:
+def all_reduce_(x: torch.Tensor, group: Group, op: str = "sum") -> torch.Tensor:
     if group is not None:
-        dist.all_reduce(x, group=group)
+        check_device(x, group)
+        dist.all_reduce(x, op=_REDUCE_OPS[op], group=group)
     return x
+
+
+def broadcast_(x: torch.Tensor, src: int, group: Group) -> torch.Tensor:
+    """In place from global rank src (a member of group)."""
+    if group is not None:
+        check_device(x, group)
+        dist.broadcast(x, src=src, group=group)
+    return x
+
+
+def barrier(group: Group = None) -> None:
+    """Wait for every rank of group (the world when None and more than one process)."""
+    group = group if group is not None else world_group()
+    if group is not None:
+        dist.barrier(group=group)
+
+
+def leave_process_group() -> None:
+    """A clean exit after training: wait for every rank, then tear the group down."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_gather_object(obj, group: Group = None) -> list:
+    """Picklable objects of every rank of group (the world when None), in rank order."""
+    group = group if group is not None else world_group()
+    if group is None:
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def all_gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
@@ -48,6 +107,7 @@ def all_gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     if size == 1:
         return x
     x = x.contiguous()
+    check_device(x, group)
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x, group=group)
     return torch.cat(parts, dim=dim)
@@ -72,6 +132,7 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     if _is_gloo(group):
         return split(all_reduce_(x.contiguous().clone(), group), dim, group)
     parts = [p.contiguous() for p in x.chunk(size, dim=dim)]
+    check_device(parts[0], group)
     out = torch.empty_like(parts[0])
     dist.reduce_scatter(out, parts, group=group)
     return out
@@ -82,6 +143,7 @@ def all_to_all_v(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence
     """all_to_all_single along dim 0 with uneven splits (rows sent to / received from each rank)."""
     if group is None:
         return x
+    check_device(x, group)
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), output_split_sizes=list(out_splits),
                            input_split_sizes=list(in_splits), group=group)

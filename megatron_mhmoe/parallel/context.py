@@ -167,6 +167,10 @@ class ParallelContext:
     def get_pipeline_model_parallel_group(self):
         return _self_group(self)
 
+    def self_group(self):
+        """A one-rank process group holding only this rank (DeepSpeed wants a group for size-1 dimensions)."""
+        return _self_group(self)
+
     get_pipe_parallel_rank = get_pipeline_model_parallel_rank
     get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
     get_pipe_parallel_group = get_pipeline_model_parallel_group

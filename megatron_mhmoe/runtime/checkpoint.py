@@ -29,8 +29,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from megatron_mhmoe.parallel import comm
 from megatron_mhmoe.parallel.context import ParallelContext
 from megatron_mhmoe.runtime import faults
 
@@ -163,15 +163,10 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ helpers
     def _barrier(self) -> None:
-        if dist.is_initialized() and self.ctx.world_size > 1:
-            dist.barrier()
+        comm.barrier()
 
     def _gather(self, obj) -> list:
-        if not dist.is_initialized() or self.ctx.world_size == 1:
-            return [obj]
-        out = [None] * self.ctx.world_size
-        dist.all_gather_object(out, obj)
-        return out
+        return comm.all_gather_object(obj)
 
     def rank_file(self, folder: str, rank: Optional[int] = None) -> str:
         return os.path.join(folder, f"rank_{self.ctx.rank if rank is None else rank:05d}.pt")

@@ -1,4 +1,10 @@
-"""The only module that imports deepspeed.
+"""The training engine: the only module that imports deepspeed, and the one object that owns the device.
+
+`Engine` wraps DeepSpeed's engine. Everything the training step hands to the model or to a collective is
+created on, or moved to, `Engine.device` (`cuda:LOCAL_RANK` on GPU nodes, `cpu` otherwise). It owns
+forward/backward, the optimizer step, the gradient-clipping policy, the loss scale, the gradient norm,
+the checkpoint state (ZeRO-3 parameters gathered) and the universal per-parameter optimizer state
+(DeepSpeed's fragment mappings).
 
 What DeepSpeed 0.19.8 keys on, and how the MH-MoE model meets it:
 1. MoE awareness: the engine sets `has_moe_layers` only for modules that are instances of
@@ -7,28 +13,44 @@ What DeepSpeed 0.19.8 keys on, and how the MH-MoE model meets it:
 2. Groups: the engine calls `set_deepspeed_parallelism()` on every module that has it; the marker registers
    the ParallelContext's EP/EDP groups in deepspeed.utils.groups under the name `ep_size_<EP>`.
 3. Param groups: expert params (`allreduce=False`, `group_name`) go to `{'moe': True, 'name': ...}` groups.
-4. TP-partial grads (MoE head/merge/router, sequence-parallel norms): summed over TP by a grad hook, so the
-   sum is done before ZeRO's reduction hooks see the gradient.
+4. TP-partial grads (MoE head/merge/router, sequence-parallel norms): summed over TP by a grad hook
+   (parallel.grads), so the sum is done before ZeRO's reduction hooks see the gradient.
 5. Checkpoints do not go through `engine.save_checkpoint`: DeepSpeed writes expert files only for its own
-   native expert layout. runtime/checkpoint.py saves every rank's model shard and optimizer partition
-   from the engine's state dicts instead.
+   native expert layout. runtime/checkpoint.py saves every rank's `Engine.state_dict()` instead.
+
+The clip policy, once: ZeRO-1/2/3 clip inside DeepSpeed (ZeRO-1/2 count each TP shard and expert once:
+`mark_norm_ownership`). At ZeRO-0 DeepSpeed's norm is wrong once DP ranks hold different experts (fp32:
+per-rank norms averaged over DP; bf16: BF16_Optimizer's norm leaves every expert out), so at ZeRO-0 in
+every precision DeepSpeed's clipping is off and `Engine.step` computes the exact norm itself
+(parallel.grads.global_norm) over the gradients the optimizer will apply: the params' grads (fp32), the
+fp32 gradient buffers (bf16) or the loss-scaled fp16 grads divided by the scale (fp16). A non-finite norm
+skips the update on every rank (the norm is global, so every rank decides the same).
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
+import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from megatron_mhmoe.parallel import comm
+from megatron_mhmoe.parallel import comm, grads
 from megatron_mhmoe.parallel.context import ParallelContext
 from megatron_mhmoe.parallel.params import is_expert
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
+# DeepSpeed 0.19.8's ZeRO gathers with torch.distributed.all_gather_into_tensor, which torch 2.13 marks
+# deprecated, once per rank and run: nothing a user can act on, so it is not shown.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                        category=FutureWarning)
+
 import deepspeed  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
 from deepspeed.moe.layer import MoE as _DeepSpeedMoE  # noqa: E402
 from deepspeed.utils import groups as _ds_groups  # noqa: E402
 
@@ -38,6 +60,27 @@ def skip_cpu_jit_ops() -> None:
     mod = sys.modules.get("deepspeed.comm.torch")
     if mod is not None and not torch.cuda.is_available():
         mod.build_shm_op = lambda: None
+
+
+def init_distributed(timeout_s: float) -> torch.device:
+    """Join the job's process group (env:// from the launcher) with a collective timeout; the device."""
+    skip_cpu_jit_ops()
+    try:
+        from megatron_mhmoe.parallel import devices
+        backend = devices.init_process_group(timeout_s)
+    except ImportError:  # TEMP until parallel/devices.py lands
+        import datetime
+        import torch.distributed as dist
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
+    skip_cpu_jit_ops()
+    return accelerator_device()
+
+
+def accelerator_device() -> torch.device:
+    """Where DeepSpeed puts the model: this process's GPU on CUDA nodes, else the CPU."""
+    return torch.device(get_accelerator().current_device_name())
 
 
 class _MoEMarker(_DeepSpeedMoE):
@@ -63,41 +106,17 @@ class _MoEMarker(_DeepSpeedMoE):
         raise RuntimeError("_MoEMarker is a DeepSpeed registration shim, not a layer")
 
 
-def _real_group(group, ranks: list[int]):
-    """DeepSpeed needs a process group even for a size-1 dimension; ours are None there."""
-    if group is not None:
-        return group
-    import torch.distributed as dist
-    mine = None
-    for r in range(dist.get_world_size()):  # collective: every rank creates every singleton group
-        g = dist.new_group(ranks=[r])
-        if r == dist.get_rank():
-            mine = g
-    return mine
-
-
 def attach_moe_markers(model: nn.Module, ctx: ParallelContext) -> int:
     from megatron_mhmoe.moe.layer import MHMoELayer
     layers = [m for m in model.modules() if isinstance(m, MHMoELayer)]
     if not layers:
         return 0
-    ep_group = _real_group(ctx.ep_group, ctx.ep_ranks)
-    edp_group = _real_group(ctx.edp_group, ctx.edp_ranks)
+    # DeepSpeed needs a process group even for a size-1 dimension; ours are None there.
+    ep_group = ctx.ep_group if ctx.ep_group is not None else ctx.self_group()
+    edp_group = ctx.edp_group if ctx.edp_group is not None else ctx.self_group()
     for layer in layers:
         layer.ds_marker = _MoEMarker(layer.moe.num_experts, ctx, ep_group, edp_group)
     return len(layers)
-
-
-def install_tp_partial_grad_hooks(model: nn.Module, ctx: ParallelContext) -> int:
-    """Sum over TP the grads of params each TP rank fed with other tokens, inside backward."""
-    if ctx.tp_group is None:
-        return 0
-    n = 0
-    for p in model.parameters():
-        if getattr(p, "tp_partial_grad", False):
-            p.register_hook(lambda g, group=ctx.tp_group: comm.all_reduce_(g.clone(), group))
-            n += 1
-    return n
 
 
 def mark_norm_ownership(model: nn.Module) -> None:
@@ -139,11 +158,8 @@ def build_ds_config(run_cfg, world_size: int, base: Optional[dict] = None) -> di
         train_batch_size=t.global_batch_size,
         train_micro_batch_size_per_gpu=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum_steps,
-        # ZeRO-1/2 count every expert once (mark_norm_ownership); the engine's stage-0 fp32 clip averages
-        # per-rank norms over DP, which is wrong once DP ranks hold different experts: the training
-        # loop clips stage-0 fp32 itself (parallel.grads.global_grad_norm). Stage-0 bf16/fp16 keep their
-        # gradients in the engine's fp32 copies, out of the loop's reach, so the engine clips them.
-        gradient_clipping=0.0 if (t.zero_stage == 0 and t.precision == "fp32") else float(t.clip_grad),
+        # ZeRO-0 clips in Engine.step with the exact norm (module docstring); ZeRO-1/2/3 inside DeepSpeed.
+        gradient_clipping=0.0 if t.zero_stage == 0 else float(t.clip_grad),
         steps_per_print=10 ** 9,  # we log ourselves
         wall_clock_breakdown=False,
     )
@@ -179,37 +195,6 @@ def build_ds_config(run_cfg, world_size: int, base: Optional[dict] = None) -> di
     return cfg
 
 
-def initialize(model: nn.Module, run_cfg, ctx: ParallelContext, ds_config: dict, lr_lambda):
-    """deepspeed.initialize with the context as mpu, MoE groups registered and TP-partial hooks installed."""
-    skip_cpu_jit_ops()
-    attach_moe_markers(model, ctx)
-    install_tp_partial_grad_hooks(model, ctx)
-    mark_norm_ownership(model)
-    t = run_cfg.train
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay, ctx), lr=t.lr,
-                                  betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=ctx,
-                                           config=ds_config, dist_init_required=False)
-    return engine
-
-
-def init_distributed(timeout_s: float) -> None:
-    """Join the job's process group (env:// from the launcher) with a collective timeout."""
-    import datetime
-
-    import torch.distributed as dist
-    if dist.is_initialized():
-        return
-    skip_cpu_jit_ops()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
-    skip_cpu_jit_ops()
-
-
 def checkpoint_safe_globals() -> list:
     """DeepSpeed classes inside ZeRO optimizer state dicts: the allow-list for weights_only loading.
 
@@ -221,12 +206,327 @@ def checkpoint_safe_globals() -> list:
     return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
 
 
-def engine_loss_scale(engine) -> float:
-    try:
-        return float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else 1.0
-    except Exception:  # pragma: no cover - optimizer wrappers differ across stages
-        return 1.0
+@dataclass
+class StepResult:
+    """What one optimizer step reports."""
+
+    grad_norm: float
+    """Global L2 norm of the gradient before clipping, every element counted once (nan/inf: not finite)."""
+    skipped: bool
+    """The update was not applied (non-finite gradient, or an fp16 overflow that lowered the loss scale)."""
 
 
-def skipped_steps(engine) -> int:
-    return int(getattr(engine, "skipped_steps", 0))
+class Engine:
+    """DeepSpeed's engine for one model, the device it runs on, and the clip policy (module docstring)."""
+
+    def __init__(self, model: nn.Module, run_cfg, ctx: ParallelContext, lr_lambda, ds_base: Optional[dict] = None):
+        skip_cpu_jit_ops()
+        self.ctx, self.cfg = ctx, run_cfg
+        t = run_cfg.train
+        self.zero_stage, self.precision, self.clip_grad = t.zero_stage, t.precision, float(t.clip_grad)
+        self.device = accelerator_device()
+        attach_moe_markers(model, ctx)
+        grads.install_tp_partial_grad_hooks(model, ctx)
+        mark_norm_ownership(model)
+        self.ds_config = build_ds_config(run_cfg, ctx.world_size, ds_base)
+        optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay, ctx), lr=t.lr,
+                                      betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=ctx,
+                                                config=self.ds_config, dist_init_required=False)
+        self.module = self.ds.module
+        self.optimizer = self.ds.optimizer
+        self.lr_scheduler = self.ds.lr_scheduler
+        self._skipped_here = 0
+
+    # ------------------------------------------------------------------ compute
+    def to_device(self, batch: dict) -> dict:
+        """A batch's tensors on the engine's device (DeepSpeed's forward does not move inputs)."""
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def __call__(self, *args, **kwargs):
+        return self.ds(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    def step(self) -> StepResult:
+        """The optimizer step at the end of a global batch (after the last micro-batch's backward)."""
+        skipped_before = self.skipped_steps
+        if self.zero_stage == 0:
+            pairs, inv_scale = self._grads_the_optimizer_applies()
+            norm = float(grads.global_norm(pairs, self.ctx, self.device)) * inv_scale
+            if not math.isfinite(norm):
+                self._step_without_update()
+                return StepResult(norm, True)
+            coef = grads.clip_coefficient(norm, self.clip_grad)
+            if coef != 1.0:
+                for _, g in pairs:
+                    g.mul_(coef)
+            self.ds.step()
+            return StepResult(norm, self.skipped_steps > skipped_before)
+        self.ds.step()
+        gn = self.ds.get_global_grad_norm()
+        norm = float(gn) if gn is not None else float("nan")
+        return StepResult(norm, self.skipped_steps > skipped_before)
+
+    def _grads_the_optimizer_applies(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
+        """(param, gradient) pairs as the ZeRO-0 optimizer will read them, and 1/loss scale."""
+        opt = self.optimizer
+        if hasattr(opt, "bf16_groups") and hasattr(opt, "fp32_groups_gradients"):  # BF16_Optimizer
+            return ([(lp, opt.fp32_groups_gradients[i][j]) for i, group in enumerate(opt.bf16_groups)
+                     for j, lp in enumerate(group) if opt.fp32_groups_has_gradients[i][j]], 1.0)
+        if hasattr(opt, "fp16_groups") and hasattr(opt, "cur_scale"):  # FP16 (unfused): loss-scaled grads
+            return ([(p, p.grad) for group in opt.fp16_groups for p in group if p.grad is not None],
+                    1.0 / float(opt.cur_scale))
+        return [(p, p.grad) for p in self.module.parameters() if p.grad is not None], 1.0
+
+    def _step_without_update(self) -> None:
+        """Advance the schedule and clear the gradients without touching the weights (non-finite norm)."""
+        opt = self.optimizer
+        if hasattr(opt, "clear_hp_grads"):  # BF16_Optimizer: fp32 buffers persist across steps
+            opt.clear_hp_grads()
+        for p in self.module.parameters():
+            p.grad = None  # torch's AdamW leaves a param without a grad untouched
+        if hasattr(opt, "fp32_groups_flat_partition"):
+            real = opt.step
+
+            def skip(closure=None):
+                opt.overflow = True
+                if hasattr(opt, "clear_lp_grads"):
+                    opt.clear_lp_grads()
+
+            opt.step = skip
+            try:
+                self.ds.step()
+            finally:
+                opt.step = real
+        else:
+            self.ds.step()
+        self._skipped_here += 1
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose update was not applied: DeepSpeed's fp16 overflow skips plus ZeRO-0 non-finite norms."""
+        return int(getattr(self.ds, "skipped_steps", 0)) + self._skipped_here
+
+    @property
+    def loss_scale(self) -> Optional[float]:
+        """The fp16 dynamic loss scale (None in bf16/fp32, where there is none)."""
+        if self.precision != "fp16":
+            return None
+        for obj in (self.optimizer, getattr(self.optimizer, "loss_scaler", None)):
+            if obj is not None and hasattr(obj, "cur_scale"):
+                return float(obj.cur_scale)
+        return None
+
+    @property
+    def lr(self) -> float:
+        return self.lr_scheduler.get_last_lr()[0]
+
+    @property
+    def global_steps(self) -> int:
+        return self.ds.global_steps
+
+    @global_steps.setter
+    def global_steps(self, value: int) -> None:
+        self.ds.global_steps = value
+
+    # ------------------------------------------------------------------ checkpoint state
+    def _zero3_params(self) -> list:
+        return [p for p in self.module.parameters() if hasattr(p, "ds_id")]
+
+    def model_state_dict(self) -> dict:
+        """This rank's TP/EP-local weights in full (ZeRO-3 partitions gathered: collective there)."""
+        z3 = self._zero3_params()
+        if not z3:
+            return self.module.state_dict()
+        with deepspeed.zero.GatheredParameters(z3, modifier_rank=None):
+            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    @torch.no_grad()
+    def load_model_state_dict(self, state: dict) -> None:
+        z3 = self._zero3_params()
+        if not z3:
+            self.module.load_state_dict(state)
+            return
+        with deepspeed.zero.GatheredParameters(z3, modifier_rank=0):
+            self.module.load_state_dict(state)
+
+    def optimizer_state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        if self.ds.zero_optimization():
+            # ZeRO wants the list of every DP rank's state; each rank only reads its own entry.
+            self.optimizer.load_state_dict([state] * self.ds.dp_world_size, load_from_fp32_weights=True)
+        else:
+            self.optimizer.load_state_dict(state)
+
+    # ------------------------------------------------------------------ universal optimizer state
+    def universal_entries(self) -> Optional[dict]:
+        """Collective. name -> {fp32, exp_avg, exp_avg_sq, step} of every local parameter (not ZeRO-split),
+        or None when this optimizer's per-parameter layout is unknown."""
+        from megatron_mhmoe.runtime import universal
+        acc = _OptimizerAccess(self)
+        return None if acc.kind is None else acc.entries(universal.STATE_KEYS)
+
+    def load_universal_entries(self, entries: dict) -> None:
+        """Collective. Set master weights, model weights and Adam state of every local parameter."""
+        from megatron_mhmoe.runtime import universal
+        acc = _OptimizerAccess(self)
+        if acc.kind is None:
+            raise RuntimeError(f"cannot restore universal optimizer state: optimizer {type(self.optimizer).__name__} "
+                               f"has no known per-parameter state layout")
+        acc.restore(entries, universal.STATE_KEYS)
+        # The param groups still hold the initial lr: take the scheduler's.
+        for group, lr in zip(self.lr_scheduler.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+
+
+def _step_of(state: dict) -> float:
+    s = state.get("step", 0.0)
+    return float(s.item() if torch.is_tensor(s) else s)
+
+
+class _OptimizerAccess:
+    """Per-parameter fp32 master weights and Adam moments, whatever holds them.
+
+    kinds: 'z3' (ZeRO-3 partitions, DeepSpeed's safe_* accessors), 'hp' (fragment mappings of ZeRO-1/2 and
+    BF16_Optimizer), 'unfused' (fp32 copies of FP16_UnfusedOptimizer), 'torch' (plain AdamW at ZeRO-0 fp32).
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine, self.opt = engine, engine.optimizer
+        opt = self.opt
+        if any(hasattr(p, "ds_id") for p in engine.module.parameters()):
+            self.kind = "z3"
+        elif hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+            self.kind = "hp"
+        elif hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups") and hasattr(opt, "optimizer"):
+            self.kind = "unfused"
+        elif isinstance(opt, torch.optim.Optimizer):
+            self.kind = "torch"
+        else:
+            self.kind = None
+
+    @property
+    def base(self):
+        return self.opt.optimizer if self.kind in ("hp", "unfused", "z3") else self.opt
+
+    def _relink(self) -> None:
+        """DeepSpeed 0.19.8 links fragment views of the Adam state after the FIRST group's step only, so the
+        other groups' fragments stay empty (safe_get_full_optimizer_state raises): link them all again."""
+        self.opt._hp_optimizer_states_linked = False
+        self.opt._lazy_init_hp_params_optimizer_state()
+
+    def _global_step(self) -> float:
+        step = max([_step_of(s) for s in self.base.state.values()] or [0.0])
+        t = torch.tensor([step], dtype=torch.float64, device=self.engine.device)
+        comm.all_reduce_(t, comm.world_group(), op="max")
+        return float(t)
+
+    def _full_hp(self, p, key: Optional[str]) -> torch.Tensor:
+        """The fp32 master (key None) or an Adam moment of `p`, assembled over its ZeRO group (collective).
+        Like DeepSpeed's get_full_hp_param, but a moment not created yet (no step taken) reads as zeros."""
+        buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+        mapping = p._hp_mapping
+        if mapping is not None:
+            src = mapping.hp_fragment if key is None else (mapping.optim_fragment or {}).get(key)
+            if src is not None:
+                addr = mapping.lp_fragment_address
+                buf.narrow(0, addr.start, addr.numel).copy_(src.detach().float())
+        comm.all_reduce_(buf, p._dp_group)
+        return buf.view(p.shape)
+
+    def entries(self, keys) -> dict:
+        params = list(self.engine.module.named_parameters())
+        out = {}
+        if self.kind == "hp":
+            self._relink()
+            step = self._global_step()
+            for name, p in params:
+                out[name] = {"fp32": self._full_hp(p, None), **{k: self._full_hp(p, k) for k in keys}, "step": step}
+            return out
+        if self.kind == "z3":
+            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+            step = self._global_step()
+            for name, p in params:
+                fp32 = safe_get_full_fp32_param(p).detach().float().clone()
+                moments = {}
+                for k in keys:
+                    try:
+                        v = safe_get_full_optimizer_state(p, k)
+                    except (KeyError, AttributeError):  # no step taken yet: Adam has no moments
+                        v = None
+                    moments[k] = v.detach().float().clone() if v is not None else torch.zeros_like(fp32)
+                out[name] = {"fp32": fp32.view(p.ds_shape), **{k: v.view(p.ds_shape) for k, v in moments.items()},
+                             "step": step}
+            return out
+        hp_of = self._hp_of(params)
+        state = self.base.state
+        for name, p in params:
+            hp = hp_of[id(p)]
+            st = state.get(hp, {})
+            out[name] = {"fp32": hp.detach().float().clone(),
+                         **{k: (st[k].detach().float().clone() if k in st else torch.zeros_like(hp, dtype=torch.float32))
+                            for k in keys},
+                         "step": _step_of(st)}
+        return out
+
+    def _hp_of(self, params) -> dict:
+        if self.kind == "unfused":
+            return {id(lp): hp for lg, hg in zip(self.opt.fp16_groups, self.opt.fp32_groups) for lp, hp in zip(lg, hg)}
+        return {id(p): p for _, p in params}
+
+    @torch.no_grad()
+    def restore(self, entries: dict, keys) -> None:
+        local = dict(self.engine.module.named_parameters())
+        dev = self.engine.device
+        if self.kind in ("hp", "z3"):
+            from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+            base = self.base
+            step = max(e["step"] for e in entries.values())
+            if self.kind == "hp":
+                flats = getattr(self.opt, "single_partition_of_fp32_groups", None)
+                if flats is None:
+                    flats = self.opt.fp32_groups_flat_partition
+                for flat in flats:
+                    base.state[flat] = {"step": _step_tensor(step), **{k: torch.zeros_like(flat) for k in keys}}
+                self._relink()
+            else:
+                for group in base.param_groups:
+                    for flat in group["params"]:
+                        base.state[flat] = {"step": _step_tensor(step), **{k: torch.zeros_like(flat) for k in keys}}
+            for name, p in local.items():
+                e = entries[name]
+                if self.kind == "hp":
+                    p.data.copy_(e["fp32"].to(dev, p.dtype))
+                safe_set_full_fp32_param(p, e["fp32"].to(dev))
+                for k in keys:
+                    safe_set_full_optimizer_state(p, e[k].to(dev), k)
+            if self.kind == "z3":
+                # The partitioned fp16/bf16/fp32 weights the forward reads follow the fp32 masters.
+                for name, p in local.items():
+                    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                        p.data.copy_(entries[name]["fp32"].to(dev, p.dtype))
+            return
+        hp_of = self._hp_of(list(local.items()))
+        state = self.base.state
+        for name, p in local.items():
+            e, hp = entries[name], hp_of[id(p)]
+            hp.data.copy_(e["fp32"].to(hp.device, hp.dtype))
+            p.data.copy_(e["fp32"].to(p.device, p.dtype))
+            state[hp] = {"step": _step_tensor(e["step"]),
+                         **{k: e[k].to(hp.device, hp.dtype).clone() for k in keys}}
+
+
+def _step_tensor(step: float) -> torch.Tensor:
+    # torch's AdamW keeps `step` on the host unless capturable/fused.
+    return torch.tensor(float(step), dtype=torch.float32)

@@ -130,3 +130,19 @@ def loss_value(step: int) -> Optional[float]:
         if f.kind in LOSS_FAULTS and f.first <= step <= f.last:
             return LOSS_FAULTS[f.kind]
     return None
+
+
+class StepFaultCallback:
+    """The trainer's fault hook between forward and backward (tests only): die or hang a rank, poison the loss."""
+
+    def after_forward(self, step: int, micro: int, rank: int, loss):
+        """step is 1-based (the step being computed); returns the loss to back-propagate."""
+        if micro == 0:
+            at_step(step, rank)
+        poison = loss_value(step)
+        return loss * poison if poison is not None else loss
+
+
+def step_callbacks() -> list:
+    """The callbacks MHMOE_FAULT asks for (none in production)."""
+    return [StepFaultCallback()] if active() else []

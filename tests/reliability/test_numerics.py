@@ -25,7 +25,8 @@ from megatron_mhmoe.moe.metrics import summarize
 from megatron_mhmoe.parallel.context import ParallelContext
 from megatron_mhmoe.runtime import faults
 from megatron_mhmoe.runtime.checkpoint import MANIFEST
-from megatron_mhmoe.train import EXIT_NONFINITE, NonFiniteGuard
+from megatron_mhmoe.runtime.exit_codes import EXIT_NONFINITE
+from megatron_mhmoe.runtime.trainer import NonFiniteGuard
 from tests.reliability.test_faults import Watch, check_checkpoints, fault_args, launch_ranks
 from tests.runtime.test_train_launch import byte_data, finish, losses, torchrun  # noqa: F401
 

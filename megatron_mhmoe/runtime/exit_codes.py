@@ -1,0 +1,12 @@
+"""Exit codes of `python -m megatron_mhmoe.train` (and of the launch scripts, which pass them on)."""
+
+EXIT_OK = 0
+"""Training finished (or there was nothing left to train)."""
+EXIT_ERROR = 1
+"""An error while training: one `[rank R] error: ...` line on stderr."""
+EXIT_CONFIG = 2
+"""A config or data error, found before any process group forms."""
+EXIT_NONFINITE = 3
+"""train.max_nonfinite_steps non-finite steps in a row; the last good checkpoint is kept."""
+EXIT_PEER_FAILURE = 4
+"""A collective failed or timed out (a peer rank died or is stuck), or the process group could not form."""

@@ -1,0 +1,445 @@
+"""The Trainer: build, resume, train_step, evaluate, save, and a loop that fits a screen.
+
+Per optimizer step (`train_step`):
+1. grad_accum micro-batches of this DP rank's share of the global batch, each moved to `engine.device`:
+   forward, engine.backward;
+2. engine.step: the engine clips with the global norm (each expert counted once) and skips the update
+   of a non-finite step (runtime/engine.py);
+3. the step's loss sums are reduced over DP on the engine's device (parallel.comm).
+The loop logs every log_interval (metrics line, wandb, routing statistics), evaluates every
+eval_interval and writes an atomic checkpoint every save_interval (never from a non-finite step).
+
+`device_guard=True` (tests: MHMOE_DEVICE_GUARD=1) runs every step under parallel.host_tensor's guard:
+batches arrive as host tensors and any tensor that skips the engine's device fails as it would on a GPU.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from megatron_mhmoe.data import build_train_valid_test_datasets, make_batch_iterator
+from megatron_mhmoe.data.builtin_data import prepare_builtin_data
+from megatron_mhmoe.data.indexed import write_json_atomic
+from megatron_mhmoe.data.tokenizer import SentencePieceTokenizer
+from megatron_mhmoe.model.gpt import GPTModel
+from megatron_mhmoe.moe import metrics, sizing
+from megatron_mhmoe.parallel import comm
+from megatron_mhmoe.parallel.context import ParallelContext
+from megatron_mhmoe.parallel.host_tensor import as_host, host_tensor_guard
+from megatron_mhmoe.runtime import faults, universal
+from megatron_mhmoe.runtime.checkpoint import (CheckpointError, Checkpointer, CheckpointLayout, model_mismatch,
+                                               rng_state, set_rng_state, step_dirname)
+from megatron_mhmoe.runtime.device_peaks import current_device_peak
+from megatron_mhmoe.runtime.engine import Engine, checkpoint_safe_globals
+from megatron_mhmoe.runtime.exit_codes import EXIT_NONFINITE
+from megatron_mhmoe.runtime.logging import MetricsLogger, format_line, redact
+from megatron_mhmoe.runtime.run_config import RunConfig
+from megatron_mhmoe.runtime.schedule import make_lr_lambda
+
+DEVICE_GUARD_ENV = "MHMOE_DEVICE_GUARD"
+
+
+class NonFiniteGuard:
+    """Counts non-finite steps in a row (loss or global grad norm NaN/Inf).
+
+    An fp16 step that DeepSpeed's dynamic loss scaler skipped for overflow (finite loss, inf grad norm) is
+    loss-scale calibration, not a non-finite step, and does not count. `clean` is False while the latest
+    step was non-finite: no checkpoint is written from such a state.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = max(1, int(limit))
+        self.in_a_row = 0
+        self.total = 0
+        self.overflow_skips = 0
+
+    def update(self, loss: float, grad_norm: float, overflow_skip: bool = False) -> bool:
+        """Record one step; True if it was non-finite."""
+        if math.isfinite(loss) and (math.isfinite(grad_norm) or overflow_skip):
+            self.overflow_skips += int(overflow_skip)
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        self.total += 1
+        return True
+
+    @property
+    def should_stop(self) -> bool:
+        return self.in_a_row >= self.limit
+
+    @property
+    def clean(self) -> bool:
+        return self.in_a_row == 0
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ds_config_path: Optional[str] = None, device_guard: Optional[bool] = None):
+        self.cfg = cfg
+        self.ds_config_path = ds_config_path
+        self.device_guard = bool(os.environ.get(DEVICE_GUARD_ENV)) if device_guard is None else device_guard
+        self.callbacks = faults.step_callbacks()
+        self.step, self.consumed, self.wandb_id = 0, 0, None
+        self.val_routing: dict = {}
+
+    def print0(self, *a, **k) -> None:
+        if self.ctx.rank == 0:
+            print(*a, **k, flush=True)
+
+    # ------------------------------------------------------------------ build
+    def build(self) -> None:
+        """Process groups, data, model, engine, checkpointer (collective)."""
+        cfg, t = self.cfg, self.cfg.train
+        self.ctx = ctx = ParallelContext.from_world(cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.sequence_parallel,
+                                                    timeout_s=cfg.parallel.timeout_s)
+        if t.save_dir == "runs/default/checkpoints" and cfg.run_dir != "runs/default":
+            t.save_dir = os.path.join(cfg.run_dir, "checkpoints")
+        self.train_ds, self.valid_ds, self.tokenizer = self._data()
+        # Same seed on a TP group (replicated activations, dropout masks), different per DP replica.
+        torch.manual_seed(t.seed + 1000 * ctx.dp_rank)
+        model = GPTModel(cfg.model, ctx, seed=t.seed)
+        model.activation_checkpointing = t.activation_checkpointing
+        self.flops_per_token = sizing.flops_per_token(cfg.model, t.seq_len)
+        self._print_header(model.num_params())
+        base = None
+        if self.ds_config_path:
+            with open(self.ds_config_path) as f:
+                base = json.load(f)
+        self.engine = Engine(model, cfg, ctx, make_lr_lambda(t), base)
+        self.module = self.engine.module
+        self.dispatchers = [m.dispatcher for m in self.module.modules() if hasattr(m, "dispatcher")]
+        layout = CheckpointLayout(ctx.world_size, ctx.tp_size, ctx.ep_size, t.zero_stage, t.precision)
+        self.ckpt = Checkpointer(t.save_dir, ctx, layout, t.keep_last, log=self.print0,
+                                 safe_globals=checkpoint_safe_globals())
+        self.threshold = cfg.model.moe.activation_threshold if cfg.model.moe else 0.5
+        self.peak_tflops = current_device_peak()
+
+    def _prepared_builtin_data(self) -> tuple[str, str]:
+        data_dir = os.path.join(os.path.dirname(os.path.abspath(self.cfg.run_dir)), "builtin_data")
+        vocab = min(self.cfg.model.vocab_size, 4096)
+        out = None
+        for turn in (0, 1):  # rank 0 prepares; the others then find it ready
+            if (self.ctx.rank == 0) == (turn == 0):
+                out = prepare_builtin_data(data_dir, vocab_size=vocab)
+            comm.barrier()
+        return out
+
+    def _data(self):
+        cfg, t, ctx = self.cfg, self.cfg.train, self.ctx
+        if not cfg.data.data_path:
+            prefix, tok = self._prepared_builtin_data()
+            cfg.data.data_path, cfg.data.tokenizer_model = [prefix], tok
+        tokenizer = None
+        if cfg.data.tokenizer_model:
+            if not os.path.exists(cfg.data.tokenizer_model):
+                raise FileNotFoundError(f"data.tokenizer_model {cfg.data.tokenizer_model!r} does not exist: train one "
+                                        f"with tools/train_tokenizer.py or point at the model the data was made with")
+            tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
+            if tokenizer.vocab_size > cfg.model.vocab_size:
+                raise ValueError(f"tokenizer {cfg.data.tokenizer_model} has {tokenizer.vocab_size} pieces but "
+                                 f"model.vocab_size is {cfg.model.vocab_size}: set --model.vocab_size="
+                                 f"{tokenizer.vocab_size}")
+        evals = (t.train_steps // max(1, t.eval_interval) + 2) * t.eval_iters * t.micro_batch_size * ctx.dp_size
+        data_path = cfg.data.data_path if len(cfg.data.data_path) > 1 else cfg.data.data_path[0]
+        log = (lambda m: print(f"[data] {m}", file=sys.stderr, flush=True)) if ctx.rank == 0 else (lambda m: None)
+        eval_seed = t.seed if cfg.data.eval_seed is None else cfg.data.eval_seed
+
+        def build(seed: int, sizes: tuple):
+            return build_train_valid_test_datasets(
+                data_path, cfg.data.split, t.seq_len, seed, sizes, cache_dir=cfg.data.cache_dir or None,
+                model_vocab_size=cfg.model.vocab_size, log=log)
+
+        train_ds = valid_ds = None
+        for turn in (0, 1):  # rank 0 builds (and caches) the indices first; the others then read the cache
+            if (ctx.rank == 0) == (turn == 0):
+                if eval_seed == t.seed:
+                    train_ds, valid_ds, _ = build(t.seed, (t.train_steps * t.global_batch_size, evals, 0))
+                else:
+                    train_ds = build(t.seed, (t.train_steps * t.global_batch_size, 0, 0))[0]
+                    valid_ds = build(eval_seed, (0, evals, 0))[1]
+            comm.barrier()
+        return train_ds, valid_ds, tokenizer
+
+    def _print_header(self, counts: dict) -> None:
+        cfg, t, ctx = self.cfg, self.cfg.train, self.ctx
+        if ctx.rank != 0:
+            return
+        print("=" * 80)
+        print(json.dumps(redact(cfg.to_dict()), indent=1))
+        print(ctx.describe())
+        print("parameters: " + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in counts.items()))
+        print(f"forward FLOPs per token: {self.flops_per_token / 1e6:.2f} MFLOP (x3 for training)")
+        print(f"batch: micro {t.micro_batch_size} x accumulation {t.grad_accum_steps} x DP {ctx.dp_size} = "
+              f"global {t.global_batch_size} sequences of {t.seq_len} tokens")
+        print("=" * 80, flush=True)
+
+    @property
+    def eod(self) -> Optional[int]:
+        return self.tokenizer.eod if self.tokenizer is not None else None
+
+    def _batches(self, dataset, grad_accum: int, consumed: int):
+        """This DP rank's micro-batches; host tensors under the device guard (they must be moved)."""
+        it = make_batch_iterator(dataset, self.cfg.train.micro_batch_size, grad_accum, self.ctx.dp_rank,
+                                 self.ctx.dp_size, consumed, eod=self.eod)
+        for b in it:
+            yield {k: as_host(v) for k, v in b.items()} if self.device_guard else b
+
+    # ------------------------------------------------------------------ checkpoints
+    def resume(self) -> None:
+        """Load the newest valid checkpoint, if any (collective)."""
+        t = self.cfg.train
+        loaded = self.ckpt.load_latest() if t.resume else None
+        if loaded is None:
+            return
+        step, state, manifest = loaded
+        eng = self.engine
+        problem = model_mismatch(eng.model_state_dict(), state["model"],
+                                 (manifest.get("config") or {}).get("model"), self.cfg.to_dict()["model"])
+        if problem:
+            raise CheckpointError(f"checkpoint {os.path.join(t.save_dir, step_dirname(step))} holds a different model "
+                                  f"than this config: {problem}. Launch with the config it was trained with (saved "
+                                  f"in its manifest.json), or start fresh in another run_dir (or --train.resume=false)")
+        eng.load_model_state_dict(state["model"])
+        if "optimizer" in state:  # the native partition: exact resume
+            eng.load_optimizer_state_dict(state["optimizer"])
+            eng.lr_scheduler.load_state_dict(state["scheduler"])
+        elif "universal" in state:  # written by tools/reshard_checkpoint.py for a new layout
+            eng.lr_scheduler.load_state_dict(state["scheduler"])
+            universal.restore(eng, self.module, self.ctx, state["universal"])
+            self.print0("optimizer state restored from the universal per-parameter copy (resharded checkpoint)")
+        else:
+            raise CheckpointError("checkpoint has neither a native optimizer partition nor universal optimizer "
+                                  "state: it cannot resume training (re-export it with tools/reshard_checkpoint.py "
+                                  "from a checkpoint that has one)")
+        set_rng_state(state["rng"])
+        self.step, self.consumed = step, int(state["consumed_samples"])
+        self.wandb_id = manifest.get("wandb_id")
+        eng.global_steps = step
+        self.print0(f"resumed from {t.save_dir} at step {step} ({self.consumed} samples consumed)")
+
+    def save(self) -> str:
+        """An atomic checkpoint of every rank (collective)."""
+        eng = self.engine
+        state = {"model": eng.model_state_dict(), "optimizer": eng.optimizer_state_dict(),
+                 "scheduler": eng.lr_scheduler.state_dict(), "rng": rng_state(),
+                 "consumed_samples": self.consumed, "step": self.step}
+        # Per-parameter optimizer state for tools/reshard_checkpoint.py (runtime/universal.py).
+        uni = universal.collect(eng, self.module, self.ctx, self.cfg.model)
+        if uni is not None:
+            state["universal"] = uni
+        return self.ckpt.save(self.step, state, {"wandb_id": self.logger.run_id, "config": redact(self.cfg.to_dict()),
+                                                 "consumed_samples": self.consumed, "universal": uni is not None})
+
+    # ------------------------------------------------------------------ steps
+    def _reduce_mean_over_dp(self, x: torch.Tensor) -> torch.Tensor:
+        comm.all_reduce_(x, self.ctx.dp_group)
+        return x / self.ctx.dp_size
+
+    def train_step(self, batches) -> dict:
+        """One optimizer step over grad_accum micro-batches; DP-mean losses, grad norm, routing stats."""
+        t, eng = self.cfg.train, self.engine
+        with host_tensor_guard(self.device_guard):
+            sums = torch.zeros(4, dtype=torch.float64, device=eng.device)  # loss, lm, aux, z
+            stats = []
+            for micro in range(t.grad_accum_steps):
+                b = eng.to_device(next(batches))
+                out = eng(b["tokens"], labels=b["labels"], loss_mask=b["loss_mask"])
+                loss = out.loss
+                for cb in self.callbacks:  # tests only (MHMOE_FAULT): die/hang mid-step, poison the loss
+                    loss = cb.after_forward(self.step + 1, micro, self.ctx.rank, loss)
+                eng.backward(loss)
+                sums += torch.stack([loss.detach(), out.lm_loss.detach(), out.aux_loss.detach(),
+                                     out.z_loss.detach()]).to(torch.float64)
+                stats.extend(out.moe_stats)
+            result = eng.step()
+            sums = self._reduce_mean_over_dp(sums / t.grad_accum_steps)
+        loss, lm, aux, z = sums.tolist()
+        return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "grad_norm": result.grad_norm,
+                "skipped": result.skipped, "moe_stats": stats}
+
+    def evaluate(self) -> float:
+        """Validation LM loss over eval_iters micro-batches; keeps the validation routing in val_routing."""
+        t, eng = self.cfg.train, self.engine
+        eng.eval()
+        with host_tensor_guard(self.device_guard), torch.no_grad():
+            it = self._batches(self.valid_ds, 1, 0)
+            total = torch.zeros(2, dtype=torch.float64, device=eng.device)  # sum of token losses, tokens
+            selections = divergence = None
+            for _ in range(t.eval_iters):
+                b = next(it, None)
+                if b is None:
+                    break
+                b = eng.to_device(b)
+                out = eng(b["tokens"], labels=b["labels"], loss_mask=b["loss_mask"])
+                n = b["loss_mask"].sum().double()
+                total += torch.stack([out.lm_loss.detach().double() * n, n])
+                if out.moe_stats:
+                    sel = torch.stack([st.selections.double() for st in out.moe_stats])  # (L, E)
+                    div = torch.stack([st.divergence.double() for st in out.moe_stats])  # (L, h*k+1)
+                    selections = sel if selections is None else selections + sel
+                    divergence = div if divergence is None else divergence + div
+            comm.all_reduce_(total, self.ctx.dp_group)
+            if selections is not None:
+                comm.all_reduce_(selections, self.ctx.dp_group)
+                comm.all_reduce_(divergence, self.ctx.dp_group)
+                self.val_routing.update(selections=selections.cpu(), divergence=divergence.cpu())
+            total = total.tolist()
+        eng.train()
+        return total[0] / max(total[1], 1.0)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        self.build()
+        self.resume()
+        cfg, t, ctx = self.cfg, self.cfg.train, self.ctx
+        rank0 = ctx.rank == 0
+        self.logger = MetricsLogger(cfg.run_dir, cfg.wandb, cfg.to_dict(), rank0,
+                                    run_name=os.path.basename(os.path.abspath(cfg.run_dir)), resume_id=self.wandb_id)
+        batches = self._batches(self.train_ds, t.grad_accum_steps, self.consumed)
+        progress = None
+        if rank0:
+            from tqdm import tqdm
+            progress = tqdm(total=t.train_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                            mininterval=2.0, file=sys.stderr, disable=None)
+        out_line = progress.write if progress is not None else print
+        window = _Window()
+        guard = NonFiniteGuard(t.max_nonfinite_steps)
+        last_val, start_step, loop_t0, r = None, self.step, time.perf_counter(), {"moe_stats": []}
+        while self.step < t.train_steps:
+            r = self.train_step(batches)
+            self.step += 1
+            self.consumed += t.global_batch_size
+            if progress is not None:
+                progress.update(1)
+            window.add(t.global_batch_size * t.seq_len)
+            overflow_skip = t.precision == "fp16" and r["skipped"]
+            if guard.update(r["loss"], r["grad_norm"], overflow_skip):
+                self.print0(f"WARNING: non-finite loss {r['loss']} / grad norm {r['grad_norm']} at step {self.step} "
+                            f"({guard.in_a_row} in a row; the run stops at train.max_nonfinite_steps="
+                            f"{t.max_nonfinite_steps})")
+                if guard.should_stop:
+                    return self._stop_nonfinite(guard, r)
+            if self.step % t.log_interval == 0 or self.step == t.train_steps:
+                m = self._metrics(r, window)
+                self.logger.log(self.step, {k: v for k, v in m.items() if v is not None})
+                if rank0:
+                    out_line(format_line(self.step, t.train_steps, m))
+                window = _Window()
+            if self.valid_ds is not None and ((t.eval_interval and self.step % t.eval_interval == 0)
+                                              or self.step == t.train_steps):
+                last_val = self.evaluate()
+                ppl = math.exp(min(last_val, 50))
+                self.logger.log(self.step, {"val/lm_loss": last_val, "val/ppl": ppl})
+                if rank0:
+                    out_line(f"validation at step {self.step}: lm loss {last_val:.4f} | perplexity {ppl:.2f}")
+            exiting = bool(t.exit_interval) and self.step - start_step >= t.exit_interval and self.step < t.train_steps
+            if (t.save_interval and self.step % t.save_interval == 0) or self.step == t.train_steps or exiting:
+                if guard.clean:
+                    self.save()
+                else:
+                    self.print0(f"not saving a checkpoint at step {self.step}: it is non-finite; the last good one "
+                                f"is kept")
+            if exiting:
+                self.print0(f"exit_interval {t.exit_interval} reached at step {self.step}: stopping; relaunch to resume")
+                break
+        if progress is not None:
+            progress.close()
+        if start_step >= t.train_steps:
+            self.print0(f"the checkpoint in {t.save_dir} is already at train_steps={t.train_steps}: nothing to train "
+                        f"(raise --train.train_steps to continue, or use another run_dir)")
+        if last_val is None and self.valid_ds is not None:
+            last_val = self.evaluate()
+        self._finish(last_val, r["moe_stats"], start_step, loop_t0)
+        return 0
+
+    # ------------------------------------------------------------------ reporting
+    def _metrics(self, r: dict, window: "_Window") -> dict:
+        t, eng = self.cfg.train, self.engine
+        elapsed = window.elapsed()
+        # Device events on CUDA, read once per log line (the wait is for work already queued).
+        a2a = sum(times.get("all_to_all", 0.0) + times.get("counts_exchange", 0.0)
+                  for times in (d.take_times() for d in self.dispatchers))
+        tok_s = window.tokens / max(elapsed, 1e-9)
+        tflops = 3 * self.flops_per_token * tok_s / 1e12 / self.ctx.world_size
+        m = {"loss": r["loss"], "lm_loss": r["lm_loss"], "aux_loss": r["aux_loss"], "z_loss": r["z_loss"],
+             "lr": eng.lr, "grad_norm": r["grad_norm"], "loss_scale": eng.loss_scale, "tokens_per_s": tok_s,
+             "step_time_s": elapsed / max(window.steps, 1), "all_to_all_s": a2a / max(window.steps, 1),
+             "tflops": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+             "consumed_samples": self.consumed, "skipped_steps": eng.skipped_steps}
+        if r["moe_stats"]:
+            m.update(metrics.summarize(r["moe_stats"], self.threshold))
+            for i, st in enumerate(r["moe_stats"][:len(r["moe_stats"]) // t.grad_accum_steps]):
+                m[f"moe/layer{i}/tokens_per_expert_max"] = int(st.kept.max())
+                m[f"moe/layer{i}/tokens_per_expert_min"] = int(st.kept.min())
+        return m
+
+    def _stop_nonfinite(self, guard: NonFiniteGuard, r: dict) -> int:
+        t = self.cfg.train
+        good = self.ckpt.complete_steps()
+        self.print0(f"stopping: {guard.in_a_row} non-finite steps in a row (loss or gradients are NaN/Inf; lower "
+                    f"train.lr, raise train.warmup_steps or check the data); no checkpoint was written from the "
+                    f"non-finite state; the last good checkpoint is "
+                    + (os.path.join(t.save_dir, step_dirname(good[-1])) if good else "(none saved yet)"))
+        self.logger.log(self.step, {"loss": r["loss"], "lm_loss": r["lm_loss"], "grad_norm": r["grad_norm"],
+                                    "nonfinite_in_a_row": guard.in_a_row})
+        self.logger.close()
+        return EXIT_NONFINITE
+
+    def _finish(self, last_val: Optional[float], stats: list, start_step: int, loop_t0: float) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        final = {"final/val_ppl": math.exp(min(last_val, 50)) if last_val is not None else None}
+        if self.val_routing:
+            routing = metrics.routing_report(self.val_routing["selections"], self.val_routing["divergence"],
+                                             self.threshold)
+            final.update({f"final/{k}": routing[k] for k in ("activation_ratio", "effective_experts", "divergence")})
+            if self.ctx.rank == 0:
+                write_json_atomic(os.path.join(cfg.run_dir, "moe_stats.json"), routing)
+        elif stats:
+            final["final/activation_ratio"] = metrics.summarize(stats, self.threshold)["moe/activation_ratio"]
+        if self.step > start_step:
+            final["final/tokens_per_s"] = (self.step - start_step) * t.global_batch_size * t.seq_len / max(
+                time.perf_counter() - loop_t0, 1e-9)
+        final["final/step"] = self.step
+        self.logger.summary({k: v for k, v in final.items() if v is not None})
+        if self.ctx.rank == 0:
+            write_json_atomic(os.path.join(cfg.run_dir, "summary.json"),
+                              {k.split("/", 1)[1]: v for k, v in final.items() if v is not None})
+            _print_final(cfg, final, last_val, self.threshold, self.logger)
+        self.logger.close()
+
+
+class _Window:
+    """Tokens and steps since the last log line."""
+
+    def __init__(self):
+        self.t0, self.steps, self.tokens = time.perf_counter(), 0, 0
+
+    def add(self, tokens: int) -> None:
+        self.steps += 1
+        self.tokens += tokens
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def _print_final(cfg: RunConfig, final: dict, last_val: Optional[float], threshold: float, logger) -> None:
+    print("=" * 80)
+    if last_val is not None:
+        print(f"final validation perplexity: {math.exp(min(last_val, 50)):.2f}")
+    if "final/activation_ratio" in final:
+        print(f"expert activation ratio: {final['final/activation_ratio']:.3f} "
+              f"(share >= {threshold} x 1/E, over layers x experts)")
+    if "final/effective_experts" in final:
+        print(f"effective experts per layer (exp entropy of shares): {final['final/effective_experts']:.2f}; "
+              f"distinct experts per token: {final['final/divergence']:.2f}")
+        print(f"routing report: {os.path.abspath(os.path.join(cfg.run_dir, 'moe_stats.json'))}")
+    print(f"checkpoints: {os.path.abspath(cfg.train.save_dir)}")
+    print(f"metrics: {os.path.abspath(os.path.join(cfg.run_dir, 'metrics.jsonl'))}")
+    if logger.wandb_path:
+        print(f"wandb files: {os.path.dirname(os.path.abspath(logger.wandb_path))}")
+    print("=" * 80, flush=True)
