@@ -16,6 +16,8 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
+from megatron_mhmoe.parallel.devices import device_for_local_rank
+
 
 def free_port() -> int:
     """A TCP port free on loopback now (for MASTER_PORT of a local job)."""
@@ -31,7 +33,7 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args, backen
     import torch.distributed as dist
     try:
         if backend == "nccl":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
+            torch.cuda.set_device(device_for_local_rank(rank, world_size, torch.cuda.device_count(), backend))
         dist.init_process_group(backend, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
@@ -48,6 +50,9 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args, backen
 def run_workers(fn, world_size: int, *args, timeout_s: float = 240.0, backend: str = "gloo",
                 threads: int = 1) -> list:
     """fn(rank, world_size, *args) on world_size processes; returns the per-rank results."""
+    if backend == "nccl":  # all ranks on this machine: more of them than GPUs fails here, not in NCCL
+        device_for_local_rank(world_size - 1, world_size, torch.cuda.device_count(), backend,
+                              cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         port = free_port()
