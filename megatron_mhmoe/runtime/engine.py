@@ -64,15 +64,10 @@ def skip_cpu_jit_ops() -> None:
 
 def init_distributed(timeout_s: float) -> torch.device:
     """Join the job's process group (env:// from the launcher) with a collective timeout; the device."""
+    from megatron_mhmoe.parallel import devices
     skip_cpu_jit_ops()
-    try:
-        from megatron_mhmoe.parallel import devices
-        backend = devices.init_process_group(timeout_s)
-    except ImportError:  # TEMP until parallel/devices.py lands
-        import datetime
-        import torch.distributed as dist
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    device = devices.init_process_group(timeout_s)
+    backend = "nccl" if device.startswith("cuda") else "gloo"
     deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
     skip_cpu_jit_ops()
     return accelerator_device()
@@ -248,7 +243,11 @@ class Engine:
         return self.ds(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch; DeepSpeed counts micro-batches in its step(), so a micro-batch that
+        does not end the global batch gets that (update-free) call here, and `step` is once per global batch."""
         self.ds.backward(loss)
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()
 
     def train(self) -> None:
         self.ds.train()
@@ -258,6 +257,7 @@ class Engine:
 
     def step(self) -> StepResult:
         """The optimizer step at the end of a global batch (after the last micro-batch's backward)."""
+        assert self.ds.is_gradient_accumulation_boundary(), "Engine.step is once per global batch"
         skipped_before = self.skipped_steps
         if self.zero_stage == 0:
             pairs, inv_scale = self._grads_the_optimizer_applies()

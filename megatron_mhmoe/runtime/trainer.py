@@ -110,14 +110,17 @@ class Trainer:
         if self.ds_config_path:
             with open(self.ds_config_path) as f:
                 base = json.load(f)
-        self.engine = Engine(model, cfg, ctx, make_lr_lambda(t), base)
-        self.module = self.engine.module
-        self.dispatchers = [m.dispatcher for m in self.module.modules() if hasattr(m, "dispatcher")]
+        self.attach(ctx, Engine(model, cfg, ctx, make_lr_lambda(t), base))
         layout = CheckpointLayout(ctx.world_size, ctx.tp_size, ctx.ep_size, t.zero_stage, t.precision)
         self.ckpt = Checkpointer(t.save_dir, ctx, layout, t.keep_last, log=self.print0,
                                  safe_globals=checkpoint_safe_globals())
         self.threshold = cfg.model.moe.activation_threshold if cfg.model.moe else 0.5
         self.peak_tflops = current_device_peak()
+
+    def attach(self, ctx: ParallelContext, engine: Engine) -> None:
+        """The parts train_step needs: enough for tests that drive train_step with their own batches."""
+        self.ctx, self.engine, self.module = ctx, engine, engine.module
+        self.dispatchers = [m.dispatcher for m in self.module.modules() if hasattr(m, "dispatcher")]
 
     def _prepared_builtin_data(self) -> tuple[str, str]:
         data_dir = os.path.join(os.path.dirname(os.path.abspath(self.cfg.run_dir)), "builtin_data")
