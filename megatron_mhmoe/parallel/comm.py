@@ -64,16 +64,16 @@ def check_device(x: torch.Tensor, group: Group) -> None:
 
 # ------------------------------------------------------------------ raw (non-autograd) helpers
 def all_reduce_(x: torch.Tensor, group: Group, op: str = "sum") -> torch.Tensor:
+    check_device(x, group)  # also on one process: the same call meets NCCL at world > 1
     if group is not None:
-        check_device(x, group)
         dist.all_reduce(x, op=_REDUCE_OPS[op], group=group)
     return x
 
 
 def broadcast_(x: torch.Tensor, src: int, group: Group) -> torch.Tensor:
     """In place from global rank src (a member of group)."""
+    check_device(x, group)
     if group is not None:
-        check_device(x, group)
         dist.broadcast(x, src=src, group=group)
     return x
 

@@ -99,3 +99,9 @@ def host_tensor_guard(enabled: bool = True):
 def as_host(t: torch.Tensor) -> torch.Tensor:
     """Mark a tensor as host memory (the data path's batches under the guard)."""
     return t.as_subclass(HostTensor) if type(t) is torch.Tensor else t
+
+
+def plain(tree):
+    """The same nested state with host tensors as ordinary tensors (for torch.save: files hold no subclass)."""
+    from torch.utils._pytree import tree_map
+    return tree_map(lambda t: t.as_subclass(torch.Tensor) if isinstance(t, HostTensor) else t, tree)

@@ -31,7 +31,7 @@ from megatron_mhmoe.model.gpt import GPTModel
 from megatron_mhmoe.moe import metrics, sizing
 from megatron_mhmoe.parallel import comm
 from megatron_mhmoe.parallel.context import ParallelContext
-from megatron_mhmoe.parallel.host_tensor import as_host, host_tensor_guard
+from megatron_mhmoe.parallel.host_tensor import as_host, host_tensor_guard, plain
 from megatron_mhmoe.runtime import faults, universal
 from megatron_mhmoe.runtime.checkpoint import (CheckpointError, Checkpointer, CheckpointLayout, model_mismatch,
                                                rng_state, set_rng_state, step_dirname)
@@ -235,7 +235,7 @@ class Trainer:
         uni = universal.collect(eng, self.module, self.ctx, self.cfg.model)
         if uni is not None:
             state["universal"] = uni
-        return self.ckpt.save(self.step, state, {"wandb_id": self.logger.run_id, "config": redact(self.cfg.to_dict()),
+        return self.ckpt.save(self.step, plain(state), {"wandb_id": self.logger.run_id, "config": redact(self.cfg.to_dict()),
                                                  "consumed_samples": self.consumed, "universal": uni is not None})
 
     # ------------------------------------------------------------------ steps
@@ -298,7 +298,13 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
         self.build()
-        self.resume()
+        # Resume, logging, metrics and the final report run under the guard too (train_step and evaluate
+        # enter it themselves); the build does not: parameters are made on the host and moved by DeepSpeed.
+        with host_tensor_guard(self.device_guard):
+            self.resume()
+            return self._loop()
+
+    def _loop(self) -> int:
         cfg, t, ctx = self.cfg, self.cfg.train, self.ctx
         rank0 = ctx.rank == 0
         self.logger = MetricsLogger(cfg.run_dir, cfg.wandb, cfg.to_dict(), rank0,

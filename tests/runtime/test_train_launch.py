@@ -40,7 +40,9 @@ def common_args(data: str, run_dir: str) -> list[str]:
 
 
 def torchrun(nproc: int, args: list[str], extra: list[str] | None = None, timeout: int = 300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
+    # Under the host-tensor guard: a batch or collective tensor that skips the engine's device fails here as
+    # it would on a GPU (parallel/host_tensor.py), through training, evaluation, save and resume.
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled", MHMOE_DEVICE_GUARD="1")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
     launcher += extra or ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     return subprocess.Popen(launcher + ["-m", "megatron_mhmoe.train"] + args, cwd=ROOT, env=env,
