@@ -343,28 +343,49 @@ class Engine:
         return [p for p in self.module.parameters() if hasattr(p, "ds_id")]
 
     def model_state_dict(self) -> dict:
-        """This rank's TP/EP-local weights in full (ZeRO-3 partitions gathered: collective there)."""
-        z3 = self._zero3_params()
-        if not z3:
+        """This rank's TP/EP-local weights in full. Under ZeRO-3 a collective: each partitioned parameter is
+        gathered in turn (one parameter's full size at a time, not the whole model), so every rank's file holds
+        full tensors whatever the DP size."""
+        if not self._zero3_params():
             return self.module.state_dict()
-        with deepspeed.zero.GatheredParameters(z3, modifier_rank=None):
-            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        out = {}
+        for name, t in self.module.state_dict(keep_vars=True).items():
+            if hasattr(t, "ds_id"):
+                with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+                    out[name] = t.detach().clone()
+            else:
+                out[name] = t.detach()
+        return out
 
     @torch.no_grad()
     def load_model_state_dict(self, state: dict) -> None:
-        z3 = self._zero3_params()
-        if not z3:
+        """Collective under ZeRO-3: each full tensor is written into the gathered parameter, then re-partitioned."""
+        if not self._zero3_params():
             self.module.load_state_dict(state)
             return
-        with deepspeed.zero.GatheredParameters(z3, modifier_rank=0):
-            self.module.load_state_dict(state)
+        own = self.module.state_dict(keep_vars=True)
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        full = {k: list(getattr(t, "ds_shape", t.shape)) for k, t in own.items()}
+        # Checked by hand: copy_ would broadcast a smaller tensor into a gathered parameter without complaint.
+        wrong = [f"{k} {list(state[k].shape)} given vs {full[k]} here" for k in own
+                 if k in state and list(state[k].shape) != full[k]]
+        if missing or unexpected or wrong:
+            raise RuntimeError(f"model state does not fit this model: missing {missing[:5]}, unexpected "
+                               f"{unexpected[:5]}, shapes {wrong[:5]}")
+        for name, t in own.items():
+            if hasattr(t, "ds_id"):
+                with deepspeed.zero.GatheredParameters([t], modifier_rank=0):
+                    t.data.copy_(state[name])
+            else:
+                t.data.copy_(state[name])
 
     def optimizer_state_dict(self) -> dict:
         return self.optimizer.state_dict()
 
     def load_optimizer_state_dict(self, state: dict) -> None:
         if self.ds.zero_optimization():
-            # ZeRO wants the list of every DP rank's state; each rank only reads its own entry.
+            # ZeRO wants the list of every DP rank's state; each rank only reads its own entry (stage 3: entry
+            # [DP rank]; it restores its fp32 partition from the saved one and ignores load_from_fp32_weights).
             self.optimizer.load_state_dict([state] * self.ds.dp_world_size, load_from_fp32_weights=True)
         else:
             self.optimizer.load_state_dict(state)
@@ -501,9 +522,10 @@ class _OptimizerAccess:
                     base.state[flat] = {"step": _step_tensor(step), **{k: torch.zeros_like(flat) for k in keys}}
                 self._relink()
             else:
-                for group in base.param_groups:
-                    for flat in group["params"]:
-                        base.state[flat] = {"step": _step_tensor(step), **{k: torch.zeros_like(flat) for k in keys}}
+                # Stage 3 hands the base optimizer its flat fp32 partitions only during step (param_groups are
+                # empty in between); the state is keyed by those flats.
+                for flat in self.opt.fp32_partitioned_groups_flat:
+                    base.state[flat] = {"step": _step_tensor(step), **{k: torch.zeros_like(flat) for k in keys}}
             for name, p in local.items():
                 e = entries[name]
                 if self.kind == "hp":
