@@ -351,7 +351,7 @@ class Engine:
         """This rank's TP/EP-local weights in full. Under ZeRO-3 a collective: each partitioned parameter is
         gathered in turn (one parameter's full size at a time, not the whole model), so every rank's file holds
         full tensors whatever the DP size."""
-        if True:
+        if not self._zero3_params():
             return self.module.state_dict()
         out = {}
         for name, t in self.module.state_dict(keep_vars=True).items():
