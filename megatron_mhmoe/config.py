@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 @dataclass
 class MoEConfig:
-    """Multi-Head Mixture-of-Experts FFN (DESIGN.md section 2). h=1 without projections is SMoE/X-MoE."""
+    """Multi-Head Mixture-of-Experts FFN. h=1 without projections is SMoE/X-MoE."""
 
     num_experts: int = 8
     """E: experts per MoE layer (across all expert-parallel ranks)."""

@@ -111,7 +111,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     ds_dict = json.load(f)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"--deepspeed_config {args.deepspeed_config} is not valid JSON: {err}")
-            check_ds_config_agrees(cfg, ds_dict, args.deepspeed_config)
+            for note in check_ds_config_agrees(cfg, ds_dict, args.deepspeed_config):
+                if os.environ.get("RANK", "0") == "0":
+                    print(f"warning: {note}", file=sys.stderr, flush=True)
         _check_data_inputs(cfg)
         if cfg.train.precision == "fp16" and not torch.cuda.is_available():
             raise ValueError("train.precision=fp16 needs a GPU: DeepSpeed's CPU accelerator does not support fp16 "

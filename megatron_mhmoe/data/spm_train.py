@@ -23,7 +23,7 @@ from .input_reader import InputConfig, InputStats, iter_documents
 
 Log = Callable[[str], None]
 
-# Settings under which decode(encode(code)) == code exactly (see PLATFORM.md, sentencepiece section).
+# Settings under which decode(encode(code)) == code exactly.
 PRESETS: dict[str, dict] = {
     "code": dict(byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
                  allow_whitespace_only_pieces=True, user_defined_symbols=["\n", "\t"], character_coverage=1.0,

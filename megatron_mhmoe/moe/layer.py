@@ -1,4 +1,4 @@
-"""The MH-MoE FFN layer (Wu et al. 2024), DESIGN.md section 2. h=1 without projections is SMoE/X-MoE.
+"""The MH-MoE FFN layer (Wu et al. 2024, arXiv 2404.15045). h=1 without projections is SMoE/X-MoE.
 
 For the tokens x (N, d) a rank owns (its 1/TP share of a replica, or its sequence-parallel shard):
 1. head projection x_hat = x W_head^T + b_head;

@@ -2,7 +2,7 @@
 
 Expert activation is measured on *shares*: the fraction of a layer's routed assignments that each
 expert received, compared with the uniform share 1/E. The paper's own "selections / tokens above a
-threshold" grows with h*k by construction, so it cannot compare h=1 with h>1 (DESIGN.md item 10).
+threshold" grows with h*k by construction, so it cannot compare h=1 with h>1.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Parameter and FLOPs counting for GPT models with (MH-)MoE FFNs, and MH-MoE sizing (DESIGN.md 2.9).
+"""Parameter and FLOPs counting for GPT models with (MH-)MoE FFNs, and MH-MoE sizing (arXiv 2411.16205).
 
 Everything here is pure arithmetic on a `ModelConfig`: the full single-process model, independent of
 TP/EP. Run `python -m megatron_mhmoe.moe.sizing --help` for the comparison table.
