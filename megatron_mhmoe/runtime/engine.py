@@ -349,15 +349,15 @@ class Engine:
 
     def model_state_dict(self) -> dict:
         """This rank's TP/EP-local weights in full. Under ZeRO-3 a collective: each partitioned parameter is
-        gathered in turn (one parameter's full size at a time, not the whole model), so every rank's file holds
-        full tensors whatever the DP size."""
+        gathered in turn and copied to the host (the device holds one full parameter at a time, not the model),
+        so every rank's file holds full tensors whatever the DP size."""
         if not self._zero3_params():
             return self.module.state_dict()
         out = {}
         for name, t in self.module.state_dict(keep_vars=True).items():
             if hasattr(t, "ds_id"):
                 with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
-                    out[name] = t.detach().clone()
+                    out[name] = t.detach().to("cpu", copy=True)
             else:
                 out[name] = t.detach()
         return out
@@ -483,15 +483,17 @@ class _OptimizerAccess:
         if self.kind == "z3":
             from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
             step = self._global_step()
+            # On the host: the full state of every parameter would not fit beside a ZeRO-3 model's partitions.
             for name, p in params:
-                fp32 = safe_get_full_fp32_param(p).detach().float().clone()
+                fp32 = safe_get_full_fp32_param(p).detach().to("cpu", torch.float32, copy=True)
                 moments = {}
                 for k in keys:
                     try:
                         v = safe_get_full_optimizer_state(p, k)
                     except (KeyError, AttributeError):  # no step taken yet: Adam has no moments
                         v = None
-                    moments[k] = v.detach().float().clone() if v is not None else torch.zeros_like(fp32)
+                    moments[k] = v.detach().to("cpu", torch.float32, copy=True) if v is not None \
+                        else torch.zeros_like(fp32)
                 out[name] = {"fp32": fp32.view(p.ds_shape), **{k: v.view(p.ds_shape) for k, v in moments.items()},
                              "step": step}
             return out
