@@ -8,7 +8,10 @@
 #
 # Environment: GPU_CHECK_VENV (default .venv), built or reused by tools/setup_env.sh;
 #   GPU_CHECK_PYTHON=<interpreter> uses that one instead and builds nothing;
-#   GPU_CHECK_SETUP_TIMEOUT_S (default 1200) bounds the venv build (pip downloads: not in the 8 minutes).
+#   GPU_CHECK_SETUP_TIMEOUT_S (default 1200) bounds the venv build (pip downloads: not in the 8 minutes);
+#   GPU_CHECK_WHEELS (default .whl when that folder exists): a machine without network that already has CUDA
+#   torch: the wheels there (made by benchmarks/gpu_wheels.sh: deepspeed, pydantic, ...) are installed into a
+#   temporary folder with no index and the machine's own python3 runs the checks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,6 +57,18 @@ setup() {  # $1 venv; output into the log; fails on timeout
 }
 
 t0=$(date +%s)
+wheels="${GPU_CHECK_WHEELS:-}"
+if [ -z "$wheels" ] && [ -z "${GPU_CHECK_PYTHON:-}" ] && [ "$smoke" = 0 ] && [ -d .whl ]; then wheels=.whl; fi
+if [ -n "$wheels" ]; then
+  site="$(mktemp -d /tmp/gpu_check_site.XXXXXX)"
+  say "[gpu_check] environment: python3 + wheels from $wheels into $site (no index)"
+  if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheels"/*.whl \
+      2>&1 | tee -a "$log"; then
+    exec python3 benchmarks/gpu_check.py "$@" --setup-failed "pip install of $wheels/*.whl failed"
+  fi
+  export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  GPU_CHECK_PYTHON=python3
+fi
 if [ -n "${GPU_CHECK_PYTHON:-}" ]; then
   py="$GPU_CHECK_PYTHON"
   say "[gpu_check] environment: GPU_CHECK_PYTHON=$py (no venv setup)"
