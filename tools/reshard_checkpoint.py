@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Convert a training checkpoint to another parallel layout: world size, TP, EP, ZeRO stage (and precision).
+ZeRO-3 (dense models only) converts like the other stages, to and from any of them.
 
 Example (train at TP=2 EP=4 on 4 ranks, continue on 2 ranks at TP=1 EP=2 with ZeRO-2):
   python tools/reshard_checkpoint.py --input runs/a/checkpoints --output runs/b/checkpoints \\
@@ -39,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, required=True, help="target number of ranks")
     p.add_argument("--tp", type=int, required=True, help="target tensor-parallel size")
     p.add_argument("--ep", type=int, required=True, help="target expert-parallel size")
-    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=None,
-                   help="target ZeRO stage (default: the source's)")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
+                   help="target ZeRO stage (default: the source's; 3 only for dense models)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="target training precision (default: the source's)")
     p.add_argument("--force", action="store_true", help="write into an output save_dir that already has checkpoints")
@@ -68,13 +69,14 @@ def reshard(input_path: str, output: str, world: int, tp: int, ep: int, zero_sta
     manifest, states = C.read_checkpoint(folder, checkpoint_safe_globals(), log)
     C.require_universal(states, folder)
     src = manifest["layout"]
+    zero = src["zero_stage"] if zero_stage is None else zero_stage
+    C.check_target_zero_stage(states[0]["universal"]["meta"], zero)
     log(f"source: {folder} step {manifest['step']}: world={src['world_size']} TP={src['tp']} EP={src['ep']} "
         f"ZeRO-{src['zero_stage']} {src['precision']}")
     model, optim, meta = C.gather_full(manifest, states)
     vocab, divisible = C.model_vocab(manifest, states)
     padded = ModelConfig(vocab_size=vocab, make_vocab_divisible_by=divisible).padded_vocab_size(tp)
     C.check_divisible(meta, model, tp, ep, padded)
-    zero = src["zero_stage"] if zero_stage is None else zero_stage
     prec = src["precision"] if precision is None else precision
     layout = CheckpointLayout(world, tp, ep, zero, prec)
     log(f"target: world={world} TP={tp} EP={ep} ZeRO-{zero} {prec} ({len(meta)} parameters, "

@@ -13,6 +13,7 @@ Everything is held in memory: fine up to a few GB of parameters on one machine.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -127,6 +128,26 @@ def require_universal(states: list[dict], folder: str) -> None:
                               f"an optimizer without a per-parameter layout): it cannot be resharded or exported")
 
 
+def _full_piece(t: torch.Tensor, name: str, meta: dict, rank: int) -> torch.Tensor:
+    """A rank file's model tensor, refused unless it has the TP/EP-local shape its metadata records."""
+    if list(t.shape) != list(meta["local_shape"]):
+        hint = (" (only this rank's ZeRO-3 partition: written by an older version, before checkpoints gathered "
+                "partitioned parameters; it cannot be resharded or exported)"
+                if t.numel() < math.prod(meta["local_shape"]) else "")
+        raise CheckpointError(f"rank {rank}'s file holds {name} with shape {list(t.shape)}, its layout says "
+                              f"{list(meta['local_shape'])}{hint}")
+    return t
+
+
+def check_target_zero_stage(meta: dict, zero_stage: int) -> None:
+    """ZeRO-3 partitions every parameter over DP, which the expert layout cannot take (run_config refuses it)."""
+    experts = [n for n, m in meta.items() if m["expert"]]
+    if zero_stage == 3 and experts:
+        raise CheckpointError(f"--zero-stage 3 needs a dense model, this checkpoint has expert parameters "
+                              f"({experts[0]}, ...): ZeRO-3 is refused with MoE layers (as DeepSpeed does); use "
+                              f"--zero-stage 1 or 2")
+
+
 def gather_full(manifest: dict, states: list[dict], with_optimizer: bool = True) -> tuple[dict, dict, dict]:
     """(full model tensors, full optimizer entries {name: {fp32, exp_avg, exp_avg_sq, step}}, meta)."""
     lay = manifest["layout"]
@@ -140,7 +161,7 @@ def gather_full(manifest: dict, states: list[dict], with_optimizer: bool = True)
         for t in (range(tp) if m["tp_dim"] is not None else [0]):
             for e in (range(ep) if m["expert"] else [0]):
                 ranks = [r for r in range(world) if _piece_rank(r, layouts[r], m, t, e)]
-                pieces[(t, e)] = states[ranks[0]]["model"][name]
+                pieces[(t, e)] = _full_piece(states[ranks[0]]["model"][name], name, m, ranks[0])
                 if with_optimizer:
                     holder = next((r for r in ranks if name in states[r]["universal"]["params"]), None)
                     if holder is None:
