@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="'byte' or a SentencePiece .model (default: the export's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--ids", action="store_true", help="also print the generated token ids")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole window every token (no KV cache)")
     return p
 
 
@@ -77,18 +78,31 @@ def load_tokenizer(folder: str, info: dict, override: str | None):
 
 
 def generate(model, prompt_ids: list[int], max_new_tokens: int, greedy: bool = True, temperature: float = 1.0,
-             top_k: int = 0, seed: int = 0, eod=None) -> list[int]:
-    """Token ids after the prompt. Deterministic for a given seed (greedy: for any seed)."""
+             top_k: int = 0, seed: int = 0, eod=None, use_cache: bool = True) -> list[int]:
+    """Token ids after the prompt. Deterministic for a given seed (greedy: for any seed).
+
+    use_cache: keep each layer's keys and values (model/kv_cache.py) and feed one new token per step; once
+    the cache holds max_seq_len positions it restarts from the last max_seq_len tokens, the same window
+    the uncached path sees. Same tokens as without the cache for dropless routing (tested).
+    """
     import torch
+
+    from megatron_mhmoe.model.kv_cache import KVCache
     cfg = model.config
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = list(prompt_ids)
     out: list[int] = []
+    cache = None
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            window = torch.tensor([ids[-cfg.max_seq_len:]], dtype=torch.long, device=device)
-            logits = model(window).logits[0, -1, :cfg.vocab_size].float().cpu()
+            if cache is not None and cache.offset < cfg.max_seq_len:
+                feed = ids[-1:]  # the cache holds every earlier position of the window
+            else:
+                feed = ids[-cfg.max_seq_len:]
+                cache = KVCache(cfg.num_layers) if use_cache else None
+            window = torch.tensor([feed], dtype=torch.long, device=device)
+            logits = model(window, kv_cache=cache).logits[0, -1, :cfg.vocab_size].float().cpu()
             if greedy:
                 nxt = int(logits.argmax())
             else:
@@ -123,7 +137,8 @@ def main(argv=None) -> int:
         print(f"error: the tokenizer produced ids >= the model's vocab_size {model.config.vocab_size}: wrong "
               f"tokenizer for this model?", file=sys.stderr)
         return 2
-    new = generate(model, prompt, args.max_new_tokens, args.greedy, args.temperature, args.top_k, args.seed, eod)
+    new = generate(model, prompt, args.max_new_tokens, args.greedy, args.temperature, args.top_k, args.seed, eod,
+                   use_cache=not args.no_cache)
     print(args.prompt + tok.decode(new), flush=True)
     if args.ids:
         print(f"ids: {new}", flush=True)

@@ -38,7 +38,10 @@ class SelfAttention(nn.Module):
         self.proj = RowParallelLinear(d, d, ctx, bias=True,
                                       init_method=pinit.scaled_normal(config.init_std, config.num_layers))
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                kv_cache=None, layer_idx: int = 0) -> torch.Tensor:
+        """kv_cache (model/kv_cache.KVCache, inference): attend over the cached positions too; rope then holds
+        the tables of the new positions only."""
         qkv = self.qkv(x)  # (s, b, nh_local * 3 * hd): full sequence even with SP
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.num_heads_local, 3, self.head_dim)  # (s, b, nh_local, 3, hd)
@@ -47,7 +50,17 @@ class SelfAttention(nn.Module):
         if self.use_rope:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        mask, causal = None, True
+        if kv_cache is not None:
+            past = kv_cache.offset
+            k, v = kv_cache.append(layer_idx, k, v)  # (b, nh_local, past + s, hd)
+            if past:
+                # New query i sits at position past + i and may see keys 0 .. past + i.
+                causal = False
+                if s > 1:
+                    pos_q = torch.arange(s, device=x.device).unsqueeze(1) + past  # (s, 1)
+                    mask = torch.arange(past + s, device=x.device).unsqueeze(0) <= pos_q  # (s, past + s)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                              dropout_p=self.dropout if self.training else 0.0)
         # (b, nh_local, s, hd) -> (s, b, nh_local * hd)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.num_heads_local * self.head_dim)

@@ -77,11 +77,11 @@ class Embedding(nn.Module):
             self.register_parameter("position_embeddings", None)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, tokens_sb: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens_sb: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
         x = self.word_embeddings(tokens_sb)  # (s, b, d) or (s/tp, b, d)
         if self.position_embeddings is not None:
             s_local = x.shape[0]
-            start = self.ctx.tp_rank * s_local if self.ctx.sequence_parallel else 0
+            start = self.ctx.tp_rank * s_local if self.ctx.sequence_parallel else position_offset
             x = x + self.position_embeddings[start:start + s_local].unsqueeze(1)  # (s_local, 1, d)
         return self.dropout(x)
 
@@ -98,8 +98,8 @@ class TransformerBlock(nn.Module):
         self.ffn = build_ffn(config, ctx, layer_idx)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope=None):
-        x = x + self.dropout(self.attn(self.norm1(x), rope))
+    def forward(self, x: torch.Tensor, rope=None, kv_cache=None):
+        x = x + self.dropout(self.attn(self.norm1(x), rope, kv_cache, self.layer_idx))
         y, stats = self.ffn(self.norm2(x))
         return x + self.dropout(y), stats
 
@@ -128,29 +128,40 @@ class GPTModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                loss_mask: Optional[torch.Tensor] = None, return_logits: bool = False) -> GPTOutput:
-        """tokens, labels: [b, s] long; loss_mask: [b, s] float (1 = counts). See GPTOutput."""
+                loss_mask: Optional[torch.Tensor] = None, return_logits: bool = False,
+                kv_cache=None) -> GPTOutput:
+        """tokens, labels: [b, s] long; loss_mask: [b, s] float (1 = counts). See GPTOutput.
+
+        kv_cache (model/kv_cache.KVCache, single process, inference): tokens are the positions after the
+        cached ones; the cache is extended by them.
+        """
         b, s = tokens.shape
         cfg, ctx = self.config, self.ctx
-        if s > cfg.max_seq_len:
-            raise ValueError(f"sequence length {s} > max_seq_len {cfg.max_seq_len}")
+        past = kv_cache.offset if kv_cache is not None else 0
+        if kv_cache is not None and ctx.world_size > 1:
+            raise ValueError("kv_cache is for single-process inference (export the model first)")
+        if past + s > cfg.max_seq_len:
+            raise ValueError(f"sequence length {past + s} > max_seq_len {cfg.max_seq_len}")
         if ctx.sequence_parallel and s % ctx.tp_size:
             raise ValueError(f"sequence parallelism splits the sequence over TP: length {s} is not "
                              f"divisible by tensor-parallel size {ctx.tp_size} ({s} % {ctx.tp_size} = "
                              f"{s % ctx.tp_size})")
         rope = None
         if cfg.position_embedding == "rope":
-            rope = rotary_tables(s, cfg.head_dim, cfg.rope_theta, device=tokens.device)
+            cos, sin = rotary_tables(past + s, cfg.head_dim, cfg.rope_theta, device=tokens.device)
+            rope = (cos[past:], sin[past:])  # (s, hd/2): the new positions' angles
 
-        x = self.embedding(tokens.t())  # (s, b, d) or (s/tp, b, d)
+        x = self.embedding(tokens.t(), past)  # (s, b, d) or (s/tp, b, d)
         moe_stats: list[Any] = []
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 x, stats = checkpoint(layer, x, rope, use_reentrant=False)
             else:
-                x, stats = layer(x, rope)
+                x, stats = layer(x, rope, kv_cache)
             if stats is not None:
                 moe_stats.append(stats)
+        if kv_cache is not None:
+            kv_cache.advance(s)
         x = self.final_norm(x)
         weight = self.embedding.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
         logits = parallel_lm_logits(x, weight, ctx)  # (s, b, V_local)
