@@ -15,8 +15,9 @@ World size: from the hostfile (after --include/--exclude, or --nodes/--gpus-per-
 unknown keys, ZeRO-3 with MoE ...) fails here, before any process is started; --tp/--ep, when given,
 must agree with it. The training arguments are parsed and resolved by the program's own functions
 (runtime/cli.py), and a --deepspeed_config among them is held to the program's own rules
-(run_config.check_ds_config_agrees: a JSON object whose ZeRO stage, precision and optimizer offload agree
-with the run config), so nothing here can drift from what the program accepts. None of it imports torch.
+(run_config.check_ds_config_agrees: a JSON object whose ZeRO stage, precision, optimizer offload, batch
+fields and gradient clipping agree with the run config, without optimizer/scheduler sections), so nothing
+here can drift from what the program accepts. None of it imports torch.
 
 With the pdsh backend (DeepSpeed's default for multi-node), DeepSpeed joins host names, the master address,
 the module name, the training arguments and some environment variables into one shell command line that

@@ -314,18 +314,21 @@ def program_defaults() -> RunConfig:
     return cfg
 
 
-# Batch fields and these sections of a DeepSpeed file are replaced by what the program builds.
+# Batch fields a DeepSpeed file may repeat only with the run config's values.
 DS_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-DS_REPLACED_SECTIONS = ("optimizer", "scheduler")
+# DeepSpeed sections the program refuses, with the run-config fields that replace them.
+DS_REPLACED_SECTIONS = {"optimizer": ("lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps"),
+                        "scheduler": ("lr", "min_lr", "warmup_steps", "lr_decay_style", "train_steps")}
 
 
 def check_ds_config_agrees(run_cfg: RunConfig, ds_cfg: Any, path: str) -> list[str]:
     """The rules a --deepspeed_config file must follow, for the program and for the pre-launch check alike.
 
-    ZeRO stage, precision and optimizer offload come from the run config; a DeepSpeed file that says
-    otherwise is a ValueError naming every disagreement, not a silent override. Returns notes on what
-    the file sets that the program replaces (batch fields, optimizer/scheduler sections), for the caller
-    to show as warnings.
+    The run config is the source of truth for what both can set: ZeRO stage, precision, optimizer offload,
+    the batch fields and gradient clipping. A DeepSpeed file that says otherwise, or that holds an
+    optimizer/scheduler section (the program builds its own AdamW and LR schedule), is a ValueError naming
+    every problem with its fix. Call it after run_cfg.validate(world), which resolves the batch fields.
+    Returns the notes for the caller to print (none today; kept so callers need not change when one is added).
     """
     if not isinstance(ds_cfg, dict):
         raise ValueError(f"DeepSpeed config {path} must hold a JSON object, got {type(ds_cfg).__name__}")
@@ -358,18 +361,30 @@ def check_ds_config_agrees(run_cfg: RunConfig, ds_cfg: Any, path: str) -> list[s
     if "offload_optimizer" in zero and not t.offload_optimizer:
         problems.append("zero_optimization.offload_optimizer is set but train.offload_optimizer=false "
                         "(add --train.offload_optimizer=true)")
+    # A key equal to the run config's value is harmless; a different one would be silently overwritten.
+    for key, field_name, have in (("train_batch_size", "global_batch_size", t.global_batch_size),
+                                  ("train_micro_batch_size_per_gpu", "micro_batch_size", t.micro_batch_size),
+                                  ("gradient_accumulation_steps", "grad_accum_steps", t.grad_accum_steps),
+                                  ("gradient_clipping", "clip_grad", t.clip_grad)):
+        if key not in ds_cfg:
+            continue
+        value = ds_cfg[key]
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not numeric or value != have:
+            shown = f"{value:g}" if numeric else repr(value)
+            problems.append(f"{key}={shown} but train.{field_name}={have:g} (the run config is the source of "
+                            f"truth: remove {key} from the file, or pass --train.{field_name}={shown} if that is "
+                            f"the value you mean)")
+    for key, fields in DS_REPLACED_SECTIONS.items():
+        if key in ds_cfg:
+            problems.append(f"{'an' if key == 'optimizer' else 'a'} '{key}' section, which the program does not use (it builds its own "
+                            f"{'torch AdamW' if key == 'optimizer' else 'LR schedule'}): remove it and set "
+                            f"{', '.join('train.' + f for f in fields)} in the run config instead")
     if problems:
         raise ValueError(f"DeepSpeed config {path} disagrees with the run config, from which the program takes "
-                         f"ZeRO stage, precision and offload: " + "; ".join(problems))
-    notes = []
-    present = [k for k in DS_BATCH_KEYS if k in ds_cfg]
-    if present:
-        notes.append(f"DeepSpeed config {path} sets {', '.join(present)}: ignored, the program fills the batch "
-                     f"fields from the run config (train.micro_batch_size / global_batch_size / grad_accum_steps)")
-    for key in DS_REPLACED_SECTIONS:
-        if key in ds_cfg:
-            notes.append(f"DeepSpeed config {path} has an '{key}' section: ignored, the program builds its own")
-    return notes
+                         f"ZeRO stage, precision, offload, batch sizes, gradient clipping, optimizer and LR "
+                         f"schedule: " + "; ".join(problems))
+    return []
 
 
 def merged_dict(base: RunConfig, file_dict: Optional[dict], overrides: list[str]) -> dict:

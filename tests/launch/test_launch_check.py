@@ -224,9 +224,13 @@ def test_deepspeed_config_checks(capsys, tmp_path):
     code, _, err = run(capsys, *base, "--deepspeed_config", str(bad))
     assert code == 2 and "not valid JSON" in err
     batch = tmp_path / "batch.json"
-    batch.write_text(json.dumps({"train_batch_size": 8, "optimizer": {"type": "Adam"}}))
+    batch.write_text(json.dumps({"train_batch_size": 8, "gradient_clipping": 1.0}))  # the run config's values
     code, _, err = run(capsys, *base, "--deepspeed_config", str(batch))
-    assert code == 0 and "warning" in err and "train_batch_size" in err and "'optimizer'" in err
+    assert code == 0 and err == "", err
+    batch.write_text(json.dumps({"train_batch_size": 999, "optimizer": {"type": "Adam"}}))
+    code, out, err = run(capsys, *base, "--deepspeed_config", str(batch))
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "train_batch_size=999 but train.global_batch_size=8" in err and "'optimizer' section" in err
 
 
 def test_fp16_refused_on_cpu_accelerator(capsys, monkeypatch):
@@ -260,6 +264,24 @@ DS_RULES = {
                            "fp16.enabled=false (fp32) but train.precision=bf16"),
     "offload, run without": ({"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}},
                              ["--train.zero_stage=1"], "add --train.offload_optimizer=true"),
+    # World 2, micro 4, no accumulation: the run config resolves global 8.
+    "global batch differs": ({"train_batch_size": 999}, [],
+                             "train_batch_size=999 but train.global_batch_size=8 (the run config is the source of "
+                             "truth: remove train_batch_size from the file, or pass --train.global_batch_size=999"),
+    "micro batch differs": ({"train_micro_batch_size_per_gpu": 2}, [],
+                            "train_micro_batch_size_per_gpu=2 but train.micro_batch_size=4"),
+    "accumulation differs": ({"gradient_accumulation_steps": 2}, [],
+                             "gradient_accumulation_steps=2 but train.grad_accum_steps=1"),
+    "clipping differs": ({"gradient_clipping": 0.5}, [], "gradient_clipping=0.5 but train.clip_grad=1"),
+    "batch field not a number": ({"train_batch_size": "8"}, [], "train_batch_size='8' but train.global_batch_size=8"),
+    "optimizer section": ({"optimizer": {"type": "Adam", "params": {"lr": 1e-4}}}, [],
+                          "an 'optimizer' section, which the program does not use (it builds its own torch AdamW): "
+                          "remove it and set train.lr, train.weight_decay, train.adam_beta1, train.adam_beta2, "
+                          "train.adam_eps in the run config instead"),
+    "scheduler section": ({"scheduler": {"type": "WarmupLR"}}, [],
+                          "a 'scheduler' section, which the program does not use (it builds its own LR schedule): "
+                          "remove it and set train.lr, train.min_lr, train.warmup_steps, train.lr_decay_style, "
+                          "train.train_steps in the run config instead"),
 }
 
 
@@ -300,13 +322,18 @@ def test_deepspeed_config_rules_accept_the_fixed_file(tmp_path):
     fixed = {"stage differs": ["--train.zero_stage=2"], "bf16 on, run fp32": ["--train.precision=bf16"],
              "fp16 on, run bf16": ["--train.precision=fp16"], "bf16 off, run bf16": ["--train.precision=fp32"],
              "fp16 off, run bf16": ["--train.precision=fp32"],
-             "offload, run without": ["--train.zero_stage=1", "--train.offload_optimizer=true"]}
+             "offload, run without": ["--train.zero_stage=1", "--train.offload_optimizer=true"],
+             "micro batch differs": ["--train.micro_batch_size=2"],
+             "accumulation differs": ["--train.grad_accum_steps=2"], "clipping differs": ["--train.clip_grad=0.5"]}
     for rule, overrides in fixed.items():
         cfg = LC.resolve_run_config(None, overrides)
+        cfg.validate(2)
         assert check_ds_config_agrees(cfg, DS_RULES[rule][0], "ds.json") == [], rule
-    notes = check_ds_config_agrees(LC.resolve_run_config(None, []),
-                                   {"train_batch_size": 8, "scheduler": {}, "optimizer": {}}, "ds.json")
-    assert len(notes) == 3 and "train_batch_size" in notes[0] and "'optimizer'" in notes[1]
+    cfg = LC.resolve_run_config(None, ["--train.global_batch_size=16"])
+    cfg.validate(2)
+    same = {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
+            "gradient_clipping": 1}
+    assert check_ds_config_agrees(cfg, same, "ds.json") == []
 
 
 def _with_extra_option(monkeypatch):

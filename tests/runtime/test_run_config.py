@@ -321,3 +321,28 @@ def test_ds_config_disagreements_are_all_named_in_one_error():
     cfg = moe_cfg(zero_stage=2, precision="bf16", offload_optimizer=True)
     assert check_ds_config_agrees(cfg, ds, "ds.json") == []
     assert check_ds_config_agrees(cfg, {"zero_optimization": {"stage": 2.0}}, "ds.json") == []
+
+
+def test_ds_config_batch_clip_and_sections_are_errors_naming_both_values():
+    """The run config is the source of truth: a DeepSpeed value that differs, or a section the program does
+    not use, is refused (never a warning followed by a silent override); the same values are fine."""
+    from megatron_mhmoe.runtime.run_config import check_ds_config_agrees
+    cfg = moe_cfg(micro_batch_size=2, grad_accum_steps=2, clip_grad=0.5)
+    cfg.parallel.ep = 2
+    cfg.validate(2)  # global = 2 x 2 x 2 = 8
+    same = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+            "gradient_clipping": 0.5}
+    assert check_ds_config_agrees(cfg, same, "ds.json") == []
+    ds = {"train_batch_size": 999, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+          "gradient_clipping": 1.0, "optimizer": {"type": "Adam"}, "scheduler": {"type": "WarmupLR"}}
+    with pytest.raises(ValueError) as e:
+        check_ds_config_agrees(cfg, ds, "ds.json")
+    msg = str(e.value)
+    for part in ("train_batch_size=999 but train.global_batch_size=8", "--train.global_batch_size=999",
+                 "train_micro_batch_size_per_gpu=4 but train.micro_batch_size=2",
+                 "gradient_accumulation_steps=1 but train.grad_accum_steps=2",
+                 "gradient_clipping=1 but train.clip_grad=0.5", "remove train_batch_size from the file",
+                 "an 'optimizer' section", "set train.lr, train.weight_decay", "a 'scheduler' section",
+                 "train.warmup_steps, train.lr_decay_style"):
+        assert part in msg, (part, msg)
+    assert "\n" not in msg
