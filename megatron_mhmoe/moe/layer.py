@@ -7,6 +7,10 @@ For the tokens x (N, d) a rank owns (its 1/TP share of a replica, or its sequenc
 4. dispatch to the experts (all-to-all over EP), combine with the gate weights;
 5. merge the h sub-tokens back into a token and apply the merge projection.
 The block around it adds the residual; the layer has none of its own.
+
+A call with no tokens (x of shape (0, b, d) or (s, 0, d)) is allowed rather than refused: it returns an
+empty output, aux and z losses of exactly 0 that still carry a (zero) gradient, and all-zero counts, so
+an empty batch neither raises nor puts NaN into the loss.
 """
 from __future__ import annotations
 
@@ -99,8 +103,10 @@ class MHMoELayer(nn.Module):
 
     def _stats(self, logits, choice, counts_all, keep, S: int, num_tokens: int) -> MoEStats:
         disp, E = self.dispatcher, self.moe.num_experts
-        aux = load_balance_loss(disp.replica_sum(choice.probs.sum(0)), counts_all[:, 0].sum(0), S)
-        z = disp.replica_sum(choice.lse.square().sum()) / S  # ST-MoE z-loss: mean logsumexp(logits)^2, lse from top_k
+        # No sub-tokens: the sums below are all zero, and 0 / 1 keeps the losses at 0 instead of 0 / 0 = NaN.
+        per = max(S, 1)
+        aux = load_balance_loss(disp.replica_sum(choice.probs.sum(0)), counts_all[:, 0].sum(0), per)
+        z = disp.replica_sum(choice.lse.square().sum()) / per  # ST-MoE z-loss: mean logsumexp(logits)^2, lse from top_k
         with torch.no_grad():
             e_flat = choice.experts.t().reshape(-1)
             kept_local = torch.bincount(e_flat[keep] if keep is not None else e_flat, minlength=E)

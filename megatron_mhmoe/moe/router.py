@@ -14,6 +14,16 @@ import torch.nn.functional as F
 from megatron_mhmoe.parallel.init import constant, normal, set_init
 
 
+# F.normalize divides by max(|z|, eps), so eps also caps the Jacobian of z / |z| at 1/eps. A projected
+# sub-token z = W x has the scale |W||x| ~ init_std * sqrt(d_sub * gate_dim) * rms(x), about 0.1-1;
+# bf16 inputs resolve z only to ~2^-8 of that scale (4e-4 at the low end), fp32 to ~2^-24 of it.
+# 1e-4 is below bf16's resolution, so every sub-token whose direction bf16 can resolve is scored as
+# z / |z| exactly, and an exactly-zero sub-token (zero input through the zero-initialised head bias)
+# gets at most 1e4 x the gradient reaching z / |z|, not torch's default 1e12 x, which made the global
+# gradient norm ~1e10 so that clipping shrank every other gradient to nothing.
+NORMALIZE_EPS = 1e-4
+
+
 def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
@@ -37,8 +47,8 @@ class XMoEGate(nn.Module):
 
     def forward(self, x_sub: torch.Tensor) -> torch.Tensor:  # (S, d/h) -> (S, E) fp32
         with torch.autocast(device_type=x_sub.device.type, enabled=False):
-            z = F.normalize(F.linear(_fp32(x_sub), _fp32(self.proj.weight)), dim=-1)  # (S, gate_dim)
-            m = F.normalize(_fp32(self.expert_embeddings), dim=-1)  # (E, gate_dim)
+            z = F.normalize(F.linear(_fp32(x_sub), _fp32(self.proj.weight)), dim=-1, eps=NORMALIZE_EPS)
+            m = F.normalize(_fp32(self.expert_embeddings), dim=-1, eps=NORMALIZE_EPS)  # (E, gate_dim)
             # A temperature that trains towards 0 would blow the logits up: keep it positive.
             tau = _fp32(self.temperature).clamp(min=1e-2)
             return (z @ m.t()) / tau  # (S, E)

@@ -21,22 +21,30 @@ SECRET_KEY = re.compile(r"(api[_-]?key|token(?!iz)|secret|password|passwd|creden
 SECRET_VALUE = re.compile(r"\b[0-9a-f]{40}\b|\b(sk|hf|ghp|wandb)[-_][A-Za-z0-9_-]{16,}\b")
 
 
+def _literal_secrets() -> list[str]:
+    """The configured wandb key as it is and stripped, longest first: a key of any form (a local
+    server's key need not be 40-hex) is redacted wherever its exact text appears."""
+    key = os.environ.get("WANDB_API_KEY", "")
+    return sorted({v for v in (key, key.strip()) if v}, key=len, reverse=True)
+
+
+def redact_text(text: str) -> str:
+    """text with the value of WANDB_API_KEY and credential-looking values replaced by '***'."""
+    for secret in _literal_secrets():
+        text = text.replace(secret, "***")
+    return SECRET_VALUE.sub("***", text)
+
+
 def redact(obj: Any) -> Any:
-    """A copy of a config/mapping with credential-like keys and values replaced by '***'."""
+    """A copy of a config/mapping with credential-like keys and values replaced by '***' (strings at any
+    depth go through redact_text)."""
     if isinstance(obj, dict):
         return {k: ("***" if isinstance(k, str) and SECRET_KEY.search(k) else redact(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(redact(v) for v in obj)
     if isinstance(obj, str):
-        return SECRET_VALUE.sub("***", obj)
+        return redact_text(obj)
     return obj
-
-
-def redact_text(text: str) -> str:
-    key = os.environ.get("WANDB_API_KEY")
-    if key:
-        text = text.replace(key, "***")
-    return SECRET_VALUE.sub("***", text)
 
 
 def wandb_has_credentials() -> bool:
@@ -86,7 +94,7 @@ class MetricsLogger:
         argv, sys.argv = sys.argv, [redact_text(a) for a in sys.argv]
         try:
             self.run = wandb.init(
-                project=wandb_cfg.project, group=wandb_cfg.group or None,
+                project=redact_text(wandb_cfg.project), group=redact_text(wandb_cfg.group or "") or None,
                 name=redact_text(wandb_cfg.name or run_name), tags=[redact_text(t) for t in wandb_cfg.tags] or None,
                 config=redact(config_dict), dir=self.wandb_dir, mode=mode, id=resume_id,
                 resume="allow" if resume_id else None, reinit=True)
