@@ -13,8 +13,22 @@ import statistics
 
 
 def load(path: str) -> list[dict]:
+    """The moe_layer points of one run: its printed output (`JSON {...}` lines among comments and log
+    lines) or the bare JSON lines kept under benchmarks/results/; points of other benchmarks are skipped."""
+    points = []
     with open(path) as f:
-        return [json.loads(line[5:]) for line in f if line.startswith("JSON ")]
+        for line in f:
+            line = line.strip()
+            if line.startswith("JSON "):
+                line = line[5:]
+            if not line.startswith("{"):
+                continue
+            point = json.loads(line)
+            if point.get("bench", "moe_layer") == "moe_layer":
+                points.append(point)
+    if not points:
+        raise SystemExit(f"{path}: no moe_layer result lines (JSON objects, optionally after 'JSON ')")
+    return points
 
 
 def target_ok(shape: str, E: int, key: str, value: float) -> bool:
