@@ -50,8 +50,9 @@ class ParallelContext:
                 ctx.sequence_parallel = False
                 return ctx
             raise ValueError(
-                f"tp_size={tp_size}, ep_size={ep_size} need torch.distributed: initialise it first "
-                f"(launch with deepspeed/torchrun, or call megatron_mhmoe.parallel.init_distributed)")
+                f"tp_size={tp_size}, ep_size={ep_size} need torch.distributed: initialise it first, in every "
+                f"process of a deepspeed/torchrun launch, with megatron_mhmoe.parallel.devices.init_process_group "
+                f"(the process group) or megatron_mhmoe.runtime.engine.init_distributed (it and DeepSpeed)")
         world, rank = dist.get_world_size(), dist.get_rank()
         L.validate_sizes(world, tp_size, ep_size)
         if sequence_parallel and tp_size == 1:
