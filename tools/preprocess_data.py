@@ -5,7 +5,9 @@ Example:
   python tools/preprocess_data.py --input corpus.jsonl --json-keys text \\
       --tokenizer-model tok.model --append-eod --output-prefix data/corpus --workers 8
 writes data/corpus_text_document.{bin,idx} (+ .meta.json, a sidecar Megatron ignores) for training
-with --data-path data/corpus_text_document.
+with --data-path data/corpus_text_document. --tokenizer-model may also be a Hugging Face tokenizer.json
+(or a folder holding one); its EOD is its eos token, else a token like </s> or <|endoftext|>, else
+--eod-token. Progress is a bar on a terminal and a line every --log-interval documents otherwise.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from megatron_mhmoe.data.errors import DataError  # noqa: E402
 from megatron_mhmoe.data.input_reader import InputConfig  # noqa: E402
 from megatron_mhmoe.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from megatron_mhmoe.data.tokenizer import TOKENIZER_TYPES  # noqa: E402
 
 BAD_INPUT_POLICY = """\
 bad input policy (counts and the first locations are printed as warnings at the end):
@@ -48,10 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip (count) documents longer than this many characters (default 50M)")
     g.add_argument("--strict", action="store_true", help="fail on the first bad line instead of skipping it")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", default="sentencepiece",
-                   choices=["sentencepiece", "byte", "SentencePieceTokenizer", "GPTSentencePieceTokenizer"],
-                   help="sentencepiece (needs --tokenizer-model) or byte (UTF-8 bytes, EOD=256)")
-    g.add_argument("--tokenizer-model", help="SentencePiece .model from tools/train_tokenizer.py")
+    g.add_argument("--tokenizer-type", default="auto", choices=list(TOKENIZER_TYPES),
+                   help="auto (default: by --tokenizer-model: .json or a folder holding tokenizer.json -> hf, "
+                        "else sentencepiece), sentencepiece, hf, or byte (UTF-8 bytes, EOD=256, no model)")
+    g.add_argument("--tokenizer-model",
+                   help="SentencePiece .model or Hugging Face tokenizer.json (or its folder) from "
+                        "tools/train_tokenizer.py")
+    g.add_argument("--eod-token", default=None,
+                   help="Hugging Face tokenizers: the token appended as end-of-document (default: the eos_token "
+                        "of a tokenizer_config.json beside it, else </s>, <|endoftext|>, <eos>, ... if present)")
     g.add_argument("--append-eod", action="store_true", help="append the EOD (eos) id after each document")
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True,
@@ -63,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the input files into N groups, each written as its own dataset (finished ones "
                         "are reused when a crashed run is restarted), then merged")
     g.add_argument("--keep-partitions", action="store_true", help="keep the per-partition datasets")
-    g.add_argument("--log-interval", type=int, default=1000, help="progress line every N documents")
+    g.add_argument("--log-interval", type=int, default=1000, help="progress line every N documents (lines mode)")
+    g.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto",
+                   help="auto (default): a progress bar when stderr is a terminal, else periodic lines")
     return p
 
 
@@ -72,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = PreprocessConfig(
             inputs=args.input, output_prefix=args.output_prefix, tokenizer_type=args.tokenizer_type,
-            tokenizer_model=args.tokenizer_model, append_eod=args.append_eod, workers=args.workers,
-            log_interval=args.log_interval, partitions=args.partitions, keep_partitions=args.keep_partitions,
+            tokenizer_model=args.tokenizer_model, eod_token=args.eod_token, append_eod=args.append_eod,
+            workers=args.workers, log_interval=args.log_interval, progress=args.progress, partitions=args.partitions, keep_partitions=args.keep_partitions,
             input=InputConfig(json_keys=tuple(args.json_keys), input_format=args.input_format,
                               text_doc=args.text_doc, max_doc_chars=args.max_doc_chars, strict=args.strict))
         result = preprocess(cfg)

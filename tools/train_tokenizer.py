@@ -1,9 +1,12 @@
 #!/usr/bin/env python
-"""Train a SentencePiece tokenizer (BPE or unigram) on JSONL or text files.
+"""Train a SentencePiece tokenizer (BPE or unigram) or a Hugging Face byte-level BPE on JSONL or text files.
 
 Example:
   python tools/train_tokenizer.py --input corpus.jsonl --model-prefix tok/code8k --vocab-size 8000
-writes tok/code8k.model (+ .vocab). The default 'code' preset gives an exact round trip of source
+writes tok/code8k.model (+ .vocab).
+  python tools/train_tokenizer.py --type hf-bpe --input corpus.jsonl --model-prefix tok/hf8k --vocab-size 8000
+writes the folder tok/hf8k/ with tokenizer.json (the `tokenizers` library's format; EOD = <|endoftext|>,
+id 0) and tokenizer_config.json; pass either path as --tokenizer-model / data.tokenizer_model. The default 'code' preset gives an exact round trip of source
 code (byte fallback, identity normalisation, whitespace kept, '\\n' and '\\t' as pieces).
 Ids: unk 0, bos 1, eos 2 (the datasets' end-of-document, EOD), pad 3, then user-defined symbols.
 Large corpora are streamed and uniformly subsampled to --max-sentences sentences.
@@ -18,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from megatron_mhmoe.data.errors import DataError  # noqa: E402
 from megatron_mhmoe.data.input_reader import InputConfig  # noqa: E402
-from megatron_mhmoe.data.spm_train import PRESETS, TokenizerTrainConfig, train_tokenizer  # noqa: E402
+from megatron_mhmoe.data.spm_train import (PRESETS, TokenizerTrainConfig, train_hf_tokenizer,  # noqa: E402
+                                            train_tokenizer)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text input: a document per line or per file")
     p.add_argument("--max-doc-chars", type=int, default=50_000_000, help="skip longer documents")
     p.add_argument("--strict", action="store_true", help="fail on bad lines instead of skipping them")
-    p.add_argument("--model-prefix", required=True, help="output: <prefix>.model and <prefix>.vocab")
+    p.add_argument("--type", choices=["sentencepiece", "hf-bpe"], default="sentencepiece",
+                   help="sentencepiece (default) or hf-bpe: a byte-level BPE tokenizer.json (Hugging Face tokenizers)")
+    p.add_argument("--model-prefix", required=True,
+                   help="output: <prefix>.model and <prefix>.vocab; with --type hf-bpe the folder <prefix>/ "
+                        "(tokenizer.json, tokenizer_config.json)")
     p.add_argument("--vocab-size", type=int, default=8000)
-    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="SentencePiece model type")
     p.add_argument("--preset", choices=sorted(PRESETS), default="code",
                    help="code: exact round trip of source (default); text: NFKC, folded whitespace")
     fb = p.add_mutually_exclusive_group()
@@ -64,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             num_threads=args.num_threads, log_interval=args.log_interval,
             input=InputConfig(json_keys=tuple(args.json_keys), input_format=args.input_format,
                               text_doc=args.text_doc, max_doc_chars=args.max_doc_chars, strict=args.strict))
-        result = train_tokenizer(cfg)
+        result = (train_hf_tokenizer if args.type == "hf-bpe" else train_tokenizer)(cfg)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

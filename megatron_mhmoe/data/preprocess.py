@@ -39,16 +39,21 @@ class PreprocessConfig:
     """Input files, directories or globs (--input)."""
     output_prefix: str
     """Outputs are `<output_prefix>_<key>_document.{bin,idx,meta.json}` (--output-prefix)."""
-    tokenizer_type: str = "sentencepiece"
-    """'sentencepiece' or 'byte' (--tokenizer-type)."""
+    tokenizer_type: str = "auto"
+    """'auto' (by --tokenizer-model's file), 'sentencepiece', 'hf' or 'byte' (--tokenizer-type)."""
     tokenizer_model: Optional[str] = None
-    """SentencePiece .model path (--tokenizer-model)."""
+    """SentencePiece .model, Hugging Face tokenizer.json or a folder holding one (--tokenizer-model)."""
+    eod_token: Optional[str] = None
+    """End-of-document token of a Hugging Face tokenizer that names no eos token (--eod-token)."""
     append_eod: bool = False
     """Append the tokenizer's EOD id after every document (--append-eod)."""
     workers: int = 1
     """Worker processes; 1 tokenizes in the main process (--workers)."""
     log_interval: int = 1000
-    """Print a progress line every this many documents (--log-interval)."""
+    """Print a progress line every this many documents (--log-interval; lines mode only)."""
+    progress: str = "auto"
+    """'bar' (a tqdm bar of bytes and documents), 'lines' (a log line every log_interval documents) or
+    'auto': a bar when stderr is a terminal, lines otherwise (--progress)."""
     partitions: int = 1
     """Split the input files into this many groups, each written as its own dataset (reused on a rerun
     after a crash), then merged (--partitions)."""
@@ -90,10 +95,10 @@ _STATE: dict = {}
 
 
 def _init_worker(tokenizer_type: str, tokenizer_model: Optional[str], input_cfg: InputConfig,
-                 append_eod: bool) -> None:
+                 append_eod: bool, eod_token: Optional[str] = None) -> None:
     from megatron_mhmoe.data.tokenizer import build_tokenizer
 
-    tok = build_tokenizer(tokenizer_type, tokenizer_model)
+    tok = build_tokenizer(tokenizer_type, tokenizer_model, eod_token)
     _STATE.update(tok=tok, input=input_cfg, append_eod=append_eod, dtype=optimal_dtype(tok.vocab_size))
 
 
@@ -154,18 +159,59 @@ def _iter_chunks(files: Sequence[str], cfg: InputConfig, chunk_bytes: int) -> It
             yield _Chunk(path, fmt, records)
 
 
-class _Progress:
-    """Periodic 'documents, docs/s, MB/s' lines (a log line, not a tty bar, so it reads well in job logs)."""
+def _terminal_size() -> tuple[int, int]:
+    """(columns, rows) of the terminal; some ptys report 0 x 0, for which tqdm would draw nothing at all."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+        cols, rows = size.columns, size.lines
+    except (OSError, ValueError, AttributeError):
+        cols = rows = 0
+    return (cols if cols > 0 else 100), (rows if rows > 0 else 24)
 
-    def __init__(self, interval: int, log: Log) -> None:
-        self.interval, self.log = max(interval, 1), log
+
+class _Progress:
+    """A tqdm bar (bytes read, documents, rates) on a terminal; otherwise a 'documents, docs/s, MB/s' line
+    every `interval` documents, because a bar's carriage returns make a mess of job logs."""
+
+    def __init__(self, interval: int, log: Log, bar: bool = False, total_bytes: Optional[int] = None) -> None:
+        self.interval, self._log = max(interval, 1), log
         self.start = time.perf_counter()
         self.next_at = self.interval
+        self.total_bytes = total_bytes
+        self.bar = None
+        if bar:
+            from tqdm import tqdm
+
+            cols, rows = _terminal_size()
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocessing", file=sys.stderr,
+                            ncols=cols, nrows=rows, mininterval=0.5)
+
+    def log(self, msg: str) -> None:
+        """Log around the bar: it is erased, the message printed, and the bar redrawn below it."""
+        if self.bar is None:
+            self._log(msg)
+            return
+        with self.bar.external_write_mode(file=sys.stderr):
+            self._log(msg)
 
     def update(self, stats: InputStats) -> None:
+        if self.bar is not None:
+            dt = max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{stats.documents} docs, {stats.documents / dt:.0f} docs/s", refresh=False)
+            self.bar.update(stats.bytes - self.bar.n)
+            return
         if stats.documents >= self.next_at:
             self.next_at = (stats.documents // self.interval + 1) * self.interval
             self.log(self.line(stats))
+
+    def close(self, done: bool) -> None:
+        if self.bar is None:
+            return
+        if done and self.total_bytes and self.bar.n < self.total_bytes:
+            # Newlines and reused partitions are not counted as read: a finished run is still 100%.
+            self.bar.update(self.total_bytes - self.bar.n)
+        self.bar.close()
+        self.bar = None
 
     def line(self, stats: InputStats, prefix: str = "processed") -> str:
         dt = max(time.perf_counter() - self.start, 1e-9)
@@ -179,7 +225,7 @@ def _run_files(files: Sequence[str], prefixes: list[str], cfg: PreprocessConfig,
     dtype = optimal_dtype(tok_info["vocab_size"])
     writers = [IndexedDatasetWriter(p, dtype) for p in prefixes]
     max_ids = [-1] * len(prefixes)
-    init_args = (cfg.tokenizer_type, cfg.tokenizer_model, cfg.input, cfg.append_eod)
+    init_args = (cfg.tokenizer_type, cfg.tokenizer_model, cfg.input, cfg.append_eod, cfg.eod_token)
     chunks = _iter_chunks(files, cfg.input, cfg.chunk_bytes)
     pool = None
     stop = threading.Event()
@@ -194,6 +240,9 @@ def _run_files(files: Sequence[str], prefixes: list[str], cfg: PreprocessConfig,
                             return
                     yield chunk
 
+            # One process per core already: the HF tokenizers' own thread pool in every worker would
+            # oversubscribe the cores (and the library warns about threads used before a fork).
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             pool = Pool(cfg.workers, initializer=_init_worker, initargs=init_args)
             results: Iterator[_ChunkResult] = pool.imap(_encode_chunk, throttled())
         else:
@@ -273,26 +322,38 @@ def preprocess(cfg: PreprocessConfig, log: Log = _stderr_log) -> PreprocessResul
         raise DataError(f"--workers must be >= 1, got {cfg.workers}")
     if cfg.partitions < 1:
         raise DataError(f"--partitions must be >= 1, got {cfg.partitions}")
+    if cfg.progress not in ("auto", "bar", "lines"):
+        raise DataError(f"--progress must be auto, bar or lines, got {cfg.progress!r}")
     files = expand_inputs(cfg.inputs)
-    tok = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
+    tok = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, cfg.eod_token)
     tok_info = {
-        "tokenizer_type": cfg.tokenizer_type,
+        "tokenizer_type": tok.type_name,
         "tokenizer_model": os.path.abspath(cfg.tokenizer_model) if cfg.tokenizer_model else None,
         "tokenizer_sha256": tok.sha256,
         "vocab_size": tok.vocab_size,
         "eod": tok.eod,
     }
+    if getattr(tok, "eod_token", None) is not None:
+        tok_info["eod_token"] = tok.eod_token
     keys = list(cfg.input.json_keys)
     outputs = {k: output_prefix_for(cfg.output_prefix, k) for k in keys}
-    log(f"preprocessing {len(files)} file(s) with {cfg.workers} worker(s), vocab {tok.vocab_size} "
-        f"({optimal_dtype(tok.vocab_size)} tokens) -> {', '.join(outputs.values())}")
+    log(f"preprocessing {len(files)} file(s) with {cfg.workers} worker(s), {tok.type_name} tokenizer, vocab "
+        f"{tok.vocab_size} ({optimal_dtype(tok.vocab_size)} tokens), EOD {tok.eod} -> {', '.join(outputs.values())}")
     stats = InputStats()
-    progress = _Progress(cfg.log_interval, log)
     groups = _partition(files, cfg.partitions) if cfg.partitions > 1 else [files]
-    if len(groups) == 1:
-        num_tokens, _ = _run_files(files, list(outputs.values()), cfg, tok_info, log, progress, stats)
-    else:
-        num_tokens = _run_partitions(groups, keys, outputs, cfg, tok_info, log, progress, stats)
+    bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
+    total = None if any(f.endswith(".gz") for f in files) else sum(os.path.getsize(f) for f in files)
+    progress = _Progress(cfg.log_interval, log, bar=bar, total_bytes=total)
+    log = progress.log
+    done = False
+    try:
+        if len(groups) == 1:
+            num_tokens, _ = _run_files(files, list(outputs.values()), cfg, tok_info, log, progress, stats)
+        else:
+            num_tokens = _run_partitions(groups, keys, outputs, cfg, tok_info, log, progress, stats)
+        done = True
+    finally:
+        progress.close(done)
     seconds = time.perf_counter() - progress.start
     log(progress.line(stats, prefix="done:") + f", {num_tokens} tokens per key")
     for w in stats.warnings():
@@ -304,7 +365,8 @@ def _finished(prefix: str, files: list[str], cfg: PreprocessConfig, tok_info: di
     """Whether a partition dataset from an earlier run is complete and made from the same inputs/tokenizer."""
     meta = read_meta(prefix)
     if meta is None or meta.get("inputs") != [os.path.abspath(f) for f in files] \
-            or meta.get("tokenizer_sha256") != tok_info["tokenizer_sha256"] or meta.get("append_eod") != cfg.append_eod:
+            or meta.get("tokenizer_sha256") != tok_info["tokenizer_sha256"] or meta.get("append_eod") != cfg.append_eod \
+            or meta.get("eod", tok_info["eod"]) != tok_info["eod"]:
         return False
     try:
         return IndexedDataset(prefix).num_tokens == meta.get("num_tokens")  # opens and checks both files

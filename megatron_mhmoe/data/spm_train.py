@@ -1,4 +1,5 @@
-"""Train a SentencePiece tokenizer from JSONL/text corpora, streaming, with reservoir sampling.
+"""Train a SentencePiece (or Hugging Face byte-level BPE) tokenizer from JSONL/text corpora, streaming,
+with reservoir sampling.
 
 Documents are cut at line boundaries into "sentences" of at most `max_sentence_bytes` (SentencePiece
 silently drops longer sentences). Because '\\n' is a user-defined symbol in the code preset, no piece
@@ -11,6 +12,7 @@ Special ids: unk 0, bos 1, eos 2 (= EOD for the datasets), pad 3, then user-defi
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import sys
@@ -118,17 +120,8 @@ def reservoir_sample(items: Iterable[str], k: int, rng: random.Random) -> tuple[
     return sample, seen
 
 
-def train_tokenizer(cfg: TokenizerTrainConfig, log: Log = lambda m: print(m, file=sys.stderr, flush=True)
-                    ) -> TokenizerTrainResult:
-    """Sample the corpus, train SentencePiece, write the model, and check the round trip."""
-    import sentencepiece as spm
-
-    if cfg.preset not in PRESETS:
-        raise DataError(f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
-    if cfg.model_type not in ("bpe", "unigram"):
-        raise DataError(f"--model-type must be bpe or unigram, not {cfg.model_type!r}")
-    if cfg.max_sentences < 1:
-        raise DataError(f"--max-sentences must be >= 1, got {cfg.max_sentences}")
+def _sample(cfg: TokenizerTrainConfig, log: Log) -> tuple[list[str], int, list[str], InputStats, float]:
+    """(sentences sampled, sentences seen, documents kept for the round-trip check, stats, start time)."""
     stats = InputStats()
     rng = random.Random(cfg.seed)
     start = time.perf_counter()
@@ -150,6 +143,21 @@ def train_tokenizer(cfg: TokenizerTrainConfig, log: Log = lambda m: print(m, fil
     if not sample:
         raise DataError(f"no text to train a tokenizer on in {list(cfg.inputs)} ({stats.lines} records read); "
                         "check the files and --json-keys.")
+    return sample, seen, verify_pool, stats, start
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig, log: Log = lambda m: print(m, file=sys.stderr, flush=True)
+                    ) -> TokenizerTrainResult:
+    """Sample the corpus, train SentencePiece, write the model, and check the round trip."""
+    import sentencepiece as spm
+
+    if cfg.preset not in PRESETS:
+        raise DataError(f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
+    if cfg.model_type not in ("bpe", "unigram"):
+        raise DataError(f"--model-type must be bpe or unigram, not {cfg.model_type!r}")
+    if cfg.max_sentences < 1:
+        raise DataError(f"--max-sentences must be >= 1, got {cfg.max_sentences}")
+    sample, seen, verify_pool, stats, start = _sample(cfg, log)
     log(f"sampled {len(sample)} of {seen} sentences from {stats.documents} documents "
         f"({stats.bytes / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s; training {cfg.model_type} "
         f"vocab {cfg.vocab_size}")
@@ -194,3 +202,77 @@ def train_tokenizer(cfg: TokenizerTrainConfig, log: Log = lambda m: print(m, fil
         log(msg if not failed else f"WARNING: {msg}")
     log(f"wrote {model_path} (vocab {sp.GetPieceSize()}, eod/eos id {sp.eos_id()}, pad id {sp.pad_id()})")
     return TokenizerTrainResult(model_path, sp.GetPieceSize(), seen, len(sample), len(verify_pool), failed, stats)
+
+
+HF_EOD = "<|endoftext|>"
+
+
+def train_hf_tokenizer(cfg: TokenizerTrainConfig, log: Log = lambda m: print(m, file=sys.stderr, flush=True)
+                       ) -> TokenizerTrainResult:
+    """Train a byte-level BPE Hugging Face tokenizer (the `tokenizers` library) on the same sample.
+
+    Writes `<model_prefix>/tokenizer.json` and a tokenizer_config.json naming its eos token (the
+    datasets' EOD, id 0, then the user-defined symbols as special tokens, then the 256 byte symbols and
+    the merges). Byte-level pre-tokenization covers every UTF-8 byte, so there is no unknown token and,
+    with the code preset (no normalizer), decode(encode(text)) == text for any text.
+    """
+    try:
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    except ImportError:
+        raise DataError("--type hf-bpe needs the 'tokenizers' package: pip install -r requirements.txt") from None
+
+    if cfg.preset not in PRESETS:
+        raise DataError(f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
+    if cfg.model_type != "bpe":
+        raise DataError(f"--type hf-bpe trains BPE only, not --model-type {cfg.model_type}")
+    if cfg.control_symbols:
+        raise DataError("--control-symbols is SentencePiece-only (a tokenizer.json matches every special token in "
+                        "text); use --user-defined-symbols, or --type sentencepiece")
+    if cfg.byte_fallback is False:
+        raise DataError("--no-byte-fallback does not apply to --type hf-bpe: a byte-level BPE always covers bytes")
+    if cfg.max_sentences < 1:
+        raise DataError(f"--max-sentences must be >= 1, got {cfg.max_sentences}")
+    specials = [HF_EOD] + [s for s in cfg.user_defined_symbols if s != HF_EOD]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if cfg.vocab_size <= len(alphabet) + len(specials):
+        raise DataError(f"--vocab-size {cfg.vocab_size} leaves no room for merges: a byte-level BPE needs more than "
+                        f"{len(alphabet)} byte symbols + {len(specials)} special token(s)")
+    sample, seen, verify_pool, stats, start = _sample(cfg, log)
+    log(f"sampled {len(sample)} of {seen} sentences from {stats.documents} documents "
+        f"({stats.bytes / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s; training byte-level BPE "
+        f"vocab {cfg.vocab_size}")
+    tk = Tokenizer(models.BPE())
+    if cfg.preset == "text":
+        tk.normalizer = normalizers.NFKC()
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=specials, initial_alphabet=alphabet,
+                                  min_frequency=2, show_progress=False)
+    t0 = time.perf_counter()
+    tk.train_from_iterator(sample, trainer=trainer, length=len(sample))
+    log(f"trained in {time.perf_counter() - t0:.1f} s")
+    vocab = tk.get_vocab_size(with_added_tokens=True)
+    if vocab < cfg.vocab_size:
+        log(f"WARNING: the corpus supports only {vocab} tokens (asked for {cfg.vocab_size}): it has too few "
+            "repeated byte pairs for more merges")
+    folder = cfg.model_prefix
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "tokenizer.json")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    tk.save(tmp)
+    os.replace(tmp, path)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": HF_EOD, "bos_token": HF_EOD,
+              "unk_token": None, "clean_up_tokenization_spaces": False,
+              "additional_special_tokens": specials[1:]}
+    tmp = os.path.join(folder, f"tokenizer_config.json.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=1)
+    os.replace(tmp, os.path.join(folder, "tokenizer_config.json"))
+    failed = 0
+    if cfg.preset == "code":
+        failed = sum(tk.decode(tk.encode(d, add_special_tokens=False).ids, skip_special_tokens=False) != d
+                     for d in verify_pool)
+        msg = f"round trip decode(encode(doc)) == doc on {len(verify_pool) - failed}/{len(verify_pool)} documents"
+        log(msg if not failed else f"WARNING: {msg}")
+    log(f"wrote {path} (vocab {vocab}, eod/eos {HF_EOD} id {tk.token_to_id(HF_EOD)})")
+    return TokenizerTrainResult(path, vocab, seen, len(sample), len(verify_pool), failed, stats)

@@ -26,7 +26,7 @@ import torch
 from megatron_mhmoe.data import build_train_valid_test_datasets, make_batch_iterator
 from megatron_mhmoe.data.builtin_data import prepare_builtin_data
 from megatron_mhmoe.data.indexed import write_json_atomic
-from megatron_mhmoe.data.tokenizer import SentencePieceTokenizer
+from megatron_mhmoe.data.tokenizer import build_tokenizer
 from megatron_mhmoe.model.gpt import GPTModel
 from megatron_mhmoe.moe import metrics, sizing
 from megatron_mhmoe.parallel import comm
@@ -142,7 +142,7 @@ class Trainer:
             if not os.path.exists(cfg.data.tokenizer_model):
                 raise FileNotFoundError(f"data.tokenizer_model {cfg.data.tokenizer_model!r} does not exist: train one "
                                         f"with tools/train_tokenizer.py or point at the model the data was made with")
-            tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
+            tokenizer = build_tokenizer("auto", cfg.data.tokenizer_model)
             if tokenizer.vocab_size > cfg.model.vocab_size:
                 raise ValueError(f"tokenizer {cfg.data.tokenizer_model} has {tokenizer.vocab_size} pieces but "
                                  f"model.vocab_size is {cfg.model.vocab_size}: set --model.vocab_size="
