@@ -41,4 +41,8 @@ export CUDA_VISIBLE_DEVICES=""
 cmd=("$PYTHON" -m torch.distributed.run --nnodes 1 --nproc_per_node "$NPROC" --master_addr 127.0.0.1
      --master_port "$MASTER_PORT" -m "$TRAIN_MODULE" "$@")
 if [[ "${DRY_RUN:-0}" == "1" ]]; then printf '%q ' "${cmd[@]}"; printf '\n'; exit 0; fi
+# Through the wrapper: a busy MASTER_PORT is refused (exit 4) before anything starts, and a failed run ends
+# with the failing worker's own error line and exit code instead of the launcher's traceback.
+port_check=(--rendezvous "127.0.0.1:$MASTER_PORT")
+cmd=("$PYTHON" -m megatron_mhmoe.runtime.proctree launch ${port_check[@]+"${port_check[@]}"} -- "${cmd[@]}")
 exec "${cmd[@]}"

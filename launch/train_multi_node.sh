@@ -80,4 +80,9 @@ if [[ -n "${LAUNCHER_ARGS:-}" ]]; then ds+=(--launcher_args "$LAUNCHER_ARGS"); f
 
 cmd=("$PYTHON" -u -m deepspeed.launcher.runner "${ds[@]}" --module "$TRAIN_MODULE" "$@")
 if [[ "${DRY_RUN:-0}" == "1" ]]; then printf '%q ' "${cmd[@]}"; printf '\n'; exit 0; fi
+# Through the wrapper: a busy MASTER_PORT is refused (exit 4) before anything starts, and a failed run ends
+# with the failing worker's own error line and exit code instead of the launcher's traceback.
+port_check=()
+if [[ "${NO_SSH:-0}" != "1" || "${NODE_RANK:-}" == "0" ]]; then port_check=(--rendezvous "$MASTER_ADDR:$MASTER_PORT"); fi
+cmd=("$PYTHON" -m megatron_mhmoe.runtime.proctree launch ${port_check[@]+"${port_check[@]}"} -- "${cmd[@]}")
 exec "${cmd[@]}"

@@ -41,4 +41,8 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 cmd=("$PYTHON" -u -m deepspeed.launcher.runner --num_gpus "$GPUS" --master_port "$MASTER_PORT"
      --module "$TRAIN_MODULE" "$@")
 if [[ "${DRY_RUN:-0}" == "1" ]]; then printf '%q ' "${cmd[@]}"; printf '\n'; exit 0; fi
+# Through the wrapper: a busy MASTER_PORT is refused (exit 4) before anything starts, and a failed run ends
+# with the failing worker's own error line and exit code instead of the launcher's traceback.
+port_check=(--rendezvous "127.0.0.1:$MASTER_PORT")
+cmd=("$PYTHON" -m megatron_mhmoe.runtime.proctree launch ${port_check[@]+"${port_check[@]}"} -- "${cmd[@]}")
 exec "${cmd[@]}"

@@ -3,7 +3,8 @@
 The scripts run for real (no DRY_RUN) with PYTHON pointing at a recording wrapper: it logs every
 interpreter call and, instead of starting a launcher (deepspeed.launcher.runner / torch.distributed.run),
 exits 97. So a refused launch shows only the launch_check call in the log, and an accepted one shows the
-exact launcher command line, without any training starting.
+exact launcher command line, without any training starting. The launch wrapper (runtime/proctree.py) in
+front of the launcher runs for real. tests/launch/test_launch_failures.py runs real launches that fail.
 """
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ def fake_python(tmp_path):
     wrapper.write_text(
         "#!/usr/bin/env bash\n"
         f"printf '%s\\0' \"$@\" >> {str(log)!r}; printf '\\n' >> {str(log)!r}\n"
-        'for a in "$@"; do case "$a" in ' + "|".join(LAUNCHERS) + f") exit {LAUNCHED};; esac; done\n"
+        # the launch wrapper runs for real; the launcher it starts is recorded, not run
+        'if [[ "${2:-}" != megatron_mhmoe.runtime.proctree ]]; then\n'
+        '  for a in "$@"; do case "$a" in ' + "|".join(LAUNCHERS) + f") exit {LAUNCHED};; esac; done\n"
+        "fi\n"
         f'exec {sys.executable!r} "$@"\n')
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     return str(wrapper), log
@@ -72,6 +76,7 @@ def test_conventions(name):
     code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
     assert not re.search(r"\beval\b|\bsed\b", code), "no eval, no sed templating"
     assert code.count("exec ") == 1 and 'exec "${cmd[@]}"' in code, "one launcher line"
+    assert 'cmd=("$PYTHON" -m megatron_mhmoe.runtime.proctree launch ' in code, "through the launch wrapper"
     assert code.count("megatron_mhmoe.runtime.launch_check") == 1
     assert code.index("launch_check") < code.index('exec "${cmd[@]}"')
     assert '"$@"' in code and " $@" not in code and " $* " not in code
