@@ -10,7 +10,9 @@ runtime/engine.py owns DeepSpeed and the device.
 Exit codes: 0 done; 1 an error while training (one `[rank R] error: ...` line); 2 a config/data error, found
 before any process group forms; 3 train.max_nonfinite_steps non-finite steps in a row (the last good
 checkpoint is kept); 4 a collective failed or timed out (a peer rank died or is stuck, after at most
-parallel.timeout_s), or the process group could not form. Tests inject faults with MHMOE_FAULT
+parallel.timeout_s), or the process group could not form; 5 a checkpoint could not be written (save_dir not
+writable, too small or not shared between nodes, found before step 1, or a write error mid-save; the previous
+checkpoint stays latest). Tests inject faults with MHMOE_FAULT
 (runtime/faults.py). The codes are named in runtime/exit_codes.py.
 """
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import Optional
 import torch
 
 from megatron_mhmoe.runtime.cli import parse_args, resolve_config
-from megatron_mhmoe.runtime.exit_codes import EXIT_CONFIG, EXIT_ERROR, EXIT_NONFINITE, EXIT_PEER_FAILURE  # noqa: F401
+from megatron_mhmoe.runtime.exit_codes import (EXIT_CHECKPOINT_WRITE, EXIT_CONFIG, EXIT_ERROR,  # noqa: F401
+                                                EXIT_NONFINITE, EXIT_PEER_FAILURE)
 from megatron_mhmoe.runtime.logging import redact_text
 from megatron_mhmoe.runtime.run_config import RunConfig, check_ds_config_agrees
 
@@ -142,7 +145,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         code = Trainer(cfg, args.deepspeed_config).run()
     except Exception as e:
-        if _is_comm_failure(e):
+        from megatron_mhmoe.runtime.checkpoint import CheckpointWriteError
+        if isinstance(e, CheckpointWriteError):  # its text may name a timeout-like errno: not a peer failure
+            msg, exit_code = f"{type(e).__name__}: {e}", EXIT_CHECKPOINT_WRITE
+        elif _is_comm_failure(e):
             msg, exit_code = _comm_failure_message(e, cfg), EXIT_PEER_FAILURE
         else:
             msg, exit_code = f"{type(e).__name__}: {e}", EXIT_ERROR

@@ -10,6 +10,10 @@ Saving:
 2. rank 0 gathers the checksums, writes the manifest, renames the folder to `step_N`, then points
    `latest` at it (temp file + rename), then prunes old folders beyond keep_last.
 A crash at any point leaves the previous `latest` folder untouched: a checkpoint is complete or absent.
+A write error (full disk, read-only or failing storage) at any stage is a CheckpointWriteError on every rank
+naming the path and the bytes needed; the temporary folder is removed and `latest` keeps its old target.
+`check_dir` runs the same writes once before step 1 (probe file, free space, a marker shared across nodes),
+so a folder that cannot take a checkpoint stops the run before any compute is spent.
 Loading verifies this rank's file against the manifest; if any rank finds a mismatch, every rank falls
 back to the previous complete checkpoint, with a message.
 
@@ -18,11 +22,14 @@ The folder must be the run's own `save_dir` (see security notes in the README).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import random
+import secrets
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -41,6 +48,11 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class CheckpointWriteError(CheckpointError):
+    """save_dir cannot take a checkpoint: not writable, too little free space, not shared between nodes (found
+    by `check_dir` before step 1), or a write failed mid-save (the previous checkpoint stays `latest`)."""
 
 
 @dataclass
@@ -67,14 +79,150 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+class _RecordingFile:
+    """torch.save reports a failed write (ENOSPC, EIO) as a RuntimeError without errno ('unexpected pos ...');
+    this keeps the OSError underneath so that it can be raised instead."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
 def _fsync_write(path: str, write: Callable[[Any], None], binary: bool = True) -> None:
     # A hidden `.tmp-` name: a crash mid-write leaves a file that discovery and pruning know to ignore/remove.
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}.{os.getpid()}")
     with open(tmp, "wb" if binary else "w") as f:
-        write(f)
+        rec = _RecordingFile(f)
+        try:
+            write(rec)
+        except RuntimeError:
+            if rec.error is not None:
+                raise rec.error from None
+            raise
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _os_error(e: OSError) -> str:
+    name = errno.errorcode.get(e.errno or 0)
+    return f"{name} ({e.strerror})" if name and e.strerror else str(e)
+
+
+def _existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def free_bytes(path: str) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem of path (or of its nearest ancestor)."""
+    st = os.statvfs(_existing(path))
+    return st.f_bavail * st.f_frsize
+
+
+def filesystem_of(path: str) -> str:
+    """'<mount point> (<type>)' of the filesystem holding path, for messages."""
+    real = os.path.realpath(_existing(path))
+    best, kind = "", ""
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mnt = parts[1].replace("\\040", " ")
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, kind = mnt, parts[2]
+    except OSError:
+        pass
+    return f"{best} ({kind})" if best else real
+
+
+def _state_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_bytes(v) for v in obj)
+    return 0
+
+
+def estimate_rank_bytes(module: torch.nn.Module, dp_size: int, edp_size: int, zero_stage: int,
+                        precision: str) -> int:
+    """An upper estimate of this rank's checkpoint file, before anything is trained: the model shard at its
+    dtype, the optimizer state (fp32 master and two Adam moments, 12 bytes a parameter, split over the ZeRO
+    partitions; two moments at ZeRO-0 fp32) and the universal copy (12 bytes a parameter, stored by one
+    replica), plus 10% and 64 KB for containers, RNG and scheduler state."""
+    from megatron_mhmoe.parallel.params import is_expert
+    total = 0.0
+    for p in module.parameters():
+        n = int(getattr(p, "ds_numel", 0) or p.numel())
+        replicas = max(1, edp_size if is_expert(p) else dp_size)
+        model = n * p.element_size()
+        if zero_stage >= 1:
+            optim = 12 * n / replicas
+        else:
+            optim = (8 if precision == "fp32" else 12) * n
+        total += model + optim + 12 * n / replicas
+    return int(total * 1.1) + (1 << 16)
+
+
+# Settings that decide which samples a step sees and how tokens are routed: a resume that changes one
+# continues a different run than the one saved (train.global_batch_size, for instance, redraws the dataset).
+RESUME_KEYS = ("train.global_batch_size", "train.seq_len", "train.seed", "data.data_path", "data.split",
+               "model.moe.num_experts", "model.moe.top_k", "model.moe.num_heads", "model.moe.gate",
+               "model.moe.capacity_factor")
+
+
+def _abs_blend(spec) -> Any:
+    """data_path with every prefix absolute (the same files, whichever folder the run is launched from)."""
+    if not isinstance(spec, list):
+        return spec
+    out = []
+    for item in spec:
+        if isinstance(item, str):
+            try:
+                float(item)
+            except ValueError:
+                item = os.path.abspath(item)
+        out.append(item)
+    return out
+
+
+def resume_record(cfg: dict) -> dict:
+    """RESUME_KEYS of a resolved run config (RunConfig.to_dict()), for the manifest."""
+    flat = _flatten(cfg)
+    moe = cfg.get("model", {}).get("moe")
+    out = {}
+    for key in RESUME_KEYS:
+        if key.startswith("model.moe.") and moe is None:
+            out[key] = None  # a dense model: every routing setting is absent
+        else:
+            out[key] = flat.get(key)
+    out["data.data_path"] = _abs_blend(out["data.data_path"])
+    return out
+
+
+def resume_changes(saved: dict, now: dict) -> list[str]:
+    """'key A saved vs B now' for each recorded setting that differs."""
+    return [f"{k} {saved.get(k)!r} saved vs {now.get(k)!r} now" for k in RESUME_KEYS
+            if k in saved and saved.get(k) != now.get(k)]
 
 
 def _fsync_dir(path: str) -> None:
@@ -161,6 +309,112 @@ class Checkpointer:
         self.safe_globals = list(safe_globals or [])
         """Classes (beyond tensors and plain containers) that loading may construct."""
 
+    # ------------------------------------------------------------------ start-of-run checks
+    def check_dir(self, rank_bytes: int) -> None:
+        """Collective, before step 1: every rank can create and remove a file in save_dir, the filesystem has
+        room for one checkpoint (`rank_bytes`, this rank's estimate, summed over ranks), and with several
+        nodes each node's first rank (LOCAL_RANK 0) reads a marker rank 0 wrote there. CheckpointWriteError
+        on every rank otherwise, with the same message; nothing is left in save_dir."""
+        rank, d = self.ctx.rank, self.save_dir
+        problem = None
+        probe = os.path.join(d, f".tmp-probe.{rank}.{os.getpid()}")
+        try:
+            os.makedirs(d, exist_ok=True)
+            try:
+                with open(probe, "wb") as f:
+                    f.write(b"probe")
+                    f.flush()
+                    os.fsync(f.fileno())
+            finally:
+                if os.path.lexists(probe):
+                    os.remove(probe)
+        except OSError as e:
+            problem = (f"checkpoint folder {d} is not writable on rank {rank} ({_os_error(e)} on "
+                       f"{e.filename or probe}, {filesystem_of(d)}): set train.save_dir to a writable folder "
+                       f"on a filesystem every node shares, or fix its permissions/mount")
+        needs = self._gather(int(rank_bytes))
+        if problem is None:
+            need, free = sum(needs), free_bytes(d)
+            if free < need:
+                problem = (f"checkpoint folder {d} has too little free space for one checkpoint: needs "
+                           f"~{_mb(need)}, {_mb(free)} free on {filesystem_of(d)} (model, optimizer state and "
+                           f"universal copy of {len(needs)} rank(s)): free space, lower train.keep_last, or set "
+                           f"train.save_dir to a larger filesystem every node shares")
+        self._raise_first(self._gather(problem))
+        if self.ctx.world_size == 1:
+            return
+        token = secrets.token_hex(16) if rank == 0 else None
+        if rank == 0:
+            try:
+                _fsync_write(os.path.join(d, f".tmp-shared.{token}"), lambda f: f.write(token.encode()))
+            except OSError as e:
+                problem = f"checkpoint folder {d} is not writable on rank 0 ({_os_error(e)}, {filesystem_of(d)})"
+        first = self._gather((token, problem))
+        self._raise_first([p for _, p in first])
+        token = first[0][0]
+        marker = os.path.join(d, f".tmp-shared.{token}")
+        if _local_rank(rank) == 0 and rank != 0:
+            seen = _read_marker(marker)
+            if seen != token:
+                problem = (f"checkpoint folder {d} is not shared between nodes: rank {rank} (the first rank on "
+                           f"host {socket.gethostname()}) "
+                           + ("does not see" if seen is None else "reads another content in")
+                           + f" the marker file rank 0 wrote there ({os.path.basename(marker)}). Every rank writes "
+                           f"its file into one folder that rank 0 completes, so train.save_dir must be a folder "
+                           f"on a filesystem all nodes mount at the same path (NFS, Lustre, ...); with a "
+                           f"node-local folder the other nodes' shards would be missing from every checkpoint")
+        problems = self._gather(problem)
+        if rank == 0:
+            try:
+                os.remove(marker)
+            except OSError:
+                pass
+        self._raise_first(problems)
+
+    @staticmethod
+    def _raise_first(problems: list) -> None:
+        found = [p for p in problems if p]
+        if found:
+            others = sum(1 for p in found if p != found[0])  # a shared filesystem gives every rank the same one
+            raise CheckpointWriteError(found[0] + (f" (and {others} other rank(s))" if others else ""))
+
+    def _latest_name(self) -> Optional[str]:
+        try:
+            with open(os.path.join(self.save_dir, LATEST)) as f:
+                return f.read().strip() or None
+        except OSError:
+            return None
+
+    def _write_failure(self, step: int, failure: tuple, needed: int) -> str:
+        where, what = failure
+        latest = self._latest_name()
+        kept = (f"{os.path.join(self.save_dir, latest)} stays the latest checkpoint" if latest
+                else "no earlier checkpoint exists")
+        left = os.path.join(self.save_dir, f".tmp-{step_dirname(step)}")
+        tail = (f"; the temporary folder {left} could not be removed (the next save removes it)"
+                if os.path.exists(left) else "")
+        return (f"could not write checkpoint {step_dirname(step)}: {what} writing {where} (the checkpoint needs "
+                f"~{_mb(needed)}, {_mb(free_bytes(self.save_dir))} free on {filesystem_of(self.save_dir)}); "
+                f"{kept}{tail}. Free space or fix the storage (or set train.save_dir to a writable shared "
+                f"filesystem, lower train.keep_last), then relaunch: training resumes from the latest checkpoint")
+
+    def _abandon(self, step: int, latest_before: Optional[str]) -> None:
+        """Rank 0 after a failed save: remove what it wrote; `latest` keeps pointing at latest_before."""
+        shutil.rmtree(os.path.join(self.save_dir, f".tmp-{step_dirname(step)}"), ignore_errors=True)
+        final = os.path.join(self.save_dir, step_dirname(step))
+        if self._latest_name() != step_dirname(step) and latest_before != step_dirname(step):
+            shutil.rmtree(final, ignore_errors=True)  # renamed, but `latest` never pointed at it
+        try:
+            names = os.listdir(self.save_dir)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(f".tmp-{LATEST}."):
+                try:
+                    os.remove(os.path.join(self.save_dir, name))
+                except OSError:
+                    pass
+
     # ------------------------------------------------------------------ helpers
     def _barrier(self) -> None:
         comm.barrier()
@@ -173,43 +427,77 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, state: dict, extra_manifest: Optional[dict] = None) -> str:
-        """Collective. `state` is this rank's dict of tensors / plain values. Returns the folder."""
+        """Collective. `state` is this rank's dict of tensors / plain values. Returns the folder.
+
+        A write error on any rank raises CheckpointWriteError on every rank (same message) after rank 0
+        removed the partial folder; `latest` still names the previous checkpoint."""
         t0 = time.perf_counter()
         final = os.path.join(self.save_dir, step_dirname(step))
         tmp = os.path.join(self.save_dir, f".tmp-{step_dirname(step)}")
+        failure = None  # (path, error) of this rank's failed write
+        latest_before = self._latest_name() if self.ctx.rank == 0 else None
         if self.ctx.rank == 0:
-            os.makedirs(self.save_dir, exist_ok=True)
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp)  # left by a crash mid-save: never part of a checkpoint
-            os.makedirs(tmp)
-        self._barrier()
+            try:
+                os.makedirs(self.save_dir, exist_ok=True)
+                if os.path.exists(tmp):
+                    shutil.rmtree(tmp)  # left by a crash mid-save: never part of a checkpoint
+                os.makedirs(tmp)
+            except OSError as e:
+                failure = (e.filename or tmp, _os_error(e))
+        started = self._gather((_state_bytes(state), failure))
+        needed = sum(n for n, _ in started)
+        self._fail_if_any(step, [f for _, f in started], needed, latest_before)
         # 1.
         path = self.rank_file(tmp)
-        _fsync_write(path, lambda f: torch.save(state, f))
-        entry = {"file": os.path.basename(path), "sha256": _sha256(path), "bytes": os.path.getsize(path)}
+        entry = None
+        try:
+            _fsync_write(path, lambda f: torch.save(state, f))
+            entry = {"file": os.path.basename(path), "sha256": _sha256(path), "bytes": os.path.getsize(path)}
+        except OSError as e:
+            failure = (path, _os_error(e))
         faults.at_checkpoint("kill_after_rank_file", step, self.ctx.rank)  # no-op unless MHMOE_FAULT is set
-        entries = self._gather(entry)
+        gathered = self._gather((entry, failure))
+        self._fail_if_any(step, [f for _, f in gathered], needed, latest_before)
+        entries = [e for e, _ in gathered]
         # 2.
         if self.ctx.rank == 0:
-            faults.at_checkpoint("kill_before_manifest", step, 0)
-            manifest = {"format_version": FORMAT_VERSION, "step": step, "layout": self.layout.__dict__,
-                        "files": entries, "time": time.time(), **(extra_manifest or {})}
-            _fsync_write(os.path.join(tmp, MANIFEST),
-                         lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-            _fsync_dir(tmp)
-            faults.at_checkpoint("kill_before_rename", step, 0)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.save_dir)
-            faults.at_checkpoint("kill_before_latest", step, 0)
-            _fsync_write(os.path.join(self.save_dir, LATEST), lambda f: f.write(step_dirname(step).encode()))
-            faults.at_checkpoint("kill_before_prune", step, 0)
-            self._prune(step)
-        self._barrier()
+            where = os.path.join(tmp, MANIFEST)
+            try:
+                faults.at_checkpoint("kill_before_manifest", step, 0)
+                manifest = {"format_version": FORMAT_VERSION, "step": step, "layout": self.layout.__dict__,
+                            "files": entries, "time": time.time(), **(extra_manifest or {})}
+                _fsync_write(where, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+                _fsync_dir(tmp)
+                faults.at_checkpoint("kill_before_rename", step, 0)
+                where = final
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(self.save_dir)
+                faults.at_checkpoint("kill_before_latest", step, 0)
+                where = os.path.join(self.save_dir, LATEST)
+                _fsync_write(where, lambda f: f.write(step_dirname(step).encode()))
+            except OSError as e:
+                failure = (where, _os_error(e))
+            if failure is None:
+                faults.at_checkpoint("kill_before_prune", step, 0)
+                self._prune(step)
+        self._fail_if_any(step, self._gather(failure if self.ctx.rank == 0 else None), needed, latest_before)
         self.log(f"saved checkpoint {final} ({sum(e['bytes'] for e in entries) / 1e6:.1f} MB, "
                  f"{time.perf_counter() - t0:.1f} s)")
         return final
+
+    def _fail_if_any(self, step: int, failures: list, needed: int, latest_before: Optional[str]) -> None:
+        """Collective when some rank failed: rank 0 cleans up, then every rank raises the first failure."""
+        found = [(r, f) for r, f in enumerate(failures) if f]
+        if not found:
+            return
+        if self.ctx.rank == 0:
+            self._abandon(step, latest_before)
+        self._barrier()  # the message reads the folder after the clean-up
+        rank, failure = found[0]
+        more = f" (and {len(found) - 1} other rank(s))" if len(found) > 1 else ""
+        raise CheckpointWriteError(f"rank {rank} " + self._write_failure(step, failure, needed) + more)
 
     def _prune(self, step: int) -> None:
         # Folders newer than the one just saved are from an abandoned timeline (a crash before `latest`
@@ -300,3 +588,24 @@ class Checkpointer:
                 state = torch.load(self.rank_file(folder), map_location="cpu", weights_only=True)
             return step, state, manifest
         return None
+
+
+def _local_rank(rank: int) -> int:
+    """LOCAL_RANK from the launcher; without one every rank counts as the first of its own node."""
+    try:
+        return int(os.environ["LOCAL_RANK"])
+    except (KeyError, ValueError):
+        return 0
+
+
+def _read_marker(path: str, wait_s: float = 2.0) -> Optional[str]:
+    # A shared filesystem may show another client's new file a moment late.
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.2)

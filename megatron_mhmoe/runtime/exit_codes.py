@@ -10,3 +10,7 @@ EXIT_NONFINITE = 3
 """train.max_nonfinite_steps non-finite steps in a row; the last good checkpoint is kept."""
 EXIT_PEER_FAILURE = 4
 """A collective failed or timed out (a peer rank died or is stuck), or the process group could not form."""
+EXIT_CHECKPOINT_WRITE = 5
+"""A checkpoint could not be written: train.save_dir is not writable, lacks the free space for one checkpoint or
+is not shared between nodes (found before step 1), or a write failed mid-save (ENOSPC, EROFS, EIO). The previous
+checkpoint stays `latest` and the partial folder is removed; fix the storage and relaunch to resume."""

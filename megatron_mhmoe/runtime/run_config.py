@@ -80,6 +80,13 @@ class TrainConfig:
     """Keep the newest K checkpoints."""
     resume: bool = True
     """Resume from save_dir/latest when it exists."""
+    allow_changed_resume: bool = False
+    """Resume even when a setting that defines the data or the routing (global batch, seq_len, seed, data
+    paths/weights, split, num_experts, top_k, num_heads, gate, capacity factor) differs from the checkpoint's
+    manifest; refused otherwise. The data position carries over in samples (consumed_samples), not remapped:
+    the train set is drawn for train_steps x global_batch_size samples, so a changed global batch (like a
+    changed seq_len, seed, data or split, or train_steps) reshuffles it and the resumed run does not see the
+    samples the saved one would have seen next."""
     eval_interval: int = 100
     """Validation perplexity every N steps (and at the end); 0 = only at the end."""
     eval_iters: int = 10

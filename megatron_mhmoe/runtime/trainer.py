@@ -33,8 +33,9 @@ from megatron_mhmoe.parallel import comm
 from megatron_mhmoe.parallel.context import ParallelContext
 from megatron_mhmoe.parallel.host_tensor import as_host, host_tensor_guard, plain
 from megatron_mhmoe.runtime import faults, universal
-from megatron_mhmoe.runtime.checkpoint import (CheckpointError, Checkpointer, CheckpointLayout, model_mismatch,
-                                               rng_state, set_rng_state, step_dirname)
+from megatron_mhmoe.runtime.checkpoint import (CheckpointError, Checkpointer, CheckpointLayout, estimate_rank_bytes,
+                                               model_mismatch, resume_changes, resume_record, rng_state,
+                                               set_rng_state, step_dirname)
 from megatron_mhmoe.runtime.device_peaks import current_device_peak
 from megatron_mhmoe.runtime.engine import Engine, checkpoint_safe_globals
 from megatron_mhmoe.runtime.exit_codes import EXIT_NONFINITE
@@ -114,6 +115,8 @@ class Trainer:
         layout = CheckpointLayout(ctx.world_size, ctx.tp_size, ctx.ep_size, t.zero_stage, t.precision)
         self.ckpt = Checkpointer(t.save_dir, ctx, layout, t.keep_last, log=self.print0,
                                  safe_globals=checkpoint_safe_globals())
+        # A folder that cannot take a checkpoint would otherwise fail only at the first save, after the compute.
+        self.ckpt.check_dir(estimate_rank_bytes(self.module, ctx.dp_size, ctx.edp_size, t.zero_stage, t.precision))
         self.threshold = cfg.model.moe.activation_threshold if cfg.model.moe else 0.5
         self.peak_tflops = current_device_peak()
 
@@ -201,10 +204,40 @@ class Trainer:
             return
         step, state, manifest = loaded
         eng = self.engine
+        folder = os.path.join(t.save_dir, step_dirname(step))
+        saved = manifest.get("resume_settings")
+        if saved is None:
+            self.print0(f"note: checkpoint {folder} predates the record of data and routing settings: resuming "
+                        f"without comparing them with this run's")
+        else:
+            changes = resume_changes(saved, resume_record(self.cfg.to_dict()))
+            if changes and not t.allow_changed_resume:
+                raise CheckpointError(
+                    f"checkpoint {folder} was trained with other data or routing settings than this run: "
+                    f"{'; '.join(changes)}. Relaunch with the saved values (its manifest.json has them), or pass "
+                    f"--train.allow_changed_resume=true to continue anyway (the data position carries over in "
+                    f"samples, the sample order is redrawn), or start fresh with another train.save_dir")
+            if changes:
+                self.print0(f"WARNING: resuming with changed settings (train.allow_changed_resume=true): "
+                            f"{'; '.join(changes)}")
+            if manifest.get("train_samples") not in (None, t.train_steps * t.global_batch_size):
+                # The train set's shuffle is drawn for its size: another size is another sample order.
+                self.print0(f"note: the train set now holds train_steps x global_batch_size = "
+                            f"{t.train_steps * t.global_batch_size} samples, the checkpoint's held "
+                            f"{manifest['train_samples']}: training continues at sample "
+                            f"{int(state['consumed_samples'])} of a reshuffled order")
+        need = int(state["consumed_samples"]) + max(0, t.train_steps - step) * t.global_batch_size
+        if need > len(self.train_ds):  # the sampler would stop short of train_steps (StopIteration mid-run)
+            raise CheckpointError(
+                f"checkpoint {folder} has consumed {int(state['consumed_samples'])} samples; the "
+                f"{t.train_steps - step} steps left to train.train_steps={t.train_steps} at global batch "
+                f"{t.global_batch_size} need {need}, but the train set holds {len(self.train_ds)} (train_steps x "
+                f"global_batch_size): resume with the saved global batch (a smaller one cannot finish this run), or "
+                f"start fresh with another train.save_dir")
         problem = model_mismatch(eng.model_state_dict(), state["model"],
                                  (manifest.get("config") or {}).get("model"), self.cfg.to_dict()["model"])
         if problem:
-            raise CheckpointError(f"checkpoint {os.path.join(t.save_dir, step_dirname(step))} holds a different model "
+            raise CheckpointError(f"checkpoint {folder} holds a different model "
                                   f"than this config: {problem}. Launch with the config it was trained with (saved "
                                   f"in its manifest.json), or start fresh in another run_dir (or --train.resume=false)")
         eng.load_model_state_dict(state["model"])
@@ -235,8 +268,11 @@ class Trainer:
         uni = universal.collect(eng, self.module, self.ctx, self.cfg.model)
         if uni is not None:
             state["universal"] = uni
+        t = self.cfg.train
         return self.ckpt.save(self.step, plain(state), {"wandb_id": self.logger.run_id, "config": redact(self.cfg.to_dict()),
-                                                 "consumed_samples": self.consumed, "universal": uni is not None})
+                                                 "consumed_samples": self.consumed, "universal": uni is not None,
+                                                 "resume_settings": resume_record(self.cfg.to_dict()),
+                                                 "train_samples": t.train_steps * t.global_batch_size})
 
     # ------------------------------------------------------------------ steps
     def _reduce_mean_over_dp(self, x: torch.Tensor) -> torch.Tensor:
@@ -383,8 +419,10 @@ class Trainer:
         if r["moe_stats"]:
             m.update(metrics.summarize(r["moe_stats"], self.threshold))
             for i, st in enumerate(r["moe_stats"][:len(r["moe_stats"]) // t.grad_accum_steps]):
-                m[f"moe/layer{i}/tokens_per_expert_max"] = int(st.kept.max())
-                m[f"moe/layer{i}/tokens_per_expert_min"] = int(st.kept.min())
+                kept = [int(n) for n in st.kept.tolist()]  # the step's first micro-batch, every expert
+                m[f"moe/layer{i}/tokens_per_expert"] = kept
+                m[f"moe/layer{i}/tokens_per_expert_max"] = max(kept)
+                m[f"moe/layer{i}/tokens_per_expert_min"] = min(kept)
         return m
 
     def _stop_nonfinite(self, guard: NonFiniteGuard, r: dict) -> int:
