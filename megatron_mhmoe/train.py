@@ -79,6 +79,9 @@ def _check_data_inputs(cfg: RunConfig) -> None:
     if cfg.data.data_path:
         prefixes, _ = parse_blend(cfg.data.data_path)
         for prefix in prefixes:
+            if os.path.isdir(prefix):  # else the message would be about a "<folder>.bin" nobody meant
+                raise DataError(f"data.data_path {prefix!r} is a folder, not a dataset prefix."
+                                + _suggest_prefixes(prefix))
             for ext in (".bin", ".idx"):
                 if not os.path.isfile(prefix + ext):
                     raise DataError(f"dataset file {prefix + ext} does not exist (data.data_path prefix {prefix!r})."

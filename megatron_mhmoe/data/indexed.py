@@ -104,8 +104,11 @@ class IndexHeader:
 
 
 def _suggest_prefixes(prefix: str) -> str:
-    """A hint naming datasets that do exist near a missing prefix (the usual mistake is passing the
-    preprocess --output-prefix without the `_text_document` part Megatron appends)."""
+    """A hint naming datasets that do exist near a missing prefix (the usual mistakes: passing the
+    preprocess --output-prefix without the `_text_document` part Megatron appends, or the folder the
+    dataset is in)."""
+    if os.path.isdir(prefix):
+        return _folder_hint(prefix)
     found = sorted(glob.glob(glob.escape(prefix) + "*.idx"))[:5]
     if not found:
         folder = os.path.dirname(prefix) or "."
@@ -114,6 +117,28 @@ def _suggest_prefixes(prefix: str) -> str:
         return " No .idx files were found there; run tools/preprocess_data.py to create the dataset."
     names = ", ".join(p[: -len(".idx")] for p in found)
     return f" Existing dataset prefixes nearby: {names}."
+
+
+def _folder_hint(folder: str) -> str:
+    """What a folder given as a dataset prefix holds, and the exact value to pass instead."""
+    def stems(ext: str) -> set:
+        return {p[: -len(ext)] for p in glob.glob(os.path.join(glob.escape(folder), "*" + ext))}
+    idx, bins = stems(".idx"), stems(".bin")
+    pairs, halves = sorted(idx & bins), sorted(idx ^ bins)
+    if pairs:
+        shown = ", ".join(pairs[:5]) + (f" and {len(pairs) - 5} more" if len(pairs) > 5 else "")
+        value = pairs[0] if len(pairs) == 1 else " ".join(f"1 {p}" for p in pairs[:2])
+        return (f" {folder} is a folder holding {len(pairs)} dataset(s) (.bin + .idx): {shown}. data.data_path "
+                f"takes a dataset's prefix (its path without .bin/.idx), not the folder: pass "
+                f"--data.data_path=[{value}]" + (" (weight prefix pairs blend several)" if len(pairs) > 1 else "")
+                + ".")
+    if halves:
+        lone = ", ".join(h + (".idx" if h in idx else ".bin") for h in halves[:5])
+        return (f" {folder} is a folder; it holds {lone} "
+                f"without the matching {'.bin' if halves[0] in idx else '.idx'}: re-run tools/preprocess_data.py "
+                f"(an interrupted run leaves one half).")
+    return (f" {folder} is a folder without any .bin/.idx dataset; data.data_path takes a dataset's prefix (its "
+            f"path without .bin/.idx): run tools/preprocess_data.py to create one.")
 
 
 def read_index_header(path: str) -> IndexHeader:

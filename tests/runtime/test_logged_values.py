@@ -1,0 +1,124 @@
+"""What README.md says the program reports, checked against the program: every value its "Each log line has"
+paragraph names is a key of metrics.jsonl after a short run (a value the README adds without a key here fails),
+and a data_path that is a folder holding a dataset gets a message naming the dataset and the value to pass.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from tests.runtime.test_train_launch import ROOT, byte_data, common_args  # noqa: F401
+
+EXPERTS, LAYERS, MOE_EVERY = 4, 2, 2  # common_args' model; moe_every 2: one MoE layer
+# README name -> (metrics.jsonl keys, None or why a CPU fp32 run does not log it).
+NAMES = {
+    "loss": (["loss"], None),
+    "lm/aux/z loss": (["lm_loss", "aux_loss", "z_loss"], None),
+    "lr": (["lr"], None),
+    "grad norm": (["grad_norm"], None),
+    "loss scale": (["loss_scale"], "fp16 only"),
+    "tokens/s": (["tokens_per_s"], None),
+    "step time": (["step_time_s"], None),
+    "time in the all-to-all": (["all_to_all_s"], None),
+    "TFLOP/s": (["tflops"], None),
+    "MFU on known GPUs": (["mfu"], "known GPUs only"),
+    "expert activation ratio": (["moe/activation_ratio"], None),
+    "divergence": (["moe/divergence"], None),
+    "dropped fraction": (["moe/dropped_fraction"], None),
+    "per-layer tokens per expert": ([f"moe/layer{i}/tokens_per_expert" for i in range(LAYERS // MOE_EVERY)], None),
+    "Validation perplexity": (["val/ppl"], None),
+}
+
+
+def _split_top(text: str) -> list[str]:
+    """Items of a list in prose ("a, b (c), d and e"), not splitting inside parentheses."""
+    items, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    items.append(cur)
+    out = []
+    for item in items:
+        out.extend(p for p in re.split(r"^\s*and\s+|\s+and\s+(?![^(]*\))", item.strip()) if p.strip())
+    return out
+
+
+def readme_names() -> list[str]:
+    text = open(os.path.join(ROOT, "README.md")).read()
+    m = re.search(r"^Each log line has (.*?)(?:\n\s*\n)", text, re.S | re.M)
+    assert m, "README.md has no paragraph starting 'Each log line has'"
+    para = " ".join(m.group(1).split())
+    per_line, _, rest = para.partition(";")
+    names = []
+    for item in _split_top(per_line):
+        name = re.sub(r"\s*\(.*?\)", "", item).strip()
+        names.append(name)
+        for extra in re.findall(r"\(and ([^)]*)\)", item):  # "(and MFU on known GPUs)"
+            names.append(extra.strip())
+    including = re.search(r"including (.*?)\.", rest)
+    if including:
+        names.extend(n.strip() for n in _split_top(including.group(1)))
+    for sentence in re.findall(r"(?:^|\. )([A-Z][^.]*?) every `", rest):  # "Validation perplexity every `...`"
+        names.append(sentence.strip())
+    return names
+
+
+def test_every_value_the_readme_names_is_in_metrics_jsonl(byte_data, tmp_path):
+    names = readme_names()
+    assert len(names) >= 14, names
+    unknown = [n for n in names if n not in NAMES]
+    assert not unknown, f"README.md names {unknown}: log them to metrics.jsonl and add them to NAMES here"
+    run_dir = str(tmp_path / "run")
+    args = [a for a in common_args(byte_data, run_dir) if not a.startswith(("--train.train_steps",
+                                                                            "--train.eval_interval"))]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MHMOE_FAULT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-m", "megatron_mhmoe.train", *args, "--parallel.ep=1",
+                        "--train.train_steps=2", "--train.eval_interval=2"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    keys = set()
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    for row in rows:
+        keys.update(row)
+    missing = [(n, k) for n in names for k in NAMES[n][0] if NAMES[n][1] is None and k not in keys]
+    assert not missing, f"README.md says these are logged, metrics.jsonl lacks them: {missing}"
+    for row in rows:
+        if "moe/layer0/tokens_per_expert" in row:
+            vec = row["moe/layer0/tokens_per_expert"]
+            assert len(vec) == EXPERTS and all(isinstance(n, int) and n >= 0 for n in vec), vec
+            assert max(vec) == row["moe/layer0/tokens_per_expert_max"]
+            assert min(vec) == row["moe/layer0/tokens_per_expert_min"]
+
+
+def test_data_path_folder_names_the_datasets_inside(byte_data, tmp_path, capsys, monkeypatch):
+    from megatron_mhmoe import train
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for ext in (".bin", ".idx", ".meta.json"):
+        shutil.copy(byte_data + ext, folder / ("corpus_text_document" + ext))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(key, value)
+    for given in (str(folder), str(folder) + "/"):
+        code = train.main([f"--data.data_path=[{given}]", "--parallel.ep=1", "--wandb.mode=disabled"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"data error: data.data_path '{given}' is a folder, not a dataset prefix."), err
+        prefix = str(folder / "corpus_text_document")
+        assert f"holding 1 dataset(s) (.bin + .idx): {prefix}." in err, err
+        assert f"pass --data.data_path=[{prefix}]" in err and "No .idx files" not in err, err
+    (folder / "corpus_text_document.bin").unlink()
+    code = train.main([f"--data.data_path=[{folder}]", "--parallel.ep=1", "--wandb.mode=disabled"])
+    err = capsys.readouterr().err
+    assert code == 2 and "corpus_text_document.idx without the matching .bin" in err, err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {k: v for k, v in before.items() if k[-4:] != ".bin"}
