@@ -1,0 +1,228 @@
+"""README.md states what the code does: its exit-code table, the checkpoint tools' exit codes, the benchmark
+table, counts and defaults it quotes, and every repository path and dotted name it mentions.
+
+Each test reads the README text itself, so editing a number there (or in the code) without the other fails.
+Claims that need a training run are asserted by the tests the README names next to them.
+"""
+from __future__ import annotations
+
+import glob
+import importlib
+import importlib.util
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+EXIT_TABLE_HEADER = "| exit code | constant | meaning |"
+
+
+def load_script(relpath: str):
+    name = os.path.splitext(os.path.basename(relpath))[0] + "_readme_claims"
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def section(title: str) -> str:
+    start = README.index(f"\n## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start:end if end > 0 else len(README)]
+
+
+def flat(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
+
+
+# ---------------------------------------------------------------------- exit codes
+def readme_exit_table() -> dict[str, int]:
+    lines = [line.strip() for line in README.splitlines()]
+    assert lines.count(EXIT_TABLE_HEADER) == 1, f"README needs exactly one table headed {EXIT_TABLE_HEADER!r}"
+    i = lines.index(EXIT_TABLE_HEADER) + 2  # skip the |---| row
+    table = {}
+    while i < len(lines) and lines[i].startswith("|"):
+        cells = [c.strip() for c in lines[i].strip("|").split("|")]
+        m = re.fullmatch(r"`(EXIT_\w+)`", cells[1])
+        assert cells[0].isdigit() and m and cells[2], f"malformed exit-code row: {lines[i]}"
+        assert m.group(1) not in table, f"{m.group(1)} listed twice"
+        table[m.group(1)] = int(cells[0])
+        i += 1
+    return table
+
+
+def test_exit_code_table_is_the_code_constants_both_ways():
+    """Every constant of runtime/exit_codes.py is a row with its value, and every row is a constant: a
+    renumbered, added or removed code fails until the README says so."""
+    from megatron_mhmoe.runtime import exit_codes
+    code = {k: v for k, v in vars(exit_codes).items() if k.startswith("EXIT_") and isinstance(v, int)}
+    table = readme_exit_table()
+    assert table == code, {"only in README": sorted(set(table.items()) - set(code.items())),
+                           "only in exit_codes.py": sorted(set(code.items()) - set(table.items()))}
+    assert len(set(code.values())) == len(code), "two constants share a code"
+
+
+def test_checkpoint_tools_exit_codes_are_the_readme_ones(capsys):
+    """run_checkpoint_tool is what reshard_checkpoint.py and export_checkpoint.py return."""
+    from megatron_mhmoe.runtime.checkpoint import CheckpointError
+    from megatron_mhmoe.runtime.consolidate import run_checkpoint_tool
+    m = re.search(r"checkpoint tools \(`tools/reshard_checkpoint.py`, `tools/export_checkpoint.py`\) exit (\d+) "
+                  r"when done, (\d+) on a named problem .*?and (\d+) on a refused pickle", flat(README))
+    assert m, "README's sentence on the checkpoint tools' exit codes is gone"
+    done, named, pickle = map(int, m.groups())
+
+    def raising(e):
+        def work():
+            raise e
+        return work
+
+    assert run_checkpoint_tool(lambda: None, "ckpt") == done
+    assert run_checkpoint_tool(raising(CheckpointError("manifest missing")), "ckpt") == named
+    assert run_checkpoint_tool(raising(FileNotFoundError("no such folder")), "ckpt") == named
+    refused = RuntimeError("Weights only load failed ... Unsupported global: GLOBAL builtins.open")
+    assert run_checkpoint_tool(raising(refused), "ckpt") == pickle
+    assert "refusing to load ckpt" in capsys.readouterr().err
+    for tool in ("tools/reshard_checkpoint.py", "tools/export_checkpoint.py"):
+        assert "run_checkpoint_tool(" in open(os.path.join(ROOT, tool)).read(), tool
+
+
+def test_generate_exit_code_is_the_readme_one(tmp_path, capsys):
+    m = re.search(r"`tools/generate.py` exits (\d+) on bad arguments or an unreadable model folder", flat(README))
+    assert m, "README's sentence on generate.py's exit code is gone"
+    generate = load_script("tools/generate.py")
+    assert generate.main(["--model", str(tmp_path / "missing"), "--prompt", "x", "--greedy"]) == int(m.group(1))
+    assert generate.main(["--model", str(tmp_path), "--prompt", "x", "--temperature", "0"]) == int(m.group(1))
+    assert capsys.readouterr().err.count("error: ") == 2
+
+
+# ---------------------------------------------------------------------- numbers
+def test_benchmark_table_is_summarize_of_the_committed_final_runs(capsys):
+    """The README's results table is, line for line, benchmarks/summarize.py over the 3 final runs."""
+    runs = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*moe_layer-final-run*.jsonl")))
+    assert len(runs) == 3 and "median of\n3 runs" in README
+    load_script("benchmarks/summarize.py").main(runs)
+    out = capsys.readouterr().out
+    summary = out[out.index("Median over"):].strip().splitlines()
+    assert summary[0] == "Median over 3 run(s) [min-max over runs]; ✓ = target met by the median."
+    for line in summary:
+        assert line in README.splitlines(), f"README lacks the summarize line {line!r}"
+
+
+def test_main_job_numbers():
+    """`make main`: 2 CPU processes, EP=2, 300 steps (launch/quickstart.sh + presets/quickstart.yaml)."""
+    from megatron_mhmoe.runtime.cli import resolve_config
+    assert "on 2 CPU processes (EP=2)" in README and "trains for 300 steps" in README
+    cfg = resolve_config(os.path.join(ROOT, "megatron_mhmoe", "presets", "quickstart.yaml"), [])
+    assert cfg.train.train_steps == 300 and cfg.parallel.ep == 2
+    assert 'NPROC="${NPROC:-2}"' in open(os.path.join(ROOT, "launch", "quickstart.sh")).read()
+
+
+def test_bad_input_table_size():
+    from tests.reliability import test_bad_inputs as t
+    m = re.search(r"a table of (\d+) bad inputs", flat(README))
+    assert m
+    # the matrix, plus its two incompatible-checkpoint launches and the never-overwrite preprocess run
+    assert int(m.group(1)) == len(t.CASES) + 2 + 1
+
+
+@pytest.mark.parametrize("preset,runs", [("cpu_mini_sweep", 27), ("activation_probe", 8)])
+def test_sweep_preset_sizes(preset, runs):
+    from megatron_mhmoe.scaling.plan import build_plan
+    from megatron_mhmoe.scaling.spec import load_sweep
+    assert re.search(rf"--preset {preset} .*\n# .*\({runs} (tiny )?runs", README) or \
+        re.search(rf"\({runs} (tiny )?runs[^\n]*\n[^\n]*--preset {preset}", README), preset
+    spec, base = load_sweep(preset, [])
+    assert len(build_plan(spec, base)) == runs
+
+
+def test_quoted_defaults():
+    from megatron_mhmoe.config import MoEConfig
+    assert "`activation_threshold` (0.5)" in README and MoEConfig().activation_threshold == 0.5
+    assert "default 50M\n  characters" in README or "default 50M characters" in flat(README)
+    parser_src = open(os.path.join(ROOT, "tools", "preprocess_data.py")).read()
+    assert re.search(r'"--max-doc-chars", type=int, default=50_000_000', parser_src)
+    assert "(29500 by default)" in README
+    for script in ("train_cpu.sh", "train_single_node.sh", "train_multi_node.sh"):
+        assert 'MASTER_PORT="${MASTER_PORT:-29500}"' in open(os.path.join(ROOT, "launch", script)).read(), script
+
+
+# ---------------------------------------------------------------------- names
+SHORT = ("runtime", "moe", "parallel", "model", "scaling")
+TOP = ("megatron_mhmoe", "tools", "tests", "benchmarks", "launch", "ds_configs", "constraints")
+
+
+def readme_paths() -> set[str]:
+    dirs = "|".join(TOP + SHORT)
+    return set(re.findall(rf"(?<![\w./<>-])((?:{dirs})/[\w./-]*\w)", README))
+
+
+def test_every_repository_path_in_the_readme_exists():
+    """Paths under the checkout; `runtime/x.py`-style short paths are under megatron_mhmoe/, and
+    `runtime/engine.Engine` names an attribute of that module."""
+    missing = []
+    for p in sorted(readme_paths()):
+        full = os.path.join(ROOT, p) if p.startswith(TOP) else os.path.join(ROOT, "megatron_mhmoe", p)
+        if os.path.exists(full):
+            continue
+        mod, _, attr = p.rpartition(".")
+        if mod and os.path.exists(os.path.join(ROOT, "megatron_mhmoe", mod + ".py")):
+            module = importlib.import_module("megatron_mhmoe." + mod.replace("/", "."))
+            if hasattr(module, attr):
+                continue
+        missing.append(p)
+    assert missing == []
+
+
+def test_every_dotted_name_in_the_readme_resolves():
+    names = set(re.findall(r"\bmegatron_mhmoe(?:\.\w+)+", README))
+    assert "megatron_mhmoe.parallel.devices.init_process_group" in names
+    for name in sorted(names):
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ModuleNotFoundError:
+                continue
+            for attr in parts[cut:]:
+                assert hasattr(obj, attr), f"README names {name}, but {attr} is not in {obj}"
+                obj = getattr(obj, attr)
+            break
+        else:
+            pytest.fail(f"README names {name}, which does not import")
+
+
+def test_parallel_context_error_names_functions_that_exist():
+    """The error of ParallelContext.from_world without torch.distributed tells the user what to call."""
+    from megatron_mhmoe.parallel.context import ParallelContext
+    with pytest.raises(ValueError) as info:
+        ParallelContext.from_world(tp_size=2)
+    named = re.findall(r"megatron_mhmoe(?:\.\w+)+", str(info.value))
+    assert named
+    for name in named:
+        module, _, attr = name.rpartition(".")
+        assert hasattr(importlib.import_module(module), attr), name
+
+
+def test_flops_matched_parameter_deviation():
+    """The FLOPs-matched MH-MoE of the README example: the parameter deviations it quotes, rounded."""
+    from megatron_mhmoe.moe import sizing
+    from megatron_mhmoe.scaling import matching
+    from tests.scaling.test_matching import SEQ, _ff_dense
+    m = re.search(r"tested within 5%; ([-+]\d+\.\d)% and ([-+]\d+\.\d)% for these two", flat(README))
+    assert m
+    dense = _ff_dense()
+    ref = sizing.count_params(matching.point("smoe", dense, 8, top_k=1).model)["total"]
+    f_ref = sizing.flops_per_token(matching.point("smoe", dense, 8, top_k=1).model, SEQ)
+    for h, quoted in zip((2, 3), m.groups()):
+        model, _ = matching.point("mhmoe", dense, 8, h=h, mode="flops", top_k=1)
+        assert f"{100 * (sizing.count_params(model)['total'] / ref - 1):+.1f}" == quoted, h
+        assert abs(sizing.flops_per_token(model, SEQ) / f_ref - 1) < 1e-3
+
+
+def test_apex_is_never_installed():
+    assert "NVIDIA apex is never installed" in README
+    for name in ("requirements.txt", "requirements-dev.txt", "constraints/cpu.txt", "pyproject.toml"):
+        lines = [line.split("#")[0] for line in open(os.path.join(ROOT, name)).read().lower().splitlines()]
+        assert not [line for line in lines if re.search(r"^\s*\"?apex\b", line)], name
