@@ -2,9 +2,9 @@
 
 The test puts its own `scontrol` (expands the node list) and `srun` on PATH. The fake srun records its
 arguments and then does what srun does with them: it runs the task command once per node with that
-node's SLURM_NODEID. PYTHON is a recording wrapper: launch_check runs for real, torchrun is recorded
-instead of started. So the tests see the exact srun line, the torchrun line each node would run, and that
-a refused launch never reaches srun.
+node's SLURM_NODEID. PYTHON is a recording wrapper: launch_check and the launch wrapper
+(runtime/proctree.py) run for real, torchrun is recorded instead of started. So the tests see the exact
+srun line, the wrapper and torchrun lines each node runs, and that a refused launch never reaches srun.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -22,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCRIPT = os.path.join(ROOT, "launch", "train_slurm.sbatch")
 TORCHRUN = "torch.distributed.run"
 # Anything the submitting shell or the machine might have set that the script reads.
-SCRUB = {"MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE", "MAX_RESTARTS", "SRUN_ARGS", "PYTHON", "TRAIN_MODULE",
+SCRUB = {"FAKE_FAIL_NODE", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE", "MAX_RESTARTS", "SRUN_ARGS", "PYTHON", "TRAIN_MODULE",
          "MHMOE_ROOT", "MHMOE_DRY_RUN", "DRY_RUN", "DS_ACCELERATOR"}
 
 
@@ -34,10 +35,10 @@ def _executable(path, text: str) -> str:
 
 @pytest.fixture
 def slurm(tmp_path):
-    """(run(env, args, script=SCRIPT) -> CompletedProcess, srun log, torchrun log)."""
+    """(run(env, args, script=SCRIPT) -> CompletedProcess, srun log, torchrun log, log of every python call)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    srun_log, torchrun_log = tmp_path / "srun.log", tmp_path / "torchrun.log"
+    srun_log, torchrun_log, python_log = tmp_path / "srun.log", tmp_path / "torchrun.log", tmp_path / "python.log"
     # Prints FAKE_HOSTS one per line, as `scontrol show hostnames gpu[07-08]` would.
     _executable(bin_dir / "scontrol",
                 "#!/usr/bin/env bash\n"
@@ -62,8 +63,14 @@ sys.exit(rc)
     fake_python = _executable(
         tmp_path / "fakepython",
         "#!/usr/bin/env bash\n"
-        f'for a in "$@"; do if [[ "$a" == {TORCHRUN} ]]; then\n'
-        f'  {{ printf "%s\\0" "$SLURM_NODEID" "$@"; printf "\\n"; }} >> {str(torchrun_log)!r}; exit 0; fi; done\n'
+        f'{{ printf "%s\\0" "${{SLURM_NODEID:-}}" "$@"; printf "\\n"; }} >> {str(python_log)!r}\n'
+        'if [[ "${2:-}" != megatron_mhmoe.runtime.proctree ]]; then\n'
+        f'  for a in "$@"; do if [[ "$a" == {TORCHRUN} ]]; then\n'
+        f'    {{ printf "%s\\0" "$SLURM_NODEID" "$@"; printf "\\n"; }} >> {str(torchrun_log)!r}\n'
+        # a node whose (recorded) run fails as a worker of the training program would
+        '    if [[ "$SLURM_NODEID" == "${FAKE_FAIL_NODE:-}" ]]; then echo "data error: no such dataset" >&2; exit 1; fi\n'
+        '    exit 0; fi; done\n'
+        'fi\n'
         f'exec {sys.executable!r} "$@"\n')
 
     def run(env: dict, args=(), script: str = SCRIPT, cwd: str | None = None) -> subprocess.CompletedProcess:
@@ -76,7 +83,7 @@ sys.exit(rc)
         return subprocess.run(["bash", script, *args], capture_output=True, text=True, env=e, cwd=cwd or ROOT,
                               timeout=120)
 
-    return run, srun_log, torchrun_log
+    return run, srun_log, torchrun_log, python_log
 
 
 def records(log) -> list[list[str]]:
@@ -115,7 +122,7 @@ def test_script_conventions():
 
 
 def test_dry_run_prints_the_srun_line(slurm, tmp_path):
-    run, srun_log, _ = slurm
+    run, srun_log, _, _ = slurm
     cfg = tmp_path / "run.yaml"
     cfg.write_text("parallel:\n  ep: 4\n")
     r = run({"MHMOE_DRY_RUN": "1", "SLURM_CPUS_PER_TASK": "16"}, ["--config", str(cfg), "--train.seed=3"])
@@ -127,15 +134,15 @@ def test_dry_run_prints_the_srun_line(slurm, tmp_path):
     assert argv[:b] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
                         "--cpus-per-task=16"]
     assert argv[b + 1] == "-c" and "$SLURM_NODEID" in argv[b + 2]  # expanded by each task, not here
-    assert argv[b + 3] == os.path.join(str(tmp_path), "fakepython")
-    t = torchrun_args(argv[b + 4:])
+    assert argv[b + 3] == os.path.join(str(tmp_path), "fakepython") and argv[b + 4] == "gpu07:24242"
+    t = torchrun_args(argv[b + 5:])
     assert (t["--nnodes"], t["--nproc_per_node"], t["--master_addr"], t["--master_port"]) == ("2", "4", "gpu07", "24242")
     assert t["module"] == "megatron_mhmoe.train" and t["train_args"] == ["--config", str(cfg), "--train.seed=3"]
     assert "gpu07:24242" in r.stderr
 
 
 def test_srun_starts_one_torchrun_per_node_with_its_node_rank(slurm, tmp_path):
-    run, srun_log, torchrun_log = slurm
+    run, srun_log, torchrun_log, python_log = slurm
     cfg = tmp_path / "my run.yaml"  # a space: the arguments must arrive intact through srun and bash -c
     cfg.write_text("parallel:\n  ep: 2\n")
     args = ["--config", str(cfg), "--wandb.name=a b;$(touch x)"]
@@ -156,6 +163,13 @@ def test_srun_starts_one_torchrun_per_node_with_its_node_rank(slurm, tmp_path):
         assert t["--max_restarts"] == "0" and t["module"] == "megatron_mhmoe.train"
         assert t["train_args"] == args
     assert not os.path.exists(os.path.join(ROOT, "x"))
+    # torchrun ran through the launch wrapper on every node; only node 0, which binds the port, checks it.
+    wrappers = [rec for rec in records(python_log) if rec[1:4] == ["-m", "megatron_mhmoe.runtime.proctree", "launch"]]
+    assert [rec[0] for rec in wrappers] == ["0", "1", "2"]
+    assert wrappers[0][4:7] == ["--rendezvous", "n1:29777", "--"]
+    assert all(rec[4] == "--" for rec in wrappers[1:])
+    for rec, run_rec in zip(wrappers, per_node):
+        assert rec[rec.index("--") + 1:] == [os.path.join(str(tmp_path), "fakepython")] + run_rec[1:]
 
 
 @pytest.mark.parametrize("env,nproc", [
@@ -164,7 +178,7 @@ def test_srun_starts_one_torchrun_per_node_with_its_node_rank(slurm, tmp_path):
     ({"SLURM_GPUS_ON_NODE": None}, "1"),
 ])
 def test_ranks_per_node_sources(slurm, env, nproc):
-    run, _, _ = slurm
+    run, _, _, _ = slurm
     r = run({"MHMOE_DRY_RUN": "1", **env}, ["--parallel.ep=2"])
     assert r.returncode == 0, r.stderr
     argv = shlex.split(r.stdout.strip().splitlines()[-1])
@@ -172,7 +186,7 @@ def test_ranks_per_node_sources(slurm, env, nproc):
 
 
 def test_master_port_from_the_job_id_never_evaluated(slurm, tmp_path):
-    run, _, _ = slurm
+    run, _, _, _ = slurm
     r = run({"MHMOE_DRY_RUN": "1", "SLURM_JOB_ID": "1234567"}, ["--parallel.ep=2"])
     assert r.returncode == 0, r.stderr
     argv = shlex.split(r.stdout.strip().splitlines()[-1])
@@ -193,7 +207,7 @@ def test_master_port_from_the_job_id_never_evaluated(slurm, tmp_path):
     ({}, ["--parallel.ep=2", "--no.such_key=1"], "unknown top-level key(s) ['no']"),
 ])
 def test_bad_launch_is_refused_by_launch_check_before_srun(slurm, env, args, message):
-    run, srun_log, torchrun_log = slurm
+    run, srun_log, torchrun_log, python_log = slurm
     r = run(env, args)
     assert r.returncode == 2, r.stdout + r.stderr
     errors = [line for line in r.stderr.splitlines() if "error" in line]
@@ -208,14 +222,14 @@ def test_bad_launch_is_refused_by_launch_check_before_srun(slurm, env, args, mes
     ({"FAKE_HOSTS": ""}, "names 1 host(s) but SLURM_NNODES=2"),
 ])
 def test_bad_allocation_is_refused(slurm, env, message):
-    run, srun_log, _ = slurm
+    run, srun_log, _, _ = slurm
     r = run(env, ["--parallel.ep=2"])
     assert r.returncode == 2 and f"train_slurm.sbatch: error: " in r.stderr and message in r.stderr, r.stderr
     assert not srun_log.exists()
 
 
 def test_runs_from_the_spool_copy_sbatch_makes(slurm, tmp_path):
-    run, _, _ = slurm
+    run, _, _, _ = slurm
     spool = tmp_path / "spool" / "job4242"
     spool.mkdir(parents=True)
     copy = str(spool / "slurm_script")
@@ -228,3 +242,21 @@ def test_runs_from_the_spool_copy_sbatch_makes(slurm, tmp_path):
     r = run({"MHMOE_DRY_RUN": "1", "SLURM_SUBMIT_DIR": elsewhere, "MHMOE_ROOT": ROOT}, ["--parallel.ep=2"],
             script=copy, cwd=elsewhere)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_busy_rendezvous_port_and_a_failing_node_end_with_their_line_and_code(slurm):
+    run, srun_log, torchrun_log, _ = slurm
+    local = {"FAKE_HOSTS": "localhost localhost", "SLURM_JOB_NODELIST": "localhost"}
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        r = run({**local, "MASTER_PORT": str(port)}, ["--parallel.ep=2"])
+    assert r.returncode == 4, r.stderr
+    assert f"launch: error: MASTER_PORT {port} is already in use" in r.stderr
+    assert [rec[0] for rec in records(torchrun_log)] == ["1"]  # node 0 refused before starting torchrun
+    torchrun_log.unlink()
+    r = run({**local, "FAKE_FAIL_NODE": "1"}, ["--parallel.ep=2"])
+    assert r.returncode == 2, r.stderr  # the training program's exit code for a data error, not torchrun's 1
+    assert r.stderr.strip().splitlines()[-1] == "data error: no such dataset"
+    assert [rec[0] for rec in records(torchrun_log)] == ["0", "1"]
