@@ -286,3 +286,24 @@ def test_benchmark_shapes_and_missed_targets_are_the_committed_runs():
            f"{med[('smoe', 256)]['mem ours/deepspeed']:.3f}", f"{med[('mhmoe', 256)]['ours/floor']:.2f}",
            f"{med[('mhmoe', 256)]['deepspeed/floor']:.1f}"]
     assert list(m.groups()) == got
+
+
+def test_make_targets_are_the_readme_commands():
+    """`make test` runs `pytest tests` (and `.ci/run` exactly `make test`), `make bench` is
+    benchmarks/moe_layer.py, `make main` is launch/quickstart.sh."""
+    make = open(os.path.join(ROOT, "Makefile")).read()
+
+    def recipe(target):
+        m = re.search(rf"^{target}:.*\n((?:\t.*\n)+)", make, re.M)
+        assert m, target
+        return m.group(1).strip()
+
+    assert "`make test` runs `pytest tests`" in README and re.fullmatch(r"\$\(PY\) -m pytest( -q)? tests",
+                                                                          recipe("test"))
+    assert "make bench                                        # = python benchmarks/moe_layer.py" in README
+    assert recipe("bench") == "$(PY) benchmarks/moe_layer.py"
+    assert recipe("main").endswith("bash launch/quickstart.sh")
+    assert "`.ci/run` runs exactly\n`make test`" in README or "`.ci/run` runs exactly `make test`" in flat(README)
+    ci = [line for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+          if line.strip() and not line.startswith("#")]
+    assert ci[-1] == "make test"
