@@ -307,3 +307,8 @@ def test_make_targets_are_the_readme_commands():
     ci = [line for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
           if line.strip() and not line.startswith("#")]
     assert ci[-1] == "make test"
+
+
+def test_router_eps_is_the_readme_one():
+    from megatron_mhmoe.moe.router import NORMALIZE_EPS
+    assert f"normalisation eps {NORMALIZE_EPS:g}" in flat(README)
