@@ -3,12 +3,16 @@
 
 Example:
   python tools/train_tokenizer.py --input corpus.jsonl --model-prefix tok/code8k --vocab-size 8000
-writes tok/code8k.model (+ .vocab).
-  python tools/train_tokenizer.py --type hf-bpe --input corpus.jsonl --model-prefix tok/hf8k --vocab-size 8000
-writes the folder tok/hf8k/ with tokenizer.json (the `tokenizers` library's format; EOD = <|endoftext|>,
-id 0) and tokenizer_config.json; pass either path as --tokenizer-model / data.tokenizer_model. The default 'code' preset gives an exact round trip of source
+writes tok/code8k.model (+ .vocab). The default 'code' preset gives an exact round trip of source
 code (byte fallback, identity normalisation, whitespace kept, '\\n' and '\\t' as pieces).
 Ids: unk 0, bos 1, eos 2 (the datasets' end-of-document, EOD), pad 3, then user-defined symbols.
+
+  python tools/train_tokenizer.py --type hf-bpe --input corpus.jsonl --model-prefix tok/hf8k --vocab-size 8000
+writes the folder tok/hf8k/ with tokenizer.json (the `tokenizers` library's byte-level BPE: every text
+round-trips exactly under the code preset) and tokenizer_config.json. Ids: <|endoftext|> 0 (EOD), then the
+user-defined symbols, the 256 byte symbols and the merges. Pass the folder or its tokenizer.json to
+tools/preprocess_data.py --tokenizer-model, and the tokenizer.json to training as data.tokenizer_model.
+
 Large corpora are streamed and uniformly subsampled to --max-sentences sentences.
 """
 from __future__ import annotations

@@ -171,7 +171,8 @@ class HFTokenizer:
         try:
             self.tk = _HF.from_file(file)
         except Exception as e:  # the library raises its own Exception subclass for every parse error
-            raise DataError(f"{file} is not a valid Hugging Face tokenizer.json ({str(e).splitlines()[0]}); pass "
+            why = (str(e).splitlines() or [type(e).__name__])[0]
+            raise DataError(f"{file} is not a valid Hugging Face tokenizer.json ({why}); pass "
                             "the file written by tools/train_tokenizer.py --type hf-bpe or by tokenizers' "
                             "Tokenizer.save.") from None
         self.model_path = file

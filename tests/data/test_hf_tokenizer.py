@@ -240,3 +240,26 @@ def test_progress_bar_on_a_terminal_lines_otherwise(hf_dir, corpus, tmp_path):
     for ext in (".bin", ".idx"):  # the same bytes either way
         assert open(str(tmp_path / "tty_text_document") + ext, "rb").read() == \
             open(str(tmp_path / "pipe_text_document") + ext, "rb").read()
+
+
+def test_hf_training_options_and_errors(tmp_path, corpus):
+    from megatron_mhmoe.data.spm_train import TokenizerTrainConfig, train_hf_tokenizer
+
+    res = train_hf_tokenizer(TokenizerTrainConfig(inputs=[corpus], model_prefix=str(tmp_path / "fim"), vocab_size=320,
+                                                  user_defined_symbols=["<|fim|>"]), **QUIET)
+    tok = build_tokenizer("auto", res.model_path)
+    fim = tok.tk.token_to_id("<|fim|>")
+    assert tok.eod == 0 and fim == 1 and tok.encode("a<|fim|>b").count(fim) == 1  # kept whole
+    assert tok.decode(tok.encode("a<|fim|>b")) == "a<|fim|>b" and res.roundtrip_failed == 0
+    with pytest.raises(DataError, match="leaves no room for merges"):
+        train_hf_tokenizer(TokenizerTrainConfig(inputs=[corpus], model_prefix=str(tmp_path / "x"), vocab_size=257),
+                           **QUIET)
+    with pytest.raises(DataError, match="--control-symbols is SentencePiece-only"):
+        train_hf_tokenizer(TokenizerTrainConfig(inputs=[corpus], model_prefix=str(tmp_path / "x"), vocab_size=300,
+                                                control_symbols=["<|sep|>"]), **QUIET)
+    with pytest.raises(DataError, match="trains BPE only"):
+        train_hf_tokenizer(TokenizerTrainConfig(inputs=[corpus], model_prefix=str(tmp_path / "x"), vocab_size=300,
+                                                model_type="unigram"), **QUIET)
+    empty = write_jsonl(str(tmp_path / "empty.jsonl"), [])
+    with pytest.raises(DataError, match="no text to train a tokenizer on"):
+        train_hf_tokenizer(TokenizerTrainConfig(inputs=[empty], model_prefix=str(tmp_path / "x")), **QUIET)
