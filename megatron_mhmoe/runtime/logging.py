@@ -75,11 +75,13 @@ class MetricsLogger:
         self.run_dir = run_dir
         self.jsonl = None
         self.wandb_dir = None
+        self.resume_id, self.mode = resume_id, None
+        self.wandb_floor: Optional[int] = None  # steps up to here are in wandb already (catch_up)
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        mode = resolve_wandb_mode(wandb_cfg.mode)
+        mode = self.mode = resolve_wandb_mode(wandb_cfg.mode)
         if mode == "disabled":
             return
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -116,9 +118,17 @@ class MetricsLogger:
         if self.jsonl:
             self.jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
             self.jsonl.flush()
-        if self.run is not None:
+        if self.run is not None and (self.wandb_floor is None or step > self.wandb_floor):
             self.run.log({k: v for k, v in clean.items() if not (isinstance(v, float) and math.isnan(v))},
                          step=step)
+
+    def catch_up(self, checkpoint_step: int) -> None:
+        """On resume: metrics.jsonl rows after the checkpoint dropped, the rows wandb never received sent to it
+        (runtime/wandb_replay.py)."""
+        from megatron_mhmoe.runtime.wandb_replay import catch_up
+        note = catch_up(self, checkpoint_step)
+        if note:
+            print(note, flush=True)
 
     def log_image(self, key: str, path: str, step: int) -> None:
         if self.run is not None:

@@ -384,7 +384,8 @@ def check_ds_config_agrees(run_cfg: RunConfig, ds_cfg: Any, path: str) -> list[s
                             f"the value you mean)")
     for key, fields in DS_REPLACED_SECTIONS.items():
         if key in ds_cfg:
-            problems.append(f"{'an' if key == 'optimizer' else 'a'} '{key}' section, which the program does not use (it builds its own "
+            article = "an" if key == "optimizer" else "a"
+            problems.append(f"{article} '{key}' section, which the program does not use (it builds its own "
                             f"{'torch AdamW' if key == 'optimizer' else 'LR schedule'}): remove it and set "
                             f"{', '.join('train.' + f for f in fields)} in the run config instead")
     if problems:
