@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${1:-.venv}"
 stamp="$venv/.mhmoe-installed"
-want="$(cat requirements.txt requirements-dev.txt constraints/cpu.txt pyproject.toml | cksum)"
+want="$(cat requirements.txt requirements-dev.txt requirements-eval.txt constraints/cpu.txt pyproject.toml | cksum)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi

@@ -1,0 +1,80 @@
+"""tools/evaluate.py: lm-eval-harness (HF backend) on an exported model, offline, with the shipped local task.
+
+The model is a freshly initialised MH-MoE GPT (byte tokenizer, 512 positions: the items are longer than the
+trained test models' 32) written in tools/export_checkpoint.py's format and exported with tools/export_hf.py:
+scoring, not training, is under test. The harness's multiple-choice accuracy on
+the first 16 items of tools/eval_tasks/next_line.jsonl equals the accuracy computed here from our own model's
+log-likelihoods of each choice (acc exactly; acc_norm with lm-eval's length normalisation by characters), the
+perplexity task reports byte perplexity = 2 ** bits per byte, and the JSON report holds both tasks.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.reliability.test_reshard import load_tool
+
+pytest.importorskip("lm_eval")
+LIMIT = 16
+
+
+def _our_accuracy(model, items) -> tuple[float, float]:
+    hits = norm_hits = 0
+    for item in items:
+        ctx = list(item["context"].encode("utf-8"))
+        scores = []
+        for choice in item["choices"]:
+            cont = list(choice.encode("utf-8"))
+            ids = torch.tensor([ctx + cont])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, :, :model.config.vocab_size].double(), dim=-1)
+            ll = sum(float(logp[len(ctx) + i - 1, t]) for i, t in enumerate(cont))
+            scores.append((ll, ll / len(choice)))
+        hits += max(range(len(scores)), key=lambda j: scores[j][0]) == item["label"]
+        norm_hits += max(range(len(scores)), key=lambda j: scores[j][1]) == item["label"]
+    return hits / len(items), norm_hits / len(items)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    from megatron_mhmoe.config import ModelConfig, MoEConfig, to_dict
+    from megatron_mhmoe.model.gpt import GPTModel
+    from megatron_mhmoe.parallel.context import ParallelContext
+    cfg = ModelConfig(vocab_size=257, hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
+                      max_seq_len=512, position_embedding="rope",
+                      moe=MoEConfig(num_experts=4, top_k=2, num_heads=2, expert_hidden_size=16))
+    model = GPTModel(cfg, ParallelContext.single_process(), seed=5)
+    full = {k: (v[:cfg.vocab_size] if k.endswith("word_embeddings.weight") else v).contiguous()
+            for k, v in model.state_dict().items()}
+    d = tmp_path_factory.mktemp("eval_model")
+    ours = d / "ours"
+    ours.mkdir()
+    save_file(full, str(ours / "model.safetensors"))
+    (ours / "config.json").write_text(json.dumps({"model": to_dict(cfg), "step": 0, "tokenizer": {"type": "byte"}}))
+    hf = str(d / "hf")
+    assert load_tool("export_hf").main(["--input", str(ours), "--output", hf, "--quiet"]) == 0
+    return {"out": str(ours), "hf": hf}
+
+
+def test_local_task_results_equal_our_own_scoring(exported, tmp_path):
+    hf_folder = exported["hf"]
+    out = tmp_path / "eval.json"
+    code = load_tool("evaluate").main(["--model", hf_folder, "--tasks", "local", "--out", str(out),
+                                       "--limit", str(LIMIT), "--no-wandb", "--batch-size", "4"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    res = report["results"]
+    assert set(res) == {"mhmoe_next_line", "mhmoe_heldout_ppl"}
+    with open(os.path.join(os.path.dirname(load_tool("evaluate").__file__), "eval_tasks", "next_line.jsonl")) as f:
+        items = [json.loads(line) for line in f][:LIMIT]
+    ours, _ = load_tool("generate").load_model(exported["out"])
+    acc, acc_norm = _our_accuracy(ours, items)
+    assert res["mhmoe_next_line"]["acc"] == pytest.approx(acc, abs=1e-9)
+    assert res["mhmoe_next_line"]["acc_norm"] == pytest.approx(acc_norm, abs=1e-9)
+    ppl = res["mhmoe_heldout_ppl"]
+    assert ppl["bits_per_byte"] > 0 and ppl["byte_perplexity"] == pytest.approx(2 ** ppl["bits_per_byte"], rel=1e-9)
