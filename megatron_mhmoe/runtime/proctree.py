@@ -49,15 +49,18 @@ def descendants(pid: int) -> list[int]:
 # torchrun answers a failed worker with its own traceback and a summary box (and exit 1 whatever the
 # worker's code), the deepspeed launcher with its kill log (and the first exit code it happened to poll,
 # often the SIGKILLed peer's). The wrapper passes the run's output through, drops that launcher noise, and
-# ends with the first worker error line and that worker's exit code (runtime/exit_codes.py).
+# ends with the first worker error line and that worker's exit code (runtime/exit_codes.py). With
+# MHMOE_TRACEBACK set (as for train.py) everything is passed through unchanged, for debugging.
 PROG = "launch"
 # pdsh prefixes each remote line with "host: ".
 _HOST = r"(?:[A-Za-z0-9][A-Za-z0-9.-]*: )?"
-# The one-line errors megatron_mhmoe.train prints before it exits non-zero, with their exit codes.
+# The one-line errors megatron_mhmoe.train prints before it exits non-zero, with their exit codes; the code a
+# launcher reports for that rank wins (deepspeed's reports only the first exit it polled).
 _WORKER_LINES = (
     (re.compile(r"^(?:config|data) error: "), 2),
     (re.compile(r"^stopping: \d+ non-finite steps in a row"), 3),
     (re.compile(r"^\[rank \d+\] error: (?:collective (?:failed|timed out)|could not join the process group)"), 4),
+    (re.compile(r"^\[rank \d+\] error: CheckpointWriteError: "), 5),
     (re.compile(r"^\[rank \d+\] error: "), 1),
 )
 _RANK = re.compile(r"^\[rank (\d+)\]")
@@ -183,6 +186,8 @@ def _relay(stream, out, report: _Report, passthrough: bool) -> None:
 def _verdict(report: _Report, rc: int, rendezvous: Optional[tuple[str, int]] = None) -> tuple[Optional[str], int]:
     """(the last line to print, the exit code) once the launcher has exited with rc."""
     status = 128 - rc if rc < 0 else rc  # a launcher killed by a signal: the shell's 128+N
+    if status == 0:  # e.g. torchrun --max_restarts recovered: the error is shown, the run still succeeded
+        return (report.first_error[0] if report.first_error else None), 0
     if report.first_error is not None and rendezvous and "EADDRINUSE" in report.first_error[0]:
         return port_in_use_message(*rendezvous), 4  # rank 0 lost the race for the port after the check
     if report.first_error is not None:

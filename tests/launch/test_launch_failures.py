@@ -151,6 +151,8 @@ def test_torchrun_failure_output_is_reduced_to_the_workers_line():
     assert report.codes == {1: -9, 0: 4}
     assert proctree._verdict(report, 1) == ("[rank 0] error: collective failed: a peer rank died or is stuck "
                                             "(detail)", 4)
+    assert proctree._verdict(report, 0) == ("[rank 0] error: collective failed: a peer rank died or is stuck "
+                                            "(detail)", 0), "a launcher that recovered (restarts) succeeded"
     # the same failure without rank 0's line: the signal that killed rank 1, not torchrun's SIGTERM of rank 0
     _, report = relay(TORCHRUN_FAILURE.replace("[rank 0] error", "[rank 0] info").replace(": 4 (pid", ": -15 (pid"))
     line, code = proctree._verdict(report, 1)
