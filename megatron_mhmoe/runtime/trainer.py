@@ -421,7 +421,8 @@ class Trainer:
             m.update(metrics.summarize(r["moe_stats"], self.threshold))
             for i, st in enumerate(r["moe_stats"][:len(r["moe_stats"]) // t.grad_accum_steps]):
                 kept = [int(n) for n in st.kept.tolist()]  # the step's first micro-batch, every expert
-                m[f"moe/layer{i}/tokens_per_expert"] = kept
+                # Not under moe/: readers treat every moe/ value as one number (tests/reliability/test_numerics.py).
+                m[f"routing/layer{i}/tokens_per_expert"] = kept
                 m[f"moe/layer{i}/tokens_per_expert_max"] = max(kept)
                 m[f"moe/layer{i}/tokens_per_expert_min"] = min(kept)
         return m

@@ -29,7 +29,7 @@ NAMES = {
     "expert activation ratio": (["moe/activation_ratio"], None),
     "divergence": (["moe/divergence"], None),
     "dropped fraction": (["moe/dropped_fraction"], None),
-    "per-layer tokens per expert": ([f"moe/layer{i}/tokens_per_expert" for i in range(LAYERS // MOE_EVERY)], None),
+    "per-layer tokens per expert": ([f"routing/layer{i}/tokens_per_expert" for i in range(LAYERS // MOE_EVERY)], None),
     "Validation perplexity": (["val/ppl"], None),
 }
 
@@ -93,8 +93,8 @@ def test_every_value_the_readme_names_is_in_metrics_jsonl(byte_data, tmp_path):
     missing = [(n, k) for n in names for k in NAMES[n][0] if NAMES[n][1] is None and k not in keys]
     assert not missing, f"README.md says these are logged, metrics.jsonl lacks them: {missing}"
     for row in rows:
-        if "moe/layer0/tokens_per_expert" in row:
-            vec = row["moe/layer0/tokens_per_expert"]
+        if "routing/layer0/tokens_per_expert" in row:
+            vec = row["routing/layer0/tokens_per_expert"]
             assert len(vec) == EXPERTS and all(isinstance(n, int) and n >= 0 for n in vec), vec
             assert max(vec) == row["moe/layer0/tokens_per_expert_max"]
             assert min(vec) == row["moe/layer0/tokens_per_expert_min"]

@@ -88,7 +88,7 @@ def test_killed_run_resumed_has_every_step_once_in_wandb_and_metrics(byte_data, 
     assert sorted(steps) == list(range(1, STEPS + 1)), steps  # every step, once, over both launches
     for step, row in train_rows.items():
         assert merged[step]["loss"] == row["loss"], step
-        assert merged[step]["moe/layer0/tokens_per_expert"] == row["moe/layer0/tokens_per_expert"]
+        assert merged[step]["routing/layer0/tokens_per_expert"] == row["routing/layer0/tokens_per_expert"]
     assert merged[SAVE]["val/ppl"] == next(r["val/ppl"] for r in rows if r["step"] == SAVE and "val/ppl" in r)
 
     # A torn file (a service killed mid-write) reads up to the tear.
