@@ -8,7 +8,8 @@ Example:
 Writes into --output (atomically: a temp folder renamed at the end):
   model.safetensors   full tensors by parameter name (vocabulary unpadded; experts stacked [E, ...])
   config.json         {"model": ModelConfig fields, "step", "source", "dtype", "tokenizer": {...}}
-  tokenizer.model     a copy of the run's SentencePiece model (absent for the byte tokenizer)
+  tokenizer.model     a copy of the run's SentencePiece model, or tokenizer.json for a Hugging Face tokenizer
+                      (neither for the byte tokenizer)
 The weights are the ones the run trained with (fp32, or bf16/fp16 as stored); --dtype converts.
 Input files are checked against the manifest and read with torch.load(weights_only=True) only.
 """
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from megatron_mhmoe.runtime.checkpoint import CheckpointError  # noqa: E402
 
 TOKENIZER_FILE = "tokenizer.model"
+HF_TOKENIZER_FILE = "tokenizer.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,17 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _tokenizer_at(path: str, eod_token: str | None = None) -> dict:
+    """{"type": "hf", "path": tokenizer.json, "eod_token"} or {"type": "sentencepiece", "path": ...} for a file."""
+    from megatron_mhmoe.data.tokenizer import resolve_tokenizer_type
+    if resolve_tokenizer_type("auto", path) == "hf":
+        from megatron_mhmoe.data.tokenizer import HFTokenizer
+        tok = HFTokenizer(path, eod_token=eod_token)
+        return {"type": "hf", "path": tok.model_path, "eod_token": tok.eod_token}
+    return {"type": "sentencepiece", "path": path}
+
+
 def find_tokenizer(config: dict, override: str | None) -> dict:
-    """{"type": "byte"} or {"type": "sentencepiece", "path": ...} or {"type": None} if unknown."""
+    """{"type": "byte"}, {"type": "sentencepiece" | "hf", "path": ...} or {"type": None} if unknown."""
     if override:
         if override == "byte":
             return {"type": "byte"}
         if not os.path.exists(override):
             raise CheckpointError(f"--tokenizer {override} does not exist")
-        return {"type": "sentencepiece", "path": override}
+        return _tokenizer_at(override)
     data = config.get("data", {}) if isinstance(config, dict) else {}
     if data.get("tokenizer_model") and os.path.exists(data["tokenizer_model"]):
-        return {"type": "sentencepiece", "path": data["tokenizer_model"]}
+        return _tokenizer_at(data["tokenizer_model"])
     paths = [p for p in data.get("data_path", []) if isinstance(p, str)]
     for prefix in paths:
         meta_path = prefix + ".meta.json"
@@ -64,7 +76,7 @@ def find_tokenizer(config: dict, override: str | None) -> dict:
                 return {"type": "byte"}
             model = meta.get("tokenizer_model")
             if model and os.path.exists(model):
-                return {"type": "sentencepiece", "path": model}
+                return _tokenizer_at(model, meta.get("eod_token"))
     return {"type": None}
 
 
@@ -98,6 +110,9 @@ def export(input_path: str, output: str, dtype: str = "as-trained", tokenizer: s
     if tok["type"] == "sentencepiece":
         shutil.copyfile(tok["path"], os.path.join(tmp, TOKENIZER_FILE))
         tok_entry["file"] = TOKENIZER_FILE
+    elif tok["type"] == "hf":
+        shutil.copyfile(tok["path"], os.path.join(tmp, HF_TOKENIZER_FILE))
+        tok_entry.update(file=HF_TOKENIZER_FILE, eod_token=tok["eod_token"])
     elif tok["type"] is None:
         log("WARNING: the run's tokenizer was not found; pass --tokenizer to tools/generate.py, or re-export with "
             "--tokenizer")

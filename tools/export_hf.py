@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="checkpoint (step folder or save_dir) or export_checkpoint folder")
     p.add_argument("--output", required=True, help="folder to write (must not exist, unless --force)")
     p.add_argument("--format", choices=["mhmoe", "gpt2"], default="mhmoe")
-    p.add_argument("--tokenizer", default=None, help="'byte' or a SentencePiece .model (default: the run's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="'byte', a SentencePiece .model or a tokenizer.json (default: the run's)")
     p.add_argument("--force", action="store_true", help="replace an existing --output folder")
     p.add_argument("--quiet", action="store_true", help="only errors")
     return p
@@ -108,6 +109,16 @@ def gpt2_state_dict(full: dict, mcfg) -> dict:
 
 def _write_tokenizer(tmp: str, export_dir: str, info: dict, eod: int) -> None:
     tok = info.get("tokenizer") or {}
+    max_len = int(info["model"].get("max_seq_len", 0))
+    if tok.get("type") == "hf":
+        # A tokenizers file is what transformers' own fast tokenizer reads: no remote code needed.
+        shutil.copyfile(os.path.join(export_dir, tok["file"]), os.path.join(tmp, "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok["eod_token"],
+                  "pad_token": tok["eod_token"], "padding_side": "right", "model_max_length": max_len,
+                  "add_bos_token": False, "add_eos_token": False}
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        return
     if tok.get("type") == "sentencepiece":
         shutil.copyfile(os.path.join(export_dir, tok["file"]), os.path.join(tmp, "tokenizer.model"))
         kind = "sentencepiece"
@@ -117,7 +128,7 @@ def _write_tokenizer(tmp: str, export_dir: str, info: dict, eod: int) -> None:
         raise CheckpointError("the export names no tokenizer: pass --tokenizer byte or --tokenizer PATH.model")
     shutil.copyfile(os.path.join(HF_DIR, "tokenization_mhmoe.py"), os.path.join(tmp, "tokenization_mhmoe.py"))
     config = {"tokenizer_class": "MHMoETokenizer", "kind": kind, "auto_map": TOKENIZER_AUTO_MAP,
-              "padding_side": "right", "model_max_length": int(info["model"].get("max_seq_len", 0)),
+              "padding_side": "right", "model_max_length": max_len,
               "eod_token_id": eod}
     with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=1)
@@ -129,7 +140,7 @@ def export_hf(input_path: str, output: str, fmt: str = "mhmoe", tokenizer: str |
     from safetensors.torch import load_file, save_file
 
     from megatron_mhmoe.config import model_config_from_dict
-    from megatron_mhmoe.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
+    from megatron_mhmoe.data.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer
 
     if os.path.exists(output) and not force:
         raise CheckpointError(f"--output {output} exists: choose a new folder, or --force to replace it")
@@ -142,9 +153,9 @@ def export_hf(input_path: str, output: str, fmt: str = "mhmoe", tokenizer: str |
             info = json.load(f)
         mcfg = model_config_from_dict(info["model"])
         tok = info.get("tokenizer") or {}
-        eod = ByteTokenizer.eod if tok.get("type") == "byte" else (
-            SentencePieceTokenizer(os.path.join(export_dir, tok["file"])).eod if tok.get("type") == "sentencepiece"
-            else None)
+        kind, file = tok.get("type"), os.path.join(export_dir, tok.get("file") or "")
+        eod = (ByteTokenizer.eod if kind == "byte" else SentencePieceTokenizer(file).eod if kind == "sentencepiece"
+               else HFTokenizer(file, eod_token=tok.get("eod_token")).eod if kind == "hf" else None)
         full = load_file(os.path.join(export_dir, "model.safetensors"))
         tmp = f"{output.rstrip(os.sep)}.tmp-{os.getpid()}"
         if os.path.exists(tmp):

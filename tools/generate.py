@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="> 0; lower is more conservative")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--tokenizer", default=None, help="'byte' or a SentencePiece .model (default: the export's)")
+    p.add_argument("--tokenizer", default=None, help="'byte', a SentencePiece .model or a tokenizer.json (default: the export's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--ids", action="store_true", help="also print the generated token ids")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window every token (no KV cache)")
@@ -66,14 +66,16 @@ def load_model(folder: str, device: str = "cpu"):
 
 
 def load_tokenizer(folder: str, info: dict, override: str | None):
-    from megatron_mhmoe.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
+    from megatron_mhmoe.data.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, build_tokenizer
     if override:
-        return ByteTokenizer() if override == "byte" else SentencePieceTokenizer(override)
+        return ByteTokenizer() if override == "byte" else build_tokenizer("auto", override)
     tok = info.get("tokenizer") or {}
     if tok.get("type") == "byte":
         return ByteTokenizer()
     if tok.get("type") == "sentencepiece":
         return SentencePieceTokenizer(os.path.join(folder, tok["file"]))
+    if tok.get("type") == "hf":
+        return HFTokenizer(os.path.join(folder, tok["file"]), eod_token=tok.get("eod_token"))
     raise ValueError(f"{folder}/config.json names no tokenizer: pass --tokenizer byte or --tokenizer PATH.model")
 
 

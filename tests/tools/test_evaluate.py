@@ -38,27 +38,37 @@ def _our_accuracy(model, items) -> tuple[float, float]:
     return hits / len(items), norm_hits / len(items)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def random_export(folder, tokenizer: dict, files: dict | None = None, vocab_size: int = 257) -> str:
+    """A freshly initialised model in tools/export_checkpoint.py's format (files: name -> path to copy in)."""
+    import shutil
+
     from safetensors.torch import save_file
 
     from megatron_mhmoe.config import ModelConfig, MoEConfig, to_dict
     from megatron_mhmoe.model.gpt import GPTModel
     from megatron_mhmoe.parallel.context import ParallelContext
-    cfg = ModelConfig(vocab_size=257, hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
+    cfg = ModelConfig(vocab_size=vocab_size, hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
                       max_seq_len=512, position_embedding="rope",
                       moe=MoEConfig(num_experts=4, top_k=2, num_heads=2, expert_hidden_size=16))
     model = GPTModel(cfg, ParallelContext.single_process(), seed=5)
     full = {k: (v[:cfg.vocab_size] if k.endswith("word_embeddings.weight") else v).contiguous()
             for k, v in model.state_dict().items()}
+    os.makedirs(folder)
+    save_file(full, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"model": to_dict(cfg), "step": 0, "tokenizer": tokenizer}, f)
+    for name, src in (files or {}).items():
+        shutil.copyfile(src, os.path.join(folder, name))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval_model")
-    ours = d / "ours"
-    ours.mkdir()
-    save_file(full, str(ours / "model.safetensors"))
-    (ours / "config.json").write_text(json.dumps({"model": to_dict(cfg), "step": 0, "tokenizer": {"type": "byte"}}))
+    ours = random_export(str(d / "ours"), {"type": "byte"})
     hf = str(d / "hf")
-    assert load_tool("export_hf").main(["--input", str(ours), "--output", hf, "--quiet"]) == 0
-    return {"out": str(ours), "hf": hf}
+    assert load_tool("export_hf").main(["--input", ours, "--output", hf, "--quiet"]) == 0
+    return {"out": ours, "hf": hf}
 
 
 def test_local_task_results_equal_our_own_scoring(exported, tmp_path):
