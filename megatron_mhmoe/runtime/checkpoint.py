@@ -338,8 +338,8 @@ class Checkpointer:
             if free < need:
                 problem = (f"checkpoint folder {d} has too little free space for one checkpoint: needs "
                            f"~{_mb(need)}, {_mb(free)} free on {filesystem_of(d)} (model, optimizer state and "
-                           f"universal copy of {len(needs)} rank(s)): free space, lower train.keep_last, or set "
-                           f"train.save_dir to a larger filesystem every node shares")
+                           f"universal copy of {len(needs)} rank(s)): free space, or set train.save_dir to a "
+                           f"larger filesystem every node shares")
         self._raise_first(self._gather(problem))
         if self.ctx.world_size == 1:
             return
