@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import shutil
 import time
 from typing import Callable, Optional
@@ -79,6 +80,11 @@ def read_checkpoint(folder: str, safe_globals: Optional[list] = None,
     world = int(manifest["layout"]["world_size"])
     entries = {e["file"]: e for e in manifest.get("files", [])}
     states = []
+    # A bar on a terminal (big checkpoints take a while to checksum and load); a line per file otherwise.
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=world, desc=f"reading {os.path.basename(folder)}", unit="file", file=sys.stderr)
     for r in range(world):
         name = f"rank_{r:05d}.pt"
         path = os.path.join(folder, name)
@@ -90,7 +96,12 @@ def read_checkpoint(folder: str, safe_globals: Optional[list] = None,
                                   f"use an older step folder")
         with torch.serialization.safe_globals(list(safe_globals or [])):
             states.append(torch.load(path, map_location="cpu", weights_only=True))
-        log(f"read {path} ({e['bytes'] / 1e6:.1f} MB, sha256 ok)")
+        if bar is not None:
+            bar.update(1)
+        else:
+            log(f"read {path} ({e['bytes'] / 1e6:.1f} MB, sha256 ok)")
+    if bar is not None:
+        bar.close()
     return manifest, states
 
 

@@ -5,14 +5,10 @@ Every tokenizer here is trained or built in the test by the `tokenizers` library
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import pty
 import shutil
-import struct
 import subprocess
-import termios
 
 import numpy as np
 import pytest
@@ -22,6 +18,8 @@ from megatron_mhmoe.data.indexed import IndexedDataset
 from megatron_mhmoe.data.preprocess import PreprocessConfig, preprocess
 from megatron_mhmoe.data.tokenizer import HFTokenizer, build_tokenizer, check_vocab, resolve_tokenizer_type
 from megatron_mhmoe.data.vocab import check_dataset_vocab
+
+from tests.terminal import run_on_terminal
 
 from .conftest import PY, REPO, TRICKY, run_tool, write_jsonl
 
@@ -205,23 +203,8 @@ def test_training_program_reads_tokenizer_json(hf_dir, corpus, tmp_path):
 
 
 def _preprocess_on_a_terminal(args: list[str]) -> tuple[int, str]:
-    """Run tools/preprocess_data.py with stderr on a pseudo-terminal of 120 x 30; returns (rc, what it showed)."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
-    proc = subprocess.Popen([PY, os.path.join(REPO, "tools", "preprocess_data.py"), *args], cwd=REPO,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave)
-    os.close(slave)
-    shown = bytearray()
-    while True:
-        try:
-            block = os.read(master, 1 << 16)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not block:
-            break
-        shown += block
-    os.close(master)
-    return proc.wait(timeout=120), shown.decode("utf-8", errors="replace")
+    """Run tools/preprocess_data.py with stderr on a pseudo-terminal; returns (rc, what it showed)."""
+    return run_on_terminal([PY, os.path.join(REPO, "tools", "preprocess_data.py"), *args], REPO)
 
 
 def test_progress_bar_on_a_terminal_lines_otherwise(hf_dir, corpus, tmp_path):

@@ -131,3 +131,13 @@ def test_planted_pickle_is_refused_by_tools(exported, tmp_path, capsys):
     assert err.count("refusing to load") == 2
     assert not marker.exists()
     assert not (tmp_path / "out").exists() and not (tmp_path / "r").exists()
+
+
+def test_export_shows_a_bar_on_a_terminal_and_lines_otherwise(exported, tmp_path):
+    from tests.terminal import run_on_terminal
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "export_checkpoint.py"), "--input", exported["ckpt"],
+           "--output", str(tmp_path / "tty"), "--force"]
+    rc, shown = run_on_terminal(cmd, ROOT)
+    assert rc == 0 and "reading step_" in shown and "2/2" in shown and "file" in shown, shown
+    piped = _cli("tools/export_checkpoint.py", "--input", exported["ckpt"], "--output", str(tmp_path / "pipe"))
+    assert piped.returncode == 0 and piped.stdout.count("sha256 ok") == 2 and "reading step_" not in piped.stderr
