@@ -52,8 +52,8 @@ def descendants(pid: int) -> list[int]:
 # ends with the first worker error line and that worker's exit code (runtime/exit_codes.py). With
 # MHMOE_TRACEBACK set (as for train.py) everything is passed through unchanged, for debugging.
 PROG = "launch"
-# pdsh prefixes each remote line with "host: ".
-_HOST = r"(?:[A-Za-z0-9][A-Za-z0-9.-]*: )?"
+# pdsh prefixes each remote line with "host: ", torch a worker's uncaught-exception lines with "[rankN]: ".
+_HOST = r"(?:\[rank\d+\]: |[A-Za-z0-9][A-Za-z0-9.-]*: )?"
 # The one-line errors megatron_mhmoe.train prints before it exits non-zero, with their exit codes; the code a
 # launcher reports for that rank wins (deepspeed's reports only the first exit it polled).
 _WORKER_LINES = (
@@ -74,6 +74,10 @@ _DS_CODE = re.compile(r"exits with return code = (-?\d+)\s*$")
 _BOX_RANK = re.compile(r"^\s*rank\s*: (\d+)")
 _BOX_CODE = re.compile(r"^\s*exitcode\s*: (-?\d+)")
 _CHILD_FAILED = "ChildFailedError"
+_EMPTY_RANK_LINE = re.compile(r"^\[rank\d+\]:\s*$")
+_TRACEBACK_STARTS = ("Traceback (most recent call last):", "During handling of the above exception",
+                     "The above exception was the direct cause")
+_GOT_SIGNAL = re.compile(r"SignalException: Process \d+ got signal: (\d+)")
 
 
 def port_in_use(addr: str, port: int) -> bool:
@@ -121,6 +125,7 @@ class _Report:
         self.ds_code: Optional[int] = None
         self.launcher_exception: Optional[str] = None
         self.port_busy = False
+        self.stopped_by: Optional[int] = None  # the signal (Ctrl-C, scancel) that stopped the launcher
 
 
 def _relay(stream, out, report: _Report, passthrough: bool) -> None:
@@ -145,8 +150,10 @@ def _relay(stream, out, report: _Report, passthrough: bool) -> None:
         # Only a line's own text after a pdsh "host: " prefix is matched; "pkg.Error: msg" looks like one too,
         # so traceback lines are matched as they are.
         body = _HOST_RE.sub("", text, count=1)
-        if text.startswith("Traceback (most recent call last):") or body.startswith("Traceback (most recent"):
-            in_traceback = True
+        if body.startswith(_TRACEBACK_STARTS) or text.startswith(_TRACEBACK_STARTS):
+            in_traceback = True  # chained exceptions start over with a "During handling ..." line
+            continue
+        if _EMPTY_RANK_LINE.match(text):  # around torch's report of a worker's uncaught exception
             continue
         if in_traceback:
             if not text.strip() or text[:1].isspace() or body[:1].isspace() \
@@ -156,7 +163,10 @@ def _relay(stream, out, report: _Report, passthrough: bool) -> None:
             if _CHILD_FAILED in text:
                 in_box = True
                 continue
+            stopped = _GOT_SIGNAL.search(text)
             with report.lock:
+                if stopped:
+                    report.stopped_by = int(stopped.group(1))
                 report.launcher_exception = text
                 report.port_busy = report.port_busy or "EADDRINUSE" in text or "address already in use" in text
             continue
@@ -188,6 +198,10 @@ def _verdict(report: _Report, rc: int, rendezvous: Optional[tuple[str, int]] = N
     status = 128 - rc if rc < 0 else rc  # a launcher killed by a signal: the shell's 128+N
     if status == 0:  # e.g. torchrun --max_restarts recovered: the error is shown, the run still succeeded
         return (report.first_error[0] if report.first_error else None), 0
+    if report.stopped_by is not None or rc < 0:
+        num = report.stopped_by if report.stopped_by is not None else -rc
+        return (f"{PROG}: error: the launch was stopped by {_signal_name(num)}; relaunch to resume from the last "
+                f"complete checkpoint"), 128 + num
     if report.first_error is not None and rendezvous and "EADDRINUSE" in report.first_error[0]:
         return port_in_use_message(*rendezvous), 4  # rank 0 lost the race for the port after the check
     if report.first_error is not None:

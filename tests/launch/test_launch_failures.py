@@ -173,3 +173,16 @@ def test_deepspeed_failure_output_and_pdsh_prefixes():
                       "in use\n")
     assert proctree._verdict(report, 1, ("127.0.0.1", 29777)) == (
         proctree.port_in_use_message("127.0.0.1", 29777), 4)
+
+
+def test_ctrl_c_is_one_line_and_exit_130():
+    text = ("[rank0]: Traceback (most recent call last):\n[rank0]:   File \"x.py\", line 1, in <module>\n"
+            "[rank0]: KeyboardInterrupt\n[rank0]: \n[rank0]: During handling of the above exception, another "
+            "exception occurred:\n[rank0]: \n[rank0]: Traceback (most recent call last):\n[rank0]:   File \"y\"\n"
+            "[rank0]: KeyboardInterrupt\n"
+            "Traceback (most recent call last):\n  File \"run.py\", line 9\n"
+            "torch.distributed.elastic.multiprocessing.api.SignalException: Process 10296 got signal: 2\n")
+    shown, report = relay(text)
+    assert shown == ""
+    assert proctree._verdict(report, 1) == (
+        "launch: error: the launch was stopped by SIGINT; relaunch to resume from the last complete checkpoint", 130)
