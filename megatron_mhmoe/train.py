@@ -121,6 +121,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if os.environ.get("RANK", "0") == "0":
                     print(f"warning: {note}", file=sys.stderr, flush=True)
         _check_data_inputs(cfg)
+        if cfg.tensorboard.enabled:
+            import importlib.util
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ValueError("tensorboard.enabled=true needs the tensorboard package: pip install tensorboard "
+                                 "(requirements-eval.txt), or drop --tensorboard.enabled")
         if cfg.train.precision == "fp16" and not torch.cuda.is_available():
             raise ValueError("train.precision=fp16 needs a GPU: DeepSpeed's CPU accelerator does not support fp16 "
                              "('Type fp16 is not supported on your device'); use bf16 or fp32 on CPU")

@@ -65,13 +65,24 @@ def resolve_wandb_mode(configured: str) -> str:
     return "online" if wandb_has_credentials() else "offline"
 
 
+def _tensorboard_writer(folder: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ValueError(f"tensorboard.enabled=true needs the tensorboard package ({e}): pip install tensorboard, or "
+                         f"set --tensorboard.enabled=false") from None
+    os.makedirs(folder, exist_ok=True)
+    return SummaryWriter(log_dir=folder)
+
+
 class MetricsLogger:
     """Writes on rank 0 only; other ranks get a logger whose methods do nothing."""
 
     def __init__(self, run_dir: str, wandb_cfg, config_dict: dict, enabled: bool, run_name: str,
-                 resume_id: Optional[str] = None):
+                 resume_id: Optional[str] = None, tensorboard_cfg=None):
         self.enabled = enabled
         self.run = None
+        self.tb = None
         self.run_dir = run_dir
         self.jsonl = None
         self.wandb_dir = None
@@ -81,6 +92,8 @@ class MetricsLogger:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        if tensorboard_cfg is not None and tensorboard_cfg.enabled:
+            self.tb = _tensorboard_writer(tensorboard_cfg.dir or os.path.join(run_dir, "tensorboard"))
         mode = self.mode = resolve_wandb_mode(wandb_cfg.mode)
         if mode == "disabled":
             return
@@ -118,6 +131,11 @@ class MetricsLogger:
         if self.jsonl:
             self.jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
             self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in clean.items():  # scalars only: lists (per-layer counts) stay in metrics.jsonl
+                if isinstance(v, float) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, global_step=step)
+            self.tb.flush()
         if self.run is not None and (self.wandb_floor is None or step > self.wandb_floor):
             self.run.log({k: v for k, v in clean.items() if not (isinstance(v, float) and math.isnan(v))},
                          step=step)
@@ -144,6 +162,9 @@ class MetricsLogger:
         if self.jsonl:
             self.jsonl.close()
             self.jsonl = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
         if self.run is not None:
             self.run.finish()
             self.run = None

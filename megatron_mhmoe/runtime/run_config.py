@@ -136,6 +136,16 @@ class WandbConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    """TensorBoard event files beside wandb (rank 0 only), with the same metric names as metrics.jsonl."""
+
+    enabled: bool = False
+    """Write event files (needs the tensorboard package: pip install tensorboard)."""
+    dir: str = ""
+    """Where the event files go; empty = <run_dir>/tensorboard."""
+
+
+@dataclass
 class RunConfig:
     """A whole run."""
 
@@ -144,6 +154,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
     run_dir: str = "runs/default"
     """Folder for this run's logs, metrics.jsonl, wandb files and (by default) checkpoints."""
 
@@ -237,7 +248,7 @@ class RunConfig:
                                  f"{type(moe).__name__} {moe!r}")
             cfg.model = model_config_from_dict(d["model"] or {})
         for name, typ in (("parallel", ParallelConfig), ("train", TrainConfig), ("data", DataConfig),
-                          ("wandb", WandbConfig)):
+                          ("wandb", WandbConfig), ("tensorboard", TensorBoardConfig)):
             if name in d:
                 setattr(cfg, name, _build(typ, d[name] or {}, name))
         if "run_dir" in d:

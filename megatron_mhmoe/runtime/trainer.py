@@ -344,7 +344,8 @@ class Trainer:
         cfg, t, ctx = self.cfg, self.cfg.train, self.ctx
         rank0 = ctx.rank == 0
         self.logger = MetricsLogger(cfg.run_dir, cfg.wandb, cfg.to_dict(), rank0,
-                                    run_name=os.path.basename(os.path.abspath(cfg.run_dir)), resume_id=self.wandb_id)
+                                    run_name=os.path.basename(os.path.abspath(cfg.run_dir)), resume_id=self.wandb_id,
+                                    tensorboard_cfg=cfg.tensorboard)
         self.logger.catch_up(self.step)  # a killed launch's rows wandb never got; none past the checkpoint
         batches = self._batches(self.train_ds, t.grad_accum_steps, self.consumed)
         progress = None
