@@ -127,6 +127,8 @@ def main(argv=None) -> int:
     except ImportError:
         print("error: tools/evaluate.py needs the lm-eval package: pip install lm-eval", file=sys.stderr)
         return 2
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")  # the harness's bars are noise in a log: plain lines instead
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     report = evaluate(args.model, tasks, args.batch_size, args.limit, args.device)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
