@@ -138,7 +138,7 @@ MUTANTS: list[Mutant] = [
            "return max_norm / (norm + 1e-6) if max_norm > 0 and norm > max_norm else 1.0",
            "return norm / (max_norm + 1e-6) if max_norm > 0 and norm > max_norm else 1.0",
            "clipping scales the gradient up instead of down",
-           ("tests/runtime/test_engine_clip_policy.py",)),
+           ("tests/runtime/test_engine_clip_policy.py",), fast=True),
     Mutant("sp_norm_not_tp_partial", M + "model/norms.py",
            "    if ctx.sequence_parallel:\n        mark_tp_partial(p)", "    if False:\n        mark_tp_partial(p)",
            "sequence-parallel norm weights not marked as TP-partial (their grads are never summed over TP)",

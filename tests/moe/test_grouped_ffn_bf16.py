@@ -3,8 +3,8 @@ autocast, for the per-expert loop node and (where torch has it) torch._grouped_m
 
 Tolerance: every output and gradient within TOL_EPS x eps(bf16) x max|exact| of the float64 result on
 the same bf16-rounded inputs. bf16 keeps 8 significant bits (eps 2^-7); the products accumulate in fp32,
-so what remains is the rounding of the (rows, f) hidden activations and of the outputs to bf16, a few eps
-(measured 0.8 eps here). A kernel that computes in the wrong precision or drops an expert misses by far more.
+so what remains is the rounding of the (rows, f) hidden activations and of the outputs to bf16: at most a few
+eps (0.8 measured here). A kernel that computes in the wrong precision or drops an expert misses by far more.
 """
 from __future__ import annotations
 
