@@ -45,14 +45,19 @@ def test_grouped_ffn_equals_autograd_loop(act, counts, chunk_rows, monkeypatch):
             assert ex.w1.grad[e].abs().max() == 0 and ex.w2.grad[e].abs().max() == 0
 
 
-def test_grouped_ffn_bf16_and_autocast():
-    ex = GroupedExperts(2, 8, 16, "gelu", ParallelContext.single_process(), normal(0.5), normal(0.5))
-    rows = torch.randn(5, 8)
+def test_grouped_ffn_bf16_and_autocast(monkeypatch):
+    """dtype and values: bf16 results within 8 bf16 eps of the largest fp32 value (gradients: test_grouped_ffn_bf16)."""
+    ex = small_experts("gelu", None, monkeypatch)
+    rows = torch.randn(9, 8)
+    ref = ex(rows, [2, 3, 0, 4]).detach()  # fp32
+    tol = 8 * torch.finfo(torch.bfloat16).eps * float(ref.abs().max())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = ex(rows, [2, 3])
+        y = ex(rows, [2, 3, 0, 4])
     assert y.dtype == torch.bfloat16
-    y16 = ex.to(torch.bfloat16)(rows.bfloat16(), [2, 3])
+    assert float((y.float() - ref).abs().max()) <= tol
+    y16 = ex.to(torch.bfloat16)(rows.bfloat16(), [2, 3, 0, 4])
     assert y16.dtype == torch.bfloat16
+    assert float((y16.float() - ref).abs().max()) <= 2 * tol  # weights rounded to bf16 too
 
 
 @pytest.mark.parametrize("k", [1, 2])

@@ -73,6 +73,7 @@ def test_split_ranges_follow_megatron():
     assert parse_split("90/10") == pytest.approx([0.9, 0.1, 0.0])
     assert split_ranges(1000, parse_split("969,30,1")) == [(0, 969), (969, 999), (999, 1000)]
     assert split_ranges(7, parse_split("1,1,1")) == [(0, 3), (3, 5), (5, 7)]  # Megatron shifts by the rounding excess
+    assert split_ranges(7, [0.5, 0.5, 0.0]) == [(0, 3), (3, 7), (7, 7)]  # rounds 3.5 down to 3 here, then shifts
     for n in (1, 5, 13, 1001):
         r = split_ranges(n, parse_split("80,15,5"))
         assert r[0][0] == 0 and r[-1][1] == n and all(r[i][1] == r[i + 1][0] for i in range(2))

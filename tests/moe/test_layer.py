@@ -112,7 +112,8 @@ def test_capacity_drops_exactly_over_capacity_assignments():
         layer.router.proj.weight[2, 0] = 50.0  # every sub-token picks expert 2
     x = torch.rand(8, 1, 32) + 0.5
     y, st = layer(x)
-    capacity = cap.expert_capacity(1.0, 1, 8, 4)  # ceil(1 * 1 * 8 / 4) = 2
+    capacity = 2  # ceil(capacity_factor 1.0 * k 1 * 8 sub-tokens / 4 experts), by hand
+    assert cap.expert_capacity(1.0, 1, 8, 4) == capacity
     assert st.kept.tolist() == [0, 0, capacity, 0]
     assert st.dropped == 8 - capacity
     # The first `capacity` tokens (queue order) are processed; dropped tokens output exactly zero.

@@ -319,4 +319,5 @@ def test_preprocess_cli_never_overwrites_a_good_dataset(good, tmp_path):
 
 
 def test_matrix_size():
-    assert len(CASES) + 3 >= 25
+    """The README's count of bad inputs is this table's size plus the 3 real launches (tests/test_readme_claims)."""
+    assert len(CASES) + 3 == 48

@@ -296,9 +296,3 @@ def test_peer_that_never_arrives_is_a_clear_error(byte_data, tmp_path):
     assert "within parallel.timeout_s=4s" in out and "Traceback" not in out
     assert waited < 60
     KILL_POINTS_TRIED.append("peer never started (rendezvous timeout)")
-
-
-def test_zz_report():
-    print(f"\nkill/fault points tried in this module: {len(KILL_POINTS_TRIED)}")
-    for k in KILL_POINTS_TRIED:
-        print("  " + k)
