@@ -30,7 +30,13 @@ class MoEConfig:
     expert_activation: str = "gelu"
     """Expert FFN: 'gelu' (two matrices) or 'swiglu' (three matrices)."""
     gate: str = "xmoe"
-    """Router: 'xmoe' (low-dim cosine routing, learnable temperature) or 'softmax' (linear + softmax)."""
+    """Router: 'xmoe' (low-dim cosine routing, learnable temperature), 'softmax' (linear + softmax) or
+    'sigmoid' (DeepSeek-V3: linear, scores s = sigmoid(logits) per expert, top-k on s, gates =
+    s_top / sum(s_top), also for k = 1; the balance loss's P_e is the mean of s_e / sum_e' s_e', the
+    z-loss is on logsumexp(logits) as for the others)."""
+    gate_scaling: float = 1.0
+    """Every gate's combine weights are multiplied by this (DeepSeek-V3's routed scaling factor, meant for
+    'sigmoid', whose weights sum to 1). 1.0 = unscaled."""
     gate_dim: int = 16
     """X-MoE gate: dimension the sub-token is projected to before cosine scoring."""
     gate_temperature: float = 0.3
@@ -45,6 +51,13 @@ class MoEConfig:
     """Coefficient of the router z-loss mean(logsumexp(logits)^2), summed over MoE layers. 0 = off."""
     activation_threshold: float = 0.5
     """An expert counts as active in a layer when its share of assignments is >= this x 1/E."""
+    debug_routing: str = ""
+    """Throughput/memory worst cases: '' (off), 'balanced' (sub-token i's j-th choice is expert
+    (i*k + j) mod E, i counted over the replica) or 'skew' (a debug_skew_fraction of the sub-tokens put
+    their first choice on expert 0, the rest balanced). The router still runs and weighs the forced
+    experts; only its choice is replaced. Training refuses it without train.allow_debug_routing=true."""
+    debug_skew_fraction: float = 0.5
+    """'skew' debug routing: fraction in [0, 1] of sub-tokens whose j-th choice is expert j."""
 
 
 @dataclass
@@ -147,7 +160,12 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
 
 
 def _validate_moe(moe: MoEConfig, hidden_size: int, num_layers: int) -> None:
-    _choice("moe.gate", moe.gate, ("xmoe", "softmax"))
+    _choice("moe.gate", moe.gate, ("xmoe", "softmax", "sigmoid"))
+    _choice("moe.debug_routing", moe.debug_routing, ("", "balanced", "skew"))
+    if not 0.0 <= moe.debug_skew_fraction <= 1.0:
+        raise ValueError(f"moe.debug_skew_fraction={moe.debug_skew_fraction} must be in [0, 1]")
+    if not (math.isfinite(moe.gate_scaling) and moe.gate_scaling > 0):
+        raise ValueError(f"moe.gate_scaling={moe.gate_scaling} must be a finite number > 0")
     _choice("moe.expert_activation", moe.expert_activation, ("gelu", "swiglu"))
     if moe.num_experts < 1:
         raise ValueError(f"moe.num_experts={moe.num_experts} must be >= 1")

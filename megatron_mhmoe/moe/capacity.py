@@ -22,18 +22,24 @@ def expert_capacity(capacity_factor: float, top_k: int, num_sub_tokens: int, num
 
 def local_choice_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     """(S, k) expert ids -> (k, E) number of sub-tokens whose j-th choice is e."""
-    S, k = experts.shape
-    choice = torch.arange(k, device=experts.device).repeat_interleave(S)  # (k*S,) choice-major
-    flat = choice * num_experts + experts.t().reshape(-1)  # (k*S,)
+    return choice_counts(experts.t().reshape(-1), experts.shape[1], num_experts)
+
+
+def choice_counts(e_flat: torch.Tensor, k: int, num_experts: int) -> torch.Tensor:
+    """(k*S,) choice-major expert ids -> (k, E) number of sub-tokens whose j-th choice is e."""
+    S = e_flat.numel() // k
+    choice = torch.arange(k, device=e_flat.device).repeat_interleave(S)  # (k*S,) choice-major
+    flat = choice * num_experts + e_flat  # (k*S,)
     return torch.bincount(flat, minlength=k * num_experts).view(k, num_experts)
 
 
 def capacity_keep(experts: torch.Tensor, counts_all: torch.Tensor, tp_rank: int, capacity: int,
-                  order: torch.Tensor | None = None) -> torch.Tensor:
+                  order: torch.Tensor | None = None, e_flat: torch.Tensor | None = None) -> torch.Tensor:
     """Which assignments fit, in choice-major order (k*S,) bool.
 
     experts: (S, k) this rank's choices; counts_all: (TP, k, E) every TP rank's local_choice_counts;
-    order: argsort(choice-major ids, stable=True) if the caller has it (the dispatcher reuses it).
+    order: argsort(choice-major ids, stable=True) and e_flat: the choice-major ids, if the caller has them
+    (routing.RoutingRecord holds both).
     1. Local position of each assignment among this rank's assignments to the same expert, in
        choice-major order (stable sort by expert id).
     2. Offset of (choice j, expert e) on this rank within the replica queue: the other TP ranks'
@@ -41,7 +47,8 @@ def capacity_keep(experts: torch.Tensor, counts_all: torch.Tensor, tp_rank: int,
     3. Keep when local position + offset < capacity.
     """
     S, k = experts.shape
-    e_flat = experts.t().reshape(-1)  # (k*S,) choice-major
+    if e_flat is None:
+        e_flat = experts.t().reshape(-1)  # (k*S,) choice-major
     choice = torch.arange(k, device=experts.device).repeat_interleave(S)  # (k*S,)
     # 1.
     if order is None:

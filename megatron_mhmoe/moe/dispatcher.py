@@ -177,14 +177,20 @@ class MoEDispatcher:
         self._since_take.add_seconds(name, now - mark)
         return now
 
+    def dispatch(self, x_sub: torch.Tensor, record, run_experts: Callable) -> torch.Tensor:
+        """dispatch_combine with a routing.RoutingRecord's choices, keep mask, sort and flattening."""
+        return self.dispatch_combine(x_sub, record.experts, record.gates, record.keep, run_experts,
+                                     record.order, record.flat_experts)
+
     def dispatch_combine(self, x_sub: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor,
                          keep: torch.Tensor | None, run_experts: Callable,
-                         order: torch.Tensor | None = None) -> torch.Tensor:
+                         order: torch.Tensor | None = None, e_flat: torch.Tensor | None = None) -> torch.Tensor:
         """x_sub (S, d_sub), experts/gates (S, k), keep (k*S,) choice-major or None -> (S, d_sub).
 
         run_experts(rows (n, d_sub) grouped by local expert, counts list[E_local]) -> (n, d_sub).
         order: the stable argsort of the choice-major expert ids, if the caller already has it
-        (capacity.capacity_keep sorts the same ids): saves the one O(k*S log) sort here.
+        (capacity.capacity_keep sorts the same ids): saves the one O(k*S log) sort here; e_flat: the
+        choice-major ids experts.t().reshape(-1), likewise.
         """
         S, k = experts.shape
         E, E_local, ep = self.num_experts, self.num_local_experts, self.ctx.ep_size
@@ -192,7 +198,8 @@ class MoEDispatcher:
         self._since_take.drain_ready()
         t0 = self._mark(x_sub.device)
         # 1. Kept assignments stay grouped by expert and in queue order when filtered out of the sort.
-        e_flat = experts.t().reshape(-1)  # (k*S,) choice-major
+        if e_flat is None:
+            e_flat = experts.t().reshape(-1)  # (k*S,) choice-major
         if order is None:
             order = torch.argsort(e_flat, stable=True)  # (k*S,)
         perm = order if keep is None else order[keep.index_select(0, order)]  # (n,) flat assignment ids

@@ -25,7 +25,8 @@ from megatron_mhmoe.moe.dispatcher import MoEDispatcher
 from megatron_mhmoe.moe.experts import GroupedExperts
 from megatron_mhmoe.moe.losses import load_balance_loss
 from megatron_mhmoe.moe.metrics import MoEStats, divergence_histogram
-from megatron_mhmoe.moe.router import SoftmaxGate, XMoEGate, top_k
+from megatron_mhmoe.moe.router import SigmoidGate, SoftmaxGate, XMoEGate, choose
+from megatron_mhmoe.moe.routing import RoutingRecord, build_record
 from megatron_mhmoe.parallel.context import ParallelContext
 from megatron_mhmoe.parallel.init import init_parameters, normal, scaled_normal, set_init, xavier_uniform, zeros
 from megatron_mhmoe.parallel.params import mark_tp_partial
@@ -53,6 +54,8 @@ class MHMoELayer(nn.Module):
             self.head = self.merge = None
         if moe.gate == "xmoe":
             self.router = XMoEGate(self.d_sub, moe.num_experts, moe.gate_dim, moe.gate_temperature, config.init_std)
+        elif moe.gate == "sigmoid":
+            self.router = SigmoidGate(self.d_sub, moe.num_experts, config.init_std)
         else:
             self.router = SoftmaxGate(self.d_sub, moe.num_experts, config.init_std)
         self.experts = GroupedExperts(
@@ -82,33 +85,30 @@ class MHMoELayer(nn.Module):
         x_sub = x_hat.reshape(n * h, self.d_sub)  # (n*h, d/h)
         # 3.
         logits = self.router(x_sub)  # (n*h, E) fp32
-        choice = top_k(logits, k)
-        local_counts = cap.local_choice_counts(choice.experts, E)  # (k, E)
-        counts_all = disp.replica_counts(local_counts)  # (TP, k, E)
-        tp_shards = counts_all.shape[0]
+        tp_shards = self.ctx.tp_size  # the replica's tokens are split over TP (a share each, or SP shards)
+        tp_rank = self.ctx.tp_rank if tp_shards > 1 else 0
         S = n * h * tp_shards  # sub-tokens in the routing group (the replica)
+        choice = choose(logits, moe, first_index=tp_rank * n * h)
         capacity = cap.expert_capacity(moe.capacity_factor, k, S, E)
-        # One stable sort of the choice-major expert ids serves capacity and dispatch.
-        order = torch.argsort(choice.experts.t().reshape(-1), stable=True)  # (k*n*h,)
-        keep = cap.capacity_keep(choice.experts, counts_all, self.ctx.tp_rank if tp_shards > 1 else 0,
-                                 capacity, order) if capacity > 0 else None
+        rec = build_record(choice, E, capacity, disp, tp_rank)
         # 4.
-        y_sub = disp.dispatch_combine(x_sub, choice.experts, choice.gates, keep, self.experts, order)  # (n*h, d/h)
+        y_sub = disp.dispatch(x_sub, rec, self.experts)  # (n*h, d/h)
         # 5.
         y = y_sub.reshape(n, d)  # (n, d)
         if self.merge is not None:
             y = self.merge(y)
         y = disp.gather_tokens(y).reshape(shape)
-        return y, self._stats(logits, choice, counts_all, keep, S, n * tp_shards)
+        return y, self._stats(rec, S, n * tp_shards)
 
-    def _stats(self, logits, choice, counts_all, keep, S: int, num_tokens: int) -> MoEStats:
+    def _stats(self, rec: RoutingRecord, S: int, num_tokens: int) -> MoEStats:
         disp, E = self.dispatcher, self.moe.num_experts
+        choice, counts_all, keep = rec.choice, rec.counts_all, rec.keep
         # No sub-tokens: the sums below are all zero, and 0 / 1 keeps the losses at 0 instead of 0 / 0 = NaN.
         per = max(S, 1)
         aux = load_balance_loss(disp.replica_sum(choice.probs.sum(0)), counts_all[:, 0].sum(0), per)
         z = disp.replica_sum(choice.lse.square().sum()) / per  # ST-MoE z-loss: mean logsumexp(logits)^2, lse from top_k
         with torch.no_grad():
-            e_flat = choice.experts.t().reshape(-1)
+            e_flat = rec.flat_experts
             kept_local = torch.bincount(e_flat[keep] if keep is not None else e_flat, minlength=E)
             div_local = divergence_histogram(choice.experts, self.moe.num_heads)
             both = disp.replica_sum_stats(torch.cat([kept_local, div_local]))
@@ -124,7 +124,7 @@ class MHMoELayer(nn.Module):
         tokens = x.reshape(-1, d)
         x_hat = self.head(tokens) if self.head is not None else tokens
         x_sub = x_hat.reshape(-1, self.d_sub)
-        choice = top_k(self.router(x_sub), moe.top_k)
+        choice = choose(self.router(x_sub), moe)
         ids = choice.experts.clone()
         capacity = cap.expert_capacity(moe.capacity_factor, moe.top_k, x_sub.shape[0], moe.num_experts)
         if capacity > 0:

@@ -54,6 +54,20 @@ class XMoEGate(nn.Module):
             return (z @ m.t()) / tau  # (S, E)
 
 
+class SigmoidGate(nn.Module):
+    """Linear(d/h, E, bias=False) scored per expert by sigmoid(logits) (DeepSeek-V3): the experts do not
+    compete inside one softmax, so a score says how well the sub-token fits that expert alone."""
+
+    def __init__(self, d_sub: int, num_experts: int, init_std: float):
+        super().__init__()
+        self.proj = nn.Linear(d_sub, num_experts, bias=False)
+        set_init(self.proj.weight, normal(init_std))
+
+    def forward(self, x_sub: torch.Tensor) -> torch.Tensor:  # (S, d/h) -> (S, E) fp32 logits
+        with torch.autocast(device_type=x_sub.device.type, enabled=False):
+            return F.linear(_fp32(x_sub), _fp32(self.proj.weight))
+
+
 class SoftmaxGate(nn.Module):
     """Linear(d/h, E, bias=False); probabilities are the softmax of its logits (the paper's Eq. 5)."""
 
@@ -72,13 +86,15 @@ class TopK:
     """Routing decision for S sub-tokens (all fp32 / int64)."""
 
     probs: torch.Tensor
-    """(S, E) softmax of the logits: used by the balance loss."""
+    """(S, E) what the balance loss reads as P: the softmax of the logits, or for the sigmoid gate the
+    scores normalised over the experts, sigmoid(l) / sum_e sigmoid(l_e)."""
     experts: torch.Tensor
     """(S, k) chosen expert ids, best first."""
     gates: torch.Tensor
-    """(S, k) combine weights: the chosen probabilities, renormalised over the k when k > 1."""
+    """(S, k) combine weights: the chosen probabilities, renormalised over the k when k > 1; sigmoid gate:
+    s_top / sum(s_top) (also for k = 1) times gate_scaling."""
     lse: torch.Tensor
-    """(S,) logsumexp of the logits (for the z-loss), from the top-1 choice in O(S)."""
+    """(S,) logsumexp of the logits (for the z-loss), from the top-1 choice in O(S) after a softmax."""
 
 
 def top_k(logits: torch.Tensor, k: int) -> TopK:
@@ -91,3 +107,72 @@ def top_k(logits: torch.Tensor, k: int) -> TopK:
     # (onehot_e - p) = p. This replaces a second O(S x E) exp pass (torch.logsumexp) and its backward.
     lse = logits.gather(1, top_e[:, :1]).squeeze(1) - torch.log(top_p[:, 0])  # (S,)
     return TopK(probs=probs, experts=top_e, gates=gates, lse=lse)
+
+
+def top_k_sigmoid(logits: torch.Tensor, k: int, scaling: float = 1.0) -> TopK:
+    """DeepSeek-V3 scoring: s = sigmoid(l), top-k on s, gates = s_top / sum(s_top) x scaling.
+
+    The balance loss needs a distribution over experts: P is s / sum_e s (a sub-token's share of its own
+    scores). The z-loss keeps penalising the logits' scale, logsumexp(l) as for the softmax gates; without
+    a softmax there is no top-1 probability to get it from, so it is the O(S x E) torch.logsumexp.
+    """
+    scores = torch.sigmoid(logits)  # (S, E)
+    top_s, top_e = scores.topk(k, dim=-1)  # (S, k)
+    gates = _scaled(top_s / top_s.sum(dim=-1, keepdim=True), scaling)
+    probs = scores / scores.sum(dim=-1, keepdim=True)
+    return TopK(probs=probs, experts=top_e, gates=gates, lse=torch.logsumexp(logits, dim=-1))
+
+
+def _scaled(gates: torch.Tensor, scaling: float) -> torch.Tensor:
+    return gates if scaling == 1.0 else gates * scaling
+
+
+def choose(logits: torch.Tensor, moe, first_index: int = 0) -> TopK:
+    """The routing decision of MoEConfig `moe` for S sub-tokens whose replica-wide indices start at
+    `first_index`: the gate's own top-k, or with `moe.debug_routing` the debug choice (see debug_experts)."""
+    k = moe.top_k
+    if not moe.debug_routing:
+        if moe.gate == "sigmoid":
+            return top_k_sigmoid(logits, k, moe.gate_scaling)
+        choice = top_k(logits, k)
+        return choice if moe.gate_scaling == 1.0 else TopK(choice.probs, choice.experts,
+                                                           _scaled(choice.gates, moe.gate_scaling), choice.lse)
+    experts = debug_experts(logits.shape[0], k, logits.shape[1], moe.debug_routing, moe.debug_skew_fraction,
+                            first_index, logits.device)
+    # The router still runs (its cost stays in the timing) and still weighs the forced choice, so the
+    # gradients and losses keep their usual form; only which experts is replaced.
+    if moe.gate == "sigmoid":
+        scores = torch.sigmoid(logits)
+        top = scores.gather(1, experts)
+        probs = scores / scores.sum(dim=-1, keepdim=True)
+        gates = _scaled(top / top.sum(dim=-1, keepdim=True), moe.gate_scaling)
+    else:
+        probs = torch.softmax(logits, dim=-1)
+        top = probs.gather(1, experts)
+        gates = _scaled(top / top.sum(dim=-1, keepdim=True) if k > 1 else top, moe.gate_scaling)
+    # A forced expert may have a tiny probability: l_e - log p_e would be ill-conditioned there.
+    return TopK(probs=probs, experts=experts, gates=gates, lse=torch.logsumexp(logits, dim=-1))
+
+
+def debug_experts(S: int, k: int, E: int, mode: str, skew_fraction: float, first_index: int,
+                  device=None) -> torch.Tensor:
+    """(S, k) forced expert ids for the sub-tokens with replica-wide indices first_index .. first_index+S-1.
+
+    'balanced': sub-token i's j-th choice is (i k + j) mod E, so over a replica of S_r sub-tokens the
+    S_r k assignments are consecutive integers mod E: every expert gets floor or ceil(S_r k / E).
+    'skew': sub-token i is skewed when floor((i+1) f) > floor(i f) (floor(S_r f) of them in all, spread
+    evenly); a skewed one's j-th choice is expert j (its first choice expert 0). The others, numbered
+    r = i - floor(i f) among themselves, are balanced: (r k + j) mod E. Indices are replica-wide so the
+    decision does not depend on how TP splits the tokens. Choices stay distinct when k <= E.
+    """
+    i = torch.arange(first_index, first_index + S, device=device, dtype=torch.int64)  # (S,)
+    j = torch.arange(k, device=device, dtype=torch.int64)  # (k,)
+    if mode == "balanced":
+        return (i[:, None] * k + j[None, :]) % E
+    if mode != "skew":
+        raise ValueError(f"debug_routing={mode!r} is not one of ['', 'balanced', 'skew']")
+    before = torch.floor(i.double() * skew_fraction).long()  # skewed sub-tokens with index < i
+    skewed = torch.floor((i + 1).double() * skew_fraction).long() > before  # (S,)
+    r = i - before
+    balanced = (r[:, None] * k + j[None, :]) % E
+    return torch.where(skewed[:, None], j[None, :].expand(S, k), balanced)

@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-k", type=int, default=1, help="SMoE top-k")
     ap.add_argument("--expert-hidden-size", type=int, default=None, help="SMoE expert width (default d_ff)")
     ap.add_argument("--moe-every", type=int, default=2)
-    ap.add_argument("--gate", choices=("xmoe", "softmax"), default="xmoe")
+    ap.add_argument("--gate", choices=("xmoe", "softmax", "sigmoid"), default="xmoe")
     ap.add_argument("--gate-dim", type=int, default=16)
     ap.add_argument("--heads", type=int, nargs="+", default=[2, 3], help="MH-MoE heads h to size")
     ap.add_argument("--k-prime", type=int, default=None, help="flops mode: k' for every h (default h)")

@@ -87,6 +87,9 @@ class TrainConfig:
     the train set is drawn for train_steps x global_batch_size samples, so a changed global batch (like a
     changed seq_len, seed, data or split, or train_steps) reshuffles it and the resumed run does not see the
     samples the saved one would have seen next."""
+    allow_debug_routing: bool = False
+    """Train although model.moe.debug_routing replaces the router's choice (throughput/memory worst-case
+    runs, whose model learns nothing useful about routing); refused otherwise."""
     eval_interval: int = 100
     """Validation perplexity every N steps (and at the end); 0 = only at the end."""
     eval_iters: int = 10
@@ -223,6 +226,12 @@ class RunConfig:
         for where, value in (("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{where}={value} must be in [0, 1)")
+        if m.moe is not None and m.moe.debug_routing and not t.allow_debug_routing:
+            raise ValueError(
+                f"model.moe.debug_routing={m.moe.debug_routing!r} replaces the router's choice of experts "
+                f"(a throughput/memory worst case, not a model worth training): pass "
+                f"--train.allow_debug_routing=true to train with it anyway, or --model.moe.debug_routing= to "
+                f"route normally")
         if m.moe is not None and not (m.moe.capacity_factor >= 0.0 and math.isfinite(m.moe.capacity_factor)):
             raise ValueError(f"model.moe.capacity_factor={m.moe.capacity_factor} must be >= 0 (0 = dropless)")
 

@@ -50,7 +50,7 @@ MOE = MoEConfig(num_experts=8, top_k=2, num_heads=4, expert_hidden_size=16, moe_
 BASE = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
                    max_seq_len=16, dropout=0.0, moe=MOE)
 
-# name -> (world, tp, ep, sequence_parallel, capacity_factor, model config overrides)
+# name -> (world, tp, ep, sequence_parallel, capacity_factor, model config overrides; "moe": MoEConfig ones)
 CASES = {
     "w4_tp2_ep4_cf1": (4, 2, 4, False, 1.0, dict(num_layers=4)),
     "w4_tp2_ep4_sp_cf1": (4, 2, 4, True, 1.0, dict(norm="rmsnorm", position_embedding="rope",
@@ -59,6 +59,8 @@ CASES = {
     "w4_tp2_ep4_sp_dropless": (4, 2, 4, True, 0.0, dict(num_layers=4, norm="rmsnorm")),
     "w4_tp1_ep4_cf1": (4, 1, 4, False, 1.0, dict(activation="swiglu")),
     "w4_tp2_ep2_sp_cf1": (4, 2, 2, True, 1.0, dict(position_embedding="rope")),
+    "w4_tp2_ep2_sp_cf1_sigmoid": (4, 2, 2, True, 1.0, dict(moe=dict(gate="sigmoid", gate_scaling=2.5))),
+    "w4_tp1_ep4_cf1_sigmoid": (4, 1, 4, False, 1.0, dict(moe=dict(gate="sigmoid"))),
     "w2_tp2_ep2_sp_cf1": (2, 2, 2, True, 1.0, dict(num_layers=4, tie_embeddings=False)),
     "w2_tp1_ep2_cf1": (2, 1, 2, False, 1.0, dict(norm="rmsnorm")),
 }
@@ -69,8 +71,9 @@ def _seed(name: str) -> int:
 
 
 def case_config(name: str) -> ModelConfig:
-    cf, overrides = CASES[name][4], CASES[name][5]
-    return dataclasses.replace(BASE, moe=dataclasses.replace(MOE, capacity_factor=cf), **overrides)
+    cf, overrides = CASES[name][4], dict(CASES[name][5])
+    moe = dataclasses.replace(MOE, capacity_factor=cf, **overrides.pop("moe", {}))
+    return dataclasses.replace(BASE, moe=moe, **overrides)
 
 
 def full_state(cfg: ModelConfig, seed: int) -> dict:
