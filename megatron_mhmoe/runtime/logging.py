@@ -65,6 +65,29 @@ def resolve_wandb_mode(configured: str) -> str:
     return "online" if wandb_has_credentials() else "offline"
 
 
+WANDB_INIT_ATTEMPTS = 8
+"""A relaunch right after a kill -9 can find the killed launch's wandb service still holding the run id
+("run ID ... is in use") for a few seconds: wandb.init is retried this many times, 2 s apart."""
+
+
+def _init_wandb(wandb, kwargs: dict):
+    """wandb.init, retried while the resumed run id is still held; without wandb (metrics.jsonl keeps every
+    row, and the next resume sends wandb what it missed) if it stays held."""
+    for attempt in range(WANDB_INIT_ATTEMPTS):
+        try:
+            return wandb.init(**kwargs)
+        except Exception as e:  # wandb raises its own error classes; only "in use" is worth waiting for
+            if "in use" not in str(e) or kwargs.get("id") is None:
+                raise
+            if attempt == WANDB_INIT_ATTEMPTS - 1:
+                print(f"WARNING: wandb run {kwargs['id']} is still held by an earlier launch ({redact_text(str(e))}); "
+                      f"logging to metrics.jsonl only in this launch (the next resume sends wandb the missing rows)",
+                      file=sys.stderr, flush=True)
+                return None
+            time.sleep(2.0)
+    return None
+
+
 def _tensorboard_writer(folder: str):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -107,18 +130,20 @@ class MetricsLogger:
         os.makedirs(self.wandb_dir, exist_ok=True)
         # wandb records the command line in the run's metadata: hand it a redacted copy.
         argv, sys.argv = sys.argv, [redact_text(a) for a in sys.argv]
+        kwargs = dict(project=redact_text(wandb_cfg.project), group=redact_text(wandb_cfg.group or "") or None,
+                      name=redact_text(wandb_cfg.name or run_name),
+                      tags=[redact_text(t) for t in wandb_cfg.tags] or None, config=redact(config_dict),
+                      dir=self.wandb_dir, mode=mode, id=resume_id, resume="allow" if resume_id else None,
+                      reinit=True)
         try:
-            self.run = wandb.init(
-                project=redact_text(wandb_cfg.project), group=redact_text(wandb_cfg.group or "") or None,
-                name=redact_text(wandb_cfg.name or run_name), tags=[redact_text(t) for t in wandb_cfg.tags] or None,
-                config=redact(config_dict), dir=self.wandb_dir, mode=mode, id=resume_id,
-                resume="allow" if resume_id else None, reinit=True)
+            self.run = _init_wandb(wandb, kwargs)
         finally:
             sys.argv = argv
 
     @property
     def run_id(self) -> Optional[str]:
-        return self.run.id if self.run is not None else None
+        # A resumed id whose wandb.init gave up stays the run's id: the next resume catches wandb up.
+        return self.run.id if self.run is not None else self.resume_id
 
     @property
     def wandb_path(self) -> Optional[str]:
