@@ -61,6 +61,7 @@ CASES = {
     "w4_tp2_ep2_sp_cf1": (4, 2, 2, True, 1.0, dict(position_embedding="rope")),
     "w4_tp2_ep2_sp_cf1_sigmoid": (4, 2, 2, True, 1.0, dict(moe=dict(gate="sigmoid", gate_scaling=2.5))),
     "w4_tp1_ep4_cf1_sigmoid": (4, 1, 4, False, 1.0, dict(moe=dict(gate="sigmoid"))),
+    "w4_tp2_ep2_sp_cf1_skew": (4, 2, 2, True, 1.0, dict(moe=dict(debug_routing="skew", debug_skew_fraction=0.3))),
     "w2_tp2_ep2_sp_cf1": (2, 2, 2, True, 1.0, dict(num_layers=4, tie_embeddings=False)),
     "w2_tp1_ep2_cf1": (2, 1, 2, False, 1.0, dict(norm="rmsnorm")),
 }
