@@ -187,7 +187,9 @@ def estimate_rank_bytes(module: torch.nn.Module, dp_size: int, edp_size: int, ze
 # continues a different run than the one saved (train.global_batch_size, for instance, redraws the dataset).
 RESUME_KEYS = ("train.global_batch_size", "train.seq_len", "train.seed", "data.data_path", "data.split",
                "model.moe.num_experts", "model.moe.top_k", "model.moe.num_heads", "model.moe.gate",
-               "model.moe.capacity_factor")
+               "model.moe.gate_scaling", "model.moe.capacity_factor", "model.moe.debug_routing",
+               "model.moe.debug_skew_fraction")
+"""Keys a record lacks (it was written before the key existed) are not compared."""
 
 
 def _abs_blend(spec) -> Any:
