@@ -66,8 +66,8 @@ def resolve_wandb_mode(configured: str) -> str:
 
 
 WANDB_INIT_ATTEMPTS = 8
-"""A relaunch right after a kill -9 can find the killed launch's wandb service still holding the run id
-("run ID ... is in use") for a few seconds: wandb.init is retried this many times, 2 s apart."""
+"""Should a service still hold the resumed run id ("run ID ... is in use"), wandb.init is retried this many
+times, 2 s apart, before the launch goes on without wandb."""
 
 
 def _init_wandb(wandb, kwargs: dict):
@@ -121,6 +121,11 @@ class MetricsLogger:
         if mode == "disabled":
             return
         os.environ.setdefault("WANDB_SILENT", "true")
+        # wandb publishes its service in WANDB_SERVICE, which child processes inherit: a training launched by
+        # a process that used wandb (a sweep driver, a test session) would join that long-lived service, where
+        # the stream of a killed launch of the same run id stays registered ("run ID ... is in use"). Each
+        # training process runs its own.
+        os.environ.pop("WANDB_SERVICE", None)
         try:
             import wandb
         except ImportError:  # pragma: no cover - wandb is in requirements

@@ -50,7 +50,7 @@ def test_rope_needs_even_head_dim():
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("gate", "hash", "moe.gate='hash' is not one of ['xmoe', 'softmax']"),
+    ("gate", "hash", "moe.gate='hash' is not one of ['xmoe', 'softmax', 'sigmoid']"),
     ("expert_activation", "relu", "moe.expert_activation='relu' is not one of ['gelu', 'swiglu']"),
     ("num_experts", 0, "moe.num_experts=0 must be >= 1"),
     ("top_k", 0, "moe.top_k=0 must be in [1, num_experts=8]"),
