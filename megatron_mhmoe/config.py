@@ -46,7 +46,20 @@ class MoEConfig:
     moe_every: int = 2
     """Every moe_every-th layer (layers moe_every-1, 2*moe_every-1, ...) has an MoE FFN; others are dense."""
     aux_loss_coef: float = 0.01
-    """Coefficient of the load-balance loss E * sum_e f_e P_e, summed over MoE layers."""
+    """Coefficient of the micro-batch load-balance loss E * sum_e f_e P_e, summed over MoE layers: over
+    the S = tokens*h sub-tokens of the routing group (the replica's micro-batch), f_e = sub-tokens whose
+    first choice is e / S, P_e = mean router probability of e over them."""
+    seq_aux_loss_coef: float = 0.0
+    """Coefficient of DeepSeek-V3's sequence-wise balance loss (1/B) sum_b E * sum_e f_{b,e} P_{b,e}, summed
+    over MoE layers: per sequence b of the micro-batch, f_{b,e} = its sub-tokens (s*h per sequence) whose
+    first choice is e / (s*h), P_{b,e} = their mean router probability of e. Counted over the whole
+    sequence (all TP ranks of the replica, also with sequence parallelism). 0 = off."""
+    global_aux_loss_coef: float = 0.0
+    """Coefficient of the global-batch balance loss E * sum_e f_e^global P_e, summed over MoE layers. P_e:
+    mean router probability over the routing group's (replica's) sub-tokens, as aux_loss_coef's, with the
+    gradient. f_e^global, a constant: first-choice counts of e per sub-token, counted over this micro-batch
+    on every DP replica (all-reduced) plus the step's earlier micro-batches (running counts, reset each
+    step; Megatron-core's approach), divided by those sub-tokens. 0 = off."""
     z_loss_coef: float = 0.0
     """Coefficient of the router z-loss mean(logsumexp(logits)^2), summed over MoE layers. 0 = off."""
     activation_threshold: float = 0.5

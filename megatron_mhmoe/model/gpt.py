@@ -176,6 +176,10 @@ class GPTModel(nn.Module):
             loss = lm_loss
             if cfg.moe is not None:
                 loss = loss + cfg.moe.aux_loss_coef * aux + cfg.moe.z_loss_coef * z
+                for coef, name in ((cfg.moe.seq_aux_loss_coef, "seq_aux_loss"),
+                                   (cfg.moe.global_aux_loss_coef, "global_aux_loss")):
+                    if coef != 0.0:
+                        loss = loss + coef * sum((getattr(st, name) for st in moe_stats), zero)
         out_logits = logits.transpose(0, 1) if labels is None or return_logits else None  # (b, s, V_local)
         return GPTOutput(logits=out_logits, loss=loss, lm_loss=lm_loss, aux_loss=aux, z_loss=z,
                          moe_stats=moe_stats)

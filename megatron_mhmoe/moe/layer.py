@@ -23,11 +23,12 @@ from megatron_mhmoe.config import ModelConfig
 from megatron_mhmoe.moe import capacity as cap
 from megatron_mhmoe.moe.dispatcher import MoEDispatcher
 from megatron_mhmoe.moe.experts import GroupedExperts
-from megatron_mhmoe.moe.losses import load_balance_loss
+from megatron_mhmoe.moe.losses import global_balance_loss, load_balance_loss, sequence_balance_loss
 from megatron_mhmoe.moe.metrics import MoEStats, divergence_histogram
 from megatron_mhmoe.moe.router import SigmoidGate, SoftmaxGate, XMoEGate, choose
 from megatron_mhmoe.moe.routing import RoutingRecord, build_record
 from megatron_mhmoe.parallel.context import ParallelContext
+from megatron_mhmoe.parallel import comm
 from megatron_mhmoe.parallel.init import init_parameters, normal, scaled_normal, set_init, xavier_uniform, zeros
 from megatron_mhmoe.parallel.params import mark_tp_partial
 
@@ -65,7 +66,24 @@ class MHMoELayer(nn.Module):
         for name, p in self.named_parameters():
             if not name.startswith("experts."):
                 mark_tp_partial(p)
+        self.earlier_top1: torch.Tensor | None = None
+        """(E,) global-batch loss: first-choice counts of the step's earlier micro-batches (all DP replicas),
+        added by the trainer after each backward (not in forward, so that a checkpointed block recomputes the
+        same f^global); None = the step's first micro-batch."""
+        self.earlier_sub_tokens = 0
         self._init_local()
+
+    def reset_global_counts(self) -> None:
+        """Start of an optimizer step: forget the earlier micro-batches' counts."""
+        self.earlier_top1, self.earlier_sub_tokens = None, 0
+
+    def add_global_counts(self, stats: MoEStats) -> None:
+        """After a micro-batch's backward: its DP-wide counts join f^global of the step's later ones."""
+        if stats.global_top1 is None:
+            return
+        c = stats.global_top1.detach()
+        self.earlier_top1 = c if self.earlier_top1 is None else self.earlier_top1 + c
+        self.earlier_sub_tokens += stats.global_sub_tokens
 
     def _init_local(self) -> None:
         """Initialise from the same full tensors whatever TP/EP (the model re-inits with its own seed)."""
@@ -98,22 +116,56 @@ class MHMoELayer(nn.Module):
         if self.merge is not None:
             y = self.merge(y)
         y = disp.gather_tokens(y).reshape(shape)
-        return y, self._stats(rec, S, n * tp_shards)
+        # This rank holds rows tp_rank*n .. of the replica's s-major (s, b) rows (TP share or SP shard), so a
+        # token's sequence is its replica row mod b: the sequence-wise loss counts whole sequences over TP.
+        seq = (torch.arange(n, device=x.device) + tp_rank * n) % shape[1] if n else None  # (n,)
+        seq_len = shape[0] * tp_shards if self.ctx.sequence_parallel else shape[0]  # SP holds s/TP of each sequence
+        return y, self._stats(rec, S, n * tp_shards, seq, shape[1], seq_len)
 
-    def _stats(self, rec: RoutingRecord, S: int, num_tokens: int) -> MoEStats:
-        disp, E = self.dispatcher, self.moe.num_experts
+    def _stats(self, rec: RoutingRecord, S: int, num_tokens: int, seq: torch.Tensor | None, num_seqs: int,
+               seq_len: int) -> MoEStats:
+        disp, moe, E, h = self.dispatcher, self.moe, self.moe.num_experts, self.moe.num_heads
         choice, counts_all, keep = rec.choice, rec.counts_all, rec.keep
         # No sub-tokens: the sums below are all zero, and 0 / 1 keeps the losses at 0 instead of 0 / 0 = NaN.
         per = max(S, 1)
-        aux = load_balance_loss(disp.replica_sum(choice.probs.sum(0)), counts_all[:, 0].sum(0), per)
+        prob_sum = disp.replica_sum(choice.probs.sum(0))  # (E,) over the replica, differentiable
+        top1 = counts_all[:, 0].sum(0)  # (E,)
+        aux = load_balance_loss(prob_sum, top1, per)
         z = disp.replica_sum(choice.lse.square().sum()) / per  # ST-MoE z-loss: mean logsumexp(logits)^2, lse from top_k
+        zero = prob_sum.sum() * 0.0  # keeps a (zero) gradient path when a loss is off
+        seq_aux = global_aux = zero
+        global_top1, global_S = None, 0
+        if moe.seq_aux_loss_coef != 0.0:
+            # A sequence's tokens lie on every TP rank of the replica (TP share or SP shard): sum over TP.
+            sub_seq = seq.repeat_interleave(h) if seq is not None else choice.probs.new_zeros(0, dtype=torch.long)
+            p_seq = choice.probs.new_zeros(num_seqs, E).index_add(0, sub_seq, choice.probs)
+            with torch.no_grad():
+                c_seq = torch.zeros(num_seqs * E, dtype=torch.long, device=choice.probs.device)
+                c_seq.index_add_(0, sub_seq * E + choice.experts[:, 0], torch.ones_like(sub_seq))
+                c_seq = disp.replica_sum_stats(c_seq).view(num_seqs, E)
+            seq_aux = sequence_balance_loss(disp.replica_sum(p_seq), c_seq, seq_len * h)
+        if moe.global_aux_loss_coef != 0.0:
+            with torch.no_grad():
+                both = torch.cat([top1.double(), top1.new_full((1,), S).double()])
+                both = comm.all_reduce_(both, self.ctx.dp_group)  # the replica's counts already span TP
+                global_top1, global_S = both[:E], int(both[E])
+                f_counts = global_top1 if self.earlier_top1 is None else global_top1 + self.earlier_top1
+            global_aux = global_balance_loss(prob_sum, S, f_counts, global_S + self.earlier_sub_tokens)
         with torch.no_grad():
             e_flat = rec.flat_experts
             kept_local = torch.bincount(e_flat[keep] if keep is not None else e_flat, minlength=E)
-            div_local = divergence_histogram(choice.experts, self.moe.num_heads)
-            both = disp.replica_sum_stats(torch.cat([kept_local, div_local]))
+            div_local = divergence_histogram(choice.experts, h)
+            # Sub-token i (token-major) is head i mod h; every one of its k choices counts.
+            n_sub = choice.experts.shape[0]
+            head = (torch.arange(n_sub, device=e_flat.device) % h).repeat_interleave(choice.experts.shape[1])
+            head_local = torch.bincount(head * E + choice.experts.reshape(-1), minlength=h * E)
+            both = disp.replica_sum_stats(torch.cat([kept_local, div_local, head_local]))
+            nd = div_local.numel()
         return MoEStats(aux_loss=aux, z_loss=z, selections=counts_all.sum((0, 1)), kept=both[:E],
-                        divergence=both[E:], num_tokens=num_tokens, num_sub_tokens=S)
+                        divergence=both[E:E + nd], num_tokens=num_tokens, num_sub_tokens=S,
+                        seq_aux_loss=seq_aux, global_aux_loss=global_aux, prob_sum=prob_sum, top1=top1,
+                        global_top1=global_top1, global_sub_tokens=global_S,
+                        head_counts=both[E + nd:].view(h, E))
 
     # ------------------------------------------------------------------ slow reference (tests)
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ threshold" grows with h*k by construction, so it cannot compare h=1 with h>1.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -28,6 +28,20 @@ class MoEStats:
     """(h*k+1,) tokens by the number of distinct experts their h*k assignments went to."""
     num_tokens: int
     num_sub_tokens: int
+    seq_aux_loss: Optional[torch.Tensor] = None
+    """Sequence-wise balance loss (MoEConfig.seq_aux_loss_coef; 0 with a zero gradient when that is 0)."""
+    global_aux_loss: Optional[torch.Tensor] = None
+    """Global-batch balance loss E * sum f^global P (MoEConfig.global_aux_loss_coef; 0 when that is 0)."""
+    prob_sum: Optional[torch.Tensor] = None
+    """(E,) the replica's summed router probabilities (differentiable): P_e = prob_sum / num_sub_tokens."""
+    top1: Optional[torch.Tensor] = None
+    """(E,) the replica's sub-tokens whose first choice is e."""
+    global_top1: Optional[torch.Tensor] = None
+    """(E,) top1 summed over the DP group for this micro-batch (only with the global-batch loss on)."""
+    global_sub_tokens: int = 0
+    """num_sub_tokens summed over the DP group (with global_top1)."""
+    head_counts: Optional[torch.Tensor] = None
+    """(h, E) assignments (all k choices, before capacity) of sub-token j of every token ("head j") to e."""
 
     @property
     def dropped(self) -> int:
@@ -74,8 +88,53 @@ def divergence_histogram(experts: torch.Tensor, num_heads: int) -> torch.Tensor:
     return torch.bincount(distinct, minlength=num_heads * k + 1)
 
 
-def summarize(stats: Sequence[MoEStats], threshold: float) -> dict:
-    """Scalars for logging, over the MoE layers of one step."""
+def maxvio(counts: torch.Tensor) -> torch.Tensor:
+    """(..., E) per-expert loads -> (...,) max load / mean load - 1 (0 = perfectly balanced; 0 with no load)."""
+    c = counts.double()
+    mean = c.mean(dim=-1)
+    return torch.where(mean > 0, c.max(dim=-1).values / mean.clamp(min=1e-30) - 1.0, torch.zeros_like(mean))
+
+
+def step_kept_counts(stats: Sequence[MoEStats], micro_batches: int) -> Optional[torch.Tensor]:
+    """(L, E) kept counts summed over a step's micro-batches (stats: L layers per micro-batch, in order)."""
+    if not stats:
+        return None
+    L = len(stats) // micro_batches
+    return torch.stack([s.kept.double() for s in stats]).view(micro_batches, L, -1).sum(0)
+
+
+def head_shares(head_counts: torch.Tensor) -> torch.Tensor:
+    """(..., h, E) (head, expert) counts -> each head's shares over the experts (rows sum to 1)."""
+    c = head_counts.double()
+    return c / c.sum(dim=-1, keepdim=True).clamp(min=1)
+
+
+def mutual_information_bits(head_counts: torch.Tensor) -> float:
+    """I(head; expert) = sum_{j,e} p(j,e) log2(p(j,e) / (p(j) p(e))) from (h, E) counts; 0 with no counts."""
+    c = head_counts.double()
+    total = c.sum()
+    if total <= 0:
+        return 0.0
+    p = c / total
+    pj, pe = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
+    nz = p > 0
+    return float((p[nz] * torch.log2(p[nz] / (pj * pe)[nz])).sum())
+
+
+def head_metrics(head_counts: torch.Tensor, threshold: float) -> dict:
+    """(L, h, E) -> the per-head activation ratio (cells (layer, head, expert) with a head's share >=
+    threshold/E), per-head effective experts (mean over layers and heads) and the layers' mean I(head; expert)."""
+    shares = head_shares(head_counts)
+    return {"head_activation_ratio": activation_ratio(shares, threshold),
+            "head_effective_experts": float(effective_experts(shares).mean()),
+            "mi_head_expert_bits": sum(mutual_information_bits(c) for c in head_counts) / head_counts.shape[0]}
+
+
+def summarize(stats: Sequence[MoEStats], threshold: float, step_kept: Optional[torch.Tensor] = None) -> dict:
+    """Scalars for logging, over the MoE layers of one step.
+
+    step_kept: (L, E) kept counts over the step's micro-batches and DP (moe/layer{i}/maxvio, moe/maxvio_global:
+    their mean over layers); moe/maxvio_micro is the mean over layers and micro-batches of each micro-batch's."""
     if not stats:
         return {}
     selections = torch.stack([s.selections for s in stats])  # (L, E)
@@ -83,26 +142,37 @@ def summarize(stats: Sequence[MoEStats], threshold: float) -> dict:
     div = torch.stack([s.divergence for s in stats]).sum(0)
     dropped = sum(s.dropped for s in stats)
     total = int(selections.sum())
-    return {
+    out = {
         "moe/activation_ratio": activation_ratio(shares, threshold),
         "moe/activation_threshold": threshold,
         "moe/effective_experts": float(effective_experts(shares).mean()),
         "moe/divergence": mean_divergence(div),
         "moe/dropped_fraction": dropped / total if total else 0.0,
         "moe/max_share_x_uniform": float(shares.max() * shares.shape[-1]),
+        "moe/maxvio_micro": float(maxvio(torch.stack([s.kept for s in stats])).mean()),
     }
+    if stats[0].head_counts is not None:
+        out.update({f"moe/{k}": v for k, v in head_metrics(torch.stack([s.head_counts for s in stats]),
+                                                           threshold).items()})
+    if step_kept is not None:
+        vio = maxvio(step_kept)
+        out["moe/maxvio_global"] = float(vio.mean())
+        out.update({f"moe/layer{i}/maxvio": float(v) for i, v in enumerate(vio)})
+    return out
 
 
-def routing_report(selections: torch.Tensor, divergence: torch.Tensor, threshold: float) -> dict:
+def routing_report(selections: torch.Tensor, divergence: torch.Tensor, threshold: float,
+                   head_counts: Optional[torch.Tensor] = None, kept: Optional[torch.Tensor] = None) -> dict:
     """The validation set's routing as plain JSON: per-layer expert shares and the paper's metrics.
 
     selections: (L, E) assignments per layer and expert; divergence: (L, h*k+1) tokens by number of
-    distinct experts their sub-tokens reached.
+    distinct experts their sub-tokens reached; head_counts: (L, h, E) assignments of head j to expert e;
+    kept: (L, E) assignments processed after capacity, summed over the validation batches (MaxVio).
     """
     shares = expert_shares(selections)  # (L, E)
     eff = effective_experts(shares)  # (L,)
     hist = divergence.sum(0)  # (h*k+1,)
-    return {
+    out = {
         "source": "validation set, final weights",
         "threshold": threshold,
         "activation_ratio": activation_ratio(shares, threshold),
@@ -112,3 +182,32 @@ def routing_report(selections: torch.Tensor, divergence: torch.Tensor, threshold
         "shares": [[float(v) for v in row] for row in shares],
         "divergence_hist": {"bins": list(range(hist.numel())), "counts": [int(v) for v in hist]},
     }
+    if kept is not None:
+        vio = maxvio(kept)
+        out["maxvio"] = float(vio.mean())
+        out["maxvio_per_layer"] = [float(v) for v in vio]
+    if head_counts is not None:
+        out.update(head_metrics(head_counts, threshold))
+        out["mi_head_expert_bits_per_layer"] = [mutual_information_bits(c) for c in head_counts]
+        out["head_shares"] = [[[float(v) for v in row] for row in layer] for layer in head_shares(head_counts)]
+    return out
+
+
+def write_head_heatmap(head_counts: torch.Tensor, path: str) -> None:
+    """One PNG, a subplot per MoE layer: head x expert shares (each head's row sums to 1)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shares = head_shares(head_counts).numpy()  # (L, h, E)
+    L = shares.shape[0]
+    fig, axes = plt.subplots(1, L, figsize=(3 + 2.5 * L, 3), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        im = ax.imshow(shares[i], aspect="auto", cmap="viridis", vmin=0.0)
+        ax.set_title(f"MoE layer {i}")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("head (sub-token j)")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

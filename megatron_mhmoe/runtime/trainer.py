@@ -283,8 +283,11 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; DP-mean losses, grad norm, routing stats."""
         t, eng = self.cfg.train, self.engine
         with host_tensor_guard(self.device_guard):
-            sums = torch.zeros(4, dtype=torch.float64, device=eng.device)  # loss, lm, aux, z
+            sums = torch.zeros(6, dtype=torch.float64, device=eng.device)  # loss, lm, aux, z, seq aux, global aux
             stats = []
+            moe_layers = [m for m in self.module.modules() if hasattr(m, "reset_global_counts")]
+            for layer in moe_layers:
+                layer.reset_global_counts()
             for micro in range(t.grad_accum_steps):
                 b = eng.to_device(next(batches))
                 out = eng(b["tokens"], labels=b["labels"], loss_mask=b["loss_mask"])
@@ -292,14 +295,24 @@ class Trainer:
                 for cb in self.callbacks:  # tests only (MHMOE_FAULT): die/hang mid-step, poison the loss
                     loss = cb.after_forward(self.step + 1, micro, self.ctx.rank, loss)
                 eng.backward(loss)
-                sums += torch.stack([loss.detach(), out.lm_loss.detach(), out.aux_loss.detach(),
-                                     out.z_loss.detach()]).to(torch.float64)
+                zero = out.z_loss.new_zeros(())
+                sums += torch.stack([loss.detach(), out.lm_loss.detach(), out.aux_loss.detach(), out.z_loss.detach(),
+                                     sum((st.seq_aux_loss.detach() for st in out.moe_stats), zero),
+                                     sum((st.global_aux_loss.detach() for st in out.moe_stats), zero)]
+                                    ).to(torch.float64)
                 stats.extend(out.moe_stats)
+                for layer, st in zip(moe_layers, out.moe_stats):  # after backward: f^global of later micro-batches
+                    layer.add_global_counts(st)
             result = eng.step()
             sums = self._reduce_mean_over_dp(sums / t.grad_accum_steps)
-        loss, lm, aux, z = sums.tolist()
-        return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "grad_norm": result.grad_norm,
-                "skipped": result.skipped, "moe_stats": stats}
+            # (L, E) kept counts of the whole step (micro-batches and DP) for the global-batch MaxVio.
+            step_kept = metrics.step_kept_counts(stats, t.grad_accum_steps)
+            if step_kept is not None:
+                comm.all_reduce_(step_kept, self.ctx.dp_group)
+        loss, lm, aux, z, seq_aux, global_aux = sums.tolist()
+        return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "seq_aux_loss": seq_aux,
+                "global_aux_loss": global_aux, "grad_norm": result.grad_norm, "skipped": result.skipped,
+                "moe_stats": stats, "step_kept": step_kept}
 
     def evaluate(self) -> float:
         """Validation LM loss over eval_iters micro-batches; keeps the validation routing in val_routing."""
@@ -308,7 +321,7 @@ class Trainer:
         with host_tensor_guard(self.device_guard), torch.no_grad():
             it = self._batches(self.valid_ds, 1, 0)
             total = torch.zeros(2, dtype=torch.float64, device=eng.device)  # sum of token losses, tokens
-            selections = divergence = None
+            acc = None
             for _ in range(t.eval_iters):
                 b = next(it, None)
                 if b is None:
@@ -318,15 +331,17 @@ class Trainer:
                 n = b["loss_mask"].sum().double()
                 total += torch.stack([out.lm_loss.detach().double() * n, n])
                 if out.moe_stats:
-                    sel = torch.stack([st.selections.double() for st in out.moe_stats])  # (L, E)
-                    div = torch.stack([st.divergence.double() for st in out.moe_stats])  # (L, h*k+1)
-                    selections = sel if selections is None else selections + sel
-                    divergence = div if divergence is None else divergence + div
+                    # (L, E) selections, (L, h*k+1) divergence, (L, E) kept, (L, h*E) head x expert
+                    cur = [torch.stack([getattr(st, a).double().reshape(-1) for st in out.moe_stats])
+                           for a in ("selections", "divergence", "kept", "head_counts")]
+                    acc = cur if acc is None else [x + y for x, y in zip(acc, cur)]
             comm.all_reduce_(total, self.ctx.dp_group)
-            if selections is not None:
-                comm.all_reduce_(selections, self.ctx.dp_group)
-                comm.all_reduce_(divergence, self.ctx.dp_group)
-                self.val_routing.update(selections=selections.cpu(), divergence=divergence.cpu())
+            if acc is not None:
+                for x in acc:
+                    comm.all_reduce_(x, self.ctx.dp_group)
+                L, h = acc[0].shape[0], self.cfg.model.moe.num_heads
+                self.val_routing.update(selections=acc[0].cpu(), divergence=acc[1].cpu(), kept=acc[2].cpu(),
+                                        head_counts=acc[3].cpu().view(L, h, -1))
             total = total.tolist()
         eng.train()
         return total[0] / max(total[1], 1.0)
@@ -414,12 +429,13 @@ class Trainer:
         tok_s = window.tokens / max(elapsed, 1e-9)
         tflops = 3 * self.flops_per_token * tok_s / 1e12 / self.ctx.world_size
         m = {"loss": r["loss"], "lm_loss": r["lm_loss"], "aux_loss": r["aux_loss"], "z_loss": r["z_loss"],
+             "seq_aux_loss": r.get("seq_aux_loss", 0.0), "global_aux_loss": r.get("global_aux_loss", 0.0),
              "lr": eng.lr, "grad_norm": r["grad_norm"], "loss_scale": eng.loss_scale, "tokens_per_s": tok_s,
              "step_time_s": elapsed / max(window.steps, 1), "all_to_all_s": a2a / max(window.steps, 1),
              "tflops": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
              "consumed_samples": self.consumed, "skipped_steps": eng.skipped_steps}
         if r["moe_stats"]:
-            m.update(metrics.summarize(r["moe_stats"], self.threshold))
+            m.update(metrics.summarize(r["moe_stats"], self.threshold, r.get("step_kept")))
             for i, st in enumerate(r["moe_stats"][:len(r["moe_stats"]) // t.grad_accum_steps]):
                 kept = [int(n) for n in st.kept.tolist()]  # the step's first micro-batch, every expert
                 # Not under moe/: readers treat every moe/ value as one number (tests/reliability/test_numerics.py).
@@ -444,11 +460,16 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         final = {"final/val_ppl": math.exp(min(last_val, 50)) if last_val is not None else None}
         if self.val_routing:
-            routing = metrics.routing_report(self.val_routing["selections"], self.val_routing["divergence"],
-                                             self.threshold)
-            final.update({f"final/{k}": routing[k] for k in ("activation_ratio", "effective_experts", "divergence")})
+            vr = self.val_routing
+            routing = metrics.routing_report(vr["selections"], vr["divergence"], self.threshold,
+                                             vr.get("head_counts"), vr.get("kept"))
+            final.update({f"final/{k}": routing.get(k) for k in (
+                "activation_ratio", "effective_experts", "divergence", "maxvio", "head_activation_ratio",
+                "head_effective_experts", "mi_head_expert_bits")})
             if self.ctx.rank == 0:
                 write_json_atomic(os.path.join(cfg.run_dir, "moe_stats.json"), routing)
+                if vr.get("head_counts") is not None:
+                    metrics.write_head_heatmap(vr["head_counts"], os.path.join(cfg.run_dir, "head_expert_shares.png"))
         elif stats:
             final["final/activation_ratio"] = metrics.summarize(stats, self.threshold)["moe/activation_ratio"]
         if self.step > start_step:

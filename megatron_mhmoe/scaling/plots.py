@@ -7,6 +7,8 @@
                            of the uniform share 1/E, SMoE beside MH-MoE at the largest common E (Fig. 1/5)
   divergence_hist.png      tokens by the number of distinct experts their sub-tokens went to (Fig. 7)
   tokens_per_s_vs_experts.png throughput vs E
+  balance_vs_experts.png   MaxVio, per-head effective experts / E and I(head; expert) in bits vs E (only when
+                           some run's moe_stats.json has them)
 Shares and divergence histograms come from each run's moe_stats.json; without it those two figures are
 skipped with a note (the others only need results.jsonl).
 """
@@ -187,6 +189,35 @@ def plot_divergence(records: list[dict], path: str) -> Optional[str]:
     return path
 
 
+def plot_balance(records: list[dict], path: str) -> Optional[str]:
+    """MaxVio, per-head effective experts / E and I(head; expert) vs E; None when no run reports them."""
+    series = {k: _series(records, k) for k in ("maxvio", "head_effective_experts", "mi_head_expert_bits")}
+    n_exp = _series(records, "num_experts")
+    labels = [l for l in sorted(series["maxvio"]) if not l.startswith("Dense")
+              and any(v[0] is not None for k in series for v in series[k][l].values())]
+    if not labels:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    experts = sorted({E for l in labels for E in series["maxvio"][l] if E})
+    for ax, (key, ylabel) in zip(axes, (("maxvio", "MaxVio (max load / mean load - 1)"),
+                                        ("head_effective_experts", "per-head effective experts / E"),
+                                        ("mi_head_expert_bits", "I(head; expert) [bits]"))):
+        for label in labels:
+            pts = series[key][label]
+            xs = [E for E in sorted(pts) if pts[E][0] is not None]
+            scale = [max(n_exp[label][E][0] or 1, 1) if key == "head_effective_experts" else 1 for E in xs]
+            ax.errorbar(xs, [pts[E][0] / s for E, s in zip(xs, scale)],
+                        yerr=[(pts[E][1] or 0) / s for E, s in zip(xs, scale)], marker="o", capsize=3, label=label)
+        _xaxis(ax, experts)
+        ax.set_ylabel(ylabel)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def make_all(sweep_dir: str, records: list[dict], reference: Optional[dict] = None,
              log: Callable[[str], None] = print) -> list[str]:
     """Every figure that the records allow; returns the written paths."""
@@ -204,7 +235,7 @@ def make_all(sweep_dir: str, records: list[dict], reference: Optional[dict] = No
     if shares is None or div is None:
         log("plots: no SMoE + MH-MoE pair with moe_stats.json at a common E: expert-share heatmap and divergence "
             "histogram skipped")
-    made += [shares, div]
+    made += [shares, div, plot_balance(records, os.path.join(out, "balance_vs_experts.png"))]
     return [p for p in made if p]
 
 
@@ -229,8 +260,8 @@ def log_summary_run(spec, sweep_dir: str, records: list[dict], images: list[str]
         run.log({os.path.splitext(os.path.basename(p))[0]: wandb.Image(p) for p in images})
         cols = ["name", "kind", "experts", "num_experts", "h", "mode", "seed", "params_total", "params_active",
                 "flops_per_token", "tokens", "val_ppl", "activation_ratio", "effective_experts", "divergence",
-                "tokens_per_s", "nodes", "ep"]
-        ok = [r for r in records if r.get("status") == "ok"]
+                "tokens_per_s", "nodes", "ep", *report.ROUTING_EXTRAS]
+        ok = [report.with_routing_extras(r) for r in records if r.get("status") == "ok"]
         run.log({"results": wandb.Table(columns=cols, data=[[r.get(c) if not isinstance(r.get(c), dict) else
                                                               str(r.get(c)) for c in cols] for r in ok])})
         run.summary["results_markdown"] = table_md

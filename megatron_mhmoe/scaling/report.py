@@ -1,10 +1,17 @@
 """Tables over seeds: mean +- std of the final validation perplexity and the routing metrics per
-(kind, h, mode, extra axes) and E. Dense rows carry E = 0 ('-')."""
+(kind, h, mode, extra axes) and E. Dense rows carry E = 0 ('-').
+
+The balance and head metrics (MaxVio, per-head activation ratio and effective experts, I(head; expert))
+come from the record or else from the run's moe_stats.json (validation set, final weights)."""
 from __future__ import annotations
 
 import math
 from collections import defaultdict
 from typing import Iterable, Optional
+
+from megatron_mhmoe.scaling.results import load_moe_stats
+
+ROUTING_EXTRAS = ("maxvio", "head_activation_ratio", "head_effective_experts", "mi_head_expert_bits")
 
 
 def series_label(r: dict) -> str:
@@ -41,9 +48,18 @@ def add_paired_deltas(records: list[dict]) -> None:
         r["ppl_vs_dense"] = (r["val_ppl"] / ref - 1.0) if ref and r.get("val_ppl") else None
 
 
+def with_routing_extras(r: dict) -> dict:
+    """r plus ROUTING_EXTRAS read from r['run_dir']/moe_stats.json where r lacks them."""
+    missing = [k for k in ROUTING_EXTRAS if r.get(k) is None]
+    if not missing or not r.get("run_dir"):
+        return r
+    stats = load_moe_stats(r["run_dir"]) or {}
+    return {**r, **{k: stats.get(k) for k in missing}}
+
+
 def aggregate(records: list[dict]) -> dict:
     """{series label: {E: {metric: (mean, std, n)}}} over the finished (status ok) records."""
-    records = [dict(r) for r in records]
+    records = [with_routing_extras(dict(r)) for r in records]
     add_paired_deltas(records)
     groups: dict = defaultdict(lambda: defaultdict(list))
     for r in records:
@@ -56,7 +72,7 @@ def aggregate(records: list[dict]) -> dict:
             out[label][E] = {m: mean_std(r.get(m) for r in rs)
                              for m in ("val_ppl", "activation_ratio", "effective_experts", "divergence",
                                        "tokens_per_s", "params_total", "params_active", "flops_per_token",
-                                       "num_experts", "ppl_vs_dense")}
+                                       "num_experts", "ppl_vs_dense") + ROUTING_EXTRAS}
     return out
 
 
@@ -75,13 +91,15 @@ def _pct(t: tuple) -> str:
 
 
 def markdown_table(records: list[dict]) -> str:
-    """One row per series and E: perplexity, activation ratio, effective experts, divergence, tokens/s."""
+    """One row per series and E: perplexity, activation ratio, effective experts, divergence, tokens/s,
+    MaxVio and the per-head metrics ('n/a' for runs without them)."""
     agg = aggregate(records)
     thr = next((r.get("activation_threshold") for r in records if r.get("activation_threshold") is not None), None)
     head = ("| model | E (ref) | E | params M (active) | val ppl (mean ± std) | vs Dense, same seed | seeds "
             "| activation ratio"
-            + (f" (share ≥ {thr}/E)" if thr is not None else "") + " | effective experts | divergence | tokens/s |")
-    lines = [head, "|" + "---|" * 11]
+            + (f" (share ≥ {thr}/E)" if thr is not None else "") + " | effective experts | divergence | tokens/s "
+            "| MaxVio | head activation ratio | head effective experts | I(head; expert) bits |")
+    lines = [head, "|" + "---|" * 15]
     order = sorted(agg, key=lambda s: (not s.startswith("Dense"), not s.startswith("SMoE"), s))
     for label in order:
         for E, m in agg[label].items():
@@ -90,5 +108,6 @@ def markdown_table(records: list[dict]) -> str:
                 f"{(m['params_total'][0] or 0) / 1e6:.2f} ({(m['params_active'][0] or 0) / 1e6:.2f}) | "
                 f"{_pm(m['val_ppl'], '.2f')} | {_pct(m['ppl_vs_dense'])} | {m['val_ppl'][2]} | "
                 f"{_pm(m['activation_ratio'], '.3f') if E else '-'} | {_pm(m['effective_experts'], '.1f') if E else '-'} | "
-                f"{_pm(m['divergence'], '.2f') if E else '-'} | {_pm(m['tokens_per_s'], '.0f')} |")
+                f"{_pm(m['divergence'], '.2f') if E else '-'} | {_pm(m['tokens_per_s'], '.0f')} | "
+                + " | ".join(_pm(m[k], '.3f') if E else '-' for k in ROUTING_EXTRAS) + " |")
     return "\n".join(lines)

@@ -7,8 +7,10 @@ second one MH-MoE (E=8, k=2, h=4, X-MoE gate), with aux and z losses on.
 
 A DP replica is one routing group (capacity and the balance loss are per replica), so the reference runs
 the single-process model once per replica's micro-batch, and the reference objective is the MEAN over
-replicas of each replica's total loss (lm + aux_coef * aux + z_coef * z). Compared against it:
-- per rank: loss, lm_loss, aux_loss, z_loss of its replica; the dropped count summed over MoE layers,
+replicas of each replica's total loss (lm + aux_coef * aux + z_coef * z + seq_coef * seq_aux +
+global_coef * global_aux). The global-batch loss's f counts every replica's sub-tokens, so the reference
+writes it out from the replicas' counts and probabilities (see _reference). Compared against it:
+- per rank: loss, lm_loss, aux_loss, z_loss, seq_aux_loss, global_aux_loss of its replica; the dropped count summed over MoE layers,
   exactly (routing and capacity decisions must be identical, not just close);
 - every parameter's gradient (reduced with grads.reduce_gradients, gathered to full tensors with
   params.gather_full_grads, vocab unpadded), experts included;
@@ -43,7 +45,7 @@ RTOL = 1e-5
 ATOL = 1e-7
 BATCH, SEQ = 2, 16
 INIT_SEED = 7
-LOSSES = ("loss", "lm_loss", "aux_loss", "z_loss")
+LOSSES = ("loss", "lm_loss", "aux_loss", "z_loss", "seq_aux_loss", "global_aux_loss")
 
 MOE = MoEConfig(num_experts=8, top_k=2, num_heads=4, expert_hidden_size=16, moe_every=2, capacity_factor=1.0,
                 aux_loss_coef=0.01, z_loss_coef=0.001)
@@ -62,6 +64,13 @@ CASES = {
     "w4_tp2_ep2_sp_cf1_sigmoid": (4, 2, 2, True, 1.0, dict(moe=dict(gate="sigmoid", gate_scaling=2.5))),
     "w4_tp1_ep4_cf1_sigmoid": (4, 1, 4, False, 1.0, dict(moe=dict(gate="sigmoid"))),
     "w4_tp2_ep2_sp_cf1_skew": (4, 2, 2, True, 1.0, dict(moe=dict(debug_routing="skew", debug_skew_fraction=0.3))),
+    # Sequence-wise and global-batch balance losses (aux off, so they are the only balance terms' gradients).
+    "w4_tp2_ep2_sp_cf1_seq_global": (4, 2, 2, True, 1.0, dict(moe=dict(aux_loss_coef=0.0, seq_aux_loss_coef=0.05,
+                                                                        global_aux_loss_coef=0.05))),
+    "w4_tp2_ep4_cf1_seq_global": (4, 2, 4, False, 1.0, dict(num_layers=4, moe=dict(seq_aux_loss_coef=0.05,
+                                                                                    global_aux_loss_coef=0.05))),
+    "w4_tp1_ep4_cf1_seq_global": (4, 1, 4, False, 1.0, dict(moe=dict(seq_aux_loss_coef=0.05,
+                                                                      global_aux_loss_coef=0.05))),
     "w2_tp2_ep2_sp_cf1": (2, 2, 2, True, 1.0, dict(num_layers=4, tie_embeddings=False)),
     "w2_tp1_ep2_cf1": (2, 1, 2, False, 1.0, dict(norm="rmsnorm")),
 }
@@ -99,8 +108,15 @@ def micro_batches(cfg: ModelConfig, dp: int, seed: int) -> list[tuple]:
     return out
 
 
-def _summary(out) -> dict:
-    return dict({k: getattr(out, k).detach() for k in LOSSES},
+def _summary(out, loss=None, global_aux=None) -> dict:
+    """loss, global_aux: the reference's (see _reference); the model's own otherwise."""
+    zero = out.z_loss.new_zeros(())
+    losses = {k: getattr(out, k).detach() for k in ("loss", "lm_loss", "aux_loss", "z_loss")}
+    losses["seq_aux_loss"] = sum((st.seq_aux_loss.detach() for st in out.moe_stats), zero)
+    losses["global_aux_loss"] = sum((st.global_aux_loss.detach() for st in out.moe_stats), zero)
+    if loss is not None:
+        losses.update(loss=loss.detach(), global_aux_loss=global_aux.detach())
+    return dict(losses,
                 dropped=sum(st.dropped for st in out.moe_stats),
                 kept=[st.kept.clone() for st in out.moe_stats],
                 num_moe_layers=len(out.moe_stats))
@@ -134,9 +150,25 @@ def _reference(name: str) -> dict:
     model = GPTModel(cfg, single)
     model.load_state_dict(shard_full_state_dict(model, state, single, cfg.padded_vocab_size(1)))
     outs = [model(t, labels=l, loss_mask=m) for t, l, m in batches]  # one routing group per replica
-    torch.stack([o.loss for o in outs]).mean().backward()
+    # Global-batch loss by its formula, per MoE layer l: E * sum_e f_e P_e^r with f_e = first choices of e
+    # over ALL replicas / their sub-tokens (a constant) and P^r replica r's mean probabilities. One process
+    # routes the replicas one by one, so its own global_aux_loss only saw replica r: replace it.
+    E, gcoef = cfg.moe.num_experts, cfg.moe.global_aux_loss_coef
+    losses, globals_ = [], []
+    for o in outs:
+        g = o.z_loss.new_zeros(())
+        for layer in range(len(o.moe_stats)):
+            top1 = sum(p.moe_stats[layer].top1.double() for p in outs)
+            S_all = sum(p.moe_stats[layer].num_sub_tokens for p in outs)
+            st = o.moe_stats[layer]
+            g = g + E * ((top1 / S_all).float() * st.prob_sum / st.num_sub_tokens).sum()
+        own = sum((st.global_aux_loss for st in o.moe_stats), o.z_loss.new_zeros(()))
+        losses.append(o.loss - gcoef * own + gcoef * g)
+        globals_.append(g if gcoef else own)
+    torch.stack(losses).mean().backward()
     fresh = GPTModel(cfg, single, seed=INIT_SEED)
-    return dict(cfg=cfg, state=state, batches=batches, replicas=[_summary(o) for o in outs],
+    return dict(cfg=cfg, state=state, batches=batches,
+                replicas=[_summary(o, loss, g) for o, loss, g in zip(outs, losses, globals_)],
                 grads=gather_full_grads(model, single, true_vocab=cfg.vocab_size),
                 init=gather_full_state_dict(fresh, single, true_vocab=cfg.vocab_size),
                 num_params=fresh.num_params())
@@ -213,6 +245,17 @@ def test_capacity_drops_and_dropless_does_not(world2, world4):
     drops = {n: [r["dropped"] for r in ref["replicas"]] for n, (ref, _) in results.items()}
     assert max(max(d) for n, d in drops.items() if CASES[n][4] > 0) > 0, drops
     assert all(max(d) == 0 for n, d in drops.items() if CASES[n][4] <= 0), drops
+
+
+def test_seq_and_global_losses_differ_from_the_micro_batch_loss(world4):
+    """The sequence-wise loss (per-sequence counts) and the global-batch loss (counts over every replica)
+    must not equal the replica's micro-batch loss in these cases, or matching them would not show that the
+    counts were taken over the right sub-tokens."""
+    for name in (n for n in CASES if n.endswith("_seq_global")):
+        for rr in world4[name][0]["replicas"]:
+            aux = float(rr["aux_loss"])
+            assert abs(float(rr["seq_aux_loss"]) - aux) > 1e-4 * aux, (name, rr)
+            assert abs(float(rr["global_aux_loss"]) - aux) > 1e-4 * aux, (name, rr)
 
 
 def test_cases_cover_the_layouts():

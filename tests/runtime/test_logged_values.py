@@ -31,6 +31,12 @@ NAMES = {
     "dropped fraction": (["moe/dropped_fraction"], None),
     "per-layer tokens per expert": ([f"routing/layer{i}/tokens_per_expert" for i in range(LAYERS // MOE_EVERY)], None),
     "Validation perplexity": (["val/ppl"], None),
+    "sequence-wise/global-batch balance losses": (["seq_aux_loss", "global_aux_loss"], None),
+    "MaxVio": (["moe/maxvio_micro", "moe/maxvio_global"], None),
+    "per-layer MaxVio": ([f"moe/layer{i}/maxvio" for i in range(LAYERS // MOE_EVERY)], None),
+    "per-head activation ratio": (["moe/head_activation_ratio"], None),
+    "per-head effective experts": (["moe/head_effective_experts"], None),
+    "head-expert mutual information": (["moe/mi_head_expert_bits"], None),
 }
 
 
