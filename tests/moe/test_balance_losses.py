@@ -130,3 +130,75 @@ def test_empty_input_gives_zero_losses_with_a_gradient():
         _, st = layer(x)
         for loss in (st.seq_aux_loss, st.global_aux_loss):
             assert float(loss.detach()) == 0.0 and loss.requires_grad
+
+
+def test_train_step_runs_the_counts_over_its_micro_batches_and_resets_them():
+    """Trainer.train_step: micro-batch 2's global loss uses micro-batches 1 + 2's counts, the next step
+    starts afresh, and the step's kept counts (global MaxVio) are the micro-batches' sum."""
+    from types import SimpleNamespace
+
+    from megatron_mhmoe.runtime.trainer import Trainer
+
+    moe = MoEConfig(num_experts=4, top_k=2, num_heads=2, expert_hidden_size=16, moe_every=1,
+                    global_aux_loss_coef=0.1, gate="softmax")
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_attention_heads=4, ffn_hidden_size=64,
+                      max_seq_len=16, dropout=0.0, moe=moe)
+    model = GPTModel(cfg, SP)
+    outs = []
+
+    class Engine:
+        device = torch.device("cpu")
+
+        def to_device(self, b):
+            return b
+
+        def __call__(self, tokens, **kw):
+            outs.append(model(tokens, **kw))
+            return outs[-1]
+
+        def backward(self, loss):
+            loss.backward()
+
+        def step(self):
+            return SimpleNamespace(grad_norm=0.0, skipped=False)
+
+    tr = object.__new__(Trainer)
+    tr.cfg = SimpleNamespace(train=SimpleNamespace(grad_accum_steps=2))
+    tr.engine, tr.module, tr.ctx, tr.callbacks, tr.device_guard = Engine(), model, SP, [], False
+    g = torch.Generator().manual_seed(0)
+    batches = iter([{"tokens": t, "labels": t, "loss_mask": torch.ones(2, 16)}
+                    for t in (torch.randint(0, 64, (2, 16), generator=g) for _ in range(4))])
+    r = tr.train_step(batches)
+    st1, st2 = outs[0].moe_stats[0], outs[1].moe_stats[0]
+    f = (st1.top1 + st2.top1).double() / (st1.num_sub_tokens + st2.num_sub_tokens)
+    expected = moe.num_experts * (f * st2.prob_sum.detach().double() / st2.num_sub_tokens).sum()
+    assert float(st2.global_aux_loss.detach()) == pytest.approx(float(expected), rel=1e-6)
+    assert abs(float(st2.global_aux_loss.detach()) - float(st2.aux_loss.detach())) > 1e-4
+    assert torch.equal(r["step_kept"][0], (st1.kept + st2.kept).double())
+    assert r["global_aux_loss"] == pytest.approx(float((st1.global_aux_loss + st2.global_aux_loss).detach()) / 2)
+    tr.train_step(batches)
+    st3 = outs[2].moe_stats[0]
+    assert float(st3.global_aux_loss.detach()) == pytest.approx(float(st3.aux_loss.detach()), rel=1e-6)
+
+
+
+def test_checkpointed_blocks_recompute_the_same_global_and_sequence_gradients():
+    """Recomputation in backward must see the same f^global (the running counts change only between
+    micro-batches), so the gradients equal those without activation checkpointing."""
+    moe = MoEConfig(num_experts=4, top_k=2, num_heads=2, expert_hidden_size=16, moe_every=1,
+                    seq_aux_loss_coef=0.5, global_aux_loss_coef=0.5, gate="softmax")
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
+                      max_seq_len=16, dropout=0.0, moe=moe)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for ckpt in (False, True):
+        model = GPTModel(cfg, SP)
+        model.activation_checkpointing = ckpt
+        for m in model.modules():
+            if isinstance(m, MHMoELayer):
+                m.earlier_top1, m.earlier_sub_tokens = torch.tensor([40.0, 0.0, 0.0, 24.0]), 64
+        model(tokens, labels=tokens).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7), n
