@@ -442,6 +442,8 @@ class Trainer:
                 m[f"routing/layer{i}/tokens_per_expert"] = kept
                 m[f"moe/layer{i}/tokens_per_expert_max"] = max(kept)
                 m[f"moe/layer{i}/tokens_per_expert_min"] = min(kept)
+                if r.get("step_kept") is not None:  # the whole step: micro-batches and DP (global MaxVio's loads)
+                    m[f"routing/layer{i}/tokens_per_expert_step"] = [int(n) for n in r["step_kept"][i].tolist()]
         return m
 
     def _stop_nonfinite(self, guard: NonFiniteGuard, r: dict) -> int:

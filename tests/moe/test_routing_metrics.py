@@ -126,6 +126,10 @@ def test_training_run_logs_and_writes_them(tmp_path):
             assert isinstance(r[k], float) and math.isfinite(r[k]), (k, r.get(k))
         assert r["seq_aux_loss"] > 0 and r["global_aux_loss"] > 0
         assert 1.0 <= r["moe/head_effective_experts"] <= 4.0 and r["moe/mi_head_expert_bits"] >= 0.0
+        # Dropless: the step's loads are every assignment of 2 micro-batches x 2 DP ranks x 2 x 32 tokens x h=2 x k=2.
+        step = r["routing/layer0/tokens_per_expert_step"]
+        assert sum(step) == 2 * 2 * 2 * 32 * 2 * 2, step
+        assert r["moe/maxvio_global"] == pytest.approx(max(step) / (sum(step) / len(step)) - 1.0)
     with open(os.path.join(run_dir, "moe_stats.json")) as f:
         rep = json.load(f)
     assert len(rep["maxvio_per_layer"]) == 1 and len(rep["head_shares"][0]) == 2  # one MoE layer, h = 2
