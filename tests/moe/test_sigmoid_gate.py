@@ -12,6 +12,7 @@ from megatron_mhmoe.config import ModelConfig, MoEConfig
 from megatron_mhmoe.moe.layer import MHMoELayer
 from megatron_mhmoe.moe.router import SigmoidGate, top_k_sigmoid
 from megatron_mhmoe.parallel.context import ParallelContext
+from tests.moe.test_layer import assert_layer_matches_reference
 
 SP = ParallelContext.single_process()
 LN3, LN9 = math.log(3.0), math.log(9.0)
@@ -67,17 +68,7 @@ def test_layer_losses_by_hand():
 
 @pytest.mark.parametrize("k,h,cf", [(1, 1, 0.0), (2, 4, 0.0), (2, 4, 1.0), (1, 4, 1.0)])
 def test_layer_equals_loop_reference(k, h, cf):
-    layer = layer_of(k=k, h=h, cf=cf, proj=h > 1)
-    x = torch.randn(12, 2, 32)
-    y, _ = layer(x)
-    y.square().sum().backward()
-    fast = {n: p.grad.clone() for n, p in layer.named_parameters()}
-    layer.zero_grad()
-    y_ref = layer.forward_reference(x)
-    y_ref.square().sum().backward()
-    torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-5)
-    for n, p in layer.named_parameters():
-        torch.testing.assert_close(fast[n], p.grad, atol=1e-5, rtol=1e-4, msg=f"grad of {n}")
+    assert_layer_matches_reference(layer_of(k=k, h=h, cf=cf, proj=h > 1))
 
 
 def test_gate_scaling_scales_the_expert_output():
