@@ -191,6 +191,21 @@ NOISE = ("USDT:",)
 """Prefixes of lines that say nothing about where a child stopped (torch.profiler's trace markers)."""
 
 
+def resumed_run_problems(res: dict, recs: list, at, n: int, m: int, failed: str) -> tuple[list, list]:
+    """(problems, steps with a non-finite loss) of a run that should resume at step n and log n+1..m."""
+    problems = []
+    if res["rc"] != 0:
+        problems.append(failed)
+    if res["rc"] == 0 and at != n:
+        problems.append(f"expected 'resumed from ... at step {n}', found {'none' if at is None else at}")
+    if res["rc"] == 0 and [int(r["step"]) for r in recs] != list(range(n + 1, m + 1)):
+        problems.append(f"metrics.jsonl lacks steps {n + 1}..{m}")
+    bad = [int(r["step"]) for r in recs if not finite(r.get("loss"))]
+    if bad:
+        problems.append(f"non-finite loss at steps {bad[:5]}")
+    return problems, bad
+
+
 def failure(res: dict, what: str = "") -> str:
     """One line for a child that did not succeed."""
     pre = f"{what}: " if what else ""
@@ -378,16 +393,7 @@ class Check:
         at = self.resumed_at(res["lines"])
         recs = self.metrics(self.zero1, n + 1, m)
         self.ref_losses = {int(r["step"]): r["loss"] for r in recs}
-        problems = []
-        if res["rc"] != 0:
-            problems.append(failure(res))
-        if res["rc"] == 0 and at != n:
-            problems.append(f"expected 'resumed from ... at step {n}', found {'none' if at is None else at}")
-        if res["rc"] == 0 and [int(r["step"]) for r in recs] != list(range(n + 1, m + 1)):
-            problems.append(f"metrics.jsonl lacks steps {n + 1}..{m}")
-        bad = [int(r["step"]) for r in recs if not finite(r.get("loss"))]
-        if bad:
-            problems.append(f"non-finite loss at steps {bad[:5]}")
+        problems, bad = resumed_run_problems(res, recs, at, n, m, failure(res))
         fig = ""
         if recs:
             fig = (f"resumed at step {at}; loss {fmt(recs[0]['loss'])} at step {int(recs[0]['step'])} -> "
@@ -415,18 +421,9 @@ class Check:
         universal = any("restored from the universal" in ln for ln in res["lines"])
         recs = self.metrics(self.zero2, n + 1, m)
         self.zero2_done = res["rc"] == 0 and bool(recs) and int(recs[-1]["step"]) == m
-        problems = []
-        if res["rc"] != 0:
-            problems.append(failure(res, "ZeRO-2 run"))
-        if res["rc"] == 0 and at != n:
-            problems.append(f"expected 'resumed from ... at step {n}', found {'none' if at is None else at}")
+        problems, bad = resumed_run_problems(res, recs, at, n, m, failure(res, "ZeRO-2 run"))
         if res["rc"] == 0 and not universal:
             problems.append("no 'optimizer state restored from the universal per-parameter copy' line")
-        if res["rc"] == 0 and [int(r["step"]) for r in recs] != list(range(n + 1, m + 1)):
-            problems.append(f"metrics.jsonl lacks steps {n + 1}..{m}")
-        bad = [int(r["step"]) for r in recs if not finite(r.get("loss"))]
-        if bad:
-            problems.append(f"non-finite loss at steps {bad[:5]}")
         fig = ""
         if recs:
             s0 = int(recs[0]["step"])
