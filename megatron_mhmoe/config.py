@@ -29,6 +29,17 @@ class MoEConfig:
     """Hidden width of each expert FFN (d/h -> expert_hidden_size -> d/h)."""
     expert_activation: str = "gelu"
     """Expert FFN: 'gelu' (two matrices) or 'swiglu' (three matrices)."""
+    num_shared_experts: int = 0
+    """Shared experts (DeepSeekMoE): always-on experts beside the routed ones, 0 = none. They act on each
+    sub-token (width d/h, between the head and merge projections) with gate weight 1 and the routed
+    experts' shape (d/h -> shared_expert_hidden_size -> d/h, expert_activation): at h=1 this is
+    DeepSeekMoE's token-level shared expert, and at h>1 a shared expert costs what one more top-k choice
+    costs (h x one expert's FLOPs per token), so SMoE vs MH-MoE matching carries over unchanged. Their
+    output joins the routed output before the merge projection. They need no all-to-all: replicated on
+    every EP rank, reduced over DP (and summed over TP) like the router. Several are one fused FFN of
+    width num_shared_experts x shared_expert_hidden_size (the same function as their sum)."""
+    shared_expert_hidden_size: int = 0
+    """Hidden width of each shared expert; 0 = expert_hidden_size."""
     gate: str = "xmoe"
     """Router: 'xmoe' (low-dim cosine routing, learnable temperature), 'softmax' (linear + softmax) or
     'sigmoid' (DeepSeek-V3: linear, scores s = sigmoid(logits) per expert, top-k on s, gates =
@@ -192,6 +203,10 @@ def _validate_moe(moe: MoEConfig, hidden_size: int, num_layers: int) -> None:
     if moe.expert_hidden_size < 1 or moe.gate_dim < 1:
         raise ValueError(f"moe.expert_hidden_size={moe.expert_hidden_size} and moe.gate_dim={moe.gate_dim} "
                          f"must be >= 1")
+    if moe.num_shared_experts < 0 or moe.shared_expert_hidden_size < 0:
+        raise ValueError(f"moe.num_shared_experts={moe.num_shared_experts} and moe.shared_expert_hidden_size="
+                         f"{moe.shared_expert_hidden_size} must be >= 0 (0 = no shared experts / "
+                         f"expert_hidden_size)")
     if moe.gate_temperature <= 0:
         raise ValueError(f"moe.gate_temperature={moe.gate_temperature} must be > 0")
     if moe.moe_every < 1 or moe.moe_every > num_layers:

@@ -192,9 +192,9 @@ class GPTModel(nn.Module):
         vocab dims count the true vocabulary (padding rows are never used). Tied weights count once.
         active_per_token: `sizing.active_params` applied to this module's own counts, so that the figure
         printed at start and `sizing.count_params(config)` follow one definition (non-expert parameters
-        in full, plus the h*k expert slots of a token's sub-tokens).
+        in full, plus the h*k expert slots of a token's sub-tokens; shared experts once per sub-token).
         """
-        total = expert = 0
+        total = expert = shared = 0
         for p in self.parameters():  # deduplicated: a tied weight is one parameter
             n = 1
             for size in pinit.full_shape(p, self.ctx, self.config.vocab_size):
@@ -202,6 +202,8 @@ class GPTModel(nn.Module):
             total += n
             if is_expert(p):
                 expert += n
+            if getattr(p, "shared_expert", False):
+                shared += n
         non_expert = total - expert
-        active = sizing.active_params(self.config.moe, non_expert, expert)
+        active = sizing.active_params(self.config.moe, non_expert, expert, shared)
         return {"total": total, "expert": expert, "non_expert": non_expert, "active_per_token": active}

@@ -4,7 +4,8 @@ For the tokens x (N, d) a rank owns (its 1/TP share of a replica, or its sequenc
 1. head projection x_hat = x W_head^T + b_head;
 2. split token-major into h sub-tokens of width d/h (sub-token j of a token is columns [j d/h, (j+1) d/h));
 3. route every sub-token (fp32), top-k, capacity (decided on the whole replica);
-4. dispatch to the experts (all-to-all over EP), combine with the gate weights;
+4. dispatch to the experts (all-to-all over EP), combine with the gate weights; shared experts, when
+   configured, add their output on every sub-token (gate 1, no routing, no all-to-all);
 5. merge the h sub-tokens back into a token and apply the merge projection.
 The block around it adds the residual; the layer has none of its own.
 
@@ -27,6 +28,7 @@ from megatron_mhmoe.moe.losses import global_balance_loss, load_balance_loss, se
 from megatron_mhmoe.moe.metrics import MoEStats, divergence_histogram
 from megatron_mhmoe.moe.router import SigmoidGate, SoftmaxGate, XMoEGate, choose
 from megatron_mhmoe.moe.routing import RoutingRecord, build_record
+from megatron_mhmoe.moe.shared_experts import SharedExperts
 from megatron_mhmoe.parallel.context import ParallelContext
 from megatron_mhmoe.parallel import comm
 from megatron_mhmoe.parallel.init import init_parameters, normal, scaled_normal, set_init, xavier_uniform, zeros
@@ -62,6 +64,11 @@ class MHMoELayer(nn.Module):
         self.experts = GroupedExperts(
             self.dispatcher.num_local_experts, self.d_sub, moe.expert_hidden_size, moe.expert_activation, ctx,
             normal(config.init_std), scaled_normal(config.init_std, config.num_layers))
+        # Always-on experts on every sub-token (moe/shared_experts.py: why sub-token); replicated, no all-to-all.
+        self.shared_experts = SharedExperts(
+            moe.num_shared_experts, self.d_sub, moe.shared_expert_hidden_size or moe.expert_hidden_size,
+            moe.expert_activation, normal(config.init_std), scaled_normal(config.init_std, config.num_layers)) \
+            if moe.num_shared_experts else None
         # Each TP rank feeds these with other tokens (its share), so their grads are summed over TP.
         for name, p in self.named_parameters():
             if not name.startswith("experts."):
@@ -111,6 +118,8 @@ class MHMoELayer(nn.Module):
         rec = build_record(choice, E, capacity, disp, tp_rank)
         # 4.
         y_sub = disp.dispatch(x_sub, rec, self.experts)  # (n*h, d/h)
+        if self.shared_experts is not None:  # gate weight 1, never dropped, joins before the merge
+            y_sub = y_sub + self.shared_experts(x_sub)
         # 5.
         y = y_sub.reshape(n, d)  # (n, d)
         if self.merge is not None:
@@ -183,6 +192,8 @@ class MHMoELayer(nn.Module):
             keep = cap.capacity_keep_reference(choice.experts, moe.num_experts, capacity)  # (S, k)
             ids[~keep] = -1
         y_sub = self.experts.forward_reference(x_sub, ids, choice.gates)
+        if self.shared_experts is not None:
+            y_sub = y_sub + self.shared_experts.forward_reference(x_sub)
         y = y_sub.reshape(-1, d)
         if self.merge is not None:
             y = self.merge(y)

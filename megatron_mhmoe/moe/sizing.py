@@ -15,13 +15,16 @@ Parameter conventions (the layers follow these; a test may compare them with `nu
      head + merge projections 2*(d^2 + d) when head_projection;
      router 'xmoe': Linear(d/h -> g, bias=False) + expert embeddings E x g + 1 temperature;
      router 'softmax': Linear(d/h -> E, bias=False);
-     experts E * n * (d/h) * e, stacked, no biases (n from moe.expert_activation).
-  6. expert = the stacked expert weights of all MoE layers; non_expert = total - expert (router and
-     head/merge projections are non-expert: every token uses them).
+     experts E * n * (d/h) * e, stacked, no biases (n from moe.expert_activation);
+     shared experts n_s * n * (d/h) * e_s (n_s = num_shared_experts, e_s = shared_expert_hidden_size or e:
+     the routed experts' shape on each sub-token, see moe/shared_experts.py), no biases.
+  6. expert = the stacked (routed) expert weights of all MoE layers; non_expert = total - expert (router,
+     head/merge projections and shared experts are non-expert: every token uses them, every EP rank
+     holds them).
 
 Active parameters per token (`active_params`, the one definition; GPTModel.num_params uses it too):
-  active_per_token = non_expert + expert * h*k / E
-                   = non_expert + (MoE layers) * h*k * n*(d/h)*e.
+  active_per_token = non_expert + shared * (h - 1) + expert * h*k / E
+                   = non_expert - shared + (MoE layers) * h * (k*n*(d/h)*e + n_s*n*(d/h)*e_s).
   - Non-expert parameters count in full: the whole input embedding table (V*d, not the one row a token
     looks up), the whole learned position table, and the output layer (an untied LM head V*d; with tied
     embeddings the one shared table, once). This is the usual MoE convention (total minus the experts a
@@ -34,6 +37,9 @@ Active parameters per token (`active_params`, the one definition; GPTModel.num_p
     routing, and it exceeds the expert total when h*k > E. The number of DISTINCT experts a token
     touches depends on the routing (between k and min(h*k, E)), so it is not a config quantity.
     Tokens dropped by a finite capacity factor are not accounted for (the figure is the dropless one).
+  - Shared experts (`shared`, their weights, part of non_expert) count per slot too: every sub-token
+    fills n_s always-chosen slots, so a token reads them h times (h = 1: once, as a non-expert weight).
+    2 * (the shared part) == the 'shared_experts' FLOPs term.
   active_per_subtoken = non_expert + expert * k / E (the usual SMoE figure; equal to the above when h = 1).
 
 FLOPs conventions (forward, per token, FLOPs = 2 * multiply-accumulates; bias adds, norms,
@@ -46,6 +52,7 @@ activations, softmax, top-k, dispatch and the embedding lookup are not counted):
   router           (MoE layers) * 2 * h * ((d/h)*g + E*g)   xmoe (projection + scores vs E embeddings)
                    (MoE layers) * 2 * h * (d/h)*E            softmax
   experts          (MoE layers) * 2 * h * k * n * (d/h) * e  = 2 * k*n*d*e
+  shared_experts   (MoE layers) * 2 * h * n_s * n * (d/h) * e_s = 2 * n_s*n*d*e_s  (one more top-k choice each)
   lm_head          2 * V*d
 """
 from __future__ import annotations
@@ -78,7 +85,7 @@ def dense_ffn_params(cfg: ModelConfig) -> int:
 
 
 def moe_layer_params(cfg: ModelConfig) -> Dict[str, int]:
-    """One MoE layer: {'projection', 'router', 'experts', 'total'}."""
+    """One MoE layer: {'projection', 'router', 'experts', 'shared', 'total'}."""
     m, d = _moe(cfg), cfg.hidden_size
     d_sub = _sub_width(d, m.num_heads)
     proj = 2 * (d * d + d) if m.head_projection else 0
@@ -87,7 +94,15 @@ def moe_layer_params(cfg: ModelConfig) -> Dict[str, int]:
     else:
         router = d_sub * m.num_experts
     experts = m.num_experts * N_MATRICES[m.expert_activation] * d_sub * m.expert_hidden_size
-    return {"projection": proj, "router": router, "experts": experts, "total": proj + router + experts}
+    shared = _shared_per_subtoken(m, d_sub)
+    return {"projection": proj, "router": router, "experts": experts, "shared": shared,
+            "total": proj + router + experts + shared}
+
+
+def _shared_per_subtoken(m: MoEConfig, d_sub: int) -> int:
+    """Shared-expert weights of one layer = their MACs per sub-token: n_s * n * (d/h) * e_s."""
+    return m.num_shared_experts * N_MATRICES[m.expert_activation] * d_sub * \
+        (m.shared_expert_hidden_size or m.expert_hidden_size)
 
 
 def count_params(cfg: ModelConfig) -> Dict[str, float]:
@@ -100,23 +115,26 @@ def count_params(cfg: ModelConfig) -> Dict[str, float]:
     attention = cfg.num_layers * attention_params(cfg)
     norms = (2 * cfg.num_layers + 1) * norm_params(cfg)
     dense_ffn = n_dense * dense_ffn_params(cfg)
-    moe = moe_layer_params(cfg) if n_moe else {"projection": 0, "router": 0, "experts": 0, "total": 0}
-    expert = n_moe * moe["experts"]
+    moe = moe_layer_params(cfg) if n_moe else {"projection": 0, "router": 0, "experts": 0, "shared": 0,
+                                               "total": 0}
+    expert, shared = n_moe * moe["experts"], n_moe * moe["shared"]
     total = embedding + position + attention + norms + dense_ffn + n_moe * moe["total"]
     non_expert = total - expert
     per_sub = cfg.moe.top_k / cfg.moe.num_experts if n_moe else 0.0
     return {
         "total": total, "expert": expert, "non_expert": non_expert,
-        "active_per_token": active_params(cfg.moe, non_expert, expert),
+        "active_per_token": active_params(cfg.moe, non_expert, expert, shared),
         "active_per_subtoken": non_expert + expert * per_sub,
         "embedding": embedding, "position": position, "attention": attention, "norms": norms,
         "dense_ffn": dense_ffn, "moe_projection": n_moe * moe["projection"],
-        "router": n_moe * moe["router"],
+        "router": n_moe * moe["router"], "shared_expert": shared,
     }
 
 
-def active_params(moe: Optional[MoEConfig], non_expert: int, expert: int) -> int:
+def active_params(moe: Optional[MoEConfig], non_expert: int, expert: int, shared: int = 0) -> int:
     """Active parameters per token (module docstring) from the non-expert and expert totals.
+
+    `shared`: the shared-expert weights (included in non_expert), read by each of a token's h sub-tokens.
 
     Takes the two totals rather than a whole config so that the live model (GPTModel.num_params, which
     counts its own tensors) and `count_params` (which counts the config) apply the same definition.
@@ -124,7 +142,7 @@ def active_params(moe: Optional[MoEConfig], non_expert: int, expert: int) -> int
     """
     if moe is None or expert == 0:
         return non_expert
-    return non_expert + expert * moe.num_heads * moe.top_k // moe.num_experts
+    return non_expert + shared * (moe.num_heads - 1) + expert * moe.num_heads * moe.top_k // moe.num_experts
 
 
 def active_params_per_token(cfg: ModelConfig) -> int:
@@ -134,7 +152,7 @@ def active_params_per_token(cfg: ModelConfig) -> int:
 
 # ============================================================================ FLOPs
 def moe_layer_macs(cfg: ModelConfig) -> Dict[str, int]:
-    """Multiply-accumulates per token of one MoE layer: {'projection', 'router', 'experts', 'total'}."""
+    """Multiply-accumulates per token of one MoE layer: {'projection', 'router', 'experts', 'shared', 'total'}."""
     m, d = _moe(cfg), cfg.hidden_size
     h = m.num_heads
     d_sub = _sub_width(d, h)
@@ -144,7 +162,9 @@ def moe_layer_macs(cfg: ModelConfig) -> Dict[str, int]:
     else:
         router = h * d_sub * m.num_experts
     experts = h * m.top_k * N_MATRICES[m.expert_activation] * d_sub * m.expert_hidden_size
-    return {"projection": proj, "router": router, "experts": experts, "total": proj + router + experts}
+    shared = h * _shared_per_subtoken(m, d_sub)
+    return {"projection": proj, "router": router, "experts": experts, "shared": shared,
+            "total": proj + router + experts + shared}
 
 
 def flops_breakdown(cfg: ModelConfig, seq_len: int) -> Dict[str, int]:
@@ -154,7 +174,7 @@ def flops_breakdown(cfg: ModelConfig, seq_len: int) -> Dict[str, int]:
     d, L = cfg.hidden_size, cfg.num_layers
     n_moe = num_moe_layers(cfg)
     n = N_MATRICES[cfg.activation]
-    moe = moe_layer_macs(cfg) if n_moe else {"projection": 0, "router": 0, "experts": 0}
+    moe = moe_layer_macs(cfg) if n_moe else {"projection": 0, "router": 0, "experts": 0, "shared": 0}
     out = {
         "attention_proj": 2 * L * 4 * d * d,
         "attention_scores": 2 * L * 2 * seq_len * d,
@@ -162,6 +182,7 @@ def flops_breakdown(cfg: ModelConfig, seq_len: int) -> Dict[str, int]:
         "moe_proj": 2 * n_moe * moe["projection"],
         "router": 2 * n_moe * moe["router"],
         "experts": 2 * n_moe * moe["experts"],
+        "shared_experts": 2 * n_moe * moe["shared"],
         "lm_head": 2 * cfg.vocab_size * d,
     }
     out["total"] = sum(out.values())
@@ -206,6 +227,9 @@ def param_matched(cfg: ModelConfig, h: int, *, hidden_multiple: int = 8) -> Matc
          hidden_multiple (default 8; at least one multiple).
     Biases and the router are left out of the equation (they are < 0.1% of a layer) but counted in the
     report. Expert FLOPs grow ~h-fold: each of the h sub-tokens runs k experts ~h times wider.
+    With n_s shared experts (moe.num_shared_experts, kept) P_ref includes the reference's and the MH-MoE's
+    are of the routed shape (width d'): P = 2d^2 + (E + n_s) n (d/h) d', so d' = (P_ref - 2d^2) /
+    ((E + n_s) n d/h).
     A dense `cfg` is taken as an SMoE with one expert, top-1, on every layer.
     """
     ref = _reference(cfg)
@@ -213,18 +237,21 @@ def param_matched(cfg: ModelConfig, h: int, *, hidden_multiple: int = 8) -> Matc
     d, n = ref.hidden_size, N_MATRICES[m.expert_activation]
     d_sub = _sub_width(d, h)
     p_ref = _formula_params(ref)
-    d_exact = (p_ref - 2 * d * d) / (m.num_experts * n * d_sub)
+    n_s = m.num_shared_experts
+    d_exact = (p_ref - 2 * d * d) / ((m.num_experts + n_s) * n * d_sub)
     if d_exact <= 0:
         raise ValueError(
             f"no positive expert width: d' = (P_ref - 2d^2) / (E n d/h) = ({p_ref} - 2*{d}^2) / "
             f"({m.num_experts}*{n}*{d_sub}) = {d_exact:.3f}; the head and merge projections alone "
             f"outweigh the reference's experts")
     d_prime = _round_to(d_exact, hidden_multiple)
-    new = _mhmoe(ref, h=h, top_k=m.top_k, num_experts=m.num_experts, expert_hidden_size=d_prime)
+    new = _mhmoe(ref, h=h, top_k=m.top_k, num_experts=m.num_experts, expert_hidden_size=d_prime,
+                 shared_expert_hidden_size=0)
+    e_term = f"({m.num_experts}+{n_s})" if n_s else f"{m.num_experts}"
     report = {"mode": "params", "h": h, "k_prime": m.top_k, "d_prime": d_prime, "E_prime": m.num_experts,
-              "d_prime_exact": d_exact, "E_prime_exact": float(m.num_experts),
-              "formula": f"d' = (P_ref - 2d^2)/(E n d/h) = ({p_ref} - {2 * d * d})/({m.num_experts}*{n}*"
-                         f"{d_sub}) = {d_exact:.2f} -> {d_prime}"}
+              "d_prime_exact": d_exact, "E_prime_exact": float(m.num_experts), "num_shared_experts": n_s,
+              "formula": f"d' = (P_ref - 2d^2)/({'(E+n_s)' if n_s else 'E'} n d/h) = ({p_ref} - {2 * d * d})/"
+                         f"({e_term}*{n}*{d_sub}) = {d_exact:.2f} -> {d_prime}"}
     report.update(_compare(ref, new))
     return Matched(new, report)
 
@@ -248,6 +275,9 @@ def flops_and_params_matched(cfg: ModelConfig, h: int, k_prime: Optional[int] = 
            h=3: k'=3, d'=512;                              E' = 36569088/393216 = 93.00 -> 96.
          Both roundings are off by exactly 2d^2 (one layer's projections) in MoE-layer parameters
          (-3.1% / +3.1%); pass expert_multiple=1 for the closest match.
+    With n_s shared experts (moe.num_shared_experts, kept; the MH-MoE's of the routed shape, width d')
+    they are n_s more always-chosen experts on both sides: M_ref and P_ref include the reference's,
+    d' = (M_ref - 2d^2) / (n d (k' + n_s)) and E' = (P_ref - 2d^2) / (n (d/h) d') - n_s.
     A dense `cfg` is taken as an SMoE with one expert, top-1, on every layer (then E' = h k').
     """
     ref = _reference(cfg)
@@ -257,8 +287,10 @@ def flops_and_params_matched(cfg: ModelConfig, h: int, k_prime: Optional[int] = 
     k_prime = h if k_prime is None else k_prime
     if k_prime < 1:
         raise ValueError(f"k_prime={k_prime} must be >= 1")
-    m_ref = (2 * d * d if m.head_projection else 0) + m.top_k * n * d * m.expert_hidden_size
-    d_exact = (m_ref - 2 * d * d) / (n * d * k_prime)
+    n_s = m.num_shared_experts
+    m_ref = (2 * d * d if m.head_projection else 0) + m.top_k * n * d * m.expert_hidden_size + \
+        moe_layer_macs(ref)["shared"]
+    d_exact = (m_ref - 2 * d * d) / (n * d * (k_prime + n_s))
     if d_exact <= 0:
         raise ValueError(
             f"no positive expert width: d' = (M_ref - 2d^2) / (n d k') = ({m_ref} - 2*{d}^2) / "
@@ -266,7 +298,7 @@ def flops_and_params_matched(cfg: ModelConfig, h: int, k_prime: Optional[int] = 
             f"experts per token")
     d_prime = _round_to(d_exact, hidden_multiple)
     p_ref = _formula_params(ref)
-    e_exact = (p_ref - 2 * d * d) / (n * d_sub * d_prime)
+    e_exact = (p_ref - 2 * d * d) / (n * d_sub * d_prime) - n_s
     if e_exact <= 0:
         raise ValueError(f"no positive expert count: E' = (P_ref - 2d^2) / (n d/h d') = ({p_ref} - "
                          f"2*{d}^2) / ({n}*{d_sub}*{d_prime}) = {e_exact:.3f}")
@@ -274,12 +306,18 @@ def flops_and_params_matched(cfg: ModelConfig, h: int, k_prime: Optional[int] = 
     if e_prime < k_prime:
         raise ValueError(f"E' = {e_prime} (exact {e_exact:.2f}) is smaller than k' = {k_prime}: "
                          f"each sub-token cannot pick {k_prime} distinct experts; lower k'")
-    new = _mhmoe(ref, h=h, top_k=k_prime, num_experts=e_prime, expert_hidden_size=d_prime)
+    new = _mhmoe(ref, h=h, top_k=k_prime, num_experts=e_prime, expert_hidden_size=d_prime,
+                 shared_expert_hidden_size=0)
+    if n_s:
+        formula = (f"d' = (M_ref - 2d^2)/(n d (k'+n_s)) = ({m_ref} - {2 * d * d})/({n}*{d}*({k_prime}+{n_s})) = "
+                   f"{d_exact:.2f} -> {d_prime}; E' = (P_ref - 2d^2)/(n d/h d') - n_s = ({p_ref} - "
+                   f"{2 * d * d})/({n}*{d_sub}*{d_prime}) - {n_s} = {e_exact:.2f} -> {e_prime}")
+    else:
+        formula = (f"d' = (M_ref - 2d^2)/(n d k') = ({m_ref} - {2 * d * d})/({n}*{d}*{k_prime}) = "
+                   f"{d_exact:.2f} -> {d_prime}; E' = (P_ref - 2d^2)/(n d/h d') = ({p_ref} - "
+                   f"{2 * d * d})/({n}*{d_sub}*{d_prime}) = {e_exact:.2f} -> {e_prime}")
     report = {"mode": "flops", "h": h, "k_prime": k_prime, "d_prime": d_prime, "E_prime": e_prime,
-              "d_prime_exact": d_exact, "E_prime_exact": e_exact,
-              "formula": f"d' = (M_ref - 2d^2)/(n d k') = ({m_ref} - {2 * d * d})/({n}*{d}*{k_prime}) = "
-                         f"{d_exact:.2f} -> {d_prime}; E' = (P_ref - 2d^2)/(n d/h d') = ({p_ref} - "
-                         f"{2 * d * d})/({n}*{d_sub}*{d_prime}) = {e_exact:.2f} -> {e_prime}"}
+              "d_prime_exact": d_exact, "E_prime_exact": e_exact, "num_shared_experts": n_s, "formula": formula}
     report.update(_compare(ref, new))
     return Matched(new, report)
 
@@ -312,9 +350,11 @@ def _reference(cfg: ModelConfig) -> ModelConfig:
 
 
 def _formula_params(ref: ModelConfig) -> int:
-    """The MoE-layer weights the matching equations count: 2d^2 (if projections) + expert weights."""
+    """The MoE-layer weights the matching equations count: 2d^2 (if projections) + expert weights (routed
+    and shared)."""
     m, d = ref.moe, ref.hidden_size
-    return (2 * d * d if m.head_projection else 0) + moe_layer_params(ref)["experts"]
+    lp = moe_layer_params(ref)
+    return (2 * d * d if m.head_projection else 0) + lp["experts"] + lp["shared"]
 
 
 def _mhmoe(ref: ModelConfig, **moe_fields) -> ModelConfig:

@@ -50,14 +50,14 @@ def test_params_variants():
                                                              head_projection=False, expert_hidden_size=6,
                                                              gate="softmax", expert_activation="swiglu")})
     assert sizing.moe_layer_params(soft) == {"projection": 0, "router": 8 * 4, "experts": 4 * 3 * 8 * 6,
-                                             "total": 32 + 576}
+                                             "shared": 0, "total": 32 + 576}
 
 
 def test_flops_hand_count():
     f = sizing.flops_breakdown(_tiny(), seq_len=4)
     assert f == {"attention_proj": 2 * 2 * 4 * 64, "attention_scores": 2 * 2 * 2 * 4 * 8,
                  "dense_ffn": 2 * 2 * 8 * 16, "moe_proj": 2 * 2 * 64, "router": 2 * 2 * (4 * 3 + 4 * 3),
-                 "experts": 2 * 2 * 2 * 2 * 4 * 6, "lm_head": 2 * 10 * 8, "total": 2688}
+                 "experts": 2 * 2 * 2 * 2 * 4 * 6, "shared_experts": 0, "lm_head": 2 * 10 * 8, "total": 2688}
     assert sizing.flops_per_token(_tiny(), 4) == 2688
 
 
@@ -223,3 +223,70 @@ def test_active_params_quickstart_preset():
     assert p["expert"] == 131072 and p["total"] == 1006850
     assert p["active_per_token"] == p["total"] == 1006850
     assert p["active_per_subtoken"] == 1006850 - 131072 + 131072 * 2 // 8 == 908546
+
+
+# ---------------------------------------------------------------------------- shared experts
+def _tiny_shared(n_s=2, e_s=5) -> ModelConfig:
+    """_tiny() with n_s shared experts of width e_s on each sub-token (d/h = 4, GELU: n = 2)."""
+    cfg = _tiny()
+    moe = MoEConfig(**{**cfg.moe.__dict__, "num_shared_experts": n_s, "shared_expert_hidden_size": e_s})
+    return ModelConfig(**{**cfg.__dict__, "moe": moe}).validate()
+
+
+def test_shared_expert_params_and_active_params_by_hand():
+    p0, p = sizing.count_params(_tiny()), sizing.count_params(_tiny_shared())
+    shared = 2 * 2 * 4 * 5                       # n_s * n * (d/h) * e_s = 80, one MoE layer
+    assert sizing.moe_layer_params(_tiny_shared())["shared"] == shared
+    assert p["total"] == 1409 + 80 and p["shared_expert"] == 80
+    assert p["expert"] == p0["expert"] == 192 and p["non_expert"] == 1409 - 192 + 80  # shared = non-expert
+    # each of the h=2 sub-tokens reads the shared experts: active gains h * 80 = 160 (routed part as before)
+    assert p["active_per_token"] == p0["active_per_token"] + 2 * 80 == 1409 + 160
+    assert p["active_per_subtoken"] == p0["active_per_subtoken"] + 80   # one sub-token reads them once
+    # e_s = 0 means the routed width e = 6
+    assert sizing.moe_layer_params(_tiny_shared(n_s=1, e_s=0))["shared"] == 1 * 2 * 4 * 6
+
+
+def test_shared_expert_flops_by_hand():
+    f = sizing.flops_breakdown(_tiny_shared(), seq_len=4)
+    # MoE layers x 2 x h sub-tokens x n_s x n x (d/h) x e_s = 1 * 2 * 2 * 2 * 2 * 4 * 5 = 320
+    assert f["shared_experts"] == 1 * 2 * 2 * 2 * 2 * 4 * 5 == 320
+    assert f["total"] == 2688 + 320
+    assert sizing.moe_layer_macs(_tiny_shared())["shared"] == 160
+    # 2 x the active shared part is the FLOPs term, as for the routed experts
+    p = sizing.count_params(_tiny_shared())
+    assert 2 * (p["active_per_token"] - sizing.count_params(_tiny())["active_per_token"]) == f["shared_experts"]
+
+
+def test_shared_expert_is_one_more_top_k_choice():
+    """Shared experts of the routed width cost exactly what n_s more top-k choices cost, per token."""
+    one = _tiny_shared(n_s=1, e_s=6)
+    k3 = ModelConfig(**{**_tiny().__dict__, "moe": MoEConfig(**{**_tiny().moe.__dict__, "top_k": 3})})
+    assert sizing.flops_breakdown(one, 4)["shared_experts"] + sizing.flops_breakdown(one, 4)["experts"] == \
+        sizing.flops_breakdown(k3, 4)["experts"] == 2 * 2 * 3 * 2 * 4 * 6
+
+
+def _with_shared(cfg: ModelConfig, n_s: int = 1) -> ModelConfig:
+    return ModelConfig(**{**cfg.__dict__, "moe": MoEConfig(**{**cfg.moe.__dict__, "num_shared_experts": n_s})})
+
+
+def test_matching_with_a_shared_expert_by_hand():
+    """The published SMoE (d=768, SwiGLU d_ff=2048, E=8, top-1) with one shared expert of its shape."""
+    smoe = _with_shared(_published_smoe())
+    n, d, f = 3, 768, 2048
+    assert sizing.moe_layer_params(smoe)["shared"] == n * d * f
+    # flops: M_ref = (k + n_s) n d d_ff = 2*3*768*2048; d' = (M_ref - 2d^2) / (n d (k' + n_s))
+    new, rep = sizing.flops_and_params_matched(smoe, 2)
+    assert rep["d_prime_exact"] == pytest.approx((2 * n * d * f - 2 * d * d) / (n * d * 3))   # 1194.67
+    assert rep["d_prime"] == 1192 and rep["k_prime"] == 2 and rep["num_shared_experts"] == 1
+    # E' = (P_ref - 2d^2) / (n (d/h) d') - n_s, P_ref = (E + n_s) n d d_ff
+    assert rep["E_prime_exact"] == pytest.approx((9 * n * d * f - 2 * d * d) / (n * 384 * 1192) - 1)
+    assert new.moe.num_shared_experts == 1 and new.moe.shared_expert_hidden_size == 0   # routed width d'
+    assert sizing.moe_layer_params(new)["shared"] == n * 384 * 1192
+    assert rep["layer_flops_ratio"] == pytest.approx(1.0, rel=5e-3)
+    new1, rep1 = sizing.flops_and_params_matched(smoe, 2, expert_multiple=1)
+    assert rep1["layer_param_ratio"] == pytest.approx(1.0, rel=1e-2)
+    # params: d' = (P_ref - 2d^2) / ((E + n_s) n d/h), same E and k
+    new, rep = sizing.param_matched(smoe, 2)
+    assert rep["d_prime_exact"] == pytest.approx((9 * n * d * f - 2 * d * d) / (9 * n * 384))    # 3982.2
+    assert rep["d_prime"] == 3984 and rep["E_prime"] == 8
+    assert rep["layer_param_ratio"] == pytest.approx(1.0, rel=1e-3)
