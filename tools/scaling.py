@@ -57,6 +57,8 @@ def finish(sweep_dir: str, spec: SweepSpec | None = None) -> int:
         print(f"no finished runs in {sweep_dir}/{results.RESULTS}")
         return 1
     table = report.markdown_table(records)
+    if any(r.get("variant") for r in records):  # named variants (balancing options ...): their own table
+        table += "\n\n## by variant\n\n" + report.balancing_table(records)
     with open(os.path.join(sweep_dir, "summary.md"), "w") as f:
         f.write(f"# sweep {spec.name}\n\n{table}\n")
     print(table)

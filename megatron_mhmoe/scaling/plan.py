@@ -108,11 +108,15 @@ class RunPlan:
     placement: Placement
     tags: list = field(default_factory=list)
     memory: dict = field(default_factory=dict)
+    variant: str = ""
+    """Name of the sweep variant (SweepSpec.variants); '' = none."""
+    overrides: dict = field(default_factory=dict)
+    """The variant's run-config overrides (dotted key -> value), applied before `vary`'s."""
 
     @property
     def group_key(self) -> tuple:
         """What seeds are averaged over: everything but the seed."""
-        return (self.kind, self.h, self.mode, tuple(sorted(self.vary.items())), self.experts)
+        return (self.kind, self.h, self.mode, self.variant, tuple(sorted(self.vary.items())), self.experts)
 
 
 def _vary_suffix(vary: dict) -> str:
@@ -123,20 +127,23 @@ def _vary_suffix(vary: dict) -> str:
     return ("-" + "-".join(parts)) if parts else ""
 
 
-def run_name(kind: str, experts: int, h: int, mode: str, seed: int, vary: dict) -> str:
+def run_name(kind: str, experts: int, h: int, mode: str, seed: int, vary: dict, variant: str = "") -> str:
+    """<core>[-<variant>][-<vary key><value>...]-s<seed>; core: dense | smoe-E64 | mhmoe-h4-params-E64."""
     if kind == "dense":
         core = "dense"
     elif kind == "mhmoe":
         core = f"mhmoe-h{h}-{mode}-E{experts}"
     else:
         core = f"{kind}-E{experts}"
+    core += f"-{variant}" if variant else ""
     return f"{core}{_vary_suffix(vary)}-s{seed}".replace("/", "_")
 
 
 def build_plan(spec: SweepSpec, base: dict, *, nodes: Optional[int] = None,
                ranks_per_node: Optional[int] = None) -> list[RunPlan]:
-    """Every run of the grid, in execution order: by E (small first), then kind, h, mode, vary, seed.
-    Dense runs (no expert axis) come first; keys under model.moe are not varied for them."""
+    """Every run of the grid, in execution order: by E (small first), then kind, h, mode, variant, vary, seed.
+    Dense runs (no expert axis) come first; keys under model.moe are not varied for them (neither by vary
+    nor by a variant: a variant left without keys runs Dense unnamed, once)."""
     nodes = nodes or spec.nodes
     rpn = ranks_per_node or spec.ranks_per_node
     dense, moe_defaults = matching.dense_reference(base["model"])
@@ -145,13 +152,17 @@ def build_plan(spec: SweepSpec, base: dict, *, nodes: Optional[int] = None,
     precision, zero, micro = t.get("precision", "fp32"), int(t.get("zero_stage", 0)), int(t.get("micro_batch_size", 4))
     vary_keys = sorted(spec.vary)
     combos = [dict(zip(vary_keys, vals)) for vals in itertools.product(*(spec.vary[k] for k in vary_keys))]
+    variants = list(spec.variants.items()) or [("", {})]
     runs: list[RunPlan] = []
     seen = set()
 
-    def add(kind, E, h, mode, seed, vary):
+    def add(kind, E, h, mode, seed, vary, variant="", overrides=None):
+        overrides = dict(overrides or {})
         if kind == "dense":
             vary = {k: v for k, v in vary.items() if not k.startswith("model.moe.")}
-        name = run_name(kind, E, h, mode, seed, vary)
+            overrides = {k: v for k, v in overrides.items() if not k.startswith("model.moe.")}
+            variant = variant if overrides else ""
+        name = run_name(kind, E, h, mode, seed, vary, variant)
         if name in seen:
             return
         seen.add(name)
@@ -162,27 +173,29 @@ def build_plan(spec: SweepSpec, base: dict, *, nodes: Optional[int] = None,
         n_exp = pt.model.moe.num_experts if pt.model.moe else 0
         pl = place(n_exp, nodes, rpn, spec.experts_per_rank, spec.max_ep)
         tags = [spec.name, kind, f"seed{seed}"] + ([f"E{E}"] if kind != "dense" else []) + \
-            ([f"h{h}", f"match-{mode}"] if kind == "mhmoe" else []) + [f"{k.split('.')[-1]}={v}" for k, v in
-                                                                       sorted(vary.items())]
+            ([f"h{h}", f"match-{mode}"] if kind == "mhmoe" else []) + ([f"variant={variant}"] if variant else []) + \
+            [f"{k.split('.')[-1]}={v}" for k, v in sorted(vary.items())]
         mem = memory_per_rank(pt.model, pl.ep, pl.world, precision=precision, zero_stage=zero,
                               micro_batch=micro, seq_len=seq_len)
         runs.append(RunPlan(name=name, kind=kind, experts=E if kind != "dense" else 0, h=h, mode=mode,
                             seed=seed, vary=vary, model=pt.model, match=pt.report, placement=pl, tags=tags,
-                            memory=mem))
+                            memory=mem, variant=variant, overrides=overrides))
 
     if "dense" in spec.kinds:
-        for vary in combos:
-            for seed in spec.seeds:
-                add("dense", 0, 1, "", seed, vary)
+        for variant, overrides in variants:
+            for vary in combos:
+                for seed in spec.seeds:
+                    add("dense", 0, 1, "", seed, vary, variant, overrides)
     for E in sorted(spec.experts):
         for kind in [k for k in ("smoe", "finegrained", "mhmoe") if k in spec.kinds]:
             hs = spec.heads if kind == "mhmoe" else [1]
             modes = spec.modes if kind == "mhmoe" else [""]
             for h in hs:
                 for mode in modes:
-                    for vary in combos:
-                        for seed in spec.seeds:
-                            add(kind, E, h, mode, seed, vary)
+                    for variant, overrides in variants:
+                        for vary in combos:
+                            for seed in spec.seeds:
+                                add(kind, E, h, mode, seed, vary, variant, overrides)
     return runs
 
 

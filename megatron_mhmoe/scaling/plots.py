@@ -123,10 +123,11 @@ def _pick_runs(records: list[dict]) -> tuple[Optional[dict], list[dict]]:
             by_e[r["experts"]][r["kind"]].append(r)
     for E in sorted(by_e, reverse=True):
         if by_e[E]["smoe"] and by_e[E]["mhmoe"]:
-            smoe = min(by_e[E]["smoe"], key=lambda r: (sorted((r.get("vary") or {}).items()).__str__(), r["seed"]))
+            smoe = min(by_e[E]["smoe"], key=lambda r: (r.get("variant") or "", sorted((r.get("vary") or {}).items())
+                                                       .__str__(), r["seed"]))
             mh: dict = {}
             for r in sorted(by_e[E]["mhmoe"], key=lambda r: r["seed"]):
-                key = (r["h"], r["mode"], str(sorted((r.get("vary") or {}).items())))
+                key = (r["h"], r["mode"], r.get("variant") or "", str(sorted((r.get("vary") or {}).items())))
                 mh.setdefault(key, r)
             return smoe, list(mh.values())[:3]
     return None, []
@@ -258,7 +259,7 @@ def log_summary_run(spec, sweep_dir: str, records: list[dict], images: list[str]
                      config=redact({"sweep": {k: v for k, v in vars(spec).items()}}))
     try:
         run.log({os.path.splitext(os.path.basename(p))[0]: wandb.Image(p) for p in images})
-        cols = ["name", "kind", "experts", "num_experts", "h", "mode", "seed", "params_total", "params_active",
+        cols = ["name", "kind", "experts", "num_experts", "h", "mode", "variant", "seed", "params_total", "params_active",
                 "flops_per_token", "tokens", "val_ppl", "activation_ratio", "effective_experts", "divergence",
                 "tokens_per_s", "nodes", "ep", *report.ROUTING_EXTRAS]
         ok = [report.with_routing_extras(r) for r in records if r.get("status") == "ok"]

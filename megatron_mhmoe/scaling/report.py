@@ -1,5 +1,6 @@
 """Tables over seeds: mean +- std of the final validation perplexity and the routing metrics per
-(kind, h, mode, extra axes) and E. Dense rows carry E = 0 ('-').
+(kind, h, mode, variant, extra axes) and E. Dense rows carry E = 0 ('-'). `balancing_table`: one row per
+(model, E, variant) with the balance metrics (MaxVio, fan-out), for sweeps with named variants.
 
 The balance and head metrics (MaxVio, per-head activation ratio and effective experts, I(head; expert))
 come from the record or else from the run's moe_stats.json (validation set, final weights)."""
@@ -19,6 +20,8 @@ def series_label(r: dict) -> str:
     kind = {"dense": "Dense", "smoe": "SMoE (X-MoE)", "finegrained": "fine-grained SMoE"}.get(r["kind"], r["kind"])
     if r["kind"] == "mhmoe":
         kind = f"MH-MoE h={r['h']} [{r['mode']}]"
+    if r.get("variant"):
+        kind += f" {r['variant']}"
     vary = r.get("vary") or {}
     if vary:
         kind += " " + ",".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(vary.items()))
@@ -36,7 +39,10 @@ def mean_std(xs: Iterable) -> tuple[Optional[float], Optional[float], int]:
 
 def _dense_key(r: dict) -> tuple:
     vary = {k: v for k, v in (r.get("vary") or {}).items() if not k.startswith("model.moe.")}
-    return r["seed"], tuple(sorted(vary.items()))
+    # the variant Dense ran under: the same name when the variant sets keys outside model.moe, else none
+    over = r.get("variant_overrides") or {}
+    variant = (r.get("variant") or "") if any(not k.startswith("model.moe.") for k in over) else ""
+    return r["seed"], tuple(sorted(vary.items())), variant
 
 
 def add_paired_deltas(records: list[dict]) -> None:
@@ -110,4 +116,70 @@ def markdown_table(records: list[dict]) -> str:
                 f"{_pm(m['activation_ratio'], '.3f') if E else '-'} | {_pm(m['effective_experts'], '.1f') if E else '-'} | "
                 f"{_pm(m['divergence'], '.2f') if E else '-'} | {_pm(m['tokens_per_s'], '.0f')} | "
                 + " | ".join(_pm(m[k], '.3f') if E else '-' for k in ROUTING_EXTRAS) + " |")
+    return "\n".join(lines)
+
+
+BALANCE_METRICS = (("maxvio", "maxvio_train"), ("fanout_groups_mean", "fanout_groups_mean_train"))
+"""(validation-set value in moe_stats.json, fallback: the last logged training step's, results.read_run)."""
+
+
+def with_balance_metrics(r: dict) -> dict:
+    """r plus `maxvio` and `fanout_groups_mean`: the record's, else moe_stats.json's (validation set, final
+    weights), else the last logged training step's (moe/maxvio_global, moe/fanout_groups_mean); None if none."""
+    r = with_routing_extras(dict(r))
+    stats = None
+    for key, fallback in BALANCE_METRICS:
+        if r.get(key) is None and r.get("run_dir"):
+            stats = stats if stats is not None else (load_moe_stats(r["run_dir"]) or {})
+            r[key] = stats.get(key)
+        if r.get(key) is None:
+            r[key] = r.get(fallback)
+    return r
+
+
+def balancing_rows(records: list[dict]) -> list[dict]:
+    """One row per (series without the variant, E, variant) of the finished MoE runs, in the order the
+    variants first appear: {model, E, variant, overrides, seeds, and (mean, std, n) per metric}."""
+    groups: dict = {}
+    for r in records:
+        if r.get("status") != "ok" or r.get("kind") == "dense":
+            continue
+        base = series_label({**r, "variant": ""})
+        groups.setdefault((base, r.get("experts", 0), r.get("variant") or ""), []).append(with_balance_metrics(r))
+    variant_order = {}
+    for (_, _, v) in groups:
+        variant_order.setdefault(v, len(variant_order))
+    rows = []
+    for (base, E, v), rs in sorted(groups.items(), key=lambda kv: (not kv[0][0].startswith("SMoE"), kv[0][0],
+                                                                  kv[0][1], variant_order[kv[0][2]])):
+        row = {"model": base, "E": E, "variant": v or "-", "overrides": rs[0].get("variant_overrides") or {},
+               "seeds": sorted(r["seed"] for r in rs)}
+        row.update({m: mean_std(r.get(m) for r in rs) for m in ("val_ppl", "activation_ratio", "effective_experts",
+                                                                 "maxvio", "fanout_groups_mean")})
+        rows.append(row)
+    return rows
+
+
+def balancing_table(records: list[dict]) -> str:
+    """Markdown: one row per (model, E, balancing variant): validation perplexity, activation ratio, effective
+    experts, MaxVio and fan-out as mean ± std over seeds ('n/a' where no run reports the metric), then one
+    line per variant with its overrides."""
+    rows = balancing_rows(records)
+    if not rows:
+        return ""
+    lines = ["| model | E | balancing | seeds | val ppl (mean ± std) | activation ratio | effective experts | "
+             "MaxVio | fan-out (groups / token) |", "|" + "---|" * 9]
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['E']} | {row['variant']} | {len(row['seeds'])} | "
+                     f"{_pm(row['val_ppl'], '.2f')} | {_pm(row['activation_ratio'], '.3f')} | "
+                     f"{_pm(row['effective_experts'], '.1f')} | {_pm(row['maxvio'], '.3f')} | "
+                     f"{_pm(row['fanout_groups_mean'], '.2f')} |")
+    legend: dict = {}
+    for row in rows:
+        if row["variant"] != "-":
+            legend.setdefault(row["variant"], row["overrides"])
+    if legend:
+        lines.append("")
+        lines += [f"- `{v}`: " + ", ".join(f"`{k.split('.')[-1]}={val}`" for k, val in sorted(over.items()))
+                  for v, over in legend.items()]
     return "\n".join(lines)

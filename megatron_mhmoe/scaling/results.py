@@ -76,6 +76,11 @@ def read_run(run_dir: str) -> dict:
     # Throughput: skip the first window (JIT, allocator warm-up) when there are later ones.
     tps = [r["tokens_per_s"] for r in train]
     out["tokens_per_s"] = _mean(tps[1:] if len(tps) > 1 else tps)
+    # Balance metrics of the last logged training step that has them (the report's fallback when
+    # moe_stats.json lacks the validation-set values).
+    for key, name in (("moe/maxvio_global", "maxvio_train"), ("moe/fanout_groups_mean", "fanout_groups_mean_train")):
+        logged = [r[key] for r in train if isinstance(r.get(key), (int, float))]
+        out[name] = logged[-1] if logged else None
     stats = load_moe_stats(run_dir)
     if stats is not None:
         out.update(activation_ratio=stats.get("activation_ratio"), effective_experts=stats.get("effective_experts"),

@@ -59,6 +59,7 @@ def run_config(run: RunPlan, spec: SweepSpec, base: dict, sweep_dir: str) -> dic
     cfg["run_dir"] = run_dir
     cfg["wandb"] = {**(cfg.get("wandb") or {}), "project": spec.wandb_project, "group": spec.name,
                     "name": run.name, "tags": list(run.tags), "mode": spec.wandb_mode}
+    apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in sorted(run.overrides.items())])  # the variant's
     apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in sorted(run.vary.items())])
     return cfg
 
@@ -132,6 +133,7 @@ class Sweep:
             int(t.get("micro_batch_size", 4)) * int(t.get("grad_accum_steps", 1)) * pl.world
         rec = {"name": run.name, "status": "ok", "sweep": self.spec.name, "kind": run.kind, "experts": run.experts,
                "h": run.h, "mode": run.mode, "seed": run.seed, "vary": run.vary, "tags": run.tags,
+               "variant": run.variant, "variant_overrides": run.overrides,
                "nodes": pl.nodes, "world": pl.world, "ep": pl.ep, "experts_per_rank": pl.experts_per_rank,
                "tokens": int(t["train_steps"]) * gbs * self.seq_len, "train_steps": int(t["train_steps"]),
                "wall_s": round(wall_s, 1), "run_dir": cfg["run_dir"], "config_path": self.config_path(run),

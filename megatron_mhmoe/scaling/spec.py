@@ -11,17 +11,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
 KINDS = ("dense", "smoe", "finegrained", "mhmoe")
 MODES = ("params", "flops")
+VARIANT_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
 @dataclass
 class SweepSpec:
-    """One sweep: experts x kind x (h, matching mode) x extra axes x seeds."""
+    """One sweep: experts x kind x (h, matching mode) x variants x extra axes x seeds."""
 
     name: str = "sweep"
     """Sweep name: the wandb group, a tag of every run, and the default output folder name."""
@@ -56,6 +58,12 @@ class SweepSpec:
     vary: dict = field(default_factory=dict)
     """Extra axes: dotted run-config key -> list of values, e.g. {model.moe.aux_loss_coef: [0.0, 0.001]}.
     Keys under model.moe are not varied for dense runs."""
+    variants: dict = field(default_factory=dict)
+    """Named variants, an axis whose points each set several keys at once: name -> {dotted run-config key:
+    value}, e.g. {global: {model.moe.aux_loss_coef: 0.0, model.moe.global_aux_loss_coef: 0.01}}. Every run of
+    the grid is made once per variant (crossed with `vary`; a key may not be in both), its name carries the
+    variant's name and its record the name and the overrides. Empty = one unnamed variant (no overrides).
+    Dense runs drop the model.moe keys; a variant left with none runs Dense once, unnamed."""
     experts_per_rank: int = 8
     """Target experts held by one rank: EP = E / experts_per_rank, grown over nodes (plan.py)."""
     ranks_per_node: int = 1
@@ -96,6 +104,20 @@ class SweepSpec:
                 raise ValueError(f"sweep.vary[{key!r}]={vals!r} must be a non-empty list")
             if key.split(".")[0] not in ("model", "train", "parallel", "data"):
                 raise ValueError(f"sweep.vary key {key!r} must start with model./train./parallel./data.")
+        if not isinstance(self.variants, dict):
+            raise ValueError(f"sweep.variants={self.variants!r} must be a mapping name -> {{dotted key: value}}")
+        for vname, over in self.variants.items():
+            if not isinstance(vname, str) or not VARIANT_NAME.fullmatch(vname):
+                raise ValueError(f"sweep.variants name {vname!r} must be letters, digits, '_', '.', '+' or '-' "
+                                 f"(it goes into run names)")
+            if not isinstance(over, dict) or not over:
+                raise ValueError(f"sweep.variants[{vname!r}]={over!r} must be a non-empty mapping dotted key -> value")
+            for key in over:
+                if not isinstance(key, str) or key.split(".")[0] not in ("model", "train", "parallel", "data"):
+                    raise ValueError(f"sweep.variants[{vname!r}] key {key!r} must start with "
+                                     f"model./train./parallel./data.")
+                if key in self.vary:
+                    raise ValueError(f"sweep.variants[{vname!r}] sets {key!r}, which sweep.vary also varies")
         return self
 
 

@@ -73,3 +73,27 @@ def test_vary_axis_names_and_dense_dedup():
     assert "smoe-E64-aux_loss_coef0.0-s1" in names and "mhmoe-h4-params-E64-aux_loss_coef0.001-s2" in names
     assert [n for n in names if n.startswith("dense")] == ["dense-s1", "dense-s2"]  # no moe axis for dense
     assert run_name("mhmoe", 32, 2, "flops", 3, {}) == "mhmoe-h2-flops-E32-s3"
+
+
+def test_variants_cross_vary_dense_drops_moe_keys_and_validation():
+    from megatron_mhmoe.scaling.spec import sweep_from_dict
+    runs = build_plan(*load_sweep("activation_probe", [
+        "sweep.kinds=[dense, smoe]", "sweep.seeds=[1]", "sweep.vary={train.lr: [0.001, 0.002]}",
+        "sweep.variants={a: {model.moe.aux_loss_coef: 0.0}, b: {model.moe.aux_loss_coef: 0.1, train.min_lr: 0.0}}"]))
+    names = [r.name for r in runs]
+    # dense: variant a has no key left (runs unnamed, once per vary point), b keeps train.min_lr
+    assert names == ["dense-lr0.001-s1", "dense-lr0.002-s1", "dense-b-lr0.001-s1", "dense-b-lr0.002-s1",
+                     "smoe-E64-a-lr0.001-s1", "smoe-E64-a-lr0.002-s1", "smoe-E64-b-lr0.001-s1",
+                     "smoe-E64-b-lr0.002-s1"]
+    by = {r.name: r for r in runs}
+    assert by["dense-b-lr0.001-s1"].overrides == {"train.min_lr": 0.0} and by["dense-lr0.001-s1"].variant == ""
+    assert run_name("smoe", 8, 1, "", 2, {}, "none") == "smoe-E8-none-s2"
+    # no variants: one unnamed variant, names as before
+    assert [r.name for r in build_plan(*load_sweep("activation_probe", ["sweep.seeds=[1]"]))][0] == \
+        "smoe-E64-aux_loss_coef0.0-s1"
+    base = {"base_config": "cpu_mini_sweep.yaml"}
+    for variants, msg in (({"x": {"model.moe.aux_loss_coef": 0.0}}, "also varies"),
+                          ({"a/b": {"train.lr": 1.0}}, "run names"), ({"a": {}}, "non-empty"),
+                          ({"a": {"moe.aux_loss_coef": 0.0}}, "must start with")):
+        with pytest.raises(ValueError, match=msg):
+            sweep_from_dict({**base, "sweep": {"vary": {"model.moe.aux_loss_coef": [0.0]}, "variants": variants}})

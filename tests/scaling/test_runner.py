@@ -109,3 +109,69 @@ def test_report_and_plots(tmp_path):
     notes = []
     made = plots.make_all(sw.dir, recs, log=notes.append)
     assert len(made) == 3 and "skipped" in notes[0]
+
+
+def test_balancing_table_by_variant(tmp_path):
+    """Named variants: records carry the variant; the balancing table has one row per (model, variant), with
+    MaxVio / fan-out from moe_stats.json, else the last logged step's, else n/a."""
+    from megatron_mhmoe.scaling.spec import replace
+    spec, base = load_sweep("activation_probe", [])     # the balancing_probe preset's variants, 2 seeds
+    variants = {"micro": {"model.moe.aux_loss_coef": 0.01},
+                "global": {"model.moe.aux_loss_coef": 0.0, "model.moe.global_aux_loss_coef": 0.01},
+                "aux-free": {"model.moe.aux_loss_coef": 0.0, "model.moe.bias_update_rate": 0.001},
+                "none": {"model.moe.aux_loss_coef": 0.0}}
+    spec = replace(spec, vary={}, variants=variants, seeds=[1, 2])
+    sw = Sweep(spec, base, str(tmp_path / "sw"), log=lambda m: None)
+    assert len(sw.runs) == 2 * 4 * 2
+
+    def fake(run, config_path, log_path):
+        cfg = load_config_file(config_path)
+        rd, moe = cfg["run_dir"], cfg["model"]["moe"]
+        v = ["micro", "global", "aux-free", "none"].index(run.variant)
+        with open(os.path.join(rd, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"step": 10, "tokens_per_s": 1.0, "lm_loss": 5.0, "moe/maxvio_global": 9.0,
+                                **({"moe/fanout_groups_mean": 3.0 + v} if run.kind == "mhmoe" else {})}) + "\n")
+            f.write(json.dumps({"step": 10, "val/ppl": 100.0 + 10 * v + run.seed}) + "\n")
+        stats = {"activation_ratio": 0.5 + 0.1 * v, "effective_experts": 10.0 * (v + 1) + run.seed,
+                 "aux": moe["aux_loss_coef"], "divergence": 2.0, "shares": [[1.0 / 64] * 64] * 2,
+                 "divergence_hist": {"bins": list(range(5)), "counts": [0, 1, 2, 3, 4]}}
+        if run.variant != "none":                       # 'none': MaxVio from the metrics (9.0)
+            stats["maxvio"] = 1.0 + v
+        with open(os.path.join(rd, "moe_stats.json"), "w") as f:
+            json.dump(stats, f)
+        return 0
+
+    assert sw.run(jobs=1, run_fn=fake) == 0
+    recs = results.read_jsonl(os.path.join(sw.dir, "results.jsonl"))
+    r = next(x for x in recs if x["name"] == "smoe-E64-global-s2")
+    assert r["variant"] == "global" and r["variant_overrides"] == {"model.moe.aux_loss_coef": 0.0,
+                                                                   "model.moe.global_aux_loss_coef": 0.01}
+    assert r["maxvio_train"] == 9.0 and r["fanout_groups_mean_train"] is None
+    rows = {(row["model"], row["variant"]): row for row in report.balancing_rows(recs)}
+    assert len(rows) == 8 and all(row["seeds"] == [1, 2] for row in rows.values())
+    assert rows[("SMoE (X-MoE)", "global")]["val_ppl"][:2] == (111.5, 0.7071067811865476)
+    assert rows[("MH-MoE h=4 [params]", "none")]["maxvio"][0] == 9.0
+    assert rows[("MH-MoE h=4 [params]", "aux-free")]["fanout_groups_mean"][0] == 5.0
+    table = report.balancing_table(recs)
+    lines = table.splitlines()
+    assert lines[0].startswith("| model | E | balancing | seeds | val ppl")
+    assert "| SMoE (X-MoE) | 64 | micro | 2 | 101.50 ± 0.71 | 0.500 ± 0.000 | 11.5 ± 0.7 | 1.000 ± 0.000 | n/a |" \
+        in lines
+    assert "| MH-MoE h=4 [params] | 64 | none | 2 | 131.50 ± 0.71 | 0.800 ± 0.000 | 41.5 ± 0.7 | 9.000 ± 0.000 | " \
+        "6.00 ± 0.00 |" in lines
+    assert [l.split(" | ")[2] for l in lines[2:10]] == ["micro", "global", "aux-free", "none"] * 2  # preset order
+    assert "- `global`: `aux_loss_coef=0.0`, `global_aux_loss_coef=0.01`" in lines
+    # the main table keeps one series per (kind, variant)
+    assert "| SMoE (X-MoE) aux-free | 64 |" in report.markdown_table(recs)
+    assert report.balancing_table([]) == ""
+    # `tools/scaling.py plot` writes it under the main table in summary.md (and still draws the figures)
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.run([sys.executable, "tools/scaling.py", "plot", "--out", sw.dir], cwd=root, capture_output=True,
+                       text=True, timeout=240, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    summary = open(os.path.join(sw.dir, "summary.md")).read()
+    assert "## by variant" in summary and table in summary
+    for png in ("ppl_vs_experts.png", "expert_shares.png", "balance_vs_experts.png"):
+        assert os.path.getsize(os.path.join(sw.dir, "plots", png)) > 1000
