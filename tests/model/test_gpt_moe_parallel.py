@@ -73,6 +73,10 @@ CASES = {
                                                                       global_aux_loss_coef=0.05))),
     "w2_tp2_ep2_sp_cf1": (2, 2, 2, True, 1.0, dict(num_layers=4, tie_embeddings=False)),
     "w2_tp1_ep2_cf1": (2, 1, 2, False, 1.0, dict(norm="rmsnorm")),
+    # shared experts (one on every sub-token, replicated over EP, TP-partial grads like the router's)
+    "w4_tp2_ep2_sp_cf1_shared": (4, 2, 2, True, 1.0, dict(moe=dict(num_shared_experts=1))),
+    "w4_tp1_ep4_cf1_shared": (4, 1, 4, False, 1.0, dict(moe=dict(num_shared_experts=1, expert_activation="swiglu",
+                                                                  shared_expert_hidden_size=24))),
 }
 
 
