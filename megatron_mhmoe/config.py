@@ -100,19 +100,6 @@ class ModelConfig:
     """Hidden width of the dense FFN layers."""
     max_seq_len: int = 128
     """Longest sequence (size of learned position table, RoPE cache)."""
-    ep_ranks_per_node: int = 0
-    """Ranks per node for the expert-parallel all-to-all (moe/two_level.py). An EP group that spans
-    several nodes (EP > ranks per node, EP a multiple of it) dispatches in two levels: within the node,
-    then one exchange per pair of nodes that carries each sub-token row once per destination node, then a
-    local fan-out. 0 = the launcher's LOCAL_WORLD_SIZE (flat when unset); EP groups inside one node keep
-    the flat all-to-all."""
-    a2a_chunks: int = 1
-    """C: the two-level dispatch -> experts -> combine runs as C pipelined chunks of the sub-tokens, so
-    that one chunk's (asynchronous) all-to-all overlaps another's expert GEMMs. 1 = no pipelining."""
-    ep_recv_budget: int = 0
-    """Most sub-token rows one EP rank may receive for its experts per MoE forward (a bounded receive
-    buffer). A rank over it raises an error naming this setting on every rank (instead of running out
-    of memory). 0 = no budget."""
     activation: str = "gelu"
     """Dense FFN: 'gelu' or 'swiglu'."""
     norm: str = "layernorm"
@@ -232,11 +219,6 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-    if moe.ep_ranks_per_node < 0 or moe.ep_recv_budget < 0:
-        raise ValueError(f"moe.ep_ranks_per_node={moe.ep_ranks_per_node} (0 = LOCAL_WORLD_SIZE) and "
-                         f"moe.ep_recv_budget={moe.ep_recv_budget} (0 = no budget) must be >= 0")
-    if moe.a2a_chunks < 1:
-        raise ValueError(f"moe.a2a_chunks={moe.a2a_chunks} must be >= 1 (1 = no pipelining)")
 def model_config_from_dict(d: dict) -> ModelConfig:
     """Build a ModelConfig from a plain dict, rejecting unknown keys by name."""
     d = dict(d)

@@ -45,7 +45,7 @@ class MHMoELayer(nn.Module):
         self.config, self.moe, self.ctx, self.layer_idx = config, moe, ctx, layer_idx
         d, h = config.hidden_size, moe.num_heads
         self.d_sub = d // h
-        self.dispatcher = MoEDispatcher(ctx, moe.num_experts, moe)
+        self.dispatcher = MoEDispatcher(ctx, moe.num_experts)
         if moe.head_projection:
             self.head = nn.Linear(d, d)
             self.merge = nn.Linear(d, d)
