@@ -20,6 +20,10 @@ class A2AMeter:
     bytes_off_rank: int = 0
     """Bytes that leave this rank."""
     per_call: list = field(default_factory=list)
+    per_node: int = 0
+    """Ranks per node (group ranks p // per_node share a node); 0 = one node."""
+    bytes_off_node: int = 0
+    """Bytes sent to ranks of other nodes (counted when per_node > 0)."""
     _orig: object = None
 
     def __enter__(self) -> "A2AMeter":
@@ -36,6 +40,9 @@ class A2AMeter:
             meter.calls += 1
             meter.bytes_total += total
             meter.bytes_off_rank += total - splits[me] * row_bytes
+            if meter.per_node:
+                meter.bytes_off_node += row_bytes * sum(n for q, n in enumerate(splits)
+                                                        if q // meter.per_node != me // meter.per_node)
             meter.per_call.append(dict(rows=sum(splits), row_bytes=row_bytes, bytes=total,
                                        floating=input.is_floating_point()))
             return meter._orig(output, input, output_split_sizes=output_split_sizes,

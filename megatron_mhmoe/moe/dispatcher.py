@@ -10,6 +10,10 @@ Dispatch of S local sub-tokens with k choices each (choice-major flat index f = 
 5. Run the local experts on exact counts (no padding to a capacity).
 6. Undo 4, reverse the all-to-all, and add each row times its gate into its sub-token's output.
 No dense [tokens x experts x capacity] tensor is built: memory is O(S*k*d), whatever E.
+
+An EP group that spans nodes (model.moe.ep_ranks_per_node, else LOCAL_WORLD_SIZE) takes the two-level
+path of moe/two_level.py instead (same outputs, gradients and drops; tested against this one), pipelined
+over model.moe.a2a_chunks chunks. model.moe.ep_recv_budget bounds the rows a rank receives, on both paths.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from megatron_mhmoe.moe import two_level
 from megatron_mhmoe.parallel import comm
 from megatron_mhmoe.parallel.context import ParallelContext
 
@@ -57,6 +62,12 @@ class DispatchProfile:
     """Sub-token rows handed to the dispatch all-to-all (this rank's kept assignments)."""
     rows_received: int = 0
     """Rows the dispatch all-to-all brought to this rank's experts (what the combine sends back)."""
+    internode_bytes: int = 0
+    """Bytes this rank sends to ranks of other nodes in the whole fwd+bwd step of this forward (rows, ids,
+    gates and counts; known where the node layout is known, 0 otherwise): both paths count it from their
+    splits (two_level.internode_formula for the two-level path)."""
+    internode_rows: int = 0
+    """Rows this rank's forward dispatch sends to other nodes (per choice flat; per packet two-level)."""
     bytes_sent: int = 0
     """Bytes handed to the forward dispatch all-to-alls: rows_sent * d_sub * itemsize + the counts (E int64).
     A whole fwd+bwd step sends (2 rows_sent + 2 rows_received) * d_sub * itemsize + E * 8: the combine
@@ -100,7 +111,7 @@ class DispatchProfile:
 
 
 class MoEDispatcher:
-    def __init__(self, ctx: ParallelContext, num_experts: int):
+    def __init__(self, ctx: ParallelContext, num_experts: int, moe=None):
         if num_experts % ctx.ep_size:
             raise ValueError(
                 f"num_experts {num_experts} is not divisible by expert-parallel size {ctx.ep_size} "
@@ -113,6 +124,41 @@ class MoEDispatcher:
         self.profile = DispatchProfile()
         """The last forward: rows and bytes moved, seconds per phase."""
         self._since_take = DispatchProfile()  # seconds per phase over every forward since take_times()
+        per_node = two_level.ranks_per_node(moe.ep_ranks_per_node if moe is not None else 0)
+        self.layout = two_level.node_layout(ctx.ep_size, per_node)
+        """Node of each EP rank when the EP group spans nodes (the two-level path), else None (flat)."""
+        self.force_flat = False
+        """Take the flat path even where the layout allows two levels (benchmarks and tests compare them)."""
+        self.chunks = moe.a2a_chunks if moe is not None else 1
+        self.recv_budget = moe.ep_recv_budget if moe is not None else 0
+
+    def _add_time(self, name: str, seconds: float) -> None:
+        if self.profile_enabled:
+            self.profile.add_seconds(name, seconds)
+            self._since_take.add_seconds(name, seconds)
+
+    def _check_budget(self, rows_received: int, like: torch.Tensor) -> None:
+        """Every EP rank raises the same error when any of them would receive more than ep_recv_budget rows
+        (one all-reduce of one integer, only when a budget is set)."""
+        if self.recv_budget <= 0:
+            return
+        worst = comm.all_reduce_max_int(rows_received, like, self.ctx.ep_group)
+        if worst > self.recv_budget:
+            raise RuntimeError(
+                f"an expert-parallel rank would receive {worst} sub-token rows in one MoE forward, over its "
+                f"receive budget model.moe.ep_recv_budget={self.recv_budget} (this rank: {rows_received}): raise "
+                f"model.moe.ep_recv_budget (0 = no budget), set a capacity_factor, or balance the routing")
+
+    def _two_level(self, x_sub, experts, gates, keep, run_experts) -> torch.Tensor:
+        prof = self.profile
+        self._internode_counts_bytes = self._internode_payload_bytes = 0
+        self._internode_rows = self._rows_received = 0
+        y = two_level.dispatch_combine(self, x_sub, experts, gates, keep, run_experts, self.chunks)
+        prof.rows_sent = int(keep.sum()) if keep is not None else experts.numel()  # kept assignments
+        prof.rows_received = self._rows_received
+        prof.internode_rows = self._internode_rows
+        prof.internode_bytes = self._internode_payload_bytes + self._internode_counts_bytes
+        return y
 
     # ------------------------------------------------------------------ TP token split
     @property
@@ -196,6 +242,8 @@ class MoEDispatcher:
         E, E_local, ep = self.num_experts, self.num_local_experts, self.ctx.ep_size
         self.profile = DispatchProfile()
         self._since_take.drain_ready()
+        if self.layout is not None and not self.force_flat:
+            return self._two_level(x_sub, experts, gates, keep, run_experts)
         t0 = self._mark(x_sub.device)
         # 1. Kept assignments stay grouped by expert and in queue order when filtered out of the sort.
         if e_flat is None:
@@ -228,6 +276,8 @@ class MoEDispatcher:
             self.profile.rows_sent = n
             self.profile.rows_received = sum(recv_splits)
             self.profile.bytes_sent = n * x_sub.shape[1] * x_sub.element_size() + counts.numel() * counts.element_size()
+            self._flat_internode(send_splits, recv_splits, x_sub)
+            self._check_budget(self.profile.rows_received, x_sub)
             t0 = self._tick("counts_exchange", t0, x_sub.device)
             rows = comm.all_to_all(rows, recv_splits, send_splits, self.ctx.ep_group)  # (m, d_sub)
             t0 = self._tick("all_to_all", t0, x_sub.device)
@@ -256,6 +306,17 @@ class MoEDispatcher:
         self._tick("combine", t0, x_sub.device)
         return y
 
+
+    def _flat_internode(self, send_splits: list, recv_splits: list, x_sub: torch.Tensor) -> None:
+        """Inter-node rows and bytes of the flat path's step, where the node layout is known: rows to other
+        nodes' ranks twice (dispatch, combine's backward), rows from them twice, E_local int64 counts each."""
+        if self.layout is None:
+            return
+        remote = self.layout.remote_peers(self.ctx.ep_rank)
+        out_rows, in_rows = sum(send_splits[q] for q in remote), sum(recv_splits[q] for q in remote)
+        row = x_sub.shape[1] * x_sub.element_size()
+        self.profile.internode_rows = out_rows
+        self.profile.internode_bytes = 2 * (out_rows + in_rows) * row + len(remote) * self.num_local_experts * 8
 
 
 class _GateCombine(torch.autograd.Function):

@@ -9,6 +9,7 @@
 | all-gather along dim     | reduce-scatter along dim | sequence parallel: shard -> full sequence  |
 | reduce-scatter along dim | all-gather along dim     | sequence parallel: partial sums -> shard   |
 | all-to-all (v)           | all-to-all (v), swapped  | expert-parallel dispatch / combine         |
+| all-to-all start + wait  | all-to-all (v), swapped  | the same, overlapped with computation      |
 
 Every function is the identity when its group is None (size 1), so single-process code runs the
 same path. gloo (CPU) has no reduce-scatter and no all_gather_into_tensor: the helpers fall back to
@@ -150,6 +151,37 @@ def all_to_all_v(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence
     return out
 
 
+class Pending:
+    """An asynchronous collective in flight: `wait()` before reading its output (all_to_all_start)."""
+
+    def __init__(self, work=None, keep=None):
+        self.work, self.keep = work, keep  # keep: the input, alive until the collective is done
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+        self.work = self.keep = None
+
+
+def all_to_all_v_start(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int],
+                       group: Group) -> tuple[torch.Tensor, Pending]:
+    """all_to_all_v launched with async_op=True: returns (output buffer, Pending); read it after wait()."""
+    if group is None:
+        return x, Pending()
+    check_device(x, group)
+    x = x.contiguous()
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    work = dist.all_to_all_single(out, x, output_split_sizes=list(out_splits),
+                                  input_split_sizes=list(in_splits), group=group, async_op=True)
+    return out, Pending(work, x)
+
+
+def all_reduce_max_int(value: int, like: torch.Tensor, group: Group) -> int:
+    """max over the group of one integer per rank (a one-element int64 tensor on like's device)."""
+    t = torch.tensor([value], dtype=torch.int64, device=like.device)
+    return int(all_reduce_(t, group, op="max").item())
+
+
 # ------------------------------------------------------------------ autograd functions
 class _Copy(torch.autograd.Function):
     @staticmethod
@@ -226,6 +258,49 @@ class _AllToAllV(torch.autograd.Function):
     def backward(ctx, g):
         # The conjugate of a permutation across ranks is the reverse permutation.
         return all_to_all_v(g, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
+
+
+class _AllToAllStart(torch.autograd.Function):
+    """Forward: launch the all-to-all (async_op=True) and return its buffer, filled once `pending` is
+    waited on (all_to_all_wait). Backward: the conjugate all-to-all, synchronous."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group, box):
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        out, box[0] = all_to_all_v_start(x, out_splits, in_splits, group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_to_all_v(g, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None, None
+
+
+class _Wait(torch.autograd.Function):
+    """Forward: wait for the collective that fills x, return x. Backward: identity."""
+
+    @staticmethod
+    def forward(ctx, x, pending):
+        pending.wait()
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def all_to_all_start(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int],
+                     group: Group) -> tuple[torch.Tensor, Pending]:
+    """all_to_all, asynchronous: (buffer, pending). Read the buffer only through all_to_all_wait."""
+    if group is None:
+        return x, Pending()
+    box = [None]
+    out = _AllToAllStart.apply(x, list(out_splits), list(in_splits), group, box)
+    return out, box[0]
+
+
+def all_to_all_wait(out: torch.Tensor, pending: Pending) -> torch.Tensor:
+    """The buffer of all_to_all_start, once its collective is done (gradient passes through)."""
+    return _Wait.apply(out, pending)
 
 
 def copy_to_region(x: torch.Tensor, group: Group) -> torch.Tensor:

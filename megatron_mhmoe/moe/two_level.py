@@ -1,0 +1,258 @@
+"""Two-level expert-parallel dispatch and combine, for EP groups that span nodes (the flat path in
+dispatcher.py is the reference it is tested against).
+
+Layout: EP rank p is local rank p % L of node p // L (L ranks per node, N = EP / L nodes). Traffic
+between nodes a != b passes through one gateway on each side: gw(a, b) = a*L + (b % L).
+
+A packet is one sub-token row bound for one node: [x_i | gates of i's choices on that node (0 elsewhere)]
+(width d_sub + k), with ids (k,) the node-local expert index of each of those choices (-1 elsewhere). A
+sub-token whose kept choices fall on two experts of one node makes one packet for that node, so the row
+crosses the link once per destination node, not once per choice.
+
+Dispatch of one chunk of S local sub-tokens (kept assignments only):
+1. Build the packets, grouped by destination node, in sub-token order within a node.
+2. Within the node: a packet for a remote node b goes to gateway gw(a, b); a packet for node a stays.
+3. Between nodes: gateway gw(a, b) sends node b's packets to gw(b, a) (one exchange per pair of nodes).
+4. Fan out within the node: each packet held expands to its (row, expert) assignments, sent to the owner.
+5. The owner regroups its rows by local expert and runs the experts on exact counts.
+Combine (the reverse; autograd makes the backward the reverse of that again):
+6. Undo 5 and 4: the outputs return to the packet's holder, which adds each times its gate into one
+   partial row per packet (sum over the choices on that node).
+7. Undo 3 and 2: the partial rows return to the source rank, which adds them into its sub-tokens.
+
+Every exchange is an all-to-all over the EP group whose splits are zero except within the node (2, 4)
+or between gateways (3), so only step 3 (and the small count vectors) crosses nodes. The counts of each
+exchange come to the host once (gloo and the uneven all-to-all need them there).
+
+Overlap: with C chunks (model.moe.a2a_chunks) each chunk runs as a coroutine that yields after starting
+its inter-node exchange (3, and the return of 7) asynchronously; the chunks are advanced in turn, so one
+chunk's exchange is in flight while another's experts run. The forward overlaps; the backward runs the
+conjugate exchanges synchronously.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_mhmoe.parallel import comm
+
+
+def ranks_per_node(configured: int, env=None) -> int:
+    """model.moe.ep_ranks_per_node, else the launcher's LOCAL_WORLD_SIZE, else 0 (unknown: flat)."""
+    if configured > 0:
+        return configured
+    env = os.environ if env is None else env
+    try:
+        return max(int(env.get("LOCAL_WORLD_SIZE", "0")), 0)
+    except ValueError:
+        return 0
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """Which node each EP rank is on (EP ranks are consecutive global ranks, node-aligned)."""
+
+    ep_size: int
+    per_node: int
+    """L: EP ranks per node."""
+
+    @property
+    def num_nodes(self) -> int:
+        return self.ep_size // self.per_node
+
+    def node(self, p: int) -> int:
+        return p // self.per_node
+
+    def gateway(self, a: int, b: int) -> int:
+        """EP rank on node a that exchanges node a's traffic with node b."""
+        return a * self.per_node + b % self.per_node
+
+    def remote_peers(self, p: int) -> list[int]:
+        return [q for q in range(self.ep_size) if self.node(q) != self.node(p)]
+
+
+def node_layout(ep_size: int, per_node: int) -> NodeLayout | None:
+    """The two-level layout, or None for the flat path (layout unknown, or the EP group fits in one node)."""
+    if per_node <= 0 or ep_size <= per_node:
+        return None
+    if ep_size % per_node:
+        raise ValueError(
+            f"expert-parallel size {ep_size} spans nodes of {per_node} ranks but is not a multiple of it "
+            f"({ep_size} % {per_node} = {ep_size % per_node}): the two-level all-to-all needs whole nodes; set "
+            f"model.moe.ep_ranks_per_node (0 = LOCAL_WORLD_SIZE) or choose EP from multiples of {per_node}")
+    return NodeLayout(ep_size, per_node)
+
+
+def id_dtype(experts_per_node: int) -> torch.dtype:
+    """Node-local expert ids travel as int8 when they fit (gloo has no int16), else int32; -1 = none."""
+    return torch.int8 if experts_per_node <= 127 else torch.int32
+
+
+def internode_formula(packets_out: int, packets_in: int, d_sub: int, k: int, itemsize: int, id_size: int,
+                      ep_size: int, per_node: int, exchanges: int = 3) -> int:
+    """Bytes one rank sends to other nodes in one fwd+bwd step of one chunk of the two-level path.
+
+    packets_out / packets_in: packets this rank sends to / receives from other nodes in step 3.
+    forward: step 3 sends packets_out x ((d_sub + k) x itemsize + k x id_size); the combine returns
+    packets_in partial rows (d_sub x itemsize). backward: the combine's conjugate sends packets_out
+    gradient rows (d_sub), step 3's conjugate packets_in payload gradients (d_sub + k). Plus each of the
+    `exchanges` count exchanges: one int64 to every rank of another node."""
+    payload = (d_sub + k) * itemsize
+    rows = d_sub * itemsize
+    counts = exchanges * (ep_size - per_node) * 8
+    return packets_out * (payload + k * id_size + rows) + packets_in * (rows + payload) + counts
+
+
+class _Route:
+    """One exchange: rows to EP ranks `dest`, remembered so that `back` returns rows the same way."""
+
+    def __init__(self, disp, dest: torch.Tensor, like: torch.Tensor):
+        ep = disp.ctx.ep_size
+        self.disp, self.group = disp, disp.ctx.ep_group
+        self.order = torch.argsort(dest, stable=True)  # (n,) rows grouped by destination rank
+        counts = torch.bincount(dest, minlength=ep)  # (EP,)
+        t = time.perf_counter()
+        self.send = counts.tolist()
+        self.recv = comm.all_to_all_v(counts, [1] * ep, [1] * ep, self.group).tolist()  # host sync
+        disp._add_time("counts_exchange", time.perf_counter() - t)
+        layout, me = disp.layout, disp.ctx.ep_rank
+        self.remote = [q for q in layout.remote_peers(me)]
+        disp._internode_counts_bytes += 8 * len(self.remote)
+
+    def remote_rows(self, splits: list[int]) -> int:
+        return sum(splits[q] for q in self.remote)
+
+    def start(self, rows: torch.Tensor, ids: torch.Tensor):
+        """Send rows (n, w) (autograd) and ids (n, ...) (no grad), asynchronously: wait with `finish`."""
+        rows = rows.index_select(0, self.order)  # (n, w) grouped by destination
+        ids = ids.index_select(0, self.order)
+        out, p1 = comm.all_to_all_start(rows, self.recv, self.send, self.group)
+        ids_out, p2 = comm.all_to_all_v_start(ids, self.recv, self.send, self.group)
+        return out, ids_out, (p1, p2)
+
+    def finish(self, out, ids_out, pending):
+        t = time.perf_counter()
+        out = comm.all_to_all_wait(out, pending[0])  # (m, w) ordered by source rank
+        pending[1].wait()
+        self.disp._add_time("all_to_all", time.perf_counter() - t)
+        return out, ids_out
+
+    def forward(self, rows: torch.Tensor, ids: torch.Tensor):
+        return self.finish(*self.start(rows, ids))
+
+    def back_start(self, rows: torch.Tensor):
+        """Return rows (m, w) received by `forward` to where they came from (asynchronously)."""
+        return comm.all_to_all_start(rows, self.send, self.recv, self.group)
+
+    def back_finish(self, out, pending) -> torch.Tensor:
+        t = time.perf_counter()
+        out = comm.all_to_all_wait(out, pending)  # (n, w) in `order`
+        self.disp._add_time("all_to_all", time.perf_counter() - t)
+        inverse = torch.empty_like(self.order)
+        inverse[self.order] = torch.arange(self.order.numel(), device=self.order.device)
+        return out.index_select(0, inverse)  # (n, w) in the caller's row order
+
+    def back(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.back_finish(*self.back_start(rows))
+
+
+def chunk_coroutine(disp, x_sub, experts, gates, keep, run_experts, result: list):
+    """Steps 1-7 for one chunk; yields while its inter-node exchanges are in flight; result[0] = (S, d_sub)."""
+    S, k = experts.shape
+    d_sub = x_sub.shape[1]
+    layout, ep, me = disp.layout, disp.ctx.ep_size, disp.ctx.ep_rank
+    E_local = disp.num_local_experts
+    E_node = E_local * layout.per_node
+    my_node = layout.node(me)
+    idt = id_dtype(E_node)
+    dev = x_sub.device
+    # 1. Kept assignments (choice-major flat index f = j*S + i), then one packet per (node, sub-token).
+    e_flat = experts.t().reshape(-1)  # (k*S,)
+    f = torch.arange(k * S, device=dev) if keep is None else keep.nonzero().view(-1)  # (n,)
+    e = e_flat.index_select(0, f)  # (n,)
+    tok, j = f % S, f // S  # (n,), (n,)
+    node = e // E_node  # (n,)
+    keys, inv = torch.unique(node * S + tok, sorted=True, return_inverse=True)  # (U,), (n,) node-major
+    U = keys.numel()
+    pk_tok, pk_node = keys % S, keys // S  # (U,)
+    w = gates.t().reshape(-1).index_select(0, f).to(x_sub.dtype)  # (n,)
+    pk_gates = w.new_zeros(U * k).index_add(0, inv * k + j, w).view(U, k)  # (U, k), differentiable
+    pk_ids = torch.full((U * k,), -1, dtype=idt, device=dev)
+    pk_ids[inv * k + j] = (e % E_node).to(idt)
+    pk_ids = pk_ids.view(U, k)  # (U, k) node-local expert ids, -1 = none
+    payload = torch.cat([x_sub.index_select(0, pk_tok), pk_gates], 1)  # (U, d_sub + k)
+    pk_node_ids = torch.cat([pk_node.view(U, 1).to(torch.int32), pk_ids.to(torch.int32)], 1)  # (U, 1 + k)
+    # 2. Own node's packets to self, node b's to gateway gw(a, b).
+    gw = torch.tensor([layout.gateway(my_node, b) for b in range(layout.num_nodes)], device=dev)
+    dest2 = torch.where(pk_node == my_node, torch.full_like(pk_node, me), gw[pk_node])  # (U,)
+    r2 = _Route(disp, dest2, payload)
+    held2, meta2 = r2.forward(payload, pk_node_ids)  # (U2, d_sub + k), (U2, 1 + k)
+    # 3. Gateways exchange node b's packets; own-node packets stay (a self split).
+    node2 = meta2[:, 0].long()  # (U2,)
+    gw_back = torch.tensor([layout.gateway(b, my_node) for b in range(layout.num_nodes)], device=dev)
+    dest3 = torch.where(node2 == my_node, torch.full_like(node2, me), gw_back[node2])  # (U2,)
+    r3 = _Route(disp, dest3, held2)
+    packets_out = r3.remote_rows(r3.send)
+    packets_in = r3.remote_rows(r3.recv)
+    disp._internode_rows += packets_out
+    disp._internode_payload_bytes += (packets_out * ((d_sub + k) * x_sub.element_size() + k * idt.itemsize)
+                                      + packets_in * (d_sub + k + d_sub) * x_sub.element_size()
+                                      + packets_out * d_sub * x_sub.element_size())
+    out3, ids3, pend3 = r3.start(held2, meta2[:, 1:].to(idt))
+    yield
+    held, ids = r3.finish(out3, ids3, pend3)  # (H, d_sub + k), (H, k) packets for this node
+    # 4. Expand to (packet, choice) assignments and send each row to its expert's owner on this node.
+    a_h, a_j = (ids >= 0).nonzero(as_tuple=True)  # (A,), (A,) packet-major
+    a_e = ids[a_h, a_j].long() + my_node * E_node  # (A,) global expert id
+    r4 = _Route(disp, a_e // E_local, held)
+    rows, e4 = r4.forward(held[:, :d_sub].index_select(0, a_h), a_e.to(torch.int32))  # (m, d_sub), (m,)
+    disp._rows_received += rows.shape[0]
+    disp._check_budget(rows.shape[0], x_sub)
+    # 5. Regroup by local expert, run the experts.
+    local = e4.long() - me * E_local  # (m,)
+    regroup = torch.argsort(local, stable=True)  # (m,)
+    counts = torch.bincount(local, minlength=E_local).tolist()
+    t = time.perf_counter()
+    out = run_experts(rows.index_select(0, regroup), counts)  # (m, d_sub)
+    disp._add_time("experts", time.perf_counter() - t)
+    inverse = torch.empty_like(regroup)
+    inverse[regroup] = torch.arange(regroup.numel(), device=dev)
+    out = out.index_select(0, inverse)  # (m, d_sub) in arrival order
+    # 6. Back to the holder, weighted by the gates carried in the packet: one partial row per packet.
+    out = r4.back(out)  # (A, d_sub)
+    from megatron_mhmoe.moe.dispatcher import _GateCombine
+    partial = _GateCombine.apply(out, held[:, d_sub:][a_h, a_j], a_h, held.shape[0])  # (H, d_sub)
+    # 7. Partial rows back over the link, then to the source rank, then into the sub-tokens.
+    back3, pend = r3.back_start(partial)
+    yield
+    partial = r2.back(r3.back_finish(back3, pend))  # (U, d_sub) in packet order
+    result[0] = partial.new_zeros(S, d_sub).index_add(0, pk_tok, partial)  # (S, d_sub)
+
+
+def dispatch_combine(disp, x_sub, experts, gates, keep, run_experts, chunks: int) -> torch.Tensor:
+    """x_sub (S, d_sub), experts/gates (S, k), keep (k*S,) or None -> (S, d_sub), in `chunks` pipelined
+    chunks of consecutive sub-tokens (each chunk's outputs depend only on its own sub-tokens)."""
+    S, k = experts.shape
+    bounds = [S * c // chunks for c in range(chunks + 1)]
+    keep2 = keep.view(k, S) if keep is not None else None  # (k, S) choice-major
+    results, coros = [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        res = [None]
+        kc = keep2[:, lo:hi].reshape(-1) if keep2 is not None else None  # (k*(hi-lo),) choice-major
+        coros.append(chunk_coroutine(disp, x_sub[lo:hi], experts[lo:hi], gates[lo:hi], kc, run_experts, res))
+        results.append(res)
+    # Every rank advances the chunks in the same order, so the collectives match across ranks.
+    live = list(coros)
+    while live:
+        nxt = []
+        for co in live:
+            try:
+                next(co)
+                nxt.append(co)
+            except StopIteration:
+                pass
+        live = nxt
+    return torch.cat([r[0] for r in results], 0)  # (S, d_sub)
