@@ -128,11 +128,12 @@ def _vary_suffix(vary: dict) -> str:
 
 
 def run_name(kind: str, experts: int, h: int, mode: str, seed: int, vary: dict, variant: str = "") -> str:
-    """<core>[-<variant>][-<vary key><value>...]-s<seed>; core: dense | smoe-E64 | mhmoe-h4-params-E64."""
+    """<core>[-<variant>][-<vary key><value>...]-s<seed>; core: dense | smoe-E64 | mhmoe-h4-params-E64
+    (| smoe+shared-E64 | mhmoe+shared-h4-params-E64)."""
     if kind == "dense":
         core = "dense"
-    elif kind == "mhmoe":
-        core = f"mhmoe-h{h}-{mode}-E{experts}"
+    elif kind in ("mhmoe", "mhmoe+shared"):
+        core = f"{kind}-h{h}-{mode}-E{experts}"
     else:
         core = f"{kind}-E{experts}"
     core += f"-{variant}" if variant else ""
@@ -169,11 +170,13 @@ def build_plan(spec: SweepSpec, base: dict, *, nodes: Optional[int] = None,
         pt = matching.point(kind, dense, E, h=h, mode=mode, top_k=spec.top_k, k_prime=spec.k_prime,
                             moe_every=spec.moe_every, expert_hidden_size=spec.expert_hidden_size, gate=spec.gate,
                             granularity=spec.granularity, hidden_multiple=spec.hidden_multiple,
-                            expert_multiple=spec.expert_multiple, moe_defaults=moe_defaults)
+                            expert_multiple=spec.expert_multiple, moe_defaults=moe_defaults,
+                            num_shared_experts=spec.num_shared_experts)
         n_exp = pt.model.moe.num_experts if pt.model.moe else 0
         pl = place(n_exp, nodes, rpn, spec.experts_per_rank, spec.max_ep)
         tags = [spec.name, kind, f"seed{seed}"] + ([f"E{E}"] if kind != "dense" else []) + \
-            ([f"h{h}", f"match-{mode}"] if kind == "mhmoe" else []) + ([f"variant={variant}"] if variant else []) + \
+            ([f"h{h}", f"match-{mode}"] if kind in ("mhmoe", "mhmoe+shared") else []) + \
+            ([f"variant={variant}"] if variant else []) + \
             [f"{k.split('.')[-1]}={v}" for k, v in sorted(vary.items())]
         mem = memory_per_rank(pt.model, pl.ep, pl.world, precision=precision, zero_stage=zero,
                               micro_batch=micro, seq_len=seq_len)
@@ -187,9 +190,9 @@ def build_plan(spec: SweepSpec, base: dict, *, nodes: Optional[int] = None,
                 for seed in spec.seeds:
                     add("dense", 0, 1, "", seed, vary, variant, overrides)
     for E in sorted(spec.experts):
-        for kind in [k for k in ("smoe", "finegrained", "mhmoe") if k in spec.kinds]:
-            hs = spec.heads if kind == "mhmoe" else [1]
-            modes = spec.modes if kind == "mhmoe" else [""]
+        for kind in [k for k in ("smoe", "finegrained", "mhmoe", "smoe+shared", "mhmoe+shared") if k in spec.kinds]:
+            hs = spec.heads if kind in ("mhmoe", "mhmoe+shared") else [1]
+            modes = spec.modes if kind in ("mhmoe", "mhmoe+shared") else [""]
             for h in hs:
                 for mode in modes:
                     for variant, overrides in variants:

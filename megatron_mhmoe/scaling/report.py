@@ -17,9 +17,10 @@ ROUTING_EXTRAS = ("maxvio", "head_activation_ratio", "head_effective_experts", "
 
 def series_label(r: dict) -> str:
     """Legend label of a result's series: kind (+ h and matching mode) (+ extra axes)."""
-    kind = {"dense": "Dense", "smoe": "SMoE (X-MoE)", "finegrained": "fine-grained SMoE"}.get(r["kind"], r["kind"])
-    if r["kind"] == "mhmoe":
-        kind = f"MH-MoE h={r['h']} [{r['mode']}]"
+    kind = {"dense": "Dense", "smoe": "SMoE (X-MoE)", "finegrained": "fine-grained SMoE",
+            "smoe+shared": "SMoE (X-MoE) + shared"}.get(r["kind"], r["kind"])
+    if r["kind"] in ("mhmoe", "mhmoe+shared"):
+        kind = f"MH-MoE h={r['h']} [{r['mode']}]" + (" + shared" if r["kind"] == "mhmoe+shared" else "")
     if r.get("variant"):
         kind += f" {r['variant']}"
     vary = r.get("vary") or {}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
-KINDS = ("dense", "smoe", "finegrained", "mhmoe")
+KINDS = ("dense", "smoe", "finegrained", "mhmoe", "smoe+shared", "mhmoe+shared")
 MODES = ("params", "flops")
 VARIANT_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 
@@ -31,7 +31,9 @@ class SweepSpec:
     """E of the SMoE reference per grid point (x axis of the plots). MH-MoE in 'flops' mode gets E' != E."""
     kinds: list = field(default_factory=lambda: ["dense", "smoe", "mhmoe"])
     """Model kinds: 'dense' (one run per seed, no expert axis), 'smoe' (h=1, no projections; X-MoE with the
-    xmoe gate), 'finegrained' (SMoE with granularity x more, narrower experts and top-k), 'mhmoe'."""
+    xmoe gate), 'finegrained' (SMoE with granularity x more, narrower experts and top-k), 'mhmoe', and
+    'smoe+shared' / 'mhmoe+shared': the same with num_shared_experts always-on experts (each of the routed
+    experts' shape; MH-MoE sized against the SMoE+shared by the same matching, equal params and FLOPs)."""
     heads: list = field(default_factory=lambda: [4])
     """MH-MoE heads h (each divides hidden_size)."""
     modes: list = field(default_factory=lambda: ["params"])
@@ -47,6 +49,9 @@ class SweepSpec:
     """SMoE expert width; 0 = the base model's ffn_hidden_size (the dense FFN, 'upcycled' shape)."""
     granularity: int = 2
     """'finegrained': experts split into this many narrower ones, E x g experts of width d_ff/g, top k x g."""
+    num_shared_experts: int = 1
+    """'smoe+shared' / 'mhmoe+shared': shared experts per MoE layer (moe.num_shared_experts; MH-MoE's act
+    on each sub-token, of the matched routed width d'). The other kinds have none."""
     moe_every: int = 2
     """Every moe_every-th layer is MoE (the paper: every other layer)."""
     gate: str = "xmoe"
@@ -93,8 +98,8 @@ class SweepSpec:
                 raise ValueError(f"sweep.{name}={vals!r} must be a non-empty list of integers")
         if any(e < 1 for e in self.experts) or any(h < 1 for h in self.heads):
             raise ValueError(f"sweep.experts {self.experts} and sweep.heads {self.heads} must be >= 1")
-        for name in ("top_k", "granularity", "moe_every", "experts_per_rank", "ranks_per_node", "nodes",
-                     "hidden_multiple", "expert_multiple"):
+        for name in ("top_k", "granularity", "num_shared_experts", "moe_every", "experts_per_rank",
+                     "ranks_per_node", "nodes", "hidden_multiple", "expert_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"sweep.{name}={getattr(self, name)} must be >= 1")
         if any(self.top_k > e for e in self.experts):

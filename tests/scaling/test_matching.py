@@ -96,3 +96,56 @@ def test_paper_presets_parameter_parity():
         assert counts[f"paper_mhmoe_{E}e"] == pytest.approx(counts[f"paper_xmoe_{E}e"], rel=0.05)
     assert counts["paper_dense"] < counts["paper_xmoe_8e"] < counts["paper_xmoe_32e"]
     assert counts["paper_dense"] == pytest.approx(163.6e6, rel=0.01)   # 12 x 7.1M + 77M embedding (V=100277)
+
+
+@pytest.mark.parametrize("mode,h", [("flops", 2), ("flops", 3), ("params", 2), ("params", 4)])
+def test_shared_kinds_are_matched_like_the_plain_pair(mode, h):
+    """'smoe+shared' = 'smoe' with one shared expert of the routed shape (d -> d_ff -> d); 'mhmoe+shared' is
+    sized against it by the same matching with E + 1 and k + 1 (the shared expert is one more always-chosen
+    expert on both sides): equal FLOPs (flops mode) and parameters, within the roundings."""
+    dense, d, n, d_ff = _ff_dense(), 768, 3, 2048
+    ref = matching.point("smoe+shared", dense, 8, top_k=1).model
+    plain = matching.point("smoe", dense, 8, top_k=1).model
+    assert ref.moe.num_shared_experts == 1 and plain.moe.num_shared_experts == 0
+    assert sizing.count_params(ref)["total"] - sizing.count_params(plain)["total"] == 6 * n * d * d_ff  # 6 MoE layers
+    model, rep = matching.point("mhmoe+shared", dense, 8, h=h, mode=mode, top_k=1, expert_multiple=1)
+    m = model.moe
+    assert m.num_shared_experts == 1 and m.shared_expert_hidden_size == 0 and m.num_heads == h
+    if mode == "flops":
+        # 2d^2 + n d d' (k' + 1) = n d d_ff (k + 1), k' = h
+        assert rep["d_prime_exact"] == pytest.approx((n * d * d_ff * 2 - 2 * d * d) / (n * d * (h + 1)))
+        e_exact = (9 * n * d * d_ff - 2 * d * d) / (n * (d // h) * m.expert_hidden_size) - 1
+        assert rep["E_prime_exact"] == pytest.approx(e_exact)
+        assert sizing.flops_per_token(model, SEQ) == pytest.approx(sizing.flops_per_token(ref, SEQ), rel=5e-3)
+        assert sizing.count_params(model)["total"] == pytest.approx(sizing.count_params(ref)["total"], rel=0.01)
+    else:
+        assert m.num_experts == 8 and m.top_k == 1
+        assert rep["d_prime_exact"] == pytest.approx((9 * n * d * d_ff - 2 * d * d) / (9 * n * (d // h)))
+        assert sizing.count_params(model)["total"] == pytest.approx(sizing.count_params(ref)["total"], rel=1e-3)
+    # the plain kinds keep no shared expert whatever num_shared_experts says
+    plain_mh = matching.point("mhmoe", dense, 8, h=h, mode=mode, top_k=1, num_shared_experts=2).model
+    assert plain_mh.moe.num_shared_experts == 0
+
+
+def test_shared_kinds_need_a_shared_expert():
+    with pytest.raises(ValueError, match="num_shared_experts"):
+        matching.point("smoe+shared", _ff_dense(), 8, top_k=1, num_shared_experts=0)
+
+
+def test_sweep_plans_the_shared_kinds():
+    from megatron_mhmoe.scaling.plan import build_plan
+    from megatron_mhmoe.scaling.spec import load_sweep
+    spec, base = load_sweep("activation_probe", ["sweep.kinds=[smoe+shared, mhmoe+shared]", "sweep.seeds=[1]",
+                                                 "sweep.modes=[params, flops]", "sweep.num_shared_experts=2",
+                                                 "sweep.vary={}"])
+    runs = {r.name: r for r in build_plan(spec, base)}
+    assert sorted(runs) == ["mhmoe+shared-h4-flops-E64-s1", "mhmoe+shared-h4-params-E64-s1", "smoe+shared-E64-s1"]
+    assert all(r.model.moe.num_shared_experts == 2 for r in runs.values())
+    ref = runs["smoe+shared-E64-s1"].model
+    for mode in ("params", "flops"):
+        r = runs[f"mhmoe+shared-h4-{mode}-E64-s1"]
+        assert r.kind == "mhmoe+shared" and "match-" + mode in r.tags
+        assert r.model == matching.point("mhmoe+shared", matching.dense_reference(base["model"])[0], 64, h=4,
+                                         mode=mode, top_k=spec.top_k, moe_every=spec.moe_every, gate=spec.gate,
+                                         moe_defaults=base["model"].get("moe"), num_shared_experts=2).model
+        assert sizing.count_params(r.model)["total"] == pytest.approx(sizing.count_params(ref)["total"], rel=0.05)
