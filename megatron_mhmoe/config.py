@@ -52,6 +52,16 @@ class MoEConfig:
     """X-MoE gate: dimension the sub-token is projected to before cosine scoring."""
     gate_temperature: float = 0.3
     """X-MoE gate: initial temperature tau (scores = cosine / tau); learnable."""
+    route_groups: int = 1
+    """G: the experts form G contiguous groups of E/G (group g holds experts g*E/G .. (g+1)*E/G - 1), a
+    routing setting of its own, not derived from the layout (set it to the number of nodes the EP group
+    spans to make groups line up with nodes). Used by route_group_limit and by the fan-out metric
+    (moe/fanout_groups_mean: distinct groups a token's h*k choices reach). 1 = one group."""
+    route_group_limit: int = 0
+    """M: token-level group-limited routing. Each token picks its M best groups from the combined scores of
+    its h sub-tokens -- a sub-token scores group g by the sum of its best min(k, E/G) selection scores in
+    g, a token by the sum of its sub-tokens' -- then each sub-token takes its top-k among the experts of
+    those M groups. With groups = nodes a token's traffic reaches at most M nodes. 0 = off (any expert)."""
     capacity_factor: float = 0.0
     """Per-expert capacity = ceil(cf * k * S / E) sub-tokens; overflow is dropped. <= 0 means dropless."""
     moe_every: int = 2
@@ -71,6 +81,14 @@ class MoEConfig:
     gradient. f_e^global, a constant: first-choice counts of e per sub-token, counted over this micro-batch
     on every DP replica (all-reduced) plus the step's earlier micro-batches (running counts, reset each
     step; Megatron-core's approach), divided by those sub-tokens. 0 = off."""
+    bias_update_rate: float = 0.0
+    """gamma of aux-loss-free balancing (DeepSeek-V3): a per-expert fp32 bias b (a buffer, not a parameter;
+    outside the optimizer) is added to the routing scores for choosing the top-k only (gate weights use the
+    unbiased scores). After each optimizer step that was applied: b_e <- b_e + gamma * sign(mean_c - c_e),
+    c_e = assignments (all k choices of every sub-token, before capacity) to expert e in the whole global
+    batch -- every DP replica and every gradient-accumulation micro-batch -- and mean_c = sum_e c_e / E.
+    The same counts on every rank give the same bias on every rank. Scores: the softmax probabilities
+    ('xmoe', 'softmax') or the sigmoid scores ('sigmoid'). 0 = off (no bias)."""
     z_loss_coef: float = 0.0
     """Coefficient of the router z-loss mean(logsumexp(logits)^2), summed over MoE layers. 0 = off."""
     activation_threshold: float = 0.5
@@ -82,6 +100,19 @@ class MoEConfig:
     experts; only its choice is replaced. Training refuses it without train.allow_debug_routing=true."""
     debug_skew_fraction: float = 0.5
     """'skew' debug routing: fraction in [0, 1] of sub-tokens whose j-th choice is expert j."""
+    ep_ranks_per_node: int = 0
+    """Ranks per node for the expert-parallel all-to-all (moe/two_level.py). An EP group that spans
+    several nodes (EP > ranks per node, EP a multiple of it) dispatches in two levels: within the node,
+    then one exchange per pair of nodes that carries each sub-token row once per destination node, then a
+    local fan-out. 0 = the launcher's LOCAL_WORLD_SIZE (flat when unset); EP groups inside one node keep
+    the flat all-to-all."""
+    a2a_chunks: int = 1
+    """C: the two-level dispatch -> experts -> combine runs as C pipelined chunks of the sub-tokens, so
+    that one chunk's (asynchronous) all-to-all overlaps another's expert GEMMs. 1 = no pipelining."""
+    ep_recv_budget: int = 0
+    """Most sub-token rows one EP rank may receive for its experts per MoE forward (a bounded receive
+    buffer). A rank over it raises an error naming this setting on every rank (instead of running out
+    of memory). 0 = no budget."""
 
 
 @dataclass
@@ -183,11 +214,34 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
 
 
+def _validate_groups(moe: MoEConfig) -> None:
+    G, M, E, k = moe.route_groups, moe.route_group_limit, moe.num_experts, moe.top_k
+    if G < 1 or E % G:
+        raise ValueError(f"moe.route_groups={G} must be >= 1 and divide num_experts={E} "
+                         f"({E} % {G} = {E % G if G >= 1 else 'n/a'}); each group holds E/G contiguous experts")
+    if M < 0 or M > G:
+        raise ValueError(f"moe.route_group_limit={M} must be in [0, route_groups={G}] (0 = off)")
+    if M and M * (E // G) < k:
+        raise ValueError(f"moe.route_group_limit={M} groups of E/G = {E}/{G} = {E // G} experts hold "
+                         f"{M * (E // G)} experts, fewer than top_k={k}: raise route_group_limit or route_groups")
+    if M and moe.debug_routing:
+        raise ValueError(f"moe.route_group_limit={M} and moe.debug_routing={moe.debug_routing!r} both choose the "
+                         f"experts: turn one off")
+
+
 def _validate_moe(moe: MoEConfig, hidden_size: int, num_layers: int) -> None:
     _choice("moe.gate", moe.gate, ("xmoe", "softmax", "sigmoid"))
     _choice("moe.debug_routing", moe.debug_routing, ("", "balanced", "skew"))
+    if moe.ep_ranks_per_node < 0 or moe.ep_recv_budget < 0:
+        raise ValueError(f"moe.ep_ranks_per_node={moe.ep_ranks_per_node} (0 = LOCAL_WORLD_SIZE) and "
+                         f"moe.ep_recv_budget={moe.ep_recv_budget} (0 = no budget) must be >= 0")
+    if moe.a2a_chunks < 1:
+        raise ValueError(f"moe.a2a_chunks={moe.a2a_chunks} must be >= 1 (1 = no pipelining)")
     if not 0.0 <= moe.debug_skew_fraction <= 1.0:
         raise ValueError(f"moe.debug_skew_fraction={moe.debug_skew_fraction} must be in [0, 1]")
+    if not (math.isfinite(moe.bias_update_rate) and moe.bias_update_rate >= 0):
+        raise ValueError(f"moe.bias_update_rate={moe.bias_update_rate} must be a finite number >= 0 (0 = off)")
+    _validate_groups(moe)
     if not (math.isfinite(moe.gate_scaling) and moe.gate_scaling > 0):
         raise ValueError(f"moe.gate_scaling={moe.gate_scaling} must be a finite number > 0")
     _choice("moe.expert_activation", moe.expert_activation, ("gelu", "swiglu"))

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from megatron_mhmoe.config import ModelConfig
 from megatron_mhmoe.moe import capacity as cap
+from megatron_mhmoe.moe.bias_balancing import ExpertBias
 from megatron_mhmoe.moe.dispatcher import MoEDispatcher
 from megatron_mhmoe.moe.experts import GroupedExperts
 from megatron_mhmoe.moe.losses import global_balance_loss, load_balance_loss, sequence_balance_loss
@@ -45,7 +46,7 @@ class MHMoELayer(nn.Module):
         self.config, self.moe, self.ctx, self.layer_idx = config, moe, ctx, layer_idx
         d, h = config.hidden_size, moe.num_heads
         self.d_sub = d // h
-        self.dispatcher = MoEDispatcher(ctx, moe.num_experts)
+        self.dispatcher = MoEDispatcher(ctx, moe.num_experts, moe)
         if moe.head_projection:
             self.head = nn.Linear(d, d)
             self.merge = nn.Linear(d, d)
@@ -73,6 +74,8 @@ class MHMoELayer(nn.Module):
         for name, p in self.named_parameters():
             if not name.startswith("experts."):
                 mark_tp_partial(p)
+        self.expert_bias = ExpertBias(moe.num_experts) if moe.bias_update_rate > 0 else None
+        """Aux-loss-free balancing's bias (moe/bias_balancing.py); None when moe.bias_update_rate is 0."""
         self.earlier_top1: torch.Tensor | None = None
         """(E,) global-batch loss: first-choice counts of the step's earlier micro-batches (all DP replicas),
         added by the trainer after each backward (not in forward, so that a checkpointed block recomputes the
@@ -91,6 +94,14 @@ class MHMoELayer(nn.Module):
         c = stats.global_top1.detach()
         self.earlier_top1 = c if self.earlier_top1 is None else self.earlier_top1 + c
         self.earlier_sub_tokens += stats.global_sub_tokens
+
+    def _bias(self) -> torch.Tensor | None:
+        return self.expert_bias.value if self.expert_bias is not None else None
+
+    def update_bias(self, step_counts: torch.Tensor) -> None:
+        """After an applied optimizer step: (E,) the global batch's assignments per expert (all ranks equal)."""
+        if self.expert_bias is not None:
+            self.expert_bias.update(step_counts, self.moe.bias_update_rate)
 
     def _init_local(self) -> None:
         """Initialise from the same full tensors whatever TP/EP (the model re-inits with its own seed)."""
@@ -113,7 +124,7 @@ class MHMoELayer(nn.Module):
         tp_shards = self.ctx.tp_size  # the replica's tokens are split over TP (a share each, or SP shards)
         tp_rank = self.ctx.tp_rank if tp_shards > 1 else 0
         S = n * h * tp_shards  # sub-tokens in the routing group (the replica)
-        choice = choose(logits, moe, first_index=tp_rank * n * h)
+        choice = choose(logits, moe, first_index=tp_rank * n * h, bias=self._bias())
         capacity = cap.expert_capacity(moe.capacity_factor, k, S, E)
         rec = build_record(choice, E, capacity, disp, tp_rank)
         # 4.
@@ -164,17 +175,21 @@ class MHMoELayer(nn.Module):
             e_flat = rec.flat_experts
             kept_local = torch.bincount(e_flat[keep] if keep is not None else e_flat, minlength=E)
             div_local = divergence_histogram(choice.experts, h)
+            # Fan-out: distinct expert groups and EP ranks a token's h*k choices reach (before capacity).
+            groups_local = divergence_histogram(choice.experts // (E // moe.route_groups), h)
+            ranks_local = divergence_histogram(choice.experts // disp.num_local_experts, h)
             # Sub-token i (token-major) is head i mod h; every one of its k choices counts.
             n_sub = choice.experts.shape[0]
             head = (torch.arange(n_sub, device=e_flat.device) % h).repeat_interleave(choice.experts.shape[1])
             head_local = torch.bincount(head * E + choice.experts.reshape(-1), minlength=h * E)
-            both = disp.replica_sum_stats(torch.cat([kept_local, div_local, head_local]))
+            both = disp.replica_sum_stats(torch.cat([kept_local, div_local, groups_local, ranks_local, head_local]))
             nd = div_local.numel()
+            fan_g, fan_r = both[E + nd:E + 2 * nd], both[E + 2 * nd:E + 3 * nd]
         return MoEStats(aux_loss=aux, z_loss=z, selections=counts_all.sum((0, 1)), kept=both[:E],
                         divergence=both[E:E + nd], num_tokens=num_tokens, num_sub_tokens=S,
                         seq_aux_loss=seq_aux, global_aux_loss=global_aux, prob_sum=prob_sum, top1=top1,
                         global_top1=global_top1, global_sub_tokens=global_S,
-                        head_counts=both[E + nd:].view(h, E))
+                        head_counts=both[E + 3 * nd:].view(h, E), fanout_groups=fan_g, fanout_ranks=fan_r)
 
     # ------------------------------------------------------------------ slow reference (tests)
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +200,7 @@ class MHMoELayer(nn.Module):
         tokens = x.reshape(-1, d)
         x_hat = self.head(tokens) if self.head is not None else tokens
         x_sub = x_hat.reshape(-1, self.d_sub)
-        choice = choose(self.router(x_sub), moe)
+        choice = choose(self.router(x_sub), moe, bias=self._bias())
         ids = choice.experts.clone()
         capacity = cap.expert_capacity(moe.capacity_factor, moe.top_k, x_sub.shape[0], moe.num_experts)
         if capacity > 0:

@@ -42,6 +42,11 @@ class MoEStats:
     """num_sub_tokens summed over the DP group (with global_top1)."""
     head_counts: Optional[torch.Tensor] = None
     """(h, E) assignments (all k choices, before capacity) of sub-token j of every token ("head j") to e."""
+    fanout_groups: Optional[torch.Tensor] = None
+    """(h*k+1,) tokens by the number of distinct expert groups (MoEConfig.route_groups) their h*k choices
+    reach, before capacity: with groups = nodes, the nodes a token's traffic goes to."""
+    fanout_ranks: Optional[torch.Tensor] = None
+    """(h*k+1,) tokens by the number of distinct EP ranks their h*k choices reach (depends on the layout)."""
 
     @property
     def dropped(self) -> int:
@@ -95,12 +100,38 @@ def maxvio(counts: torch.Tensor) -> torch.Tensor:
     return torch.where(mean > 0, c.max(dim=-1).values / mean.clamp(min=1e-30) - 1.0, torch.zeros_like(mean))
 
 
+def histogram_mean_max(hist: torch.Tensor) -> tuple[float, int]:
+    """A histogram over bins 0, 1, 2, ... (counts per value) -> (mean value, largest value with a count);
+    (0.0, 0) when empty."""
+    c = hist.double()
+    total = float(c.sum())
+    if total <= 0:
+        return 0.0, 0
+    values = torch.arange(c.numel(), dtype=torch.float64, device=c.device)
+    return float((values * c).sum()) / total, int(torch.nonzero(c).max())
+
+
+def fanout_metrics(groups_hist: torch.Tensor, ranks_hist: torch.Tensor) -> dict:
+    """(..., h*k+1) fan-out histograms (summed over what ... indexes: layers) -> mean and max per token of
+    the distinct expert groups and EP ranks its sub-tokens reach."""
+    g_mean, g_max = histogram_mean_max(groups_hist.reshape(-1, groups_hist.shape[-1]).sum(0))
+    r_mean, r_max = histogram_mean_max(ranks_hist.reshape(-1, ranks_hist.shape[-1]).sum(0))
+    return {"fanout_groups_mean": g_mean, "fanout_groups_max": g_max,
+            "fanout_ranks_mean": r_mean, "fanout_ranks_max": r_max}
+
+
 def step_kept_counts(stats: Sequence[MoEStats], micro_batches: int) -> Optional[torch.Tensor]:
     """(L, E) kept counts summed over a step's micro-batches (stats: L layers per micro-batch, in order)."""
     if not stats:
         return None
     L = len(stats) // micro_batches
     return torch.stack([s.kept.double() for s in stats]).view(micro_batches, L, -1).sum(0)
+
+
+def step_selection_counts(stats: Sequence[MoEStats], micro_batches: int) -> torch.Tensor:
+    """(L, E) assignments before capacity summed over a step's micro-batches (the bias update's counts)."""
+    L = len(stats) // micro_batches
+    return torch.stack([s.selections.double() for s in stats]).view(micro_batches, L, -1).sum(0)
 
 
 def head_shares(head_counts: torch.Tensor) -> torch.Tensor:
@@ -154,6 +185,9 @@ def summarize(stats: Sequence[MoEStats], threshold: float, step_kept: Optional[t
     if stats[0].head_counts is not None:
         out.update({f"moe/{k}": v for k, v in head_metrics(torch.stack([s.head_counts for s in stats]),
                                                            threshold).items()})
+    if stats[0].fanout_groups is not None:
+        out.update({f"moe/{k}": v for k, v in fanout_metrics(torch.stack([s.fanout_groups for s in stats]),
+                                                             torch.stack([s.fanout_ranks for s in stats])).items()})
     if step_kept is not None:
         vio = maxvio(step_kept)
         out["moe/maxvio_global"] = float(vio.mean())
@@ -162,12 +196,14 @@ def summarize(stats: Sequence[MoEStats], threshold: float, step_kept: Optional[t
 
 
 def routing_report(selections: torch.Tensor, divergence: torch.Tensor, threshold: float,
-                   head_counts: Optional[torch.Tensor] = None, kept: Optional[torch.Tensor] = None) -> dict:
+                   head_counts: Optional[torch.Tensor] = None, kept: Optional[torch.Tensor] = None,
+                   fanout_groups: Optional[torch.Tensor] = None, fanout_ranks: Optional[torch.Tensor] = None) -> dict:
     """The validation set's routing as plain JSON: per-layer expert shares and the paper's metrics.
 
     selections: (L, E) assignments per layer and expert; divergence: (L, h*k+1) tokens by number of
     distinct experts their sub-tokens reached; head_counts: (L, h, E) assignments of head j to expert e;
-    kept: (L, E) assignments processed after capacity, summed over the validation batches (MaxVio).
+    kept: (L, E) assignments processed after capacity, summed over the validation batches (MaxVio);
+    fanout_groups / fanout_ranks: (L, h*k+1) tokens by distinct expert groups / EP ranks reached.
     """
     shares = expert_shares(selections)  # (L, E)
     eff = effective_experts(shares)  # (L,)
@@ -186,6 +222,8 @@ def routing_report(selections: torch.Tensor, divergence: torch.Tensor, threshold
         vio = maxvio(kept)
         out["maxvio"] = float(vio.mean())
         out["maxvio_per_layer"] = [float(v) for v in vio]
+    if fanout_groups is not None and fanout_ranks is not None:
+        out.update(fanout_metrics(fanout_groups, fanout_ranks))
     if head_counts is not None:
         out.update(head_metrics(head_counts, threshold))
         out["mi_head_expert_bits_per_layer"] = [mutual_information_bits(c) for c in head_counts]

@@ -127,31 +127,98 @@ def _scaled(gates: torch.Tensor, scaling: float) -> torch.Tensor:
     return gates if scaling == 1.0 else gates * scaling
 
 
-def choose(logits: torch.Tensor, moe, first_index: int = 0) -> TopK:
-    """The routing decision of MoEConfig `moe` for S sub-tokens whose replica-wide indices start at
-    `first_index`: the gate's own top-k, or with `moe.debug_routing` the debug choice (see debug_experts)."""
+def choose(logits: torch.Tensor, moe, first_index: int = 0, bias: torch.Tensor | None = None) -> TopK:
+    """The routing decision of MoEConfig `moe` for S sub-tokens (token-major: a token's h sub-tokens are
+    adjacent rows) whose replica-wide indices start at `first_index`.
+
+    Which experts: the gate's own top-k, or with `bias` (aux-loss-free balancing, (E,) fp32) and/or
+    `moe.route_group_limit` the top-k of the selection scores (scores + bias, limited to the token's
+    groups: group_limited_scores), or with `moe.debug_routing` the debug choice (see debug_experts).
+    The gate weights always come from the unbiased scores of the chosen experts."""
     k = moe.top_k
-    if not moe.debug_routing:
+    if moe.debug_routing:
+        experts = debug_experts(logits.shape[0], k, logits.shape[1], moe.debug_routing, moe.debug_skew_fraction,
+                                first_index, logits.device)
+        # The router still runs (its cost stays in the timing) and still weighs the forced choice, so the
+        # gradients and losses keep their usual form; only which experts is replaced.
+        return _weigh(logits, _scores(logits, moe), experts, moe)
+    if bias is None and not moe.route_group_limit:
         if moe.gate == "sigmoid":
             return top_k_sigmoid(logits, k, moe.gate_scaling)
         choice = top_k(logits, k)
         return choice if moe.gate_scaling == 1.0 else TopK(choice.probs, choice.experts,
                                                            _scaled(choice.gates, moe.gate_scaling), choice.lse)
-    experts = debug_experts(logits.shape[0], k, logits.shape[1], moe.debug_routing, moe.debug_skew_fraction,
-                            first_index, logits.device)
-    # The router still runs (its cost stays in the timing) and still weighs the forced choice, so the
-    # gradients and losses keep their usual form; only which experts is replaced.
+    scores = _scores(logits, moe)  # (S, E)
+    with torch.no_grad():  # the choice is not differentiable; only the weights of the chosen are
+        select = scores if bias is None else scores + bias.to(scores.dtype)  # (S, E)
+        if moe.route_group_limit:
+            select = group_limited_scores(select, moe.route_groups, moe.route_group_limit, moe.num_heads, k)
+        experts = select.topk(k, dim=-1).indices  # (S, k)
+    return _weigh(logits, scores, experts, moe)
+
+
+def _scores(logits: torch.Tensor, moe) -> torch.Tensor:
+    """(S, E) what the top-k ranks: sigmoid scores for 'sigmoid', softmax probabilities otherwise."""
+    return torch.sigmoid(logits) if moe.gate == "sigmoid" else torch.softmax(logits, dim=-1)
+
+
+def _weigh(logits: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor, moe) -> TopK:
+    """Probabilities, gates and lse for experts chosen by something other than the scores' own top-k."""
+    top = scores.gather(1, experts)  # (S, k)
     if moe.gate == "sigmoid":
-        scores = torch.sigmoid(logits)
-        top = scores.gather(1, experts)
         probs = scores / scores.sum(dim=-1, keepdim=True)
-        gates = _scaled(top / top.sum(dim=-1, keepdim=True), moe.gate_scaling)
+        gates = top / top.sum(dim=-1, keepdim=True)
     else:
-        probs = torch.softmax(logits, dim=-1)
-        top = probs.gather(1, experts)
-        gates = _scaled(top / top.sum(dim=-1, keepdim=True) if k > 1 else top, moe.gate_scaling)
-    # A forced expert may have a tiny probability: l_e - log p_e would be ill-conditioned there.
-    return TopK(probs=probs, experts=experts, gates=gates, lse=torch.logsumexp(logits, dim=-1))
+        probs = scores
+        gates = top / top.sum(dim=-1, keepdim=True) if experts.shape[1] > 1 else top
+    # The chosen expert may have a tiny probability: l_e - log p_e would be ill-conditioned there.
+    return TopK(probs=probs, experts=experts, gates=_scaled(gates, moe.gate_scaling),
+                lse=torch.logsumexp(logits, dim=-1))
+
+
+def group_limited_scores(select: torch.Tensor, groups: int, limit: int, heads: int, k: int) -> torch.Tensor:
+    """(S, E) selection scores of S = n*h token-major sub-tokens -> the same with every expert outside its
+    token's `limit` best groups set to -inf, so that a top-k of the result stays inside those groups.
+
+    1. A sub-token scores group g by the sum of its best min(k, E/G) scores inside g.
+    2. A token scores g by the sum over its h sub-tokens: the groups are chosen per token, not per sub-token,
+       so that all of a token's sub-tokens (and its traffic) go to the same M groups.
+    3. The token's M best groups stay; the other groups' experts get -inf.
+    """
+    S, E = select.shape
+    per = E // groups
+    n = S // heads
+    # 1.
+    sub_group = select.view(S, groups, per).topk(min(k, per), dim=-1).values.sum(-1)  # (S, G)
+    # 2.
+    token_group = sub_group.view(n, heads, groups).sum(1)  # (n, G)
+    # 3.
+    best = token_group.topk(limit, dim=-1).indices  # (n, M)
+    allowed = torch.zeros(n, groups, dtype=torch.bool, device=select.device).scatter_(1, best, True)  # (n, G)
+    allowed = allowed.repeat_interleave(heads, 0).repeat_interleave(per, 1)  # (S, E)
+    return select.masked_fill(~allowed, float("-inf"))
+
+
+def group_limited_reference(select: torch.Tensor, groups: int, limit: int, heads: int, k: int) -> torch.Tensor:
+    """Slow reference of group-limited top-k: (S, k) expert ids by loops over tokens, groups and experts."""
+    S, E = select.shape
+    per = E // groups
+    out = torch.empty(S, k, dtype=torch.long)
+    for t in range(S // heads):
+        rows = range(t * heads, (t + 1) * heads)
+        score = []
+        for g in range(groups):
+            total = 0.0
+            for i in rows:
+                total += sum(sorted((float(select[i, e]) for e in range(g * per, (g + 1) * per)),
+                                    reverse=True)[:min(k, per)])
+            score.append(total)
+        chosen = sorted(range(groups), key=lambda g: -score[g])[:limit]
+        pool = [e for g in sorted(chosen) for e in range(g * per, (g + 1) * per)]
+        for i in rows:
+            ranked = sorted(pool, key=lambda e: -float(select[i, e]))
+            out[i] = torch.tensor(ranked[:k])
+    return out
 
 
 def debug_experts(S: int, k: int, E: int, mode: str, skew_fraction: float, first_index: int,

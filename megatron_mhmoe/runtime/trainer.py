@@ -305,10 +305,17 @@ class Trainer:
                     layer.add_global_counts(st)
             result = eng.step()
             sums = self._reduce_mean_over_dp(sums / t.grad_accum_steps)
-            # (L, E) kept counts of the whole step (micro-batches and DP) for the global-batch MaxVio.
+            # (L, E) kept counts of the whole step (micro-batches and DP) for the global-batch MaxVio, and
+            # (L, E) assignments before capacity for the aux-loss-free bias: one all-reduce for both.
             step_kept = metrics.step_kept_counts(stats, t.grad_accum_steps)
             if step_kept is not None:
-                comm.all_reduce_(step_kept, self.ctx.dp_group)
+                L = step_kept.shape[0]
+                both = torch.cat([step_kept, metrics.step_selection_counts(stats, t.grad_accum_steps)])
+                comm.all_reduce_(both, self.ctx.dp_group)
+                step_kept = both[:L]
+                if not result.skipped:  # the bias moves with the applied steps only
+                    for layer, counts in zip(moe_layers, both[L:]):
+                        layer.update_bias(counts)
         loss, lm, aux, z, seq_aux, global_aux = sums.tolist()
         return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "seq_aux_loss": seq_aux,
                 "global_aux_loss": global_aux, "grad_norm": result.grad_norm, "skipped": result.skipped,
@@ -331,9 +338,11 @@ class Trainer:
                 n = b["loss_mask"].sum().double()
                 total += torch.stack([out.lm_loss.detach().double() * n, n])
                 if out.moe_stats:
-                    # (L, E) selections, (L, h*k+1) divergence, (L, E) kept, (L, h*E) head x expert
+                    # (L, E) selections, (L, h*k+1) divergence, (L, E) kept, (L, h*E) head x expert,
+                    # (L, h*k+1) fan-out over groups and over EP ranks
                     cur = [torch.stack([getattr(st, a).double().reshape(-1) for st in out.moe_stats])
-                           for a in ("selections", "divergence", "kept", "head_counts")]
+                           for a in ("selections", "divergence", "kept", "head_counts", "fanout_groups",
+                                     "fanout_ranks")]
                     acc = cur if acc is None else [x + y for x, y in zip(acc, cur)]
             comm.all_reduce_(total, self.ctx.dp_group)
             if acc is not None:
@@ -341,7 +350,8 @@ class Trainer:
                     comm.all_reduce_(x, self.ctx.dp_group)
                 L, h = acc[0].shape[0], self.cfg.model.moe.num_heads
                 self.val_routing.update(selections=acc[0].cpu(), divergence=acc[1].cpu(), kept=acc[2].cpu(),
-                                        head_counts=acc[3].cpu().view(L, h, -1))
+                                        head_counts=acc[3].cpu().view(L, h, -1), fanout_groups=acc[4].cpu(),
+                                        fanout_ranks=acc[5].cpu())
             total = total.tolist()
         eng.train()
         return total[0] / max(total[1], 1.0)
@@ -464,10 +474,11 @@ class Trainer:
         if self.val_routing:
             vr = self.val_routing
             routing = metrics.routing_report(vr["selections"], vr["divergence"], self.threshold,
-                                             vr.get("head_counts"), vr.get("kept"))
+                                             vr.get("head_counts"), vr.get("kept"), vr.get("fanout_groups"),
+                                             vr.get("fanout_ranks"))
             final.update({f"final/{k}": routing.get(k) for k in (
                 "activation_ratio", "effective_experts", "divergence", "maxvio", "head_activation_ratio",
-                "head_effective_experts", "mi_head_expert_bits")})
+                "head_effective_experts", "mi_head_expert_bits", "fanout_groups_mean", "fanout_ranks_mean")})
             if self.ctx.rank == 0:
                 write_json_atomic(os.path.join(cfg.run_dir, "moe_stats.json"), routing)
                 if vr.get("head_counts") is not None:

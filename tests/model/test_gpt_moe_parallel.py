@@ -17,6 +17,10 @@ writes it out from the replicas' counts and probabilities (see _reference). Comp
 - the fresh init at this layout gathers to the TP=EP=1 init, and the parameter counts agree.
 At least one capacity case must actually drop tokens, or the capacity comparison proved nothing.
 
+The routing options run here too: sigmoid scores, debug skew routing, the sequence-wise and global-batch
+losses, the aux-loss-free bias (a random bias in the state) and token-level group-limited routing, whose
+per-token group fan-out histograms must also be identical.
+
 Weights are randomised away from their init (biases non-zero, norm weights != 1, gate temperature moved)
 so that a bias added twice or a gradient reduced over the wrong group changes the numbers.
 
@@ -71,6 +75,15 @@ CASES = {
                                                                                     global_aux_loss_coef=0.05))),
     "w4_tp1_ep4_cf1_seq_global": (4, 1, 4, False, 1.0, dict(moe=dict(seq_aux_loss_coef=0.05,
                                                                       global_aux_loss_coef=0.05))),
+    # Aux-loss-free bias (a random one, see full_state) and token-level group-limited routing, alone and
+    # together; G=4 groups of 2 experts, M=2 (the bias also moves which groups a token picks).
+    "w4_tp2_ep2_sp_cf1_bias": (4, 2, 2, True, 1.0, dict(moe=dict(aux_loss_coef=0.0, bias_update_rate=0.001))),
+    "w4_tp1_ep4_cf1_bias_sigmoid": (4, 1, 4, False, 1.0, dict(moe=dict(gate="sigmoid", bias_update_rate=0.001))),
+    "w4_tp2_ep2_sp_cf1_groups": (4, 2, 2, True, 1.0, dict(moe=dict(route_groups=4, route_group_limit=2))),
+    "w4_tp1_ep4_dropless_groups_bias": (4, 1, 4, False, 0.0, dict(moe=dict(route_groups=4, route_group_limit=1,
+                                                                          bias_update_rate=0.001))),
+    "w4_tp2_ep4_cf1_groups_bias": (4, 2, 4, False, 1.0, dict(num_layers=4, moe=dict(
+        route_groups=2, route_group_limit=1, bias_update_rate=0.001, gate="sigmoid"))),
     "w2_tp2_ep2_sp_cf1": (2, 2, 2, True, 1.0, dict(num_layers=4, tie_embeddings=False)),
     "w2_tp1_ep2_cf1": (2, 1, 2, False, 1.0, dict(norm="rmsnorm")),
     # shared experts (one on every sub-token, replicated over EP, TP-partial grads like the router's)
@@ -96,7 +109,12 @@ def full_state(cfg: ModelConfig, seed: int) -> dict:
     model = GPTModel(cfg, single, seed=seed)
     state = gather_full_state_dict(model, single, true_vocab=cfg.vocab_size)
     g = torch.Generator().manual_seed(seed)
-    return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+    # The aux-loss-free bias is a replicated buffer: a random one changes which experts are chosen.
+    for name, buf in model.named_buffers():
+        if name.endswith("expert_bias.value"):
+            state[name] = 0.05 * torch.randn(buf.shape, generator=g)
+    return state
 
 
 def micro_batches(cfg: ModelConfig, dp: int, seed: int) -> list[tuple]:
@@ -123,6 +141,7 @@ def _summary(out, loss=None, global_aux=None) -> dict:
     return dict(losses,
                 dropped=sum(st.dropped for st in out.moe_stats),
                 kept=[st.kept.clone() for st in out.moe_stats],
+                fanout=[st.fanout_groups.clone() for st in out.moe_stats],
                 num_moe_layers=len(out.moe_stats))
 
 
@@ -153,6 +172,9 @@ def _reference(name: str) -> dict:
     single = ParallelContext.single_process()
     model = GPTModel(cfg, single)
     model.load_state_dict(shard_full_state_dict(model, state, single, cfg.padded_vocab_size(1)))
+    for k, buf in model.named_buffers():  # the random bias arrived (else both sides would route unbiased)
+        if k in state:
+            assert torch.equal(buf, state[k]), f"{name}: buffer {k} was not loaded"
     outs = [model(t, labels=l, loss_mask=m) for t, l, m in batches]  # one routing group per replica
     # Global-batch loss by its formula, per MoE layer l: E * sum_e f_e P_e^r with f_e = first choices of e
     # over ALL replicas / their sub-tokens (a constant) and P^r replica r's mean probabilities. One process
@@ -218,6 +240,8 @@ def _check(results: dict, name: str) -> None:
         assert r["dropped"] == rr["dropped"], f"{where}: dropped {r['dropped']} != reference {rr['dropped']}"
         for i, (kp, kr) in enumerate(zip(r["kept"], rr["kept"])):
             assert torch.equal(kp, kr), f"{where}: MoE layer {i} kept {kp.tolist()} != {kr.tolist()}"
+        for i, (fp, fr) in enumerate(zip(r["fanout"], rr["fanout"])):
+            assert torch.equal(fp, fr), f"{where}: MoE layer {i} group fan-out {fp.tolist()} != {fr.tolist()}"
         for k in LOSSES:
             assert_close_rel(r[k], rr[k], f"{where} {k}")
         assert r["num_params"] == ref["num_params"], where
@@ -240,6 +264,20 @@ def test_matches_single_process_world2(world2, name):
 @pytest.mark.parametrize("name", [n for n in CASES if CASES[n][0] == 4])
 def test_matches_single_process_world4(world4, name):
     _check(world4, name)
+
+
+def test_group_limit_bounds_the_fanout_and_the_bias_is_loaded(world4):
+    """A token reaches at most route_group_limit groups (and in these cases more without the limit would be
+    possible), and the bias cases really ran with the random bias of full_state."""
+    for name, (ref, ranks) in world4.items():
+        moe = ref["cfg"].moe
+        if moe.route_group_limit:
+            for r in ranks + ref["replicas"]:
+                for hist in r["fanout"]:
+                    assert hist[moe.route_group_limit + 1:].sum() == 0, (name, hist.tolist())
+                    assert hist[moe.route_group_limit] > 0, (name, hist.tolist())
+        if moe.bias_update_rate:
+            assert any(k.endswith("expert_bias.value") and v.abs().sum() > 0 for k, v in ref["state"].items()), name
 
 
 def test_capacity_drops_and_dropless_does_not(world2, world4):

@@ -17,6 +17,7 @@ from megatron_mhmoe.model.gpt import GPTModel
 from megatron_mhmoe.moe.layer import MHMoELayer
 from megatron_mhmoe.moe.losses import global_balance_loss, load_balance_loss, sequence_balance_loss
 from megatron_mhmoe.parallel.context import ParallelContext
+from tests.moe.stub_trainer import stub_trainer, token_batches
 
 SP = ParallelContext.single_process()
 E, K, H, D = 6, 2, 4, 32
@@ -135,39 +136,13 @@ def test_empty_input_gives_zero_losses_with_a_gradient():
 def test_train_step_runs_the_counts_over_its_micro_batches_and_resets_them():
     """Trainer.train_step: micro-batch 2's global loss uses micro-batches 1 + 2's counts, the next step
     starts afresh, and the step's kept counts (global MaxVio) are the micro-batches' sum."""
-    from types import SimpleNamespace
-
-    from megatron_mhmoe.runtime.trainer import Trainer
-
     moe = MoEConfig(num_experts=4, top_k=2, num_heads=2, expert_hidden_size=16, moe_every=1,
                     global_aux_loss_coef=0.1, gate="softmax")
     cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_attention_heads=4, ffn_hidden_size=64,
                       max_seq_len=16, dropout=0.0, moe=moe)
     model = GPTModel(cfg, SP)
-    outs = []
-
-    class Engine:
-        device = torch.device("cpu")
-
-        def to_device(self, b):
-            return b
-
-        def __call__(self, tokens, **kw):
-            outs.append(model(tokens, **kw))
-            return outs[-1]
-
-        def backward(self, loss):
-            loss.backward()
-
-        def step(self):
-            return SimpleNamespace(grad_norm=0.0, skipped=False)
-
-    tr = object.__new__(Trainer)
-    tr.cfg = SimpleNamespace(train=SimpleNamespace(grad_accum_steps=2))
-    tr.engine, tr.module, tr.ctx, tr.callbacks, tr.device_guard = Engine(), model, SP, [], False
-    g = torch.Generator().manual_seed(0)
-    batches = iter([{"tokens": t, "labels": t, "loss_mask": torch.ones(2, 16)}
-                    for t in (torch.randint(0, 64, (2, 16), generator=g) for _ in range(4))])
+    tr, outs = stub_trainer(model, grad_accum=2)
+    batches = token_batches(64, 4)
     r = tr.train_step(batches)
     st1, st2 = outs[0].moe_stats[0], outs[1].moe_stats[0]
     f = (st1.top1 + st2.top1).double() / (st1.num_sub_tokens + st2.num_sub_tokens)
