@@ -142,6 +142,18 @@ def test_quoted_defaults():
         assert 'MASTER_PORT="${MASTER_PORT:-29500}"' in open(os.path.join(ROOT, "launch", script)).read(), script
 
 
+def test_shared_expert_defaults_and_kinds_are_the_readme_ones():
+    from megatron_mhmoe.config import MoEConfig
+    from megatron_mhmoe.scaling.spec import KINDS, SweepSpec
+    text = flat(README)
+    assert "`num_shared_experts` (default 0 = none)" in text and MoEConfig().num_shared_experts == 0
+    assert "`shared_expert_hidden_size` (default 0 = `expert_hidden_size`)" in text
+    assert MoEConfig().shared_expert_hidden_size == 0
+    assert "(sweep field, default 1)" in text and SweepSpec().num_shared_experts == 1
+    for kind in KINDS:
+        assert f"| `{kind}` |" in README, kind
+
+
 # ---------------------------------------------------------------------- names
 SHORT = ("runtime", "moe", "parallel", "model", "scaling")
 TOP = ("megatron_mhmoe", "tools", "tests", "benchmarks", "launch", "ds_configs", "constraints")
