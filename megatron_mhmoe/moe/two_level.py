@@ -21,8 +21,10 @@ Combine (the reverse; autograd makes the backward the reverse of that again):
 7. Undo 3 and 2: the partial rows return to the source rank, which adds them into its sub-tokens.
 
 Every exchange is an all-to-all over the EP group whose splits are zero except within the node (2, 4)
-or between gateways (3), so only step 3 (and the small count vectors) crosses nodes. The counts of each
-exchange come to the host once (gloo and the uneven all-to-all need them there).
+or between gateways (3), so only step 3 (and the small traffic vectors) crosses nodes. Every rank sends
+every rank one traffic vector (its packets per node, its assignments per rank) before step 2: the one host
+sync of a chunk, from which each rank derives what it receives in 2, 3 and 4 (NodeLayout.receive_splits).
+Within the node the ids travel as exact float columns of the rows; between nodes as int8 beside them.
 
 Overlap: with C chunks (model.moe.a2a_chunks) each chunk runs as a coroutine that yields after starting
 its inter-node exchange (3, and the return of 7) asynchronously; the chunks are advanced in turn, so one
@@ -73,6 +75,34 @@ class NodeLayout:
     def remote_peers(self, p: int) -> list[int]:
         return [q for q in range(self.ep_size) if self.node(q) != self.node(p)]
 
+    def ranks_of(self, a: int) -> range:
+        return range(a * self.per_node, (a + 1) * self.per_node)
+
+    def receive_splits(self, traffic: list, me: int) -> tuple[list[int], list[int], list[int]]:
+        """Rows EP rank `me` receives from each EP rank in steps 2, 3 and 4, from every rank's traffic:
+        traffic[s] = (u, a) with u[b] = packets of rank s for node b, a[q] = its kept assignments to rank q.
+
+        2. s sends its own node's packets to itself, node b's to gw(node(s), b).
+        3. A rank keeps the own-node packets it holds; gw(B, A) sends every packet of node B for node A
+           to gw(A, B).
+        4. Holder h on node A holds its own packets for A and, for each node B with gw(A, B) = h, node B's
+           packets for A: it sends rank q of A their assignments to q."""
+        N, A, P = self.num_nodes, self.node(me), self.ep_size
+        u = [t[0] for t in traffic]
+        a = [t[1] for t in traffic]
+        recv2, recv3, recv4 = [0] * P, [0] * P, [0] * P
+        for s in self.ranks_of(A):
+            recv2[s] = sum(u[s][b] for b in range(N)
+                           if (s if b == A else self.gateway(A, b)) == me)
+        recv3[me] = u[me][A]
+        for B in range(N):
+            if B != A and self.gateway(A, B) == me:
+                recv3[self.gateway(B, A)] = sum(u[s][A] for s in self.ranks_of(B))
+        for h in self.ranks_of(A):
+            recv4[h] = a[h][me] + sum(a[s][me] for B in range(N) if B != A and self.gateway(A, B) == h
+                                      for s in self.ranks_of(B))
+        return recv2, recv3, recv4
+
 
 def node_layout(ep_size: int, per_node: int) -> NodeLayout | None:
     """The two-level layout, or None for the flat path (layout unknown, or the EP group fits in one node)."""
@@ -92,45 +122,40 @@ def id_dtype(experts_per_node: int) -> torch.dtype:
 
 
 def internode_formula(packets_out: int, packets_in: int, d_sub: int, k: int, itemsize: int, id_size: int,
-                      ep_size: int, per_node: int, exchanges: int = 3) -> int:
+                      ep_size: int, per_node: int, chunks: int = 1) -> int:
     """Bytes one rank sends to other nodes in one fwd+bwd step of one chunk of the two-level path.
 
     packets_out / packets_in: packets this rank sends to / receives from other nodes in step 3.
     forward: step 3 sends packets_out x ((d_sub + k) x itemsize + k x id_size); the combine returns
     packets_in partial rows (d_sub x itemsize). backward: the combine's conjugate sends packets_out
-    gradient rows (d_sub), step 3's conjugate packets_in payload gradients (d_sub + k). Plus each of the
-    `exchanges` count exchanges: one int64 to every rank of another node."""
+    gradient rows (d_sub), step 3's conjugate packets_in payload gradients (d_sub + k). Plus, per chunk,
+    the traffic vector (N + EP int64, receive_splits) to every rank of another node."""
     payload = (d_sub + k) * itemsize
     rows = d_sub * itemsize
-    counts = exchanges * (ep_size - per_node) * 8
+    counts = chunks * (ep_size - per_node) * (ep_size // per_node + ep_size) * 8
     return packets_out * (payload + k * id_size + rows) + packets_in * (rows + payload) + counts
 
 
 class _Route:
     """One exchange: rows to EP ranks `dest`, remembered so that `back` returns rows the same way."""
 
-    def __init__(self, disp, dest: torch.Tensor, like: torch.Tensor):
-        ep = disp.ctx.ep_size
+    def __init__(self, disp, dest: torch.Tensor, recv: list[int]):
         self.disp, self.group = disp, disp.ctx.ep_group
         self.order = torch.argsort(dest, stable=True)  # (n,) rows grouped by destination rank
-        counts = torch.bincount(dest, minlength=ep)  # (EP,)
-        t = time.perf_counter()
-        self.send = counts.tolist()
-        self.recv = comm.all_to_all_v(counts, [1] * ep, [1] * ep, self.group).tolist()  # host sync
-        disp._add_time("counts_exchange", time.perf_counter() - t)
-        layout, me = disp.layout, disp.ctx.ep_rank
-        self.remote = [q for q in layout.remote_peers(me)]
-        disp._internode_counts_bytes += 8 * len(self.remote)
+        self.send = torch.bincount(dest, minlength=disp.ctx.ep_size).tolist()
+        self.recv = recv  # from receive_splits: no count exchange per step
+        self.remote = disp.layout.remote_peers(disp.ctx.ep_rank)
 
     def remote_rows(self, splits: list[int]) -> int:
         return sum(splits[q] for q in self.remote)
 
-    def start(self, rows: torch.Tensor, ids: torch.Tensor):
-        """Send rows (n, w) (autograd) and ids (n, ...) (no grad), asynchronously: wait with `finish`."""
+    def start(self, rows: torch.Tensor, ids: torch.Tensor | None = None):
+        """Send rows (n, w) (autograd) and ids (n, ...) (no grad, optional), asynchronously: `finish` waits."""
         rows = rows.index_select(0, self.order)  # (n, w) grouped by destination
-        ids = ids.index_select(0, self.order)
         out, p1 = comm.all_to_all_start(rows, self.recv, self.send, self.group)
-        ids_out, p2 = comm.all_to_all_v_start(ids, self.recv, self.send, self.group)
+        ids_out, p2 = None, comm.Pending()
+        if ids is not None:
+            ids_out, p2 = comm.all_to_all_v_start(ids.index_select(0, self.order), self.recv, self.send, self.group)
         return out, ids_out, (p1, p2)
 
     def finish(self, out, ids_out, pending):
@@ -140,8 +165,8 @@ class _Route:
         self.disp._add_time("all_to_all", time.perf_counter() - t)
         return out, ids_out
 
-    def forward(self, rows: torch.Tensor, ids: torch.Tensor):
-        return self.finish(*self.start(rows, ids))
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.finish(*self.start(rows))[0]
 
     def back_start(self, rows: torch.Tensor):
         """Return rows (m, w) received by `forward` to where they came from (asynchronously)."""
@@ -183,36 +208,55 @@ def chunk_coroutine(disp, x_sub, experts, gates, keep, run_experts, result: list
     pk_ids = torch.full((U * k,), -1, dtype=idt, device=dev)
     pk_ids[inv * k + j] = (e % E_node).to(idt)
     pk_ids = pk_ids.view(U, k)  # (U, k) node-local expert ids, -1 = none
-    payload = torch.cat([x_sub.index_select(0, pk_tok), pk_gates], 1)  # (U, d_sub + k)
-    pk_node_ids = torch.cat([pk_node.view(U, 1).to(torch.int32), pk_ids.to(torch.int32)], 1)  # (U, 1 + k)
+    # The traffic of every rank (packets per node, assignments per rank) sizes every exchange below: one
+    # exchange of N + EP integers, the one host sync of the chunk.
+    traffic = torch.cat([torch.bincount(pk_node, minlength=layout.num_nodes),
+                         torch.bincount(e // E_local, minlength=ep)])  # (N + EP,)
+    t = time.perf_counter()
+    everyone = comm.all_to_all_v(traffic.repeat(ep), [traffic.numel()] * ep, [traffic.numel()] * ep,
+                                 disp.ctx.ep_group).view(ep, -1).tolist()  # (EP, N + EP)
+    disp._add_time("counts_exchange", time.perf_counter() - t)
+    disp._internode_counts_bytes += traffic.numel() * 8 * len(layout.remote_peers(me))
+    recv2, recv3, recv4 = layout.receive_splits(
+        [(row[:layout.num_nodes], row[layout.num_nodes:]) for row in everyone], me)
+    # Within the node the ids travel as exact float columns of the rows (one exchange instead of two).
+    if E_node > 256 and x_sub.dtype != torch.float32:
+        raise ValueError(f"{E_node} experts per node do not fit the {x_sub.dtype} id columns of the two-level "
+                         f"dispatch (at most 256 below fp32): use fp32, more nodes or the flat path")
+    meta = torch.cat([pk_node.view(U, 1), pk_ids.long()], 1).to(x_sub.dtype)  # (U, 1 + k) exact integers
+    payload = torch.cat([x_sub.index_select(0, pk_tok), pk_gates, meta], 1)  # (U, d_sub + k + 1 + k)
     # 2. Own node's packets to self, node b's to gateway gw(a, b).
     gw = torch.tensor([layout.gateway(my_node, b) for b in range(layout.num_nodes)], device=dev)
     dest2 = torch.where(pk_node == my_node, torch.full_like(pk_node, me), gw[pk_node])  # (U,)
-    r2 = _Route(disp, dest2, payload)
-    held2, meta2 = r2.forward(payload, pk_node_ids)  # (U2, d_sub + k), (U2, 1 + k)
-    # 3. Gateways exchange node b's packets; own-node packets stay (a self split).
-    node2 = meta2[:, 0].long()  # (U2,)
+    r2 = _Route(disp, dest2, recv2)
+    held2 = r2.forward(payload)  # (U2, d_sub + k + 1 + k)
+    # 3. Gateways exchange node b's packets; own-node packets stay (a self split). Over the link the ids
+    # travel as int8 (or int32) beside the rows: fewer bytes than float columns.
+    node2 = held2[:, d_sub + k].detach().long()  # (U2,)
+    ids2 = held2[:, d_sub + k + 1:].detach().long().to(idt)  # (U2, k)
     gw_back = torch.tensor([layout.gateway(b, my_node) for b in range(layout.num_nodes)], device=dev)
     dest3 = torch.where(node2 == my_node, torch.full_like(node2, me), gw_back[node2])  # (U2,)
-    r3 = _Route(disp, dest3, held2)
+    r3 = _Route(disp, dest3, recv3)
     packets_out = r3.remote_rows(r3.send)
     packets_in = r3.remote_rows(r3.recv)
     disp._internode_rows += packets_out
     disp._internode_payload_bytes += (packets_out * ((d_sub + k) * x_sub.element_size() + k * idt.itemsize)
                                       + packets_in * (d_sub + k + d_sub) * x_sub.element_size()
                                       + packets_out * d_sub * x_sub.element_size())
-    out3, ids3, pend3 = r3.start(held2, meta2[:, 1:].to(idt))
+    out3, ids3, pend3 = r3.start(held2[:, :d_sub + k], ids2)
     yield
     held, ids = r3.finish(out3, ids3, pend3)  # (H, d_sub + k), (H, k) packets for this node
     # 4. Expand to (packet, choice) assignments and send each row to its expert's owner on this node.
     a_h, a_j = (ids >= 0).nonzero(as_tuple=True)  # (A,), (A,) packet-major
     a_e = ids[a_h, a_j].long() + my_node * E_node  # (A,) global expert id
-    r4 = _Route(disp, a_e // E_local, held)
-    rows, e4 = r4.forward(held[:, :d_sub].index_select(0, a_h), a_e.to(torch.int32))  # (m, d_sub), (m,)
-    disp._rows_received += rows.shape[0]
-    disp._check_budget(rows.shape[0], x_sub)
+    disp._rows_received += sum(recv4)
+    disp._check_budget(sum(recv4), x_sub)  # before the owner's receive buffer exists
+    r4 = _Route(disp, a_e // E_local, recv4)
+    local_col = (a_e % E_local).to(held.dtype).view(-1, 1)  # (A, 1) the owner's local expert, exact
+    rows = r4.forward(torch.cat([held[:, :d_sub].index_select(0, a_h), local_col], 1))  # (m, d_sub + 1)
+    local = rows[:, d_sub].detach().long()  # (m,)
+    rows = rows[:, :d_sub]  # (m, d_sub)
     # 5. Regroup by local expert, run the experts.
-    local = e4.long() - me * E_local  # (m,)
     regroup = torch.argsort(local, stable=True)  # (m,)
     counts = torch.bincount(local, minlength=E_local).tolist()
     t = time.perf_counter()
