@@ -410,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--moe-every", type=int, default=2)
     ap.add_argument("--gate", choices=("xmoe", "softmax", "sigmoid"), default="xmoe")
     ap.add_argument("--gate-dim", type=int, default=16)
+    ap.add_argument("--num-shared-experts", type=int, default=0,
+                    help="shared experts per MoE layer, of the routed experts' shape (MH-MoE: on each sub-token)")
     ap.add_argument("--heads", type=int, nargs="+", default=[2, 3], help="MH-MoE heads h to size")
     ap.add_argument("--k-prime", type=int, default=None, help="flops mode: k' for every h (default h)")
     ap.add_argument("--mode", choices=("flops", "params", "both"), default="both")
@@ -428,6 +430,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         tie_embeddings=not a.untied).validate()
     smoe = smoe_from_dense(dense, a.num_experts, a.top_k, moe_every=a.moe_every,
                            expert_hidden_size=a.expert_hidden_size, gate=a.gate, gate_dim=a.gate_dim)
+    if a.num_shared_experts:
+        smoe = dataclasses.replace(smoe, moe=dataclasses.replace(smoe.moe, num_shared_experts=a.num_shared_experts))
+        smoe.validate()
     rows = [{"name": "Dense", "config": dense}, {"name": "SMoE" if a.gate == "softmax" else "SMoE (X-MoE)",
                                                  "config": smoe}]
     notes = []
@@ -445,7 +450,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          f"x{rep['layer_flops_ratio']:.3f} vs SMoE)\n    {rep['formula']}")
     base = {"params": count_params(smoe)["total"], "flops": flops_per_token(smoe, a.seq_len)}
     print(f"d={a.hidden_size} L={a.num_layers} V={a.vocab_size} d_ff={a.ffn_hidden_size} {a.activation} "
-          f"E={a.num_experts} k={a.top_k} MoE every {a.moe_every} layer(s), seq_len={a.seq_len}; "
+          f"E={a.num_experts} k={a.top_k}{f' + {a.num_shared_experts} shared' if a.num_shared_experts else ''} "
+          f"MoE every {a.moe_every} layer(s), seq_len={a.seq_len}; "
           f"ratios vs the SMoE; active = non-expert params + the h*k expert slots of a token")
     print(_table(rows, a.seq_len, base))
     print("matched sizes:")

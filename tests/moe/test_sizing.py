@@ -148,6 +148,10 @@ def test_cli():
                          capture_output=True, text=True, check=True).stdout
     for s in ("Dense", "SMoE", "MH-MoE h=2 [flops]", "k'=2 d'=768 E'=40", "k'=3 d'=512 E'=96"):
         assert s in out, out
+    out = subprocess.run(run + ["--activation", "swiglu", "--heads", "2", "--mode", "flops", "--num-shared-experts",
+                                "1", "--expert-multiple", "1"], capture_output=True, text=True, check=True).stdout
+    # d' = (2*3*768*2048 - 2*768^2) / (3*768*3) = 1194.67 -> 1192, E' = 29.07 -> 29 (see the hand test below)
+    assert "k=1 + 1 shared" in out and "k'=2 d'=1192 E'=29" in out, out
 
 
 # ---------------------------------------------------------------------------- active parameters per token
