@@ -5,6 +5,8 @@
   resharding. The global batch stays 4 sequences (micro 2 x accumulation x DP) and every layout routes per
   micro-batch of 2, so the runs are the same maths in another reduction order. Tolerance: rel 2e-5
   (fp32; the max observed difference is printed, ~1e-7 on this machine).
+- The aux-loss-free bias (on in every run here) is identical on every rank at step 3 and after the resumed
+  steps 4-5, is carried by the tool, and after steps 4-5 at the new layout equals the world-4 run's exactly.
 - A round trip world 4 -> 2 -> 1 -> 4 reproduces every original rank tensor (weights, fp32 masters, Adam
   moments, steps, scheduler) exactly, vocabulary padding included (RNG: rank 0's; the 1-rank hop keeps one).
 - Loading a checkpoint of another layout without the tool still fails with the message naming the tool.
@@ -38,7 +40,7 @@ def run_args(data: str, run_dir: str, tp: int, ep: int, zero: int, extra=()) -> 
             "--train.global_batch_size=4", "--train.train_steps=5", "--train.warmup_steps=2",
             "--train.log_interval=1", "--train.eval_interval=100", "--train.eval_iters=1",
             "--train.save_interval=100", f"--train.zero_stage={zero}", f"--parallel.tp={tp}", f"--parallel.ep={ep}",
-            "--wandb.mode=disabled", "--data.split=90,10,0", *extra]
+            "--model.moe.bias_update_rate=0.01", "--wandb.mode=disabled", "--data.split=90,10,0", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,23 @@ def trained(byte_data, tmp_path_factory):  # noqa: F811
     import shutil
     shutil.copytree(ckpt3, keep)  # the continuation below may prune it
     finish(torchrun(4, run_args(byte_data, run, 2, 4, 1)))
-    return {"dir": d, "ckpt": keep, "want": losses(run), "data": byte_data}
+    return {"dir": d, "ckpt": keep, "want": losses(run), "data": byte_data,
+            "final_bias": rank_biases(os.path.join(run, "checkpoints", "step_00000005"))}
+
+
+def rank_biases(ckpt: str) -> list[dict]:
+    """Every rank file's aux-loss-free biases (name -> (E,) tensor), from a checkpoint folder."""
+    from megatron_mhmoe.runtime import consolidate as C
+    _, states = C.read_checkpoint(ckpt, _safe(), log=lambda m: None)
+    return [{k: v for k, v in st["model"].items() if k.endswith("expert_bias.value")} for st in states]
+
+
+def assert_same_bias_everywhere(biases: list[dict], want: dict, where: str) -> None:
+    assert want and all(v.dtype == torch.float32 and v.abs().sum() > 0 for v in want.values()), where
+    for r, b in enumerate(biases):
+        assert set(b) == set(want), (where, r)
+        for k in b:
+            assert torch.equal(b[k], want[k]), f"{where}: rank {r} {k} = {b[k].tolist()} != {want[k].tolist()}"
 
 
 def rel(a: float, b: float) -> float:
@@ -74,6 +92,12 @@ def test_resharded_run_continues_with_the_same_losses(trained, world, tp, ep, ze
     diffs = [rel(got[s], want[s]) for s in (4, 5)]
     print(f"world {world} TP={tp} EP={ep} ZeRO-{zero}: max rel loss difference {max(diffs):.3g}")
     assert max(diffs) < REL_TOL, (got, want)
+    # The aux-loss-free bias: the resharded checkpoint carries step 3's on every rank, and after two more
+    # steps at the new layout (world 1: two micro-batches per step) it equals the world-4 run's, exactly.
+    assert_same_bias_everywhere(rank_biases(os.path.join(save_dir, "step_00000003")), rank_biases(trained["ckpt"])[0],
+                                f"resharded to world {world}")
+    assert_same_bias_everywhere(rank_biases(os.path.join(save_dir, "step_00000005")), trained["final_bias"][0],
+                                f"world {world} after steps 4-5")
 
 
 def _assert_equal(a, b, where=""):
@@ -85,6 +109,15 @@ def _assert_equal(a, b, where=""):
             _assert_equal(a[k], b[k], f"{where}.{k}")
     else:
         assert a == b, (where, a, b)
+
+
+def test_bias_is_identical_on_every_rank(trained):
+    """The world-4 run's bias after 3 steps and after the resumed steps 4-5, on all 4 rank files."""
+    for ckpt_bias, where in ((rank_biases(trained["ckpt"]), "step 3"), (trained["final_bias"], "step 5")):
+        assert len(ckpt_bias) == 4
+        assert_same_bias_everywhere(ckpt_bias, ckpt_bias[0], where)
+    first = next(iter(trained["final_bias"][0]))
+    assert not torch.equal(trained["final_bias"][0][first], rank_biases(trained["ckpt"])[0][first])  # it moved
 
 
 def test_round_trip_4_2_1_4_is_exact(trained, tmp_path):
