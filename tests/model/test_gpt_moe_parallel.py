@@ -19,7 +19,8 @@ At least one capacity case must actually drop tokens, or the capacity comparison
 
 The routing options run here too: sigmoid scores, debug skew routing, the sequence-wise and global-batch
 losses, the aux-loss-free bias (a random bias in the state) and token-level group-limited routing, whose
-per-token group fan-out histograms must also be identical.
+per-token group fan-out histograms must also be identical. Shared experts (replicated over EP, gradients
+summed over TP like the router's) run at TP=2 x EP=2 with SP and at EP=4.
 
 Weights are randomised away from their init (biases non-zero, norm weights != 1, gate temperature moved)
 so that a bias added twice or a gradient reduced over the wrong group changes the numbers.
