@@ -188,7 +188,8 @@ def estimate_rank_bytes(module: torch.nn.Module, dp_size: int, edp_size: int, ze
 RESUME_KEYS = ("train.global_batch_size", "train.seq_len", "train.seed", "data.data_path", "data.split",
                "model.moe.num_experts", "model.moe.top_k", "model.moe.num_heads", "model.moe.gate",
                "model.moe.gate_scaling", "model.moe.capacity_factor", "model.moe.debug_routing",
-               "model.moe.debug_skew_fraction", "model.moe.route_groups", "model.moe.route_group_limit")
+               "model.moe.debug_skew_fraction", "model.moe.route_groups", "model.moe.route_group_limit",
+               "model.moe.num_shared_experts")
 """Keys a record lacks (it was written before the key existed) are not compared."""
 
 

@@ -444,6 +444,9 @@ class Trainer:
              "step_time_s": elapsed / max(window.steps, 1), "all_to_all_s": a2a / max(window.steps, 1),
              "tflops": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
              "consumed_samples": self.consumed, "skipped_steps": eng.skipped_steps}
+        biases = [l.expert_bias.value for l in self.module.modules() if getattr(l, "expert_bias", None) is not None]
+        if biases:  # aux-loss-free balancing: how far the bias has moved (max |b_e| over layers and experts)
+            m["moe/expert_bias_absmax"] = float(torch.stack(biases).abs().max())
         if r["moe_stats"]:
             m.update(metrics.summarize(r["moe_stats"], self.threshold, r.get("step_kept")))
             for i, st in enumerate(r["moe_stats"][:len(r["moe_stats"]) // t.grad_accum_steps]):

@@ -37,6 +37,9 @@ NAMES = {
     "per-head activation ratio": (["moe/head_activation_ratio"], None),
     "per-head effective experts": (["moe/head_effective_experts"], None),
     "head-expert mutual information": (["moe/mi_head_expert_bits"], None),
+    "token fan-out": (["moe/fanout_groups_mean", "moe/fanout_groups_max", "moe/fanout_ranks_mean",
+                       "moe/fanout_ranks_max"], None),
+    "the largest aux-loss-free bias": (["moe/expert_bias_absmax"], None),  # the run below turns it on
 }
 
 
@@ -89,7 +92,7 @@ def test_every_value_the_readme_names_is_in_metrics_jsonl(byte_data, tmp_path):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MHMOE_FAULT"):
         env.pop(k, None)
     r = subprocess.run([sys.executable, "-m", "megatron_mhmoe.train", *args, "--parallel.ep=1",
-                        "--train.train_steps=2", "--train.eval_interval=2"], cwd=ROOT, env=env, capture_output=True,
+                        "--train.train_steps=2", "--train.eval_interval=2", "--model.moe.bias_update_rate=0.01"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     keys = set()
