@@ -19,14 +19,15 @@ comm ms: time the main thread spends blocked in all-to-all calls and waits (fwd+
 link MB: bytes per step that crossed the link, both directions (the dispatcher's count, summed over ranks),
 next to the veth's own tx_bytes (both namespaces, from a separate untimed pass) and the formula's
 prediction for uniform routing (flat: 4 S k (N-1)/N d_sub itemsize per rank plus counts; two-level: per
-packet 2 (d_sub + k) itemsize + 2 d_sub itemsize + k id bytes, with S (N-1) (1 - C(E - E/N, k) / C(E, k))
-packets per rank, or S (N-1)/N with groups = nodes; plus 3 count vectors per chunk);
+packet 2 (d_sub + k + c) itemsize + 2 d_sub itemsize, c = columns of bit-packed ids, with
+S (N-1) (1 - C(E - E/N, k) / C(E, k)) packets per rank, or S (N-1)/N with groups = nodes; plus one traffic
+vector per chunk);
 remote rows/sub-token: rows a sub-token sends to the other node (choices for flat, packets two-level).
 
 Needs root (namespaces, tc); without it the script prints a skip message and exits 0. The namespaces are
 always removed at exit.
 
-  sudo python benchmarks/moe_two_node.py                       # 1gbit and unlimited, MH-MoE and SMoE
+  sudo python benchmarks/moe_two_node.py                       # 1gbit, 100mbit, unlimited; MH-MoE and SMoE
   sudo python benchmarks/moe_two_node.py --rates 1gbit --shapes mhmoe --reps 3
 """
 from __future__ import annotations
@@ -55,7 +56,7 @@ WORLD, PER_NODE = 4, 2
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rates", default="1gbit,none", help="comma list of tc tbf rates; 'none' = unlimited")
+    p.add_argument("--rates", default="1gbit,100mbit,none", help="comma list of tc tbf rates; 'none' = unlimited")
     p.add_argument("--shapes", default="mhmoe,smoe")
     p.add_argument("--tokens", type=int, default=1024, help="tokens per rank")
     p.add_argument("--hidden", type=int, default=512)
@@ -63,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ffn", type=int, default=64, help="expert hidden width (both shapes: equal expert FLOPs)")
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--chunks", type=int, default=4, help="a2a_chunks of the overlap modes")
+    p.add_argument("--chunks", type=int, default=2, help="a2a_chunks of the overlap modes")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per link before the workers are killed")
@@ -204,9 +205,10 @@ def predicted_bytes(args, shape: str, mode: str) -> float:
         q = (N - 1) / N
     else:
         q = (N - 1) * (1 - math.comb(E - E // N, k) / math.comb(E, k))
-    id_size = 1 if E // N <= 127 else 4
-    per_packet = 2 * (d_sub + k) * it + 2 * d_sub * it + k * id_size
-    return P * (S * q * per_packet + chunks * 3 * (P - L) * 8)
+    from megatron_mhmoe.moe.two_level import id_columns
+    c = id_columns(k, 1 if E // N <= 127 else 4, it)  # bit-packed id columns
+    per_packet = 2 * (d_sub + k + c) * it + 2 * d_sub * it
+    return P * (S * q * per_packet + chunks * (P - L) * (N + P) * 8)
 
 
 def run_link(args, rate: str) -> dict:

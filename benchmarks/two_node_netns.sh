@@ -39,7 +39,12 @@ case "${1:-}" in
     ip link set "$VETH_B" netns "$NS_B"
     ip netns exec "$NS_A" ip addr add "$ADDR_A/24" dev "$VETH_A"
     ip netns exec "$NS_B" ip addr add "$ADDR_B/24" dev "$VETH_B"
-    for ns in "$NS_A" "$NS_B"; do ip netns exec "$ns" ip link set lo up; done
+    for ns in "$NS_A" "$NS_B"; do
+      ip netns exec "$ns" ip link set lo up
+      # Keep TCP's window between the bursts of all-to-all traffic (as cluster hosts are usually tuned):
+      # otherwise every exchange restarts slow start, which favours many parallel flows over few.
+      ip netns exec "$ns" sysctl -qw net.ipv4.tcp_slow_start_after_idle=0 || true
+    done
     ip netns exec "$NS_A" ip link set "$VETH_A" up
     ip netns exec "$NS_B" ip link set "$VETH_B" up
     set_rate "${2:-none}"

@@ -121,19 +121,42 @@ def id_dtype(experts_per_node: int) -> torch.dtype:
     return torch.int8 if experts_per_node <= 127 else torch.int32
 
 
+def id_columns(k: int, id_size: int, itemsize: int) -> int:
+    """Payload columns that hold a packet's k ids of id_size bytes, bit-packed (pack_ids)."""
+    return -(-k * id_size // itemsize)
+
+
+def pack_ids(ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(U, k) integer ids -> (U, c) columns of `dtype` holding their bytes (not their values), so that they
+    cross the link in the rows' own exchange at id_size bytes each (rounded up to whole columns)."""
+    b = ids.contiguous().view(torch.uint8)  # (U, k * id_size)
+    it = torch.empty((), dtype=dtype).element_size()
+    pad = (-b.shape[1]) % it
+    if pad:
+        b = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1)  # (U, c * itemsize)
+    return b.view(dtype)  # (U, c)
+
+
+def unpack_ids(cols: torch.Tensor, k: int, id_type: torch.dtype) -> torch.Tensor:
+    """Inverse of pack_ids: (U, c) columns -> (U, k) ids of id_type."""
+    size = torch.empty((), dtype=id_type).element_size()
+    return cols.detach().contiguous().view(torch.uint8)[:, :k * size].contiguous().view(id_type)  # (U, k)
+
+
 def internode_formula(packets_out: int, packets_in: int, d_sub: int, k: int, itemsize: int, id_size: int,
                       ep_size: int, per_node: int, chunks: int = 1) -> int:
-    """Bytes one rank sends to other nodes in one fwd+bwd step of one chunk of the two-level path.
+    """Bytes one rank sends to other nodes in one fwd+bwd step of the two-level path (`chunks` chunks).
 
-    packets_out / packets_in: packets this rank sends to / receives from other nodes in step 3.
-    forward: step 3 sends packets_out x ((d_sub + k) x itemsize + k x id_size); the combine returns
-    packets_in partial rows (d_sub x itemsize). backward: the combine's conjugate sends packets_out
-    gradient rows (d_sub), step 3's conjugate packets_in payload gradients (d_sub + k). Plus, per chunk,
-    the traffic vector (N + EP int64, receive_splits) to every rank of another node."""
-    payload = (d_sub + k) * itemsize
+    packets_out / packets_in: packets this rank sends to / receives from other nodes in step 3, each
+    (d_sub + k + c) x itemsize: the row, its k gates and c = id_columns(k, id_size, itemsize) columns of
+    bit-packed ids. forward: step 3 sends packets_out of them; the combine returns packets_in partial rows
+    (d_sub x itemsize). backward: the combine's conjugate sends packets_out gradient rows (d_sub), step 3's
+    conjugate packets_in payload gradients (d_sub + k + c). Plus, per chunk, the traffic vector (N + EP
+    int64, receive_splits) to every rank of another node."""
+    payload = (d_sub + k + id_columns(k, id_size, itemsize)) * itemsize
     rows = d_sub * itemsize
     counts = chunks * (ep_size - per_node) * (ep_size // per_node + ep_size) * 8
-    return packets_out * (payload + k * id_size + rows) + packets_in * (rows + payload) + counts
+    return (packets_out + packets_in) * (payload + rows) + counts
 
 
 class _Route:
@@ -233,19 +256,18 @@ def chunk_coroutine(disp, x_sub, experts, gates, keep, run_experts, result: list
     # 3. Gateways exchange node b's packets; own-node packets stay (a self split). Over the link the ids
     # travel as int8 (or int32) beside the rows: fewer bytes than float columns.
     node2 = held2[:, d_sub + k].detach().long()  # (U2,)
-    ids2 = held2[:, d_sub + k + 1:].detach().long().to(idt)  # (U2, k)
+    ids2 = pack_ids(held2[:, d_sub + k + 1:].detach().long().to(idt), x_sub.dtype)  # (U2, c) packed bytes
     gw_back = torch.tensor([layout.gateway(b, my_node) for b in range(layout.num_nodes)], device=dev)
     dest3 = torch.where(node2 == my_node, torch.full_like(node2, me), gw_back[node2])  # (U2,)
     r3 = _Route(disp, dest3, recv3)
     packets_out = r3.remote_rows(r3.send)
     packets_in = r3.remote_rows(r3.recv)
     disp._internode_rows += packets_out
-    disp._internode_payload_bytes += (packets_out * ((d_sub + k) * x_sub.element_size() + k * idt.itemsize)
-                                      + packets_in * (d_sub + k + d_sub) * x_sub.element_size()
-                                      + packets_out * d_sub * x_sub.element_size())
-    out3, ids3, pend3 = r3.start(held2[:, :d_sub + k], ids2)
+    disp._internode_payload_bytes += (packets_out + packets_in) * (2 * d_sub + k + ids2.shape[1]) * x_sub.element_size()
+    out3, _, pend3 = r3.start(torch.cat([held2[:, :d_sub + k], ids2], 1))  # (U2, d_sub + k + c): one exchange
     yield
-    held, ids = r3.finish(out3, ids3, pend3)  # (H, d_sub + k), (H, k) packets for this node
+    held, _ = r3.finish(out3, None, pend3)  # (H, d_sub + k + c) packets for this node
+    ids = unpack_ids(held[:, d_sub + k:], k, idt)  # (H, k) node-local expert ids, -1 = none
     # 4. Expand to (packet, choice) assignments and send each row to its expert's owner on this node.
     a_h, a_j = (ids >= 0).nonzero(as_tuple=True)  # (A,), (A,) packet-major
     a_e = ids[a_h, a_j].long() + my_node * E_node  # (A,) global expert id
@@ -268,7 +290,7 @@ def chunk_coroutine(disp, x_sub, experts, gates, keep, run_experts, result: list
     # 6. Back to the holder, weighted by the gates carried in the packet: one partial row per packet.
     out = r4.back(out)  # (A, d_sub)
     from megatron_mhmoe.moe.dispatcher import _GateCombine
-    partial = _GateCombine.apply(out, held[:, d_sub:][a_h, a_j], a_h, held.shape[0])  # (H, d_sub)
+    partial = _GateCombine.apply(out, held[:, d_sub:d_sub + k][a_h, a_j], a_h, held.shape[0])  # (H, d_sub)
     # 7. Partial rows back over the link, then to the source rank, then into the sub-tokens.
     back3, pend = r3.back_start(partial)
     yield
