@@ -1,0 +1,83 @@
+"""The two-level path's rank arithmetic without processes: layout from the config or LOCAL_WORLD_SIZE, the
+receive splits every rank derives from the traffic vectors (against a packet-by-packet walk of steps 2-4,
+also for 3 and 4 nodes), the bit-packing of ids and the config checks."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from megatron_mhmoe.config import ModelConfig, MoEConfig
+from megatron_mhmoe.moe import two_level
+from megatron_mhmoe.moe.two_level import NodeLayout, node_layout, pack_ids, ranks_per_node, unpack_ids
+
+
+def test_layout_from_config_or_env():
+    assert ranks_per_node(2, env={"LOCAL_WORLD_SIZE": "8"}) == 2  # the config wins
+    assert ranks_per_node(0, env={"LOCAL_WORLD_SIZE": "8"}) == 8
+    assert ranks_per_node(0, env={}) == 0
+    assert node_layout(4, 2) == NodeLayout(4, 2) and node_layout(4, 2).num_nodes == 2
+    assert node_layout(4, 4) is None and node_layout(2, 4) is None and node_layout(4, 0) is None
+    with pytest.raises(ValueError, match="ep_ranks_per_node"):
+        node_layout(6, 4)
+
+
+def walk(layout: NodeLayout, packets: dict) -> list[list[list[int]]]:
+    """Move every packet through steps 2-4 one by one: recv[step][me][sender] rows.
+
+    packets[s] = list of (node b, {rank q on b: assignments}) of source s."""
+    P, N = layout.ep_size, layout.num_nodes
+    recv = [[[0] * P for _ in range(P)] for _ in range(3)]
+    held3 = {p: [] for p in range(P)}
+    for s, pks in packets.items():
+        a = layout.node(s)
+        for b, assign in pks:
+            g = s if b == a else layout.gateway(a, b)  # 2.
+            recv[0][g][s] += 1
+            h = g if b == a else layout.gateway(b, a)  # 3.
+            recv[1][h][g] += 1
+            held3[h].append(assign)
+    for h, held in held3.items():  # 4.
+        for assign in held:
+            for q, n in assign.items():
+                recv[2][q][h] += n
+    return recv
+
+
+@pytest.mark.parametrize("ep,per_node", [(4, 2), (6, 2), (8, 2), (8, 4), (4, 1)])
+def test_receive_splits_equal_a_packet_walk(ep, per_node):
+    layout = NodeLayout(ep, per_node)
+    rng = random.Random(ep * 10 + per_node)
+    packets = {}
+    for s in range(ep):
+        pks = []
+        for _ in range(rng.randint(0, 12)):
+            b = rng.randrange(layout.num_nodes)
+            ranks = list(layout.ranks_of(b))
+            pks.append((b, {q: rng.randint(1, 2) for q in rng.sample(ranks, rng.randint(1, len(ranks)))}))
+        packets[s] = pks
+    traffic = []
+    for s in range(ep):
+        u = [sum(1 for b, _ in packets[s] if b == n) for n in range(layout.num_nodes)]
+        a = [sum(assign.get(q, 0) for _, assign in packets[s]) for q in range(ep)]
+        traffic.append((u, a))
+    walked = walk(layout, packets)
+    for me in range(ep):
+        got = layout.receive_splits(traffic, me)
+        assert [list(x) for x in got] == [walked[i][me] for i in range(3)], me
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("id_type", [torch.int8, torch.int32])
+def test_ids_bit_packed_into_row_columns(dtype, id_type):
+    ids = torch.tensor([[-1, 5, 127], [3, -1, 0]], dtype=id_type)
+    cols = pack_ids(ids, dtype)
+    assert cols.dtype == dtype and cols.shape[1] == two_level.id_columns(3, ids.element_size(), cols.element_size())
+    assert torch.equal(unpack_ids(torch.cat([torch.ones(2, 4, dtype=dtype), cols], 1)[:, 4:], 3, id_type), ids)
+
+
+def test_config_checks():
+    for bad in (dict(ep_ranks_per_node=-1), dict(ep_recv_budget=-1), dict(a2a_chunks=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ModelConfig(hidden_size=32, num_attention_heads=4, moe=MoEConfig(**bad)).validate()
