@@ -104,8 +104,8 @@ class MoEConfig:
     """Ranks per node for the expert-parallel all-to-all (moe/two_level.py). An EP group that spans
     several nodes (EP > ranks per node, EP a multiple of it) dispatches in two levels: within the node,
     then one exchange per pair of nodes that carries each sub-token row once per destination node, then a
-    local fan-out. 0 = the launcher's LOCAL_WORLD_SIZE (flat when unset); EP groups inside one node keep
-    the flat all-to-all."""
+    local fan-out. 0 = the launcher's LOCAL_WORLD_SIZE (torchrun) or LOCAL_SIZE (deepspeed), flat when
+    neither is set; EP groups inside one node keep the flat all-to-all."""
     a2a_chunks: int = 1
     """C: the two-level dispatch -> experts -> combine runs as C pipelined chunks of the sub-tokens, so
     that one chunk's (asynchronous) all-to-all overlaps another's expert GEMMs. 1 = no pipelining."""

@@ -43,14 +43,18 @@ from megatron_mhmoe.parallel import comm
 
 
 def ranks_per_node(configured: int, env=None) -> int:
-    """model.moe.ep_ranks_per_node, else the launcher's LOCAL_WORLD_SIZE, else 0 (unknown: flat)."""
+    """model.moe.ep_ranks_per_node, else the launcher's LOCAL_WORLD_SIZE (torchrun) or LOCAL_SIZE (the
+    deepspeed launcher), else 0 (unknown: flat)."""
     if configured > 0:
         return configured
     env = os.environ if env is None else env
-    try:
-        return max(int(env.get("LOCAL_WORLD_SIZE", "0")), 0)
-    except ValueError:
-        return 0
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        try:
+            if int(env.get(name, "0")) > 0:
+                return int(env[name])
+        except ValueError:
+            pass
+    return 0
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from megatron_mhmoe.moe.two_level import NodeLayout, node_layout, pack_ids, rank
 def test_layout_from_config_or_env():
     assert ranks_per_node(2, env={"LOCAL_WORLD_SIZE": "8"}) == 2  # the config wins
     assert ranks_per_node(0, env={"LOCAL_WORLD_SIZE": "8"}) == 8
-    assert ranks_per_node(0, env={}) == 0
+    assert ranks_per_node(0, env={"LOCAL_SIZE": "4"}) == 4  # the deepspeed launcher's name
+    assert ranks_per_node(0, env={}) == 0 and ranks_per_node(0, env={"LOCAL_WORLD_SIZE": "x"}) == 0
     assert node_layout(4, 2) == NodeLayout(4, 2) and node_layout(4, 2).num_nodes == 2
     assert node_layout(4, 4) is None and node_layout(2, 4) is None and node_layout(4, 0) is None
     with pytest.raises(ValueError, match="ep_ranks_per_node"):
