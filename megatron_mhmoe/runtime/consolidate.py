@@ -160,7 +160,10 @@ def check_target_zero_stage(meta: dict, zero_stage: int) -> None:
 
 
 def gather_full(manifest: dict, states: list[dict], with_optimizer: bool = True) -> tuple[dict, dict, dict]:
-    """(full model tensors, full optimizer entries {name: {fp32, exp_avg, exp_avg_sq, step}}, meta)."""
+    """(full model tensors, full optimizer entries {name: {fp32, exp_avg, exp_avg_sq, step}}, meta).
+
+    The model tensors include the persistent buffers (replicated on every rank; taken from rank 0), which
+    have no meta and no optimizer entry."""
     lay = manifest["layout"]
     world, tp, ep = int(lay["world_size"]), int(lay["tp"]), int(lay["ep"])
     meta = states[0]["universal"]["meta"]
@@ -184,6 +187,9 @@ def gather_full(manifest: dict, states: list[dict], with_optimizer: bool = True)
             optim[name] = {k: _gather({key: p[k] for key, p in opt_pieces.items()}, m, tp, ep, vocab)
                            for k in ("fp32", "exp_avg", "exp_avg_sq")}
             optim[name]["step"] = float(next(iter(opt_pieces.values()))["step"])
+    for name, t in states[0]["model"].items():  # buffers (the aux-loss-free bias): replicated, rank 0's
+        if name not in meta:
+            model[name] = t
     return model, optim, meta
 
 

@@ -1,7 +1,8 @@
 """tools/export_checkpoint.py and tools/generate.py after a tiny 2-rank (TP=2, EP=2, ZeRO-1) run.
 
 - the exported single-process model's logits equal the trained TP/EP model's logits gathered over TP
-  (tolerance atol 1e-5, rel 1e-5; fp32, only the reduction order differs);
+  (tolerance atol 1e-5, rel 1e-5; fp32, only the reduction order differs), with aux-loss-free balancing on:
+  the trained bias (a buffer, not a parameter) is exported too;
 - generate.py: greedy output is deterministic, a seeded sample is reproducible, the CLI runs;
 - a planted pickle whose unpickling would create a file is refused by the export and reshard tools
   (weights_only loading), and the file is not created.
@@ -23,11 +24,12 @@ from tests.runtime.test_train_launch import ROOT, byte_data, common_args, finish
 
 
 def args(data: str, run_dir: str) -> list[str]:
-    """The launch tests' tiny model at TP=2 x EP=2, 2 steps (later overrides win)."""
+    """The launch tests' tiny model at TP=2 x EP=2, 3 steps (later overrides win), aux-loss-free bias on (after an
+    odd number of steps: on this tiny batch the sign rule flips back and forth, so after 2 it is 0 again)."""
     return common_args(data, run_dir) + [
         "--model.num_attention_heads=4", "--model.moe.expert_hidden_size=16", "--train.seq_len=16",
-        "--train.train_steps=2", "--train.warmup_steps=1", "--train.eval_interval=100", "--train.eval_iters=1",
-        "--parallel.tp=2", "--parallel.ep=2", "--train.lr=3e-2"]
+        "--train.train_steps=3", "--train.warmup_steps=1", "--train.eval_interval=100", "--train.eval_iters=1",
+        "--parallel.tp=2", "--parallel.ep=2", "--train.lr=3e-2", "--model.moe.bias_update_rate=0.05"]
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +71,22 @@ def test_exported_logits_equal_trained_logits(exported):
     folder = resolve_folder(exported["ckpt"])
     want = run_workers(_trained_logits, 2, folder)[0]
     model, info = gen.load_model(exported["out"])
-    assert info["tokenizer"] == {"type": "byte"} and info["step"] == 2
+    assert info["tokenizer"] == {"type": "byte"} and info["step"] == 3
     with torch.no_grad():
         got = model(TOKENS).logits[..., :model.config.vocab_size]
     diff = float((got - want).abs().max())
     print(f"exported vs trained (TP=2, EP=2) logits: max abs difference {diff:.3g}")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert os.path.exists(os.path.join(exported["out"], "model.safetensors"))
+    from safetensors.torch import load_file
+    biases = {k: v for k, v in load_file(os.path.join(exported["out"], "model.safetensors")).items()
+              if k.endswith("expert_bias.value")}
+    assert biases and all(v.abs().max() > 0 for v in biases.values())  # the trained bias, not a fresh zero one
+    with torch.no_grad():  # and it matters: without it the exported model routes (and predicts) otherwise
+        for m in model.modules():
+            if getattr(m, "expert_bias", None) is not None:
+                m.expert_bias.value.zero_()
+        unbiased = model(TOKENS).logits[..., :model.config.vocab_size]
+    assert float((unbiased - want).abs().max()) > 1e-3
 
 
 def _cli(*a: str) -> subprocess.CompletedProcess:
