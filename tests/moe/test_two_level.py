@@ -3,6 +3,7 @@ world 4 as 2 nodes x 2 ranks (gloo on loopback; model.moe.ep_ranks_per_node=2 sa
 
 1. Same outputs, input and parameter gradients and drop counts as the flat path, with and without
    capacity, SMoE (h=1) and MH-MoE (h=4), one chunk and pipelined chunks (a2a_chunks > 1).
+   Exchanges per step: flat 5, two-level 13 per chunk (forward and backward).
 2. Inter-node bytes of one fwd+bwd step, measured by wrapping dist.all_to_all_single (every exchange of
    both paths, forward and backward, asynchronous ones included), equal the dispatcher's count and
    two_level.internode_formula evaluated on packet counts derived here from every rank's routing; they
@@ -51,7 +52,7 @@ def step(layer, x, flat: bool):
         y, st = layer(x)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
-    return dict(y=y.detach(), gx=x.grad, grads=grads, dropped=st.dropped, meter=meter.bytes_off_node,
+    return dict(y=y.detach(), gx=x.grad, grads=grads, dropped=st.dropped, meter=meter.bytes_off_node, calls=meter.calls,
                 counted=layer.dispatcher.profile.internode_bytes, sent=layer.dispatcher.profile.rows_sent)
 
 
@@ -113,7 +114,7 @@ def worker(rank: int, world: int) -> dict:
             same_grad_set=set(flat["grads"]) == set(two["grads"]),
             dropped=(two["dropped"], flat["dropped"]), sent=(two["sent"], flat["sent"]),
             two_meter=two["meter"], two_counted=two["counted"], flat_meter=flat["meter"],
-            flat_counted=flat["counted"], formula=formula)
+            flat_counted=flat["counted"], formula=formula, calls=(two["calls"], flat["calls"]))
     # 3. A budget below what the busiest rank receives: every rank raises, naming the setting.
     for flat in (True, False):
         layer = make_layer(ctx, 4, 2, 0.0, 1, budget=TOKENS * 4 * 2 - 1)
@@ -144,6 +145,9 @@ def test_two_level_equals_flat(results):
             assert r["gx_ok"], f"{where}: input gradient differs"
             assert r["same_grad_set"] and not r["grad_bad"], f"{where}: gradients differ for {r['grad_bad']}"
             assert r["dropped"][0] == r["dropped"][1] and r["sent"][0] == r["sent"][1], where
+            # Exchanges per fwd+bwd step (each a rendezvous of the EP group): flat 3 + 2 backward; two-level
+            # per chunk 7 (traffic, steps 2-4, their 3 returns) + 6 backward.
+            assert r["calls"] == (13 * case[3], 5), f"{where}: all-to-all calls {r['calls']}"
     assert any(res[c]["dropped"][1] > 0 for res in results for c in CASES if c[2] > 0), "capacity should drop"
 
 
