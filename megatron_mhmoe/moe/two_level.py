@@ -176,24 +176,19 @@ class _Route:
     def remote_rows(self, splits: list[int]) -> int:
         return sum(splits[q] for q in self.remote)
 
-    def start(self, rows: torch.Tensor, ids: torch.Tensor | None = None):
-        """Send rows (n, w) (autograd) and ids (n, ...) (no grad, optional), asynchronously: `finish` waits."""
+    def start(self, rows: torch.Tensor):
+        """Send rows (n, w) asynchronously (autograd: the backward returns their gradients): `finish` waits."""
         rows = rows.index_select(0, self.order)  # (n, w) grouped by destination
-        out, p1 = comm.all_to_all_start(rows, self.recv, self.send, self.group)
-        ids_out, p2 = None, comm.Pending()
-        if ids is not None:
-            ids_out, p2 = comm.all_to_all_v_start(ids.index_select(0, self.order), self.recv, self.send, self.group)
-        return out, ids_out, (p1, p2)
+        return comm.all_to_all_start(rows, self.recv, self.send, self.group)
 
-    def finish(self, out, ids_out, pending):
+    def finish(self, out, pending) -> torch.Tensor:
         t = time.perf_counter()
-        out = comm.all_to_all_wait(out, pending[0])  # (m, w) ordered by source rank
-        pending[1].wait()
+        out = comm.all_to_all_wait(out, pending)  # (m, w) ordered by source rank
         self.disp._add_time("all_to_all", time.perf_counter() - t)
-        return out, ids_out
+        return out
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.finish(*self.start(rows))[0]
+        return self.finish(*self.start(rows))
 
     def back_start(self, rows: torch.Tensor):
         """Return rows (m, w) received by `forward` to where they came from (asynchronously)."""
@@ -258,7 +253,8 @@ def chunk_coroutine(disp, x_sub, experts, gates, keep, run_experts, result: list
     r2 = _Route(disp, dest2, recv2)
     held2 = r2.forward(payload)  # (U2, d_sub + k + 1 + k)
     # 3. Gateways exchange node b's packets; own-node packets stay (a self split). Over the link the ids
-    # travel as int8 (or int32) beside the rows: fewer bytes than float columns.
+    # travel as int8 (int32 above 127 experts per node) bytes packed into c columns of the rows: one exchange,
+    # fewer bytes than one float column per id.
     node2 = held2[:, d_sub + k].detach().long()  # (U2,)
     ids2 = pack_ids(held2[:, d_sub + k + 1:].detach().long().to(idt), x_sub.dtype)  # (U2, c) packed bytes
     gw_back = torch.tensor([layout.gateway(b, my_node) for b in range(layout.num_nodes)], device=dev)
@@ -268,9 +264,9 @@ def chunk_coroutine(disp, x_sub, experts, gates, keep, run_experts, result: list
     packets_in = r3.remote_rows(r3.recv)
     disp._internode_rows += packets_out
     disp._internode_payload_bytes += (packets_out + packets_in) * (2 * d_sub + k + ids2.shape[1]) * x_sub.element_size()
-    out3, _, pend3 = r3.start(torch.cat([held2[:, :d_sub + k], ids2], 1))  # (U2, d_sub + k + c): one exchange
+    out3, pend3 = r3.start(torch.cat([held2[:, :d_sub + k], ids2], 1))  # (U2, d_sub + k + c)
     yield
-    held, _ = r3.finish(out3, None, pend3)  # (H, d_sub + k + c) packets for this node
+    held = r3.finish(out3, pend3)  # (H, d_sub + k + c) packets for this node
     ids = unpack_ids(held[:, d_sub + k:], k, idt)  # (H, k) node-local expert ids, -1 = none
     # 4. Expand to (packet, choice) assignments and send each row to its expert's owner on this node.
     a_h, a_j = (ids >= 0).nonzero(as_tuple=True)  # (A,), (A,) packet-major
@@ -293,7 +289,7 @@ def chunk_coroutine(disp, x_sub, experts, gates, keep, run_experts, result: list
     out = out.index_select(0, inverse)  # (m, d_sub) in arrival order
     # 6. Back to the holder, weighted by the gates carried in the packet: one partial row per packet.
     out = r4.back(out)  # (A, d_sub)
-    from megatron_mhmoe.moe.dispatcher import _GateCombine
+    from megatron_mhmoe.moe.dispatcher import _GateCombine  # here: dispatcher imports this module
     partial = _GateCombine.apply(out, held[:, d_sub:d_sub + k][a_h, a_j], a_h, held.shape[0])  # (H, d_sub)
     # 7. Partial rows back over the link, then to the source rank, then into the sub-tokens.
     back3, pend = r3.back_start(partial)
