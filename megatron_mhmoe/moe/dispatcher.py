@@ -127,6 +127,8 @@ class MoEDispatcher:
         per_node = two_level.ranks_per_node(moe.ep_ranks_per_node if moe is not None else 0)
         self.layout = two_level.node_layout(ctx.ep_size, per_node)
         """Node of each EP rank when the EP group spans nodes (the two-level path), else None (flat)."""
+        if self.layout is not None:
+            ctx.ep_node_group(self.layout.per_node)  # collective: created here, on every rank alike
         self.force_flat = False
         """Take the flat path even where the layout allows two levels (benchmarks and tests compare them)."""
         self.chunks = moe.a2a_chunks if moe is not None else 1

@@ -166,12 +166,21 @@ def internode_formula(packets_out: int, packets_in: int, d_sub: int, k: int, ite
 class _Route:
     """One exchange: rows to EP ranks `dest`, remembered so that `back` returns rows the same way."""
 
-    def __init__(self, disp, dest: torch.Tensor, recv: list[int]):
+    def __init__(self, disp, dest: torch.Tensor, recv: list[int], within_node: bool = False):
+        """dest: (n,) EP rank of each row; recv: rows from each EP rank (receive_splits). within_node: every
+        dest is on this rank's node, so the exchange runs over the node's group (ctx.ep_node_group) and
+        waits for no rank of another node."""
+        layout, me = disp.layout, disp.ctx.ep_rank
         self.disp, self.group = disp, disp.ctx.ep_group
         self.order = torch.argsort(dest, stable=True)  # (n,) rows grouped by destination rank
-        self.send = torch.bincount(dest, minlength=disp.ctx.ep_size).tolist()
+        self.remote = layout.remote_peers(me)
+        if within_node and layout.per_node > 1:
+            first = layout.node(me) * layout.per_node
+            self.group = disp.ctx.ep_node_group(layout.per_node)
+            self.remote = []
+            dest, recv = dest - first, recv[first:first + layout.per_node]  # node-group ranks
+        self.send = torch.bincount(dest, minlength=len(recv)).tolist()
         self.recv = recv  # from receive_splits: no count exchange per step
-        self.remote = disp.layout.remote_peers(disp.ctx.ep_rank)
 
     def remote_rows(self, splits: list[int]) -> int:
         return sum(splits[q] for q in self.remote)
@@ -250,7 +259,7 @@ def chunk_coroutine(disp, x_sub, experts, gates, keep, run_experts, result: list
     # 2. Own node's packets to self, node b's to gateway gw(a, b).
     gw = torch.tensor([layout.gateway(my_node, b) for b in range(layout.num_nodes)], device=dev)
     dest2 = torch.where(pk_node == my_node, torch.full_like(pk_node, me), gw[pk_node])  # (U,)
-    r2 = _Route(disp, dest2, recv2)
+    r2 = _Route(disp, dest2, recv2, within_node=True)
     held2 = r2.forward(payload)  # (U2, d_sub + k + 1 + k)
     # 3. Gateways exchange node b's packets; own-node packets stay (a self split). Over the link the ids
     # travel as int8 (int32 above 127 experts per node) bytes packed into c columns of the rows: one exchange,
@@ -273,7 +282,7 @@ def chunk_coroutine(disp, x_sub, experts, gates, keep, run_experts, result: list
     a_e = ids[a_h, a_j].long() + my_node * E_node  # (A,) global expert id
     disp._rows_received += sum(recv4)
     disp._check_budget(sum(recv4), x_sub)  # before the owner's receive buffer exists
-    r4 = _Route(disp, a_e // E_local, recv4)
+    r4 = _Route(disp, a_e // E_local, recv4, within_node=True)
     local_col = (a_e % E_local).to(held.dtype).view(-1, 1)  # (A, 1) the owner's local expert, exact
     rows = r4.forward(torch.cat([held[:, :d_sub].index_select(0, a_h), local_col], 1))  # (m, d_sub + 1)
     local = rows[:, d_sub].detach().long()  # (m,)

@@ -30,6 +30,7 @@ class ParallelContext:
     ep_ranks: list[int] = field(default_factory=lambda: [0])
     edp_ranks: list[int] = field(default_factory=lambda: [0])
     _singleton_groups: dict = field(default_factory=dict, repr=False)
+    _node_groups: dict = field(default_factory=dict, repr=False)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -123,6 +124,23 @@ class ParallelContext:
     def ep_group_name(self) -> str:
         """The name DeepSpeed uses for this EP size's groups (deepspeed.utils.groups keys)."""
         return f"ep_size_{self.ep_size}"
+
+    def ep_node_group(self, per_node: int):
+        """The group of this rank's EP ranks on its node (EP ranks p with the same p // per_node): the
+        two-level all-to-all's intra-node exchanges (moe/two_level.py). None when per_node is 1.
+
+        Created on first use, for every EP group's nodes at once: new_group is collective over the world,
+        so every rank must ask (building the same layers in the same order does)."""
+        if per_node not in self._node_groups:
+            mine = None
+            if per_node > 1:
+                for ranks in L.ep_groups(self.world_size, self.ep_size):
+                    for i in range(0, len(ranks), per_node):
+                        g = dist.new_group(ranks=ranks[i:i + per_node])
+                        if self.rank in ranks[i:i + per_node]:
+                            mine = g
+            self._node_groups[per_node] = mine
+        return self._node_groups[per_node]
 
     def describe(self) -> str:
         sp = "on" if self.sequence_parallel else "off"
