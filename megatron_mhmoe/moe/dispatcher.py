@@ -11,9 +11,10 @@ Dispatch of S local sub-tokens with k choices each (choice-major flat index f = 
 6. Undo 4, reverse the all-to-all, and add each row times its gate into its sub-token's output.
 No dense [tokens x experts x capacity] tensor is built: memory is O(S*k*d), whatever E.
 
-An EP group that spans nodes (model.moe.ep_ranks_per_node, else LOCAL_WORLD_SIZE) takes the two-level
-path of moe/two_level.py instead (same outputs, gradients and drops; tested against this one), pipelined
-over model.moe.a2a_chunks chunks. model.moe.ep_recv_budget bounds the rows a rank receives, on both paths.
+An EP group that spans nodes (model.moe.ep_ranks_per_node, else LOCAL_WORLD_SIZE / LOCAL_SIZE) takes
+the two-level path of moe/two_level.py instead (same outputs, gradients and drops; tested against this
+one), pipelined over model.moe.a2a_chunks chunks. model.moe.ep_recv_budget bounds the rows a rank
+receives, on both paths.
 """
 from __future__ import annotations
 
@@ -307,7 +308,6 @@ class MoEDispatcher:
         y = _GateCombine.apply(out, weights, src, S)  # (S, d_sub)
         self._tick("combine", t0, x_sub.device)
         return y
-
 
     def _flat_internode(self, send_splits: list, recv_splits: list, x_sub: torch.Tensor) -> None:
         """Inter-node rows and bytes of the flat path's step, where the node layout is known: rows to other
