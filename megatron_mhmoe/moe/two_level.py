@@ -20,11 +20,13 @@ Combine (the reverse; autograd makes the backward the reverse of that again):
    partial row per packet (sum over the choices on that node).
 7. Undo 3 and 2: the partial rows return to the source rank, which adds them into its sub-tokens.
 
-Every exchange is an all-to-all over the EP group whose splits are zero except within the node (2, 4)
-or between gateways (3), so only step 3 (and the small traffic vectors) crosses nodes. Every rank sends
-every rank one traffic vector (its packets per node, its assignments per rank) before step 2: the one host
-sync of a chunk, from which each rank derives what it receives in 2, 3 and 4 (NodeLayout.receive_splits).
-Within the node the ids travel as exact float columns of the rows; between nodes as int8 beside them.
+Steps 2 and 4 are all-to-alls over the node's group (ParallelContext.ep_node_group: they wait for no
+other node), step 3 over the EP group with splits zero except between gateways, so only step 3 (and the
+small traffic vectors) crosses nodes. Before step 2 every rank sends every rank one traffic vector per
+chunk (its packets per node, its assignments per rank), all chunks' in one exchange: the one host sync of
+the forward, from which each rank derives what it receives in 2, 3 and 4 (NodeLayout.receive_splits).
+Within the node the ids travel as exact float columns of the rows; between nodes as their int8 bytes
+packed into the rows' columns (pack_ids).
 
 Overlap: with C chunks (model.moe.a2a_chunks) each chunk runs as a coroutine that yields after starting
 its inter-node exchange (3, and the return of 7) asynchronously; the chunks are advanced in turn, so one
@@ -239,15 +241,11 @@ def chunk_coroutine(disp, x_sub, experts, gates, keep, run_experts, result: list
     pk_ids = torch.full((U * k,), -1, dtype=idt, device=dev)
     pk_ids[inv * k + j] = (e % E_node).to(idt)
     pk_ids = pk_ids.view(U, k)  # (U, k) node-local expert ids, -1 = none
-    # The traffic of every rank (packets per node, assignments per rank) sizes every exchange below: one
-    # exchange of N + EP integers, the one host sync of the chunk.
+    # The traffic of every rank (packets per node, assignments per rank) sizes every exchange below. The
+    # scheduler (dispatch_combine) exchanges every chunk's vector at once and sends back every rank's.
     traffic = torch.cat([torch.bincount(pk_node, minlength=layout.num_nodes),
                          torch.bincount(e // E_local, minlength=ep)])  # (N + EP,)
-    t = time.perf_counter()
-    everyone = comm.all_to_all_v(traffic.repeat(ep), [traffic.numel()] * ep, [traffic.numel()] * ep,
-                                 disp.ctx.ep_group).view(ep, -1).tolist()  # (EP, N + EP)
-    disp._add_time("counts_exchange", time.perf_counter() - t)
-    disp._internode_counts_bytes += traffic.numel() * 8 * len(layout.remote_peers(me))
+    everyone = yield traffic  # (EP, N + EP) nested lists
     recv2, recv3, recv4 = layout.receive_splits(
         [(row[:layout.num_nodes], row[layout.num_nodes:]) for row in everyone], me)
     # Within the node the ids travel as exact float columns of the rows (one exchange instead of two).
@@ -319,6 +317,17 @@ def dispatch_combine(disp, x_sub, experts, gates, keep, run_experts, chunks: int
         kc = keep2[:, lo:hi].reshape(-1) if keep2 is not None else None  # (k*(hi-lo),) choice-major
         coros.append(chunk_coroutine(disp, x_sub[lo:hi], experts[lo:hi], gates[lo:hi], kc, run_experts, res))
         results.append(res)
+    # Step 1 of every chunk, then one exchange of all their traffic vectors (the one host sync).
+    traffic = torch.stack([next(co) for co in coros])  # (C, N + EP)
+    width = traffic.numel()
+    t = time.perf_counter()
+    everyone = comm.all_to_all_v(traffic.reshape(-1).repeat(disp.ctx.ep_size), [width] * disp.ctx.ep_size,
+                                 [width] * disp.ctx.ep_size, disp.ctx.ep_group)  # (EP * C * (N + EP),)
+    everyone = everyone.view(disp.ctx.ep_size, *traffic.shape).transpose(0, 1).tolist()  # (C, EP, N + EP)
+    disp._add_time("counts_exchange", time.perf_counter() - t)
+    disp._internode_counts_bytes += width * 8 * len(disp.layout.remote_peers(disp.ctx.ep_rank))
+    for co, mine in zip(coros, everyone):
+        co.send(mine)  # runs the chunk up to its first inter-node exchange
     # Every rank advances the chunks in the same order, so the collectives match across ranks.
     live = list(coros)
     while live:

@@ -3,7 +3,7 @@ world 4 as 2 nodes x 2 ranks (gloo on loopback; model.moe.ep_ranks_per_node=2 sa
 
 1. Same outputs, input and parameter gradients and drop counts as the flat path, with and without
    capacity, SMoE (h=1) and MH-MoE (h=4), one chunk and pipelined chunks (a2a_chunks > 1).
-   Exchanges per step: flat 5, two-level 13 per chunk (forward and backward).
+   Exchanges per step: flat 5, two-level 1 + 12 per chunk (forward and backward).
 2. Inter-node bytes of one fwd+bwd step, measured by wrapping dist.all_to_all_single (every exchange of
    both paths, forward and backward, asynchronous ones included), equal the dispatcher's count and
    two_level.internode_formula evaluated on packet counts derived here from every rank's routing; they
@@ -100,11 +100,9 @@ def worker(rank: int, world: int) -> dict:
         layer.dispatcher.dispatch = orig
         routes = comm.all_gather_object(rec["r"], ctx.ep_group)
         E_node = E // world * PER_NODE
-        if chunks == 1:
-            p_out, p_in = packets(routes, layer.dispatcher.layout, ctx.ep_rank, E_node)
-            formula = two_level.internode_formula(p_out, p_in, D // h, k, 4, 1, world, PER_NODE)
-        else:
-            formula = None
+        # A packet belongs to one chunk (chunks split the sub-tokens): the whole forward's packets count.
+        p_out, p_in = packets(routes, layer.dispatcher.layout, ctx.ep_rank, E_node)
+        formula = two_level.internode_formula(p_out, p_in, D // h, k, 4, 1, world, PER_NODE, chunks)
         res[(h, k, cf, chunks)] = dict(
             out_ok=torch.allclose(two["y"], flat["y"], atol=ATOL, rtol=RTOL),
             out_err=(two["y"] - flat["y"]).abs().max().item(),
@@ -145,9 +143,9 @@ def test_two_level_equals_flat(results):
             assert r["gx_ok"], f"{where}: input gradient differs"
             assert r["same_grad_set"] and not r["grad_bad"], f"{where}: gradients differ for {r['grad_bad']}"
             assert r["dropped"][0] == r["dropped"][1] and r["sent"][0] == r["sent"][1], where
-            # Exchanges per fwd+bwd step (each a rendezvous of the EP group): flat 3 + 2 backward; two-level
-            # per chunk 7 (traffic, steps 2-4, their 3 returns) + 6 backward.
-            assert r["calls"] == (13 * case[3], 5), f"{where}: all-to-all calls {r['calls']}"
+            # Exchanges per fwd+bwd step: flat 3 + 2 backward; two-level one traffic exchange, then per chunk
+            # 6 (steps 2-4 and their 3 returns) + 6 backward.
+            assert r["calls"] == (1 + 12 * case[3], 5), f"{where}: all-to-all calls {r['calls']}"
     assert any(res[c]["dropped"][1] > 0 for res in results for c in CASES if c[2] > 0), "capacity should drop"
 
 
@@ -157,8 +155,7 @@ def test_internode_bytes_equal_formula_and_not_above_flat(results):
             r, where = res[case], f"(h, k, cf, chunks)={case} rank {rank}"
             assert r["two_meter"] == r["two_counted"], f"{where}: measured {r['two_meter']} != counted"
             assert r["flat_meter"] == r["flat_counted"], f"{where}: flat measured {r['flat_meter']} != counted"
-            if r["formula"] is not None:
-                assert r["two_meter"] == r["formula"], f"{where}: measured {r['two_meter']} != {r['formula']}"
+            assert r["two_meter"] == r["formula"], f"{where}: measured {r['two_meter']} != {r['formula']}"
     for case in CASES:
         if case[3] == 1 and case[1] > 1:  # k > 1 over 2 nodes: rows with two choices on a node cross once
             two = sum(res[case]["two_meter"] for res in results)
