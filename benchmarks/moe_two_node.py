@@ -29,6 +29,7 @@ always removed at exit.
 
   sudo python benchmarks/moe_two_node.py                       # 1gbit, 100mbit, unlimited; MH-MoE and SMoE
   sudo python benchmarks/moe_two_node.py --rates 1gbit --shapes mhmoe --reps 3
+  python benchmarks/moe_two_node.py --summarize run1.txt run2.txt run3.txt   # markdown: median [min-max]
 """
 from __future__ import annotations
 
@@ -68,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per link before the workers are killed")
+    p.add_argument("--summarize", nargs="+", metavar="OUTPUT",
+                   help="saved outputs of this script: print their median [min-max] per row as markdown")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -262,8 +265,32 @@ def report(args, rate: str, per_rank: list) -> list[dict]:
     return rows
 
 
+def summarize(paths: list[str]) -> str:
+    """Median [min-max] over saved runs of each (link, shape, mode) row, as a markdown table."""
+    runs: dict[tuple, list[list[float]]] = {}
+    for path in paths:
+        for line in open(path):
+            cells = line.split()
+            if len(cells) >= 12 and cells[2] in MODES and cells[0] != "link":
+                runs.setdefault(tuple(cells[:3]), []).append([float(c) for c in cells[3:12]])
+    out = ["| link | shape | mode | step ms | x flat | comm ms | link MB | veth/link | formula MB | bytes x flat |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for (link, shape, mode), rows in runs.items():
+        col = list(zip(*rows))  # step, x flat, comm, link MB, veth MB, veth/link, formula, bytes x flat, rows
+
+        def med(i, f):
+            return format(statistics.median(col[i]), f)
+        spread = f" [{min(col[1]):.2f}-{max(col[1]):.2f}]" if len(rows) > 1 else ""
+        out.append(f"| {link} | {shape} | {mode} | {med(0, '.1f')} | {med(1, '.2f')}{spread} | {med(2, '.1f')} | "
+                   f"{med(3, '.3f')} | {med(5, '.3f')} | {med(6, '.3f')} | {med(7, '.3f')} |")
+    return "\n".join(out) + f"\n\nMedian over {len(paths)} run(s) [min-max of x flat over runs].\n"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return 0
     if args.worker:
         worker(args)
         return 0
