@@ -25,3 +25,19 @@ def test_skips_without_root(monkeypatch, capsys):
 def test_default_predictions(shape, mode, mb):
     args = moe_two_node.parse_args([])
     assert f"{moe_two_node.predicted_bytes(args, shape, mode) / 1e6:.3f}" == f"{mb:.3f}"
+
+
+def test_readme_table_is_summarize_of_the_final_runs():
+    runs = [os.path.join(REPO, "benchmarks", "results", f"2026-12-01-moe_two_node-final-run{i}.txt")
+            for i in (1, 2, 3)]
+    table = moe_two_node.summarize(runs).split("\n\n")[0]
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    assert table in readme, "README's two-node table is not benchmarks/moe_two_node.py --summarize of the final runs"
+    for quoted in ("0.769 MH-MoE, 0.759 SMoE", "missed (1.28x, runs 1.00-1.51)", "missed (0.79x, runs 0.77-1.13)",
+                   "inside a 667.7 ms step", "two-level 1.09x / 1.03x flat", "two-level + overlap 0.92x /\n0.87x",
+                   "(with overlap) 0.59x / 0.57x"):
+        assert quoted in readme, quoted
+    rows = {tuple(line.split(" | ")[:3]): line.split(" | ") for line in table.splitlines()[2:]}
+    assert rows[("| 1gbit", "mhmoe", "two-level+overlap")][4].startswith("1.28 [1.00-1.51]")
+    assert rows[("| 1gbit", "mhmoe", "two-level+group-lim")][4].startswith("0.79 [0.77-1.13]")
+    assert rows[("| 1gbit", "mhmoe", "flat")][3] == "667.7"
