@@ -113,6 +113,11 @@ class MoEConfig:
     """Most sub-token rows one EP rank may receive for its experts per MoE forward (a bounded receive
     buffer). A rank over it raises an error naming this setting on every rank (instead of running out
     of memory). 0 = no budget."""
+    a2a_device_counts: bool = False
+    """Dispatch without bringing the counts to the host (moe/padded_dispatch.py): every (rank, expert) pair
+    gets capacity fixed slots, so the all-to-alls have equal splits and the receive buffer is EP x E_local x
+    capacity rows whatever the routing (empty slots are zero rows the experts also compute). Needs a
+    capacity_factor > 0; uses the flat exchange (not the two-level one). False = count-sized exchanges."""
 
 
 @dataclass
@@ -235,6 +240,10 @@ def _validate_moe(moe: MoEConfig, hidden_size: int, num_layers: int) -> None:
     if moe.ep_ranks_per_node < 0 or moe.ep_recv_budget < 0:
         raise ValueError(f"moe.ep_ranks_per_node={moe.ep_ranks_per_node} (0 = LOCAL_WORLD_SIZE) and "
                          f"moe.ep_recv_budget={moe.ep_recv_budget} (0 = no budget) must be >= 0")
+    if moe.a2a_device_counts and moe.capacity_factor <= 0:
+        raise ValueError(f"moe.a2a_device_counts=true sizes the receive buffer from the capacity, but "
+                         f"capacity_factor={moe.capacity_factor} is dropless: set capacity_factor > 0 (e.g. 1.25), "
+                         f"or keep a2a_device_counts=false and bound dropless routing with ep_recv_budget")
     if moe.a2a_chunks < 1:
         raise ValueError(f"moe.a2a_chunks={moe.a2a_chunks} must be >= 1 (1 = no pipelining)")
     if not 0.0 <= moe.debug_skew_fraction <= 1.0:

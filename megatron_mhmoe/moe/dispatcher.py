@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from megatron_mhmoe.moe import two_level
+from megatron_mhmoe.moe import padded_dispatch, two_level
 from megatron_mhmoe.parallel import comm
 from megatron_mhmoe.parallel.context import ParallelContext
 
@@ -134,6 +134,8 @@ class MoEDispatcher:
         """Take the flat path even where the layout allows two levels (benchmarks and tests compare them)."""
         self.chunks = moe.a2a_chunks if moe is not None else 1
         self.recv_budget = moe.ep_recv_budget if moe is not None else 0
+        self.device_counts = bool(moe.a2a_device_counts) if moe is not None else False
+        """Capacity-slot dispatch without a host sync (moe/padded_dispatch.py) when the record has a capacity."""
 
     def _add_time(self, name: str, seconds: float) -> None:
         if self.profile_enabled:
@@ -151,6 +153,30 @@ class MoEDispatcher:
                 f"an expert-parallel rank would receive {worst} sub-token rows in one MoE forward, over its "
                 f"receive budget model.moe.ep_recv_budget={self.recv_budget} (this rank: {rows_received}): raise "
                 f"model.moe.ep_recv_budget (0 = no budget), set a capacity_factor, or balance the routing")
+
+    def _padded(self, x_sub: torch.Tensor, record, run_experts: Callable) -> torch.Tensor:
+        """Capacity slots, equal-split all-to-alls, no host sync (moe/padded_dispatch.py)."""
+        self.profile = DispatchProfile()
+        self._since_take.drain_ready()
+        ep, C = self.ctx.ep_size, record.capacity
+        received = ep * self.num_local_experts * C  # a static bound: the buffer is this size whatever the routing
+        if 0 < self.recv_budget < received:
+            raise RuntimeError(
+                f"model.moe.a2a_device_counts=true gives every EP rank a receive buffer of EP x E_local x capacity "
+                f"= {ep} x {self.num_local_experts} x {C} = {received} rows, over model.moe.ep_recv_budget="
+                f"{self.recv_budget}: lower capacity_factor, raise ep_recv_budget (0 = no budget), or turn "
+                f"a2a_device_counts off")
+        mark = [self._mark(x_sub.device)]
+
+        def tick(name: str) -> None:
+            mark[0] = self._tick(name, mark[0], x_sub.device)
+
+        y, rows = padded_dispatch.dispatch_combine(
+            x_sub, record.experts, record.gates, record.keep, run_experts, C, self.num_experts,
+            self.ctx.ep_group, ep, record.order, record.flat_experts, _GateCombine.apply, tick)
+        self.profile.rows_sent, self.profile.rows_received = rows, received
+        self.profile.bytes_sent = rows * x_sub.shape[1] * x_sub.element_size() if ep > 1 else 0
+        return y
 
     def _two_level(self, x_sub, experts, gates, keep, run_experts) -> torch.Tensor:
         prof = self.profile
@@ -228,6 +254,8 @@ class MoEDispatcher:
 
     def dispatch(self, x_sub: torch.Tensor, record, run_experts: Callable) -> torch.Tensor:
         """dispatch_combine with a routing.RoutingRecord's choices, keep mask, sort and flattening."""
+        if self.device_counts and record.capacity > 0:
+            return self._padded(x_sub, record, run_experts)
         return self.dispatch_combine(x_sub, record.experts, record.gates, record.keep, run_experts,
                                      record.order, record.flat_experts)
 
