@@ -5,7 +5,8 @@ the stream once per MoE forward (twice with EP > 1). With a capacity C per exper
 advance: no rank keeps more than C assignments for one expert (capacity is decided over the replica, of
 which a rank holds a share), so every (rank, expert) pair gets C fixed slots, every all-to-all has equal
 splits, and the receive buffer is bounded: EP x E_local x C rows, whatever the routing. Everything below is
-device tensors; the only Python ints are shapes (S, k, E, C, EP).
+device tensors with shapes fixed by (S, k, E, C, EP): no `.tolist()` / `.item()`, no boolean-mask indexing,
+no bincount (each of those reads values back on CUDA).
 
 For S local sub-tokens with k choices (choice-major flat index f = j*S + i), sorted by expert (`order`):
 1. Slot of each assignment: e*C + its position among this rank's assignments to e in queue order. A rank's
@@ -34,7 +35,9 @@ def slots(e_flat: torch.Tensor, order: torch.Tensor, keep: torch.Tensor, num_exp
     """(k*S,) choice-major expert ids, their stable argsort, keep mask -> (k*S,) slot of each sorted
     assignment (order[i]'s slot), E*C for a dropped one. Step 1 above."""
     e_sorted = e_flat.index_select(0, order)  # (k*S,)
-    counts = torch.bincount(e_sorted, minlength=num_experts)  # (E,) all assignments, kept or not
+    # (E,) all assignments, kept or not. Not torch.bincount: on CUDA it reads the max id back to size its output.
+    counts = torch.zeros(num_experts, dtype=torch.long, device=e_sorted.device).scatter_add_(
+        0, e_sorted, torch.ones_like(e_sorted))
     starts = torch.cumsum(counts, 0) - counts  # (E,)
     pos = torch.arange(e_sorted.numel(), device=e_sorted.device) - starts.index_select(0, e_sorted)  # (k*S,)
     kept = keep.index_select(0, order)
