@@ -120,18 +120,21 @@ def fanout_metrics(groups_hist: torch.Tensor, ranks_hist: torch.Tensor) -> dict:
             "fanout_ranks_mean": r_mean, "fanout_ranks_max": r_max}
 
 
-def step_kept_counts(stats: Sequence[MoEStats], micro_batches: int) -> Optional[torch.Tensor]:
-    """(L, E) kept counts summed over a step's micro-batches (stats: L layers per micro-batch, in order)."""
-    if not stats:
-        return None
+def _step_sum(stats: Sequence[MoEStats], micro_batches: int, field: str) -> torch.Tensor:
+    """(L, E) per-expert counts `field` summed over a step's micro-batches (stats: L layers per micro-batch,
+    in order)."""
     L = len(stats) // micro_batches
-    return torch.stack([s.kept.double() for s in stats]).view(micro_batches, L, -1).sum(0)
+    return torch.stack([getattr(s, field).double() for s in stats]).view(micro_batches, L, -1).sum(0)
+
+
+def step_kept_counts(stats: Sequence[MoEStats], micro_batches: int) -> Optional[torch.Tensor]:
+    """(L, E) kept counts summed over a step's micro-batches; None without MoE layers."""
+    return _step_sum(stats, micro_batches, "kept") if stats else None
 
 
 def step_selection_counts(stats: Sequence[MoEStats], micro_batches: int) -> torch.Tensor:
     """(L, E) assignments before capacity summed over a step's micro-batches (the bias update's counts)."""
-    L = len(stats) // micro_batches
-    return torch.stack([s.selections.double() for s in stats]).view(micro_batches, L, -1).sum(0)
+    return _step_sum(stats, micro_batches, "selections")
 
 
 def head_shares(head_counts: torch.Tensor) -> torch.Tensor:
