@@ -32,6 +32,8 @@ bad input policy (counts and the first locations are printed as warnings at the 
   empty documents: skipped
   --strict turns every case above except empty documents into an error naming file:line.
   No documents at all (empty input, or everything skipped) is always an error.
+  A file whose first 64 KiB are more than --max-nontext-fraction non-text bytes (a program, an archive) is
+      refused before anything is written, with the count.
 """
 
 
@@ -50,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-doc-chars", type=int, default=50_000_000,
                    help="skip (count) documents longer than this many characters (default 50M)")
     g.add_argument("--strict", action="store_true", help="fail on the first bad line instead of skipping it")
+    g.add_argument("--max-nontext-fraction", type=float, default=0.01,
+                   help="refuse an input whose first 64 KiB are more than this share non-text bytes "
+                        "(undecodable UTF-8, NUL and other control bytes): a program or archive, not a corpus "
+                        "(default 0.01; 1 turns the check off)")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", default="auto", choices=list(TOKENIZER_TYPES),
                    help="auto (default: by --tokenizer-model: .json or a folder holding tokenizer.json -> hf, "
@@ -85,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer_model=args.tokenizer_model, eod_token=args.eod_token, append_eod=args.append_eod,
             workers=args.workers, log_interval=args.log_interval, progress=args.progress, partitions=args.partitions, keep_partitions=args.keep_partitions,
             input=InputConfig(json_keys=tuple(args.json_keys), input_format=args.input_format,
-                              text_doc=args.text_doc, max_doc_chars=args.max_doc_chars, strict=args.strict))
+                              text_doc=args.text_doc, max_doc_chars=args.max_doc_chars, strict=args.strict,
+                              max_nontext_fraction=args.max_nontext_fraction))
         result = preprocess(cfg)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,6 +14,11 @@ Policy (shared by tools/preprocess_data.py and tools/train_tokenizer.py):
   read with a bounded readline, so one huge line cannot exhaust memory.
 - empty documents (no text after the above): skipped and counted (no error even with strict).
 - gzip input (`*.gz`) is decompressed on the fly.
+- a file that is not text at all (a program, an image, an archive): its first 64 KiB are sniffed and the
+  file is refused (DataError with the count) when more than max_nontext_fraction of those bytes (and at
+  least NONTEXT_MIN) are not
+  text (undecodable as UTF-8, or control bytes other than tab, newline, carriage return, form feed and
+  escape), instead of becoming thousands of "documents" of junk.
 Documents are lines of a JSONL file (one per key in json_keys), lines of a text file (text_doc='line')
 or whole text files (text_doc='file').
 """
@@ -70,6 +75,9 @@ class InputConfig:
     """Documents longer than this many characters are skipped (and counted)."""
     strict: bool = False
     """Raise DataError on the first bad line instead of skipping it."""
+    max_nontext_fraction: float = 0.01
+    """Refuse an input file when more than this share of its first SNIFF_BYTES bytes are not text (see the
+    module's policy); 1.0 turns the check off."""
 
     def __post_init__(self) -> None:
         if self.input_format not in ("auto", "jsonl", "text"):
@@ -80,6 +88,8 @@ class InputConfig:
             raise DataError(f"--max-doc-chars must be positive, got {self.max_doc_chars}")
         if not self.json_keys:
             raise DataError("--json-keys needs at least one key")
+        if not 0.0 <= self.max_nontext_fraction <= 1.0:
+            raise DataError(f"--max-nontext-fraction must be in [0, 1], got {self.max_nontext_fraction}")
 
 
 @dataclass
@@ -174,6 +184,44 @@ def detect_format(path: str, config: InputConfig) -> str:
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DataError(f"cannot read {path}: {e}") from None
     return "jsonl" if first.startswith(b"{") else "text"
+
+
+SNIFF_BYTES = 1 << 16
+NONTEXT_MIN = 8
+"""Fewer non-text bytes than this never refuse a file: one stray byte in a short file is the line policy's."""
+# Control bytes that plain text does not hold (tab, newline, form feed, carriage return and escape do).
+_CONTROL = bytes(b for b in range(32) if b not in (9, 10, 12, 13, 27)) + b"\x7f"
+
+
+def nontext_bytes(sample: bytes) -> int:
+    """Bytes of `sample` that are not text: undecodable as UTF-8, or control bytes (NUL, ...)."""
+    # surrogateescape maps each undecodable byte to one lone surrogate U+DC80..U+DCFF.
+    text = sample.decode("utf-8", errors="surrogateescape")
+    undecodable = sum(1 for ch in text if "\udc80" <= ch <= "\udcff")
+    return undecodable + sum(sample.count(bytes([b])) for b in _CONTROL)
+
+
+def check_text_file(path: str, config: InputConfig) -> None:
+    """DataError when the file looks binary (more than config.max_nontext_fraction of its first bytes, and at
+    least NONTEXT_MIN, are not text), with the count; a few odd bytes in a text file are left to the per-line
+    policy."""
+    if config.max_nontext_fraction >= 1.0:
+        return
+    try:
+        with open_binary(path) as f:
+            sample = f.read(SNIFF_BYTES)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"cannot read {path}: {e}" + (" (a truncated or corrupt .gz?)" if path.endswith(".gz")
+                                                      else "")) from None
+    if not sample:
+        return
+    # A sample cut inside a multi-byte character leaves at most 3 undecodable bytes at its end.
+    bad = max(0, nontext_bytes(sample) - (3 if len(sample) == SNIFF_BYTES else 0))
+    if bad >= NONTEXT_MIN and bad > config.max_nontext_fraction * len(sample):
+        raise DataError(f"{path} does not look like text: {bad} of its first {len(sample)} bytes "
+                        f"({100.0 * bad / len(sample):.1f}%) are not UTF-8 text (undecodable or control bytes such "
+                        f"as NUL), above --max-nontext-fraction {config.max_nontext_fraction:g}. Remove it from "
+                        f"--input (a program, image or archive?), or raise --max-nontext-fraction if it is text")
 
 
 def iter_raw(path: str, fmt: str, config: InputConfig) -> Iterator[tuple[int, Optional[bytes]]]:
@@ -275,7 +323,10 @@ def parse_record(raw: Optional[bytes], fmt: str, where: str, config: InputConfig
 
 def iter_documents(paths: Sequence[str], config: InputConfig, stats: InputStats) -> Iterator[list[str]]:
     """Single-process stream of documents (a list with one text per json key) from all files."""
-    for path in expand_inputs(paths):
+    files = expand_inputs(paths)
+    for path in files:
+        check_text_file(path, config)
+    for path in files:
         fmt = detect_format(path, config)
         for line_no, raw in iter_raw(path, fmt, config):
             docs = parse_record(raw, fmt, f"{path}:{line_no}", config, stats)

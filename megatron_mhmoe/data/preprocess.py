@@ -22,7 +22,8 @@ import numpy as np
 from .errors import DataError
 from .indexed import (IndexedDataset, IndexedDatasetWriter, merge_datasets, meta_path, optimal_dtype, read_meta,
                       write_json_atomic)
-from .input_reader import InputConfig, InputStats, detect_format, expand_inputs, iter_raw, parse_record
+from .input_reader import (InputConfig, InputStats, check_text_file, detect_format, expand_inputs, iter_raw,
+                           parse_record)
 
 Log = Callable[[str], None]
 
@@ -325,6 +326,8 @@ def preprocess(cfg: PreprocessConfig, log: Log = _stderr_log) -> PreprocessResul
     if cfg.progress not in ("auto", "bar", "lines"):
         raise DataError(f"--progress must be auto, bar or lines, got {cfg.progress!r}")
     files = expand_inputs(cfg.inputs)
+    for path in files:  # before anything is written: a program or an archive is not a corpus
+        check_text_file(path, cfg.input)
     tok = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, cfg.eod_token)
     tok_info = {
         "tokenizer_type": tok.type_name,

@@ -221,3 +221,24 @@ def test_truncated_gzip_input(tmp_path, spm_model):
         with pytest.raises(DataError, match=rf"cannot read {path}: .*truncated or corrupt .gz"):
             preprocess(cfg, log=lambda m: None)
     assert not list(tmp_path.glob("o*"))
+
+
+def test_binary_input_is_refused_with_the_count(tmp_path, spm_model):
+    """A program given as input (issue 23: /bin/ls became 488 "documents", exit 0) is refused before anything
+    is written, with the count of non-text bytes; a text file with one stray byte is still read (line policy)."""
+    import shutil
+    binary = tmp_path / "ls"
+    shutil.copy(shutil.which("ls") or "/bin/ls", binary)
+    for workers in (1, 2):
+        cfg = PreprocessConfig(inputs=[str(binary)], output_prefix=str(tmp_path / "o"), tokenizer_model=spm_model,
+                               workers=workers)
+        with pytest.raises(DataError, match=rf"{binary} does not look like text: \d+ of its first 65536 bytes "
+                                            r"\(\d+\.\d%\) are not UTF-8 text .* above --max-nontext-fraction 0.01"):
+            preprocess(cfg, log=lambda m: None)
+    assert not list(tmp_path.glob("o*"))
+    res, _ = run(tmp_path, [GOOD] * 50 + [b'{"text": "caf\xe9"}'], spm_model)  # 1 bad byte: counted, not refused
+    assert res.stats.counts["non_utf8"] == 1 and res.stats.documents == 51
+    # the threshold is the user's: 1.0 turns the check off (the file's lines then go through the line policy)
+    cfg = PreprocessConfig(inputs=[str(binary)], output_prefix=str(tmp_path / "o2"), tokenizer_model=spm_model,
+                           input=InputConfig(max_nontext_fraction=1.0))
+    assert preprocess(cfg, log=lambda m: None).stats.counts.get("non_utf8", 0) > 0
