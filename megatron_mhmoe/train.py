@@ -24,11 +24,15 @@ import sys
 import time
 from typing import Optional
 
+if __name__ == "__main__":  # before torch is imported: a Ctrl-C during any import is one line too
+    from megatron_mhmoe.runtime import interrupt as _interrupt
+    _interrupt.install()
+
 import torch
 
 from megatron_mhmoe.runtime.cli import parse_args, resolve_config
 from megatron_mhmoe.runtime.exit_codes import (EXIT_CHECKPOINT_WRITE, EXIT_CONFIG, EXIT_ERROR,  # noqa: F401
-                                                EXIT_NONFINITE, EXIT_PEER_FAILURE)
+                                                EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PEER_FAILURE)
 from megatron_mhmoe.runtime.logging import redact_text
 from megatron_mhmoe.runtime.run_config import RunConfig, check_ds_config_agrees
 
@@ -74,8 +78,9 @@ def _check_data_inputs(cfg: RunConfig) -> None:
     from megatron_mhmoe.data.errors import DataError
     from megatron_mhmoe.data.indexed import IndexedDataset, _suggest_prefixes
     from megatron_mhmoe.data.split import parse_split
-    from megatron_mhmoe.data.vocab import check_dataset_vocab
+    from megatron_mhmoe.data.vocab import check_dataset_vocab, check_training_tokenizer
     parse_split(cfg.data.split)
+    prefixes = []
     if cfg.data.data_path:
         prefixes, _ = parse_blend(cfg.data.data_path)
         for prefix in prefixes:
@@ -88,9 +93,25 @@ def _check_data_inputs(cfg: RunConfig) -> None:
                                     + _suggest_prefixes(prefix))
             # Header, sizes and (from the .meta.json sidecar, free) the vocabulary: cheap, no token scan.
             check_dataset_vocab(IndexedDataset(prefix), cfg.model.vocab_size, scan_without_meta=False)
-    if cfg.data.tokenizer_model and not os.path.isfile(cfg.data.tokenizer_model):
-        raise DataError(f"data.tokenizer_model {cfg.data.tokenizer_model!r} does not exist: train one with "
-                        f"tools/train_tokenizer.py or point at the model the data was made with")
+    if cfg.data.tokenizer_model:  # the one tokenizer check: exists, fits the model, made the data
+        for note in check_training_tokenizer(cfg.data.tokenizer_model, prefixes, cfg.model.vocab_size,
+                                             cfg.data.allow_tokenizer_mismatch):
+            if os.environ.get("RANK", "0") == "0":
+                print(f"warning: {note}", file=sys.stderr, flush=True)
+
+
+def _check_resume_step(cfg: RunConfig) -> None:
+    """A checkpoint already past train.train_steps: say so before launch (not as negative steps left)."""
+    from megatron_mhmoe.runtime.checkpoint import latest_step, steps_below_checkpoint
+    step = latest_step(cfg.train.save_dir) if cfg.train.resume else None
+    if step is not None and step > cfg.train.train_steps:
+        raise ValueError(steps_below_checkpoint(cfg.train.save_dir, step, cfg.train.train_steps))
+
+
+def _locked_folders(cfg: RunConfig) -> list[str]:
+    """run_dir, and train.save_dir when it lies outside run_dir."""
+    run, save = os.path.abspath(cfg.run_dir), os.path.abspath(cfg.train.save_dir)
+    return [run] if save == run or save.startswith(run.rstrip(os.sep) + os.sep) else [run, save]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -106,9 +127,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     _single_process_env()
     world = int(os.environ["WORLD_SIZE"])
+    from megatron_mhmoe.runtime import run_lock
+    cfg.train.save_dir = run_lock.effective_save_dir(cfg.run_dir, cfg.train.save_dir)
     # Validate before joining the process group: a bad config must not leave peers waiting.
     try:
         cfg.validate(world)
+        # Before the model is built: a run_dir that is a file would fail only at the first write.
+        run_lock.check_run_folders(cfg.run_dir, cfg.train.save_dir)
+        _check_resume_step(cfg)
         if args.deepspeed_config:
             if not os.path.exists(args.deepspeed_config):
                 raise ValueError(f"--deepspeed_config {args.deepspeed_config!r} does not exist")
@@ -117,6 +143,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     ds_dict = json.load(f)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"--deepspeed_config {args.deepspeed_config} is not valid JSON: {err}")
+            from megatron_mhmoe.runtime.ds_schema import check_ds_config_keys
+            t = cfg.train  # batch fields DeepSpeed's parser needs (filled from the run config, as the engine does)
+            check_ds_config_keys(ds_dict, args.deepspeed_config, {
+                "train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": t.grad_accum_steps,
+                "train_batch_size": t.micro_batch_size * t.grad_accum_steps})
             for note in check_ds_config_agrees(cfg, ds_dict, args.deepspeed_config):
                 if os.environ.get("RANK", "0") == "0":
                     print(f"warning: {note}", file=sys.stderr, flush=True)
@@ -137,6 +168,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_CONFIG
     if armed:
         print(armed, file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # before anything is written into the folders
+        try:
+            run_lock.acquire(_locked_folders(cfg), cfg.train.lock_stale_s,
+                             lambda m: print(m, file=sys.stderr, flush=True))
+        except run_lock.RunLockError as e:
+            print(f"run folder error: {e}", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
     from megatron_mhmoe.runtime import engine
     from megatron_mhmoe.runtime.trainer import Trainer
     rank = os.environ.get("RANK", "?")
@@ -147,9 +185,9 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within parallel.timeout_s="
               f"{cfg.parallel.timeout_s:g}s: {redact_text(_first_line(e))}", file=sys.stderr, flush=True)
         if os.environ.get("MHMOE_TRACEBACK"):
+            run_lock.release_held()
             raise
-        sys.stderr.flush()
-        os._exit(EXIT_PEER_FAILURE)
+        _leave(EXIT_PEER_FAILURE)
     try:
         code = Trainer(cfg, args.deepspeed_config).run()
     except Exception as e:
@@ -162,19 +200,25 @@ def main(argv: Optional[list[str]] = None) -> int:
             msg, exit_code = f"{type(e).__name__}: {e}", EXIT_ERROR
         print(f"[rank {rank}] error: {redact_text(msg)}", file=sys.stderr, flush=True)
         if os.environ.get("MHMOE_TRACEBACK"):
+            run_lock.release_held()
             raise
-        sys.stdout.flush()
-        sys.stderr.flush()
         # Never dist.destroy_process_group() here: with a dead peer it can block; leave at once.
-        os._exit(exit_code)
+        _leave(exit_code)
     # gloo sometimes aborts in interpreter teardown after training: leave cleanly.
     try:
         from megatron_mhmoe.parallel import comm
         comm.leave_process_group()
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _leave(code)
+
+
+def _leave(code: int) -> None:
+    """Release the run-folder lock, flush, and exit at once (no interpreter teardown: see main)."""
+    from megatron_mhmoe.runtime import run_lock
+    run_lock.release_held()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,22 @@ def find_tokenizer(config: dict, override: str | None) -> dict:
     return {"type": None}
 
 
+def check_export_tokenizer(config: dict, tok: dict) -> None:
+    """CheckpointError when the tokenizer found for the export is not the one the run's data was made with
+    (its .meta.json files record type and sha256): the export would ship a tokenizer the model never saw."""
+    if not tok.get("path"):
+        return
+    from megatron_mhmoe.data.tokenizer import build_tokenizer
+    from megatron_mhmoe.data.vocab import tokenizer_mismatches
+    built = build_tokenizer("auto", tok["path"])
+    data = config.get("data", {}) if isinstance(config, dict) else {}
+    prefixes = [p for p in data.get("data_path", []) if isinstance(p, str) and os.path.exists(p + ".meta.json")]
+    found = tokenizer_mismatches(tok["path"], built.type_name, built.sha256, prefixes)
+    if found:
+        raise CheckpointError("the run's data.tokenizer_model is not the tokenizer its data was made with: "
+                              + "; ".join(found) + ". Pass --tokenizer with the one the model learned (the data's)")
+
+
 def export(input_path: str, output: str, dtype: str = "as-trained", tokenizer: str | None = None,
            force: bool = False, log=print) -> str:
     from safetensors.torch import save_file
@@ -100,6 +116,8 @@ def export(input_path: str, output: str, dtype: str = "as-trained", tokenizer: s
     if dtype != "as-trained":
         model = {k: (v.to(C.DTYPES[dtype]) if v.is_floating_point() else v) for k, v in model.items()}
     tok = find_tokenizer(config, tokenizer)
+    if tokenizer is None:
+        check_export_tokenizer(config, tok)
     tmp = f"{output.rstrip(os.sep)}.tmp-{os.getpid()}"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)

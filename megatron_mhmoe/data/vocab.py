@@ -1,7 +1,7 @@
 """Checks that token ids in a dataset fit the model's embedding table."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from .errors import DataError
 from .indexed import IndexedDataset, meta_path
@@ -58,3 +58,44 @@ def check_dataset_vocab(dataset: IndexedDataset, model_vocab: int, tokenizer_sha
         raise DataError(f"dataset {dataset.prefix} contains token id {max_id}, out of range for a model vocab of "
                         f"{model_vocab}: the data was made with a larger tokenizer. Re-tokenize it or enlarge the "
                         "model vocab.")
+
+
+def tokenizer_mismatches(tokenizer_path: str, type_name: str, sha256: str, prefixes: Sequence[str]) -> list[str]:
+    """One line per dataset whose `.meta.json` records another tokenizer (type or sha256) than the one given.
+
+    Datasets without a sidecar (made by Megatron-LM) record nothing and are not judged."""
+    from .indexed import read_meta
+    out = []
+    for prefix in prefixes:
+        meta = read_meta(prefix)
+        if not meta or not (meta.get("tokenizer_type") or meta.get("tokenizer_sha256")):
+            continue
+        kind, digest = meta.get("tokenizer_type"), meta.get("tokenizer_sha256")
+        if (kind and kind != type_name) or (digest and digest != sha256):
+            made_with = meta.get("tokenizer_model") or f"the built-in {kind} tokenizer"
+            out.append(f"dataset {prefix} was tokenized with {made_with} ({kind}, sha256 {str(digest)[:12]}..., "
+                       f"recorded in {meta_path(prefix)}), not with {tokenizer_path} ({type_name}, sha256 "
+                       f"{sha256[:12]}...)")
+    return out
+
+
+def check_training_tokenizer(tokenizer_model: str, prefixes: Sequence[str], model_vocab: int,
+                             allow_mismatch: bool = False) -> list[str]:
+    """The run's tokenizer, checked once before launch: it exists, fits the model's embedding, and is the one
+    every dataset was made with. Raises DataError; returns warnings (a mismatch the user allowed)."""
+    import os
+
+    from .tokenizer import build_tokenizer
+    if not os.path.exists(tokenizer_model):
+        raise DataError(f"data.tokenizer_model {tokenizer_model!r} does not exist: train one with "
+                        f"tools/train_tokenizer.py or point at the model the data was made with")
+    tok = build_tokenizer("auto", tokenizer_model)
+    if tok.vocab_size > model_vocab:
+        raise DataError(f"tokenizer {tokenizer_model} has {tok.vocab_size} pieces but model.vocab_size is "
+                        f"{model_vocab}: set --model.vocab_size={tok.vocab_size}")
+    found = tokenizer_mismatches(tokenizer_model, tok.type_name, tok.sha256, prefixes)
+    if found and not allow_mismatch:
+        raise DataError("; ".join(found) + ". Train with the tokenizer the data was made with "
+                        "(--data.tokenizer_model=...), or re-tokenize the data with tools/preprocess_data.py; "
+                        "--data.allow_tokenizer_mismatch=true trains anyway")
+    return [f"{m} (data.allow_tokenizer_mismatch=true)" for m in found]

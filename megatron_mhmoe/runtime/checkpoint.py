@@ -8,7 +8,8 @@ Layout of `save_dir`:
 Saving:
 1. every rank writes its file into `.tmp-step_N/` (temp name, fsync, rename);
 2. rank 0 gathers the checksums, writes the manifest, renames the folder to `step_N`, then points
-   `latest` at it (temp file + rename), then prunes old folders beyond keep_last.
+   `latest` at it (temp file + rename), then prunes old folders beyond keep_last: only usable checkpoints
+   (every rank file present at its manifest size) count; an unusable one is moved to `unusable/`.
 A crash at any point leaves the previous `latest` folder untouched: a checkpoint is complete or absent.
 A write error (full disk, read-only or failing storage) at any stage is a CheckpointWriteError on every rank
 naming the path and the bytes needed; the temporary folder is removed and `latest` keeps its old target.
@@ -43,6 +44,8 @@ from megatron_mhmoe.runtime import faults
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
+UNUSABLE = "unusable"
+"""Sub-folder of save_dir where rotation moves checkpoints that resume could not use."""
 FORMAT_VERSION = 1
 
 
@@ -515,9 +518,31 @@ class Checkpointer:
         steps = self.complete_steps()
         for stale in [s for s in steps if s > step]:
             shutil.rmtree(os.path.join(self.save_dir, step_dirname(stale)), ignore_errors=True)
+        # Only checkpoints resume would accept count towards keep_last: an unusable one (a rank file missing or
+        # cut short) must never push out the newest usable one. It is moved aside for the user to inspect.
+        usable = []
+        for s in [s for s in steps if s < step]:
+            folder = os.path.join(self.save_dir, step_dirname(s))
+            problem = self.folder_problem(folder)
+            if problem is None:
+                usable.append(s)
+                continue
+            aside = os.path.join(self.save_dir, UNUSABLE, step_dirname(s))
+            n = 1
+            while os.path.exists(aside):
+                aside, n = os.path.join(self.save_dir, UNUSABLE, f"{step_dirname(s)}.{n}"), n + 1
+            try:
+                os.makedirs(os.path.dirname(aside), exist_ok=True)
+                os.replace(folder, aside)
+                self.log(f"WARNING: checkpoint {folder} is not usable ({problem}): moved aside to {aside} (not "
+                         f"counted in train.keep_last={self.keep_last}; delete it once inspected)")
+            except OSError as e:
+                self.log(f"WARNING: checkpoint {folder} is not usable ({problem}) and could not be moved aside "
+                         f"({_os_error(e)}): left in place, not counted in train.keep_last")
+        usable.append(step)  # just written and verified by every rank
         if self.keep_last <= 0:
             return
-        for old in [s for s in steps if s <= step][:-self.keep_last]:
+        for old in usable[:-self.keep_last]:
             shutil.rmtree(os.path.join(self.save_dir, step_dirname(old)), ignore_errors=True)
 
     # ------------------------------------------------------------------ discovery
@@ -535,23 +560,34 @@ class Checkpointer:
         return sorted(steps)
 
     def _verify(self, folder: str) -> Optional[str]:
-        """None if this rank's file matches the manifest, else what is wrong."""
+        """None if this rank's file matches the manifest, else what is wrong (resume's check, with checksum)."""
+        return self.folder_problem(folder, ranks=[self.ctx.rank], checksum=True)
+
+    def folder_problem(self, folder: str, ranks: Optional[list] = None, checksum: bool = False) -> Optional[str]:
+        """None if the rank files of `ranks` (default: every rank of the manifest's layout) are present with the
+        manifest's sizes (and, with checksum, its sha256), else the first problem. Rotation uses it without
+        checksums: rereading every kept checkpoint at each save would cost more than the save; a file whose
+        bytes changed in place is still caught by resume, which then falls back."""
         try:
             with open(os.path.join(folder, MANIFEST)) as f:
                 manifest = json.load(f)
         except (OSError, ValueError) as e:
             return f"manifest unreadable ({e})"
-        name = os.path.basename(self.rank_file(folder))
-        entry = next((e for e in manifest.get("files", []) if e.get("file") == name), None)
-        if entry is None:
-            return f"manifest lists no {name}"
-        path = os.path.join(folder, name)
-        if not os.path.exists(path):
-            return f"{name} is missing"
-        if os.path.getsize(path) != entry["bytes"]:
-            return f"{name} has {os.path.getsize(path)} bytes, manifest says {entry['bytes']} (truncated?)"
-        if _sha256(path) != entry["sha256"]:
-            return f"{name} checksum differs from the manifest (corrupt)"
+        if ranks is None:
+            world = int((manifest.get("layout") or {}).get("world_size", len(manifest.get("files", []))))
+            ranks = list(range(world))
+        for rank in ranks:
+            name = os.path.basename(self.rank_file(folder, rank))
+            entry = next((e for e in manifest.get("files", []) if e and e.get("file") == name), None)
+            if entry is None:
+                return f"manifest lists no {name}"
+            path = os.path.join(folder, name)
+            if not os.path.exists(path):
+                return f"{name} is missing"
+            if os.path.getsize(path) != entry["bytes"]:
+                return f"{name} has {os.path.getsize(path)} bytes, manifest says {entry['bytes']} (truncated?)"
+            if checksum and _sha256(path) != entry["sha256"]:
+                return f"{name} checksum differs from the manifest (corrupt)"
         return None
 
     def check_layout(self, folder: str) -> dict:
@@ -591,6 +627,24 @@ class Checkpointer:
                 state = torch.load(self.rank_file(folder), map_location="cpu", weights_only=True)
             return step, state, manifest
         return None
+
+
+def latest_step(save_dir: str) -> Optional[int]:
+    """The step that save_dir's `latest` names, or None (no checkpoint yet): one small read, for pre-flight."""
+    try:
+        with open(os.path.join(save_dir, LATEST)) as f:
+            name = f.read().strip()
+    except OSError:
+        return None
+    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
+
+
+def steps_below_checkpoint(save_dir: str, step: int, train_steps: int) -> str:
+    """The message for a resume whose train.train_steps is below the checkpoint's step."""
+    return (f"train.train_steps={train_steps} is below the step of the checkpoint this run resumes, {step} "
+            f"({os.path.join(save_dir, step_dirname(step))}): there is no step left to train and the checkpoint "
+            f"cannot be made shorter. To continue training, raise --train.train_steps above {step}; to start "
+            f"fresh, use another run_dir (or train.save_dir), or --train.resume=false")
 
 
 def _local_rank(rank: int) -> int:

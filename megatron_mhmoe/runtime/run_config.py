@@ -77,7 +77,16 @@ class TrainConfig:
     save_interval: int = 100
     """Save every N steps (and at the end); 0 = only at the end."""
     keep_last: int = 2
-    """Keep the newest K checkpoints."""
+    """Keep the newest K usable checkpoints (those resume would accept; an unusable one is moved aside to
+    `save_dir/unusable/`, never counted, never deleted)."""
+    lock_stale_s: float = 600.0
+    """A run-folder lock held by another host and not refreshed (every 30 s by a live run) for this many
+    seconds is reported as probably stale, with the command that clears it (runtime/run_lock.py)."""
+    resume_schedule: str = "recompute"
+    """The learning-rate schedule when a checkpoint is resumed with another train_steps: 'recompute' (warmup
+    and decay follow the new train_steps, so the lr at the resume step changes) or 'keep' (the saved
+    schedule's train_steps; past its end the lr stays flat at its final value). The old and new lr are
+    printed at resume either way."""
     resume: bool = True
     """Resume from save_dir/latest when it exists."""
     allow_changed_resume: bool = False
@@ -112,7 +121,11 @@ class DataConfig:
     split: str = "969,30,1"
     """train,valid,test weights over documents."""
     tokenizer_model: str = ""
-    """SentencePiece model whose vocabulary the data was tokenized with (checked against the model)."""
+    """SentencePiece model or tokenizer.json the data was tokenized with: its type and sha256 are checked
+    against every dataset's .meta.json at start (and its vocabulary against the model)."""
+    allow_tokenizer_mismatch: bool = False
+    """Train although data.tokenizer_model is not the tokenizer a dataset's .meta.json records (refused
+    otherwise: the model would learn one tokenizer's ids and be exported with another)."""
     cache_dir: str = ""
     """Index caches; empty = next to the data."""
     eval_seed: Optional[int] = 1234
@@ -200,6 +213,8 @@ class RunConfig:
             raise ValueError(f"train.lr_decay_style={t.lr_decay_style!r} is not one of cosine/linear/constant")
         if t.seq_len > m.max_seq_len:
             raise ValueError(f"train.seq_len {t.seq_len} exceeds model.max_seq_len {m.max_seq_len}")
+        if t.resume_schedule not in ("recompute", "keep"):
+            raise ValueError(f"train.resume_schedule={t.resume_schedule!r} is not one of recompute/keep")
         if t.train_steps < 1:
             raise ValueError(f"train.train_steps={t.train_steps} must be >= 1")
         if m.moe is not None and p.tp > 1 and not p.sequence_parallel \
@@ -220,7 +235,7 @@ class RunConfig:
                 ("train.eval_interval", t.eval_interval, 0, False), ("train.eval_iters", t.eval_iters, 0, False),
                 ("train.exit_interval", t.exit_interval, 0, False), ("train.keep_last", t.keep_last, 0, False),
                 ("train.max_nonfinite_steps", t.max_nonfinite_steps, 1, False),
-                ("parallel.timeout_s", p.timeout_s, 0.0, True)):
+                ("parallel.timeout_s", p.timeout_s, 0.0, True), ("train.lock_stale_s", t.lock_stale_s, 60.0, False)):
             if not math.isfinite(float(value)) or value < low or (strict and value == low):
                 raise ValueError(f"{where}={value} must be {'>' if strict else '>='} {low}")
         for where, value in (("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)):

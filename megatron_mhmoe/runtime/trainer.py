@@ -35,13 +35,14 @@ from megatron_mhmoe.parallel.host_tensor import as_host, host_tensor_guard, plai
 from megatron_mhmoe.runtime import faults, universal
 from megatron_mhmoe.runtime.checkpoint import (CheckpointError, Checkpointer, CheckpointLayout, estimate_rank_bytes,
                                                model_mismatch, resume_changes, resume_record, rng_state,
-                                               set_rng_state, step_dirname)
+                                               set_rng_state, step_dirname, steps_below_checkpoint)
 from megatron_mhmoe.runtime.device_peaks import current_device_peak
 from megatron_mhmoe.runtime.engine import Engine, checkpoint_safe_globals
 from megatron_mhmoe.runtime.exit_codes import EXIT_NONFINITE
 from megatron_mhmoe.runtime.logging import MetricsLogger, format_line, redact
 from megatron_mhmoe.runtime.run_config import RunConfig
-from megatron_mhmoe.runtime.schedule import make_lr_lambda
+from megatron_mhmoe.runtime.run_lock import effective_save_dir
+from megatron_mhmoe.runtime.schedule import make_lr_lambda, resume_schedule_rule
 
 DEVICE_GUARD_ENV = "MHMOE_DEVICE_GUARD"
 
@@ -98,8 +99,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.ctx = ctx = ParallelContext.from_world(cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.sequence_parallel,
                                                     timeout_s=cfg.parallel.timeout_s)
-        if t.save_dir == "runs/default/checkpoints" and cfg.run_dir != "runs/default":
-            t.save_dir = os.path.join(cfg.run_dir, "checkpoints")
+        t.save_dir = effective_save_dir(cfg.run_dir, t.save_dir)
         self.train_ds, self.valid_ds, self.tokenizer = self._data()
         # Same seed on a TP group (replicated activations, dropout masks), different per DP replica.
         torch.manual_seed(t.seed + 1000 * ctx.dp_rank)
@@ -141,15 +141,8 @@ class Trainer:
             prefix, tok = self._prepared_builtin_data()
             cfg.data.data_path, cfg.data.tokenizer_model = [prefix], tok
         tokenizer = None
-        if cfg.data.tokenizer_model:
-            if not os.path.exists(cfg.data.tokenizer_model):
-                raise FileNotFoundError(f"data.tokenizer_model {cfg.data.tokenizer_model!r} does not exist: train one "
-                                        f"with tools/train_tokenizer.py or point at the model the data was made with")
+        if cfg.data.tokenizer_model:  # checked before launch (train.py: data/vocab.check_training_tokenizer)
             tokenizer = build_tokenizer("auto", cfg.data.tokenizer_model)
-            if tokenizer.vocab_size > cfg.model.vocab_size:
-                raise ValueError(f"tokenizer {cfg.data.tokenizer_model} has {tokenizer.vocab_size} pieces but "
-                                 f"model.vocab_size is {cfg.model.vocab_size}: set --model.vocab_size="
-                                 f"{tokenizer.vocab_size}")
         evals = (t.train_steps // max(1, t.eval_interval) + 2) * t.eval_iters * t.micro_batch_size * ctx.dp_size
         data_path = cfg.data.data_path if len(cfg.data.data_path) > 1 else cfg.data.data_path[0]
         log = (lambda m: print(f"[data] {m}", file=sys.stderr, flush=True)) if ctx.rank == 0 else (lambda m: None)
@@ -226,6 +219,8 @@ class Trainer:
                             f"{t.train_steps * t.global_batch_size} samples, the checkpoint's held "
                             f"{manifest['train_samples']}: training continues at sample "
                             f"{int(state['consumed_samples'])} of a reshuffled order")
+        if step > t.train_steps:  # train.py checks `latest` before launch; the same message for direct users
+            raise CheckpointError(steps_below_checkpoint(t.save_dir, step, t.train_steps))
         need = int(state["consumed_samples"]) + max(0, t.train_steps - step) * t.global_batch_size
         if need > len(self.train_ds):  # the sampler would stop short of train_steps (StopIteration mid-run)
             raise CheckpointError(
@@ -252,11 +247,25 @@ class Trainer:
             raise CheckpointError("checkpoint has neither a native optimizer partition nor universal optimizer "
                                   "state: it cannot resume training (re-export it with tools/reshard_checkpoint.py "
                                   "from a checkpoint that has one)")
+        saved_steps = ((manifest.get("config") or {}).get("train") or {}).get("train_steps")
+        if saved_steps is not None and int(saved_steps) != t.train_steps:
+            self._apply_resume_schedule(int(saved_steps))
         set_rng_state(state["rng"])
         self.step, self.consumed = step, int(state["consumed_samples"])
         self.wandb_id = manifest.get("wandb_id")
         eng.global_steps = step
         self.print0(f"resumed from {t.save_dir} at step {step} ({self.consumed} samples consumed)")
+
+    def _apply_resume_schedule(self, saved_steps: int) -> None:
+        """train_steps changed since the checkpoint: apply train.resume_schedule (runtime/schedule.py) from the
+        next step on (the loaded optimizer holds the saved schedule's lr for it), and say so with both lrs."""
+        sched = self.engine.lr_scheduler
+        total, note = resume_schedule_rule(self.cfg.train, sched.last_epoch, saved_steps)
+        sched.lr_lambdas = [make_lr_lambda(self.cfg.train, total) for _ in sched.lr_lambdas]
+        sched._last_lr = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(sched.optimizer.param_groups, sched._last_lr):
+            group["lr"] = lr
+        self.print0(note)
 
     def save(self) -> str:
         """An atomic checkpoint of every rank (collective)."""

@@ -130,6 +130,33 @@ def ds_stage2(good, tmp_path):
     return str(p)
 
 
+def ds_typo(good, tmp_path):
+    p = tmp_path / "ds_typo.json"
+    p.write_text('{"zero_optimisation": {"stage": 1}}')
+    return str(p)
+
+
+def ds_nested_typo(good, tmp_path):
+    p = tmp_path / "ds_nested.json"
+    p.write_text('{"zero_optimization": {"stage": 1, "reduce_scater": true}}')
+    return str(p)
+
+
+def hf_tokenizer(good, tmp_path):
+    """A tokenizer.json that is not the (byte) tokenizer the good dataset was made with."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1, "def": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return str(tmp_path / "tokenizer.json")
+
+
+def binary_file(good, tmp_path):
+    p = tmp_path / "ls"
+    shutil.copy(shutil.which("ls") or "/bin/ls", p)
+    return str(p)
+
+
 def bad_hostfile(good, tmp_path):
     p = tmp_path / "hosts"
     p.write_text("node0;reboot slots=1\n")
@@ -175,6 +202,14 @@ CASES = [
     ("ds-config-disagrees", "train", ["--deepspeed_config", "{ds_stage2}"], 2, 2,
      "zero_optimization.stage=2 but train.zero_stage=1"),
     ("override-without-value", "train", ["--train.lr"], 2, 2, "overrides look like --section.key=value"),
+    ("ds-config-key-typo", "train", ["--deepspeed_config", "{ds_typo}"], 2, 2,
+     "unknown top-level key 'zero_optimisation' (did you mean 'zero_optimization'?)"),
+    ("ds-config-nested-key-typo", "train", ["--deepspeed_config", "{ds_nested_typo}"], 2, 2,
+     "unknown key 'reduce_scater' in a section of DeepSpeedZeroConfig (did you mean 'reduce_scatter'?)"),
+    ("run-dir-is-a-file", "train", ["--run_dir={yaml}"], 2, 2,
+     "run_dir '{yaml}' is an existing file, not a folder"),
+    ("train-steps-below-checkpoint", "train", ["--train.save_dir={ckpt_small}", "--train.train_steps=1"], 2, 2,
+     "train.train_steps=1 is below the step of the checkpoint this run resumes, 2"),
     # data: missing/corrupt/mismatched files, tokenizer, split, blend
     ("missing-dataset", "train", ["--data.data_path=[{root}/data/c]"], 2, 2,
      "Existing dataset prefixes nearby: {prefix}"),
@@ -185,11 +220,16 @@ CASES = [
      "token ids >= 100 would be out of range"),
     ("missing-tokenizer", "train", [f"--data.data_path=[{G}]", "--data.tokenizer_model=/nonexistent/tok.model"], 2,
      2, "data.tokenizer_model '/nonexistent/tok.model' does not exist"),
+    ("tokenizer-not-the-datas", "train", [f"--data.data_path=[{G}]", "--data.tokenizer_model={hf_tokenizer}"], 2, 2,
+     "dataset {prefix} was tokenized with the built-in byte tokenizer (byte, sha256"),
     ("bad-split", "train", ["--data.split=a,b,c"], 2, 2, "split 'a,b,c' has a non-numeric weight"),
     ("odd-blend", "train", [f"--data.data_path=[0.5, {G}, 0.5]"], 2, 2, "must alternate weight and prefix"),
     ("preprocess-missing-tokenizer", "preprocess",
      ["--input", "{root}/run.yaml", "--tokenizer-model", "/nonexistent/tok.model", "--output-prefix",
       "{root}/data/c", "--workers", "1"], None, 1, "does not exist"),
+    ("preprocess-binary-input", "preprocess",
+     ["--input", "{binary_file}", "--tokenizer-type", "byte", "--output-prefix", "{root}/data/b", "--workers", "1"],
+     None, 1, "does not look like text"),
     # launch
     ("hostfile-shell-name", "launch", ["--hostfile", "{bad_hostfile}"], None, 2, "bad host name 'node0;reboot'"),
     ("hostfile-missing", "launch", ["--hostfile", "/nonexistent/hosts"], None, 2,
@@ -213,7 +253,7 @@ CASES = [
 
 def _fill(good: dict, tmp_path, items: list[str]) -> list[str]:
     makers = {f.__name__: f for f in (truncated_bin, bad_magic_idx, missing_idx, garbage_yaml, bad_json, ds_stage2,
-                                      bad_hostfile)}
+                                      ds_typo, ds_nested_typo, hf_tokenizer, binary_file, bad_hostfile)}
     out = []
     for item in items:
         for name, make in makers.items():
@@ -320,4 +360,4 @@ def test_preprocess_cli_never_overwrites_a_good_dataset(good, tmp_path):
 
 def test_matrix_size():
     """The README's count of bad inputs is this table's size plus the 3 real launches (tests/test_readme_claims)."""
-    assert len(CASES) + 3 == 48
+    assert len(CASES) + 3 == 54
