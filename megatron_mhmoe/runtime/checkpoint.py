@@ -564,7 +564,7 @@ class Checkpointer:
         return self.folder_problem(folder, ranks=[self.ctx.rank], checksum=True)
 
     def folder_problem(self, folder: str, ranks: Optional[list] = None, checksum: bool = False) -> Optional[str]:
-        """None if the rank files of `ranks` (default: every rank of the manifest's layout) are present with the
+        """None if the rank files of `ranks` (default: every file the manifest lists) are present with the
         manifest's sizes (and, with checksum, its sha256), else the first problem. Rotation uses it without
         checksums: rereading every kept checkpoint at each save would cost more than the save; a file whose
         bytes changed in place is still caught by resume, which then falls back."""
@@ -573,11 +573,11 @@ class Checkpointer:
                 manifest = json.load(f)
         except (OSError, ValueError) as e:
             return f"manifest unreadable ({e})"
-        if ranks is None:
-            world = int((manifest.get("layout") or {}).get("world_size", len(manifest.get("files", []))))
-            ranks = list(range(world))
-        for rank in ranks:
-            name = os.path.basename(self.rank_file(folder, rank))
+        names = ([e.get("file") for e in manifest.get("files", []) if e] if ranks is None
+                 else [os.path.basename(self.rank_file(folder, r)) for r in ranks])
+        if not names:
+            return "manifest lists no rank file"
+        for name in names:
             entry = next((e for e in manifest.get("files", []) if e and e.get("file") == name), None)
             if entry is None:
                 return f"manifest lists no {name}"
