@@ -168,3 +168,44 @@ def test_shipped_ds_configs_pass_the_key_schema():
     # keys DeepSpeed parses outside DeepSpeedConfig's first pass are known too
     assert unknown_ds_keys({"optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"},
                             "activation_checkpointing": {}, "flops_profiler": {}, "gradient_clipping": 1.0}, batch) == []
+
+
+# ---------------------------------------------------------------------- cost of the checks
+def test_start_up_checks_are_cheap(tmp_path):
+    """What the checks add to a launch (README, Reliability: ~2 ms measured, asserted below 100 ms here): the
+    run-folder and resume-step checks, the tokenizer-vs-data check, the DeepSpeed key check (DeepSpeed
+    itself is imported by the engine anyway), and taking and releasing the lock."""
+    import statistics
+
+    import deepspeed  # noqa: F401  (the engine's import, not the check's)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from megatron_mhmoe.data.vocab import check_training_tokenizer
+    from megatron_mhmoe.runtime.checkpoint import latest_step
+    from megatron_mhmoe.runtime.ds_schema import check_ds_config_keys
+    tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1, "def": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tok.json"))
+    prefix = str(tmp_path / "d_text_document")
+    with open(prefix + ".meta.json", "w") as f:
+        json.dump({"tokenizer_type": "hf", "tokenizer_sha256": "0" * 64}, f)
+    with open(os.path.join(ROOT, "ds_configs", "zero2_offload_bf16.json")) as f:
+        ds = json.load(f)
+    batch = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2}
+    run = str(tmp_path / "run")
+
+    def checks():
+        run_lock.check_run_folders(run, run + "/checkpoints")
+        latest_step(run + "/checkpoints")
+        check_training_tokenizer(str(tmp_path / "tok.json"), [prefix], 300, allow_mismatch=True)
+        check_ds_config_keys(ds, "ds.json", batch)
+        run_lock.RunLock([run], 600, print).acquire().release()
+    checks()
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        checks()
+        times.append(time.perf_counter() - t0)
+    ms = statistics.median(times) * 1e3
+    print(f"start-up checks: {ms:.2f} ms")
+    assert ms < 100, ms
