@@ -102,8 +102,8 @@ class RunLock:
         path = os.path.join(folder, LOCK_NAME)
         try:
             os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            raise RunLockError(f"cannot create the run folder {folder}: {e.strerror or e}") from None
+        except OSError:
+            return  # a folder nothing can be written into needs no lock: the run's write checks name the problem
         data = json.dumps(self.record).encode()
         for _ in range(3):  # a stale lock replaced by a racing relaunch: look again
             try:
@@ -111,8 +111,10 @@ class RunLock:
             except FileExistsError:
                 self._judge(path)  # raises unless the lock is stale (then it was removed)
                 continue
-            except OSError as e:
-                raise RunLockError(f"cannot write the run lock {path}: {e.strerror or e}") from None
+            except OSError:
+                # Read-only or full: no run can write here either, and the checkpoint folder's check before
+                # step 1 (runtime/checkpoint.py check_dir, exit 5) says what is wrong and how to fix it.
+                return
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             self.paths.append(path)
