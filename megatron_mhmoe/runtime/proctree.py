@@ -57,7 +57,8 @@ _HOST = r"(?:\[rank\d+\]: |[A-Za-z0-9][A-Za-z0-9.-]*: )?"
 # The one-line errors megatron_mhmoe.train prints before it exits non-zero, with their exit codes; the code a
 # launcher reports for that rank wins (deepspeed's reports only the first exit it polled).
 _WORKER_LINES = (
-    (re.compile(r"^(?:config|data) error: "), 2),
+    (re.compile(r"^(?:config|data|run folder) error: "), 2),
+    (re.compile(r"^interrupted \(Ctrl-C\): "), 130),  # runtime/interrupt.py; the launcher's own line wins
     (re.compile(r"^stopping: \d+ non-finite steps in a row"), 3),
     (re.compile(r"^\[rank \d+\] error: (?:collective (?:failed|timed out)|could not join the process group)"), 4),
     (re.compile(r"^\[rank \d+\] error: CheckpointWriteError: "), 5),

@@ -209,3 +209,26 @@ def test_start_up_checks_are_cheap(tmp_path):
     ms = statistics.median(times) * 1e3
     print(f"start-up checks: {ms:.2f} ms")
     assert ms < 100, ms
+
+
+def test_launch_wrapper_shows_one_line_for_a_ctrl_c():
+    """Through the launch scripts (runtime/proctree.py) the ranks' interrupt line is not shown beside the
+    wrapper's own: one line. A rank interrupted alone (the launcher was not) ends with its line and 130."""
+    import io
+
+    from megatron_mhmoe.runtime import proctree
+    from megatron_mhmoe.runtime.interrupt import MESSAGE
+
+    def relay(text):
+        report, out = proctree._Report(), io.StringIO()
+        proctree._relay(io.BytesIO(text.encode()), out, report, passthrough=False)
+        return out.getvalue(), report
+    shown, report = relay(f"step 3/8 | loss 5.5\n{MESSAGE}\nTraceback (most recent call last):\n  File \"run.py\"\n"
+                          "torch.distributed.elastic.multiprocessing.api.SignalException: Process 10 got signal: 2\n")
+    assert shown == "step 3/8 | loss 5.5\n"
+    assert proctree._verdict(report, 1) == (
+        "launch: error: the launch was stopped by SIGINT; relaunch to resume from the last complete checkpoint", 130)
+    shown, report = relay(f"{MESSAGE}\n")
+    assert shown == "" and proctree._verdict(report, 130) == (MESSAGE, 130)
+    shown, report = relay("run folder error: the run folder /r is in use by another run (host h, pid 1, ...)\n")
+    assert shown == "" and proctree._verdict(report, 2)[1] == 2
