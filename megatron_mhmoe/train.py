@@ -7,12 +7,16 @@ This module is the command line: arguments, config, pre-flight checks (before an
 so a bad config never leaves peers waiting) and exit codes; runtime/trainer.py is the loop and
 runtime/engine.py owns DeepSpeed and the device.
 
+Rank 0 takes the run-folder lock (runtime/run_lock.py) after the pre-flight checks, before anything is
+written; every exit path releases it. Ctrl-C is one line and exit 130 (runtime/interrupt.py, installed before
+torch is imported).
+
 Exit codes: 0 done; 1 an error while training (one `[rank R] error: ...` line); 2 a config/data error, found
-before any process group forms; 3 train.max_nonfinite_steps non-finite steps in a row (the last good
-checkpoint is kept); 4 a collective failed or timed out (a peer rank died or is stuck, after at most
-parallel.timeout_s), or the process group could not form; 5 a checkpoint could not be written (save_dir not
+before any process group forms, or a run folder in use by another run; 3 train.max_nonfinite_steps
+non-finite steps in a row (the last good checkpoint is kept); 4 a collective failed or timed out (a peer rank
+died or is stuck, after at most parallel.timeout_s), or the process group could not form; 5 a checkpoint could not be written (save_dir not
 writable, too small or not shared between nodes, found before step 1, or a write error mid-save; the previous
-checkpoint stays latest). Tests inject faults with MHMOE_FAULT
+checkpoint stays latest); 130 Ctrl-C. Tests inject faults with MHMOE_FAULT
 (runtime/faults.py). The codes are named in runtime/exit_codes.py.
 """
 from __future__ import annotations

@@ -166,8 +166,9 @@ def test_shipped_ds_configs_pass_the_key_schema():
         with open(path) as f:
             assert unknown_ds_keys(json.load(f), batch) == [], path
     # keys DeepSpeed parses outside DeepSpeedConfig's first pass are known too
-    assert unknown_ds_keys({"optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"},
-                            "activation_checkpointing": {}, "flops_profiler": {}, "gradient_clipping": 1.0}, batch) == []
+    elsewhere = {"optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"}, "activation_checkpointing": {},
+                 "flops_profiler": {}, "gradient_clipping": 1.0}
+    assert unknown_ds_keys(elsewhere, batch) == []
 
 
 # ---------------------------------------------------------------------- cost of the checks
