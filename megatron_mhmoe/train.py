@@ -14,9 +14,9 @@ torch is imported).
 Exit codes: 0 done; 1 an error while training (one `[rank R] error: ...` line); 2 a config/data error, found
 before any process group forms, or a run folder in use by another run; 3 train.max_nonfinite_steps
 non-finite steps in a row (the last good checkpoint is kept); 4 a collective failed or timed out (a peer rank
-died or is stuck, after at most parallel.timeout_s), or the process group could not form; 5 a checkpoint could not be written (save_dir not
-writable, too small or not shared between nodes, found before step 1, or a write error mid-save; the previous
-checkpoint stays latest); 130 Ctrl-C. Tests inject faults with MHMOE_FAULT
+died or is stuck, after at most parallel.timeout_s), or the process group could not form; 5 a checkpoint
+could not be written (save_dir not writable, too small or not shared between nodes, found before step 1, or a
+write error mid-save; the previous checkpoint stays latest); 130 Ctrl-C. Tests inject faults with MHMOE_FAULT
 (runtime/faults.py). The codes are named in runtime/exit_codes.py.
 """
 from __future__ import annotations
