@@ -51,13 +51,19 @@ def check_run_folders(run_dir: str, save_dir: str) -> None:
             probe = parent
 
 
-def _proc_start(pid: int) -> Optional[str]:
-    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), or None."""
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat fields after the command name (field 3, the state, first), or [] without /proc."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return None
+        return []
+
+
+def _proc_start(pid: int) -> Optional[str]:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), or None."""
+    fields = _stat(pid)
+    return fields[19] if len(fields) > 19 else None
 
 
 def _alive(pid: int, proc_start: Optional[str]) -> bool:
@@ -67,7 +73,10 @@ def _alive(pid: int, proc_start: Optional[str]) -> bool:
         return False
     except PermissionError:  # exists, another user's
         return True
-    now = _proc_start(pid)
+    fields = _stat(pid)
+    if fields and fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent: it holds nothing
+        return False
+    now = fields[19] if len(fields) > 19 else None
     return not (proc_start and now and now != proc_start)  # a reused pid is another process
 
 

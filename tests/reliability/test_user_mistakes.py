@@ -62,6 +62,9 @@ def test_lock_names_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exited, never reaped (as after a kill -9 of a
+    while run_lock._stat(zombie.pid)[:1] != ["Z"]:               # launcher, until init reaps its workers)
+        time.sleep(0.01)
     try:
         host = socket.gethostname()
         path = _write_lock(tmp_path / "a", host=host, pid=live.pid, proc_start=run_lock._proc_start(live.pid))
@@ -73,9 +76,11 @@ def test_lock_names_a_live_holder_and_takes_over_a_dead_one(tmp_path):
         _write_lock(tmp_path / "b", host=host, pid=live.pid, proc_start="1")
         # a pid that no longer exists (kill -9, a crash): stale
         _write_lock(tmp_path / "c", host=host, pid=dead.pid)
-        lock = run_lock.RunLock([str(tmp_path / "b"), str(tmp_path / "c")], 600, notes.append).acquire()
-        assert len([n for n in notes if n.startswith("note: taking over the run lock")]) == 2, notes
-        for sub in ("b", "c"):
+        _write_lock(tmp_path / "d", host=host, pid=zombie.pid, proc_start=run_lock._proc_start(zombie.pid))
+        folders = [str(tmp_path / sub) for sub in "bcd"]
+        lock = run_lock.RunLock(folders, 600, notes.append).acquire()
+        assert len([n for n in notes if n.startswith("note: taking over the run lock")]) == 3, notes
+        for sub in "bcd":
             assert json.load(open(tmp_path / sub / run_lock.LOCK_NAME))["pid"] == os.getpid()
         lock.release()
         assert not os.path.exists(tmp_path / "b" / run_lock.LOCK_NAME)
@@ -83,6 +88,7 @@ def test_lock_names_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     finally:
         live.kill()
         live.wait()
+        zombie.wait()
 
 
 def test_lock_of_another_host_is_reported_fresh_or_stale(tmp_path):
