@@ -104,6 +104,17 @@ def test_lock_of_another_host_is_reported_fresh_or_stale(tmp_path):
     assert os.path.exists(path)  # only a person can tell: never taken over
 
 
+def test_save_dir_elsewhere_is_locked_too(tmp_path):
+    from megatron_mhmoe.runtime.cli import resolve_config
+    from megatron_mhmoe.train import _locked_folders
+    run = str(tmp_path / "run")
+    inside = resolve_config(None, [f"--run_dir={run}"])
+    inside.train.save_dir = run_lock.effective_save_dir(inside.run_dir, inside.train.save_dir)
+    assert inside.train.save_dir == os.path.join(run, "checkpoints") and _locked_folders(inside) == [run]
+    apart = resolve_config(None, [f"--run_dir={run}", f"--train.save_dir={tmp_path}/ckpts"])
+    assert _locked_folders(apart) == [run, str(tmp_path / "ckpts")]
+
+
 def test_release_leaves_a_lock_that_is_no_longer_ours(tmp_path):
     lock = run_lock.RunLock([str(tmp_path)], 600, print).acquire()
     _write_lock(tmp_path, host="other", pid=1, token="theirs")
