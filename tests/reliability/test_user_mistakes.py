@@ -144,6 +144,41 @@ def test_resume_schedule_rule_states_old_and_new_lr(rule):
     assert f"{old:.4g} under the saved schedule, {new:.4g} now" in note
 
 
+@pytest.mark.parametrize("rule", ["recompute", "keep"])
+def test_trainer_applies_the_rule_to_the_resumed_scheduler(rule, capsys):
+    """Trainer._apply_resume_schedule on a scheduler restored at step 30 of 30, resumed with 60 steps: the next
+    step's lr (in the optimizer) and the steps after it follow the chosen rule."""
+    from types import SimpleNamespace
+
+    from megatron_mhmoe.runtime.cli import resolve_config
+    from megatron_mhmoe.runtime.schedule import lr_factor, make_lr_lambda
+    from megatron_mhmoe.runtime.trainer import Trainer
+    cfg = resolve_config(None, ["--train.train_steps=30", "--train.warmup_steps=2", "--train.lr=3e-4",
+                                "--train.min_lr=1e-5", f"--train.resume_schedule={rule}"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, make_lr_lambda(cfg.train))
+    for _ in range(30):
+        opt.step()
+        sched.step()
+    saved = sched.state_dict()
+    cfg.train.train_steps = 60  # the relaunch
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, make_lr_lambda(cfg.train))
+    sched.load_state_dict(saved)
+    opt.param_groups[0]["lr"] = saved["_last_lr"][0]  # as the loaded optimizer state holds it
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.ctx, trainer.engine = cfg, SimpleNamespace(rank=0), SimpleNamespace(lr_scheduler=sched)
+    trainer._apply_resume_schedule(30)
+    total = 30 if rule == "keep" else 60
+    for step in (30, 31, 45):
+        while sched.last_epoch < step:
+            opt.step()
+            sched.step()
+        want = 3e-4 * lr_factor(step, 3e-4, 1e-5, 2, total, "cosine")
+        assert opt.param_groups[0]["lr"] == pytest.approx(want), (rule, step)
+    assert f"train.resume_schedule={rule}" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------- tokenizer at export
 def test_export_refuses_a_tokenizer_the_data_was_not_made_with(tmp_path):
     import importlib.util
