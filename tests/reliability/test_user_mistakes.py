@@ -4,9 +4,12 @@
   falls back and the next save keeps the fallback, moving the broken one aside;
 - the run-folder lock: a live holder on this host is named (host, pid, start time), a dead one (or a reused
   pid) is taken over with a note, another host's lock is reported, old or fresh, with how to clear it;
-- the learning-rate rule on a resume with another train_steps, with the old and new lr;
+  train.save_dir outside run_dir is locked too;
+- the learning-rate rule on a resume with another train_steps, with the old and new lr, as the Trainer
+  applies it to the restored scheduler;
 - the export refuses a run's tokenizer that is not the one its data was made with;
-- every shipped ds_configs/*.json passes DeepSpeed's key schema.
+- every shipped ds_configs/*.json passes DeepSpeed's key schema;
+- the launch wrapper shows one line for a Ctrl-C; the start-up checks cost milliseconds.
 The real launches (two runs into one folder, kill -9 and relaunch, Ctrl-C) are in test_run_lock_launch.py;
 the one-line messages of the launch-time checks are rows of test_bad_inputs.py.
 """
