@@ -147,12 +147,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                     ds_dict = json.load(f)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"--deepspeed_config {args.deepspeed_config} is not valid JSON: {err}")
+            notes = check_ds_config_agrees(cfg, ds_dict, args.deepspeed_config)
+            # Then every key against DeepSpeed's own schema (a misspelt one would be ignored).
             from megatron_mhmoe.runtime.ds_schema import check_ds_config_keys
             t = cfg.train  # batch fields DeepSpeed's parser needs (filled from the run config, as the engine does)
             check_ds_config_keys(ds_dict, args.deepspeed_config, {
                 "train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": t.grad_accum_steps,
                 "train_batch_size": t.micro_batch_size * t.grad_accum_steps})
-            for note in check_ds_config_agrees(cfg, ds_dict, args.deepspeed_config):
+            for note in notes:
                 if os.environ.get("RANK", "0") == "0":
                     print(f"warning: {note}", file=sys.stderr, flush=True)
         _check_data_inputs(cfg)
