@@ -222,7 +222,7 @@ def test_shipped_ds_configs_pass_the_key_schema():
             assert unknown_ds_keys(json.load(f), batch) == [], path
     # keys DeepSpeed parses outside DeepSpeedConfig's first pass are known too
     elsewhere = {"optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"}, "activation_checkpointing": {},
-                 "flops_profiler": {}, "gradient_clipping": 1.0}
+                 "flops_profiler": {}, "gradient_clipping": 1.0, "sequence_parallel_size": 1}
     assert unknown_ds_keys(elsewhere, batch) == []
 
 
