@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 
-.PHONY: env main test bench clean-runs
+.PHONY: env main test test-fast bench clean-runs
 
 env:
 	@bash tools/setup_env.sh $(VENV)
@@ -14,6 +14,10 @@ main: env
 
 test: env
 	$(PY) -m pytest -q tests
+
+# The marked subset (tests/conftest.py SLOW_FILES left out): under 3 minutes, every subpackage exercised.
+test-fast: env
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: env
 	$(PY) benchmarks/moe_layer.py
