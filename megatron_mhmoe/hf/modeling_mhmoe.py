@@ -348,7 +348,8 @@ class GPT(nn.Module):
 def attention_positions_and_mask(attention_mask: Optional[torch.Tensor], b: int, s: int, past: int,
                                  device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """positions (b, s) of the new tokens and the attention mask (b, 1, s, past + s) bool, or None where
-    plain causal attention is exact (no padding, nothing cached).
+    plain causal attention is exact (no padding, nothing cached: SDPA's is_causal aligns the first query with
+    the first key, so it is wrong after a cached prefix).
 
     1. positions count the real tokens before each one (cumsum of the mask - 1; a pad gets 0);
     2. query i (column past + i) may see the columns <= past + i that are not padding;
@@ -357,7 +358,7 @@ def attention_positions_and_mask(attention_mask: Optional[torch.Tensor], b: int,
     t = past + s
     if attention_mask is None:
         positions = torch.arange(past, t, device=device).unsqueeze(0).expand(b, s)
-        if past == 0 or s == 1:  # a single new query sees every cached key
+        if past == 0:  # plain causal attention (is_causal aligns queries and keys at the start)
             return positions, None
         valid = torch.ones(b, t, dtype=torch.bool, device=device)
     else:
