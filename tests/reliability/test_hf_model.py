@@ -274,9 +274,14 @@ def test_hidden_states_tuples_and_inputs_embeds(gen_model):
         embeds = hf.get_input_embeddings()(enc["input_ids"])
         torch.testing.assert_close(hf(inputs_embeds=embeds, attention_mask=enc["attention_mask"]).logits,
                                    out.logits, atol=1e-6, rtol=1e-6)
-        by_ids = hf.generate(**enc, max_new_tokens=6, do_sample=False, eos_token_id=None)
-        by_embeds = hf.generate(inputs_embeds=embeds, attention_mask=enc["attention_mask"], max_new_tokens=6,
+        short = tok(PROMPTS[::2], return_tensors="pt", padding=True)  # 6 + 6 new tokens <= max_seq_len 16
+        by_ids = hf.generate(**short, max_new_tokens=6, do_sample=False, eos_token_id=None)
+        short_embeds = hf.get_input_embeddings()(short["input_ids"])
+        by_embeds = hf.generate(inputs_embeds=short_embeds, attention_mask=short["attention_mask"], max_new_tokens=6,
                                 do_sample=False, eos_token_id=None)
-    assert by_embeds.tolist() == by_ids[:, enc["input_ids"].shape[1]:].tolist()
+        assert by_embeds.tolist() == by_ids[:, short["input_ids"].shape[1]:].tolist()
+        with pytest.raises(ValueError, match="generate\\(inputs_embeds=...\\) cannot go past max_seq_len 16"):
+            hf.generate(inputs_embeds=short_embeds, attention_mask=short["attention_mask"], max_new_tokens=12,
+                        do_sample=False, eos_token_id=None)
     with pytest.raises(ValueError, match="output_attentions=True is not supported"):
         hf(**enc, output_attentions=True)
