@@ -285,3 +285,26 @@ def test_hidden_states_tuples_and_inputs_embeds(gen_model):
                         do_sample=False, eos_token_id=None)
     with pytest.raises(ValueError, match="output_attentions=True is not supported"):
         hf(**enc, output_attentions=True)
+
+
+def test_pipeline_save_reload_bf16_device_map_and_labels(gen_model, tmp_path):
+    from transformers import AutoModelForCausalLM, pipeline
+    ours, hf, tok = gen_model
+    enc = tok(["def f("], return_tensors="pt")
+    with torch.no_grad():
+        want = hf.generate(**enc, max_new_tokens=5, do_sample=False, eos_token_id=None)
+        text = pipeline("text-generation", model=hf, tokenizer=tok)("def f(", max_new_tokens=5, do_sample=False,
+                                                                    eos_token_id=None)[0]["generated_text"]
+        assert text == tok.decode(want[0])
+        hf.save_pretrained(tmp_path / "saved")
+        tok.save_pretrained(tmp_path / "saved")
+        for kwargs in ({}, {"device_map": "auto"}):
+            again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True, **kwargs)
+            assert torch.equal(again.eval()(**enc).logits, hf(**enc).logits)
+        half = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True,
+                                                    dtype=torch.bfloat16).eval()
+        logits16 = half(**enc).logits
+        assert logits16.dtype == torch.bfloat16 and torch.isfinite(logits16).all()
+        out = hf(**enc, labels=enc["input_ids"])
+        manual = torch.nn.functional.cross_entropy(out.logits[0, :-1], enc["input_ids"][0, 1:])
+        torch.testing.assert_close(out.loss, manual)
