@@ -163,8 +163,9 @@ def test_export_folder_loads_where_megatron_mhmoe_cannot_be_imported(tmp_path):
 # ------------------------------------------------------------------------------------------ generation
 # Learned positions: RoPE attention cannot tell a row whose positions are all shifted (left padding counted
 # as positions) from the right one; a learned table can.
-GEN_CFG = _cfg(_moe(num_heads=2), max_seq_len=16, init_std=0.3)
-ROPE_CFG = _cfg(_moe(num_heads=2, gate="softmax"), max_seq_len=16, position_embedding="rope", init_std=0.3)
+# max_seq_len 64: prompts + new tokens stay inside it (the cache is used) except where a test goes past it.
+GEN_CFG = _cfg(_moe(num_heads=2), max_seq_len=64, init_std=0.3)
+ROPE_CFG = _cfg(_moe(num_heads=2, gate="softmax"), max_seq_len=64, position_embedding="rope", init_std=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -227,12 +228,12 @@ def test_beam_search_with_the_cache_equals_beam_search_without(gen_model):
     runs = {}
     for use_cache in (True, False):
         with torch.no_grad():
-            runs[use_cache] = hf.generate(**enc, max_new_tokens=10, num_beams=4, num_return_sequences=2,
+            runs[use_cache] = hf.generate(**enc, max_new_tokens=8, num_beams=3, num_return_sequences=2,
                                           do_sample=False, use_cache=use_cache, eos_token_id=None,
                                           output_scores=True, return_dict_in_generate=True)
     assert runs[True].sequences.tolist() == runs[False].sequences.tolist()
     torch.testing.assert_close(runs[True].sequences_scores, runs[False].sequences_scores, atol=1e-4, rtol=0)
-    greedy = hf.generate(**enc, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    greedy = hf.generate(**enc, max_new_tokens=8, do_sample=False, eos_token_id=None)
     assert runs[True].sequences[::2].tolist() != greedy.tolist()  # beam search chose otherwise somewhere
 
 
@@ -280,14 +281,14 @@ def test_hidden_states_tuples_and_inputs_embeds(gen_model):
         embeds = hf.get_input_embeddings()(enc["input_ids"])  # the positions are added by the model
         torch.testing.assert_close(hf(inputs_embeds=embeds, attention_mask=enc["attention_mask"]).logits,
                                    out.logits, atol=1e-6, rtol=1e-6)
-        short = tok(PROMPTS[::2], return_tensors="pt", padding=True)  # 6 + 6 new tokens <= max_seq_len 16
+        short = tok(PROMPTS[::2], return_tensors="pt", padding=True)
         by_ids = hf.generate(**short, max_new_tokens=6, do_sample=False, eos_token_id=None)
         short_embeds = hf.get_input_embeddings()(short["input_ids"])
         by_embeds = hf.generate(inputs_embeds=short_embeds, attention_mask=short["attention_mask"], max_new_tokens=6,
                                 do_sample=False, eos_token_id=None)
         assert by_embeds.tolist() == by_ids[:, short["input_ids"].shape[1]:].tolist()
-        with pytest.raises(ValueError, match="generate\\(inputs_embeds=...\\) cannot go past max_seq_len 16"):
-            hf.generate(inputs_embeds=short_embeds, attention_mask=short["attention_mask"], max_new_tokens=12,
+        with pytest.raises(ValueError, match="generate\\(inputs_embeds=...\\) cannot go past max_seq_len 64"):
+            hf.generate(inputs_embeds=short_embeds, attention_mask=short["attention_mask"], max_new_tokens=60,
                         do_sample=False, eos_token_id=None)
     with pytest.raises(ValueError, match="output_attentions=True is not supported"):
         hf(**enc, output_attentions=True)
