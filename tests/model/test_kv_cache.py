@@ -105,5 +105,5 @@ def test_left_padded_batch_equals_each_prompt_alone(kind):
             torch.testing.assert_close(full[i, W - len(p):], alone, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(cached[i, W - len(p):], alone, atol=1e-5, rtol=1e-5)
     gen = _generate_tool()
-    batch = gen.generate_batch(model, prompts, 16, greedy=True)  # 11 + 16 > max_seq_len 24: the window slides
-    assert batch == [gen.generate(model, p, 16, greedy=True) for p in prompts]
+    batch = gen.generate_batch(model, prompts[:2], 14, greedy=True)  # 11 + 14 > max_seq_len 24: the window slides
+    assert batch == [gen.generate(model, p, 14, greedy=True) for p in prompts[:2]]
