@@ -3,8 +3,8 @@
 Self-contained: plain torch and transformers, no import of megatron_mhmoe, so the folder loads wherever those two
 are installed. It re-implements the single-device forward of megatron_mhmoe's GPTModel (model/gpt.py,
 attention.py, rope.py, norms.py, mlp.py and the MH-MoE layer of moe/: router.py, capacity.py, experts.py,
-shared_experts.py) with the same parameter names, so the exported state dict loads as it is.
-tests/reliability/test_export_hf.py runs both implementations on every model option and compares the logits
+shared_experts.py) with the same parameter names, so the exported state dict loads as it is. megatron_mhmoe's
+tests/reliability/test_hf_model.py runs both implementations on every model option and compares the logits
 (they must not drift apart: a change to the routing maths in megatron_mhmoe/moe/ needs the same change here).
 
 Conventions of transformers decoder models:
@@ -420,9 +420,9 @@ class MHMoEGPTForCausalLM(PreTrainedModel, GenerationMixin):
         b, s = x.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
         if past + s > self.max_seq_len:
-            raise ValueError(f"{past} cached + {s} new positions = {past + s} > max_seq_len {self.max_seq_len}: the "
-                             f"model was trained on at most {self.max_seq_len} positions; pass fewer tokens (generate() "
-                             f"predicts each token past max_seq_len from the last max_seq_len tokens)")
+            raise ValueError(f"{past} cached + {s} new positions = {past + s} > max_seq_len {self.max_seq_len}: "
+                             f"the model was trained on at most {self.max_seq_len} positions; pass fewer tokens "
+                             f"(generate() predicts each token past max_seq_len from the last max_seq_len tokens)")
         positions, mask = attention_positions_and_mask(attention_mask, b, s, past, x.device)
         if position_ids is not None:
             positions = position_ids.to(x.device).expand(b, s)
