@@ -3,8 +3,8 @@
 - Two implementations, one function: the folder's plain-torch forward equals GPTModel's within 1e-5 (fp32) on
   every model option (gates xmoe / softmax / sigmoid, k, gate scaling, balancing bias, group-limited routing,
   shared experts, heads, capacity, dense SwiGLU / RMSNorm / RoPE / untied), unpadded and left-padded with an
-  attention mask; and an exported folder loads and gives those logits in a process where megatron_mhmoe
-  cannot be imported.
+  attention mask, and (dropless options) token by token through the cache; and an exported folder loads and
+  gives those logits in a process where megatron_mhmoe cannot be imported.
 - Padding: a left-padded batch (transformers' tokenizer, padding_side='left') generates, greedily, the tokens
   of each prompt alone, with step logits within 1e-4, with and without the cache; so does tools/generate.py's
   generate_batch; generate() refuses right padding with a message that says to pad left, forward() takes it.
@@ -101,6 +101,14 @@ def test_plain_torch_forward_equals_gptmodel_on_every_option(option):
         torch.testing.assert_close(hf(IDS).logits, _logits(ours, IDS), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(hf(IDS, attention_mask=PAD_MASK).logits, _logits(ours, IDS, PAD_MASK),
                                    atol=1e-5, rtol=1e-5)
+        if OPTIONS[option].moe is None or OPTIONS[option].moe.capacity_factor <= 0:  # a capacity sees one step
+            out = hf(IDS[:, :8], attention_mask=PAD_MASK[:, :8], use_cache=True)  # prompt, then one token a step
+            steps = [out.logits]
+            for t in range(8, 12):
+                out = hf(IDS[:, t:t + 1], attention_mask=PAD_MASK[:, :t + 1], use_cache=True,
+                         **{"cache": out.cache} if hasattr(out, "cache") else {"past_key_values": out.past_key_values})
+                steps.append(out.logits)
+            torch.testing.assert_close(torch.cat(steps, 1), _logits(ours, IDS, PAD_MASK), atol=1e-5, rtol=1e-5)
 
 
 def _export(model: GPTModel, folder: str) -> str:
