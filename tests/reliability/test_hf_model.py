@@ -308,8 +308,11 @@ def test_pipeline_save_reload_bf16_device_map_and_labels(gen_model, tmp_path):
     enc = tok(["def f("], return_tensors="pt")
     with torch.no_grad():
         want = hf.generate(**enc, max_new_tokens=5, do_sample=False, eos_token_id=None)
-        no_mask = hf.generate(enc["input_ids"], max_new_tokens=5, do_sample=False, eos_token_id=None)
-        assert no_mask.tolist() == want.tolist()  # cached steps without a mask see the whole cache
+        no_mask = hf.generate(enc["input_ids"], max_new_tokens=5, do_sample=False, eos_token_id=None,
+                              output_logits=True, return_dict_in_generate=True)
+        assert no_mask.sequences.tolist() == want.tolist()  # cached steps without a mask see the whole cache
+        torch.testing.assert_close(torch.stack(no_mask.logits, 1)[0], hf(want[:, :-1]).logits[0, -5:],
+                                   atol=1e-5, rtol=1e-5)
         text = pipeline("text-generation", model=hf, tokenizer=tok)("def f(", max_new_tokens=5, do_sample=False,
                                                                     eos_token_id=None)[0]["generated_text"]
         assert text == tok.decode(want[0])
