@@ -295,9 +295,9 @@ def test_hidden_states_tuples_and_inputs_embeds(gen_model):
         by_embeds = hf.generate(inputs_embeds=short_embeds, attention_mask=short["attention_mask"], max_new_tokens=6,
                                 do_sample=False, eos_token_id=None)
         assert by_embeds.tolist() == by_ids[:, short["input_ids"].shape[1]:].tolist()
+        long_embeds = hf.get_input_embeddings()(torch.randint(0, VOCAB, (1, 63)))  # max_seq_len 64 - 1
         with pytest.raises(ValueError, match="generate\\(inputs_embeds=...\\) cannot go past max_seq_len 64"):
-            hf.generate(inputs_embeds=short_embeds, attention_mask=short["attention_mask"], max_new_tokens=60,
-                        do_sample=False, eos_token_id=None)
+            hf.generate(inputs_embeds=long_embeds, max_new_tokens=3, do_sample=False, eos_token_id=None)
     with pytest.raises(ValueError, match="output_attentions=True is not supported"):
         hf(**enc, output_attentions=True)
 
