@@ -12,7 +12,8 @@ Examples:
 tools/export_checkpoint.py. Formats:
   mhmoe  (default, every model) config.json, model.safetensors, tokenizer files and the code files
          configuration_mhmoe.py / modeling_mhmoe.py / tokenization_mhmoe.py: load with trust_remote_code=True;
-         the model code runs megatron_mhmoe's own GPTModel, so the package must be importable there.
+         the model code is plain torch + transformers (no megatron_mhmoe needed where it is loaded); the
+         tokenizer pads on the left (what generate() needs).
   gpt2   dense models with learned positions, LayerNorm, GELU MLP: a plain GPT-2 checkpoint
          (GPT2LMHeadModel, no remote code); the tokenizer files are the same as for mhmoe.
 The folder is written atomically (a temp folder renamed at the end).
@@ -114,7 +115,7 @@ def _write_tokenizer(tmp: str, export_dir: str, info: dict, eod: int) -> None:
         # A tokenizers file is what transformers' own fast tokenizer reads: no remote code needed.
         shutil.copyfile(os.path.join(export_dir, tok["file"]), os.path.join(tmp, "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok["eod_token"],
-                  "pad_token": tok["eod_token"], "padding_side": "right", "model_max_length": max_len,
+                  "pad_token": tok["eod_token"], "padding_side": "left", "model_max_length": max_len,
                   "add_bos_token": False, "add_eos_token": False}
         with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
             json.dump(config, f, indent=1)
@@ -128,7 +129,7 @@ def _write_tokenizer(tmp: str, export_dir: str, info: dict, eod: int) -> None:
         raise CheckpointError("the export names no tokenizer: pass --tokenizer byte or --tokenizer PATH.model")
     shutil.copyfile(os.path.join(HF_DIR, "tokenization_mhmoe.py"), os.path.join(tmp, "tokenization_mhmoe.py"))
     config = {"tokenizer_class": "MHMoETokenizer", "kind": kind, "auto_map": TOKENIZER_AUTO_MAP,
-              "padding_side": "right", "model_max_length": max_len,
+              "padding_side": "left", "model_max_length": max_len,
               "eod_token_id": eod}
     with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=1)

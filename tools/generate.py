@@ -81,11 +81,23 @@ def load_tokenizer(folder: str, info: dict, override: str | None):
 
 def generate(model, prompt_ids: list[int], max_new_tokens: int, greedy: bool = True, temperature: float = 1.0,
              top_k: int = 0, seed: int = 0, eod=None, use_cache: bool = True) -> list[int]:
-    """Token ids after the prompt. Deterministic for a given seed (greedy: for any seed).
+    """Token ids after the prompt (generate_batch of one prompt)."""
+    return generate_batch(model, [prompt_ids], max_new_tokens, greedy, temperature, top_k, seed, eod, use_cache)[0]
 
-    use_cache: keep each layer's keys and values (model/kv_cache.py) and feed one new token per step; once
-    the cache holds max_seq_len positions it restarts from the last max_seq_len tokens, the same window
-    the uncached path sees. Same tokens as without the cache for dropless routing (tested).
+
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, greedy: bool = True,
+                   temperature: float = 1.0, top_k: int = 0, seed: int = 0, eod=None,
+                   use_cache: bool = True) -> list[list[int]]:
+    """Token ids after each prompt, decoded together as one left-padded batch. Deterministic for a given seed
+    (greedy: for any seed); a row stops at eod (not included) or after max_new_tokens.
+
+    Padding: the prompts are left-padded and an attention mask keeps the pads out of attention and out of the
+    positions (GPTModel's attention_mask), so each row gets the tokens it gets alone (dropless routing; with
+    capacity_factor > 0 the batch's tokens share the experts' capacity, as in training).
+    use_cache: keep each layer's keys and values (model/kv_cache.py) and feed one new token per step.
+    Past max_seq_len (the rule of the exported transformers model too): each new token is predicted from the
+    last max_seq_len tokens alone, at positions 0 .. max_seq_len - 1; once the sequence is longer, the cache
+    restarts on that window every step (the same window the uncached path sees).
     """
     import torch
 
@@ -93,30 +105,44 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, greedy: bool = T
     cfg = model.config
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    ids = list(prompt_ids)
-    out: list[int] = []
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (start from end-of-document for an empty one)")
+    width = max(len(p) for p in prompts)
+    pad = eod if eod is not None else 0
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long)  # (b, width)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    padded = bool((mask == 0).any())
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
     cache = None
     with torch.no_grad():
         for _ in range(max_new_tokens):
             if cache is not None and cache.offset < cfg.max_seq_len:
-                feed = ids[-1:]  # the cache holds every earlier position of the window
+                feed = ids[:, -1:]  # the cache holds every earlier position of the window
             else:
-                feed = ids[-cfg.max_seq_len:]
+                feed = ids[:, -cfg.max_seq_len:]
                 cache = KVCache(cfg.num_layers) if use_cache else None
-            window = torch.tensor([feed], dtype=torch.long, device=device)
-            logits = model(window, kv_cache=cache).logits[0, -1, :cfg.vocab_size].float().cpu()
+            past = cache.offset if cache is not None else 0
+            window = mask[:, -(past + feed.shape[1]):] if padded else None
+            logits = model(feed.to(device), kv_cache=cache,
+                           attention_mask=None if window is None else window.to(device)).logits
+            logits = logits[:, -1, :cfg.vocab_size].float().cpu()  # (b, V)
             if greedy:
-                nxt = int(logits.argmax())
+                nxt = logits.argmax(-1)
             else:
                 logits = logits / max(temperature, 1e-6)
-                if 0 < top_k < logits.numel():
-                    kth = torch.topk(logits, top_k).values[-1]
+                if 0 < top_k < logits.shape[-1]:
+                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen))
-            if eod is not None and nxt == eod:
+                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(1)
+            for r, t in enumerate(nxt.tolist()):
+                done[r] = done[r] or (eod is not None and t == eod)
+                if not done[r]:
+                    out[r].append(t)
+            if all(done):
                 break
-            ids.append(nxt)
-            out.append(nxt)
+            ids = torch.cat([ids, nxt.unsqueeze(1)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return out
 
 

@@ -32,7 +32,7 @@ class MHMoETokenizer(PreTrainedTokenizer):
             raise ValueError(f"unknown tokenizer kind {kind!r}: 'sentencepiece' or 'byte'")
         kwargs.setdefault("eos_token", eos)
         kwargs.setdefault("pad_token", eos)
-        kwargs.setdefault("padding_side", "right")  # the model refuses left padding (positions would shift)
+        kwargs.setdefault("padding_side", "left")  # generate() continues the last column: pads go first
         super().__init__(kind=kind, **kwargs)
 
     @property

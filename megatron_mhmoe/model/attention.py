@@ -39,9 +39,10 @@ class SelfAttention(nn.Module):
                                       init_method=pinit.scaled_normal(config.init_std, config.num_layers))
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                kv_cache=None, layer_idx: int = 0) -> torch.Tensor:
+                kv_cache=None, layer_idx: int = 0, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """kv_cache (model/kv_cache.KVCache, inference): attend over the cached positions too; rope then holds
-        the tables of the new positions only."""
+        the tables of the new positions only. padding_mask (b, 1, s, past + s) bool from padded_attention:
+        replaces the causal mask (it is causal itself)."""
         qkv = self.qkv(x)  # (s, b, nh_local * 3 * hd): full sequence even with SP
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.num_heads_local, 3, self.head_dim)  # (s, b, nh_local, 3, hd)
@@ -51,7 +52,11 @@ class SelfAttention(nn.Module):
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         mask, causal = None, True
-        if kv_cache is not None:
+        if padding_mask is not None:
+            if kv_cache is not None:
+                k, v = kv_cache.append(layer_idx, k, v)  # (b, nh_local, past + s, hd)
+            mask, causal = padding_mask, False
+        elif kv_cache is not None:
             past = kv_cache.offset
             k, v = kv_cache.append(layer_idx, k, v)  # (b, nh_local, past + s, hd)
             if past:
@@ -65,3 +70,27 @@ class SelfAttention(nn.Module):
         # (b, nh_local, s, hd) -> (s, b, nh_local * hd)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.num_heads_local * self.head_dim)
         return self.proj(out)
+
+
+def padded_attention(attention_mask: torch.Tensor, s: int, past: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a padding mask (b, past + s), 1 = token, 0 = padding (transformers' attention_mask): the positions
+    (b, s) of the s new tokens and the attention mask (b, 1, s, past + s) bool, True = may attend.
+
+    1. A token's position counts the real tokens before it (cumsum of the mask - 1; a pad gets 0), so a
+       left-padded row computes what the prompt computes alone.
+    2. Query i (column past + i) sees the columns <= past + i that are not padding;
+    3. and itself, so that a pad query (which sees no real token) stays finite; its output is never read.
+    The exported transformers model (megatron_mhmoe/hf/modeling_mhmoe.py) carries its own copy.
+    """
+    b, t = attention_mask.shape
+    if t != past + s:
+        raise ValueError(f"attention_mask covers {t} positions, not the {past} cached + {s} new = {past + s}")
+    # 1.
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (b, s)
+    # 2.
+    col = torch.arange(t, device=attention_mask.device)
+    query_col = col[past:].unsqueeze(1)  # (s, 1)
+    allowed = (col.unsqueeze(0) <= query_col).unsqueeze(0) & attention_mask.bool().unsqueeze(1)  # (b, s, t)
+    # 3.
+    allowed |= (col.unsqueeze(0) == query_col).unsqueeze(0)
+    return positions, allowed.unsqueeze(1)

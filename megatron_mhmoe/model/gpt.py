@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_mhmoe.config import ModelConfig
-from megatron_mhmoe.model.attention import SelfAttention
+from megatron_mhmoe.model.attention import SelfAttention, padded_attention
 from megatron_mhmoe.model.mlp import build_ffn
 from megatron_mhmoe.model.norms import build_norm
 from megatron_mhmoe.model.rope import rotary_tables
@@ -77,9 +77,13 @@ class Embedding(nn.Module):
             self.register_parameter("position_embeddings", None)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, tokens_sb: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
+    def forward(self, tokens_sb: torch.Tensor, position_offset: int = 0,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """positions (b, s): each token's own position (padded batches), instead of position_offset + i."""
         x = self.word_embeddings(tokens_sb)  # (s, b, d) or (s/tp, b, d)
-        if self.position_embeddings is not None:
+        if self.position_embeddings is not None and positions is not None:
+            x = x + self.position_embeddings[positions.t()]  # (s, b, d)
+        elif self.position_embeddings is not None:
             s_local = x.shape[0]
             start = self.ctx.tp_rank * s_local if self.ctx.sequence_parallel else position_offset
             x = x + self.position_embeddings[start:start + s_local].unsqueeze(1)  # (s_local, 1, d)
@@ -98,8 +102,8 @@ class TransformerBlock(nn.Module):
         self.ffn = build_ffn(config, ctx, layer_idx)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope=None, kv_cache=None):
-        x = x + self.dropout(self.attn(self.norm1(x), rope, kv_cache, self.layer_idx))
+    def forward(self, x: torch.Tensor, rope=None, kv_cache=None, padding_mask=None):
+        x = x + self.dropout(self.attn(self.norm1(x), rope, kv_cache, self.layer_idx, padding_mask))
         y, stats = self.ffn(self.norm2(x))
         return x + self.dropout(y), stats
 
@@ -129,11 +133,14 @@ class GPTModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 loss_mask: Optional[torch.Tensor] = None, return_logits: bool = False,
-                kv_cache=None) -> GPTOutput:
+                kv_cache=None, attention_mask: Optional[torch.Tensor] = None) -> GPTOutput:
         """tokens, labels: [b, s] long; loss_mask: [b, s] float (1 = counts). See GPTOutput.
 
         kv_cache (model/kv_cache.KVCache, single process, inference): tokens are the positions after the
         cached ones; the cache is extended by them.
+        attention_mask (single process, inference): [b, past + s], 1 = token, 0 = padding (transformers'
+        convention, also over the cached positions): padding is masked out of attention and positions
+        count real tokens only (attention.padded_attention), so a left-padded row equals its prompt alone.
         """
         b, s = tokens.shape
         cfg, ctx = self.config, self.ctx
@@ -146,18 +153,25 @@ class GPTModel(nn.Module):
             raise ValueError(f"sequence parallelism splits the sequence over TP: length {s} is not "
                              f"divisible by tensor-parallel size {ctx.tp_size} ({s} % {ctx.tp_size} = "
                              f"{s % ctx.tp_size})")
+        positions = padding_mask = None
+        if attention_mask is not None:
+            if ctx.world_size > 1:
+                raise ValueError("attention_mask is for single-process inference (export the model first)")
+            positions, padding_mask = padded_attention(attention_mask.to(tokens.device), s, past)
         rope = None
         if cfg.position_embedding == "rope":
             cos, sin = rotary_tables(past + s, cfg.head_dim, cfg.rope_theta, device=tokens.device)
             rope = (cos[past:], sin[past:])  # (s, hd/2): the new positions' angles
+            if positions is not None:
+                rope = (cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))  # (b, 1, s, hd/2)
 
-        x = self.embedding(tokens.t(), past)  # (s, b, d) or (s/tp, b, d)
+        x = self.embedding(tokens.t(), past, positions)  # (s, b, d) or (s/tp, b, d)
         moe_stats: list[Any] = []
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 x, stats = checkpoint(layer, x, rope, use_reentrant=False)
             else:
-                x, stats = layer(x, rope, kv_cache)
+                x, stats = layer(x, rope, kv_cache, padding_mask)
             if stats is not None:
                 moe_stats.append(stats)
         if kv_cache is not None:

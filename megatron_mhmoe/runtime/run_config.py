@@ -117,7 +117,8 @@ class DataConfig:
     """Where tokens come from."""
 
     data_path: list = field(default_factory=list)
-    """Megatron prefixes, or a blend [w1, prefix1, w2, prefix2, ...]. Empty = the built-in corpus."""
+    """Megatron prefixes, or a blend [w1, prefix1, w2, prefix2, ...]. Empty = the built-in corpus. A string is
+    read as Megatron's --data-path: one prefix, or "w1 prefix1 w2 prefix2 ..." (split on whitespace)."""
     split: str = "969,30,1"
     """train,valid,test weights over documents."""
     tokenizer_model: str = ""
@@ -285,6 +286,8 @@ def _build(typ, d: dict, where: str):
     unknown = sorted(set(d) - names)
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(names)}")
+    if typ is DataConfig and isinstance(d.get("data_path"), str):
+        d = dict(d, data_path=d["data_path"].split())  # --data.data_path=/x/prefix: Megatron's string form
     check_field_types(typ, d, where)
     return typ(**d)
 

@@ -4,7 +4,9 @@ For each model kind (dense with learned positions, MH-MoE h=4 with RoPE and RMSN
 softmax gate, all dropless): the logits of every step equal the uncached forward's within 1e-5 (fp32;
 attention over a cached prefix sums in another order), greedy tokens are identical over 40 steps, also
 past max_seq_len where the cache restarts on the last window, and a multi-token chunk fed after a cached
-prefix is masked causally.
+prefix is masked causally. A left-padded batch with its attention mask gives, at every real position, the
+logits of each prompt alone within 1e-5, in one forward and step by step through the cache, and
+tools/generate.py's generate_batch gives each prompt's own tokens, also past max_seq_len.
 """
 from __future__ import annotations
 
@@ -79,3 +81,29 @@ def test_cache_refuses_more_than_max_seq_len():
         model(torch.zeros(1, 20, dtype=torch.long), kv_cache=cache)
         with pytest.raises(ValueError, match="sequence length 25 > max_seq_len 24"):
             model(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_left_padded_batch_equals_each_prompt_alone(kind):
+    model = _model(kind)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (3, 11, 7)]
+    W, steps = 11, 6
+    ids = torch.tensor([[0] * (W - len(p)) + p for p in prompts])  # (3, W) left-padded with token 0
+    mask = torch.tensor([[0] * (W - len(p)) + [1] * len(p) for p in prompts])
+    cont = torch.randint(0, 97, (3, steps), generator=g)  # the same continuation fed to every row
+    with torch.no_grad():
+        full = model(torch.cat([ids, cont], 1), attention_mask=torch.cat([mask, torch.ones_like(cont)], 1)).logits
+        cache = KVCache(model.config.num_layers)
+        cached = [model(ids, kv_cache=cache, attention_mask=mask).logits]
+        for t in range(steps):
+            m = torch.cat([mask, torch.ones(3, t + 1, dtype=torch.long)], 1)
+            cached.append(model(cont[:, t:t + 1], kv_cache=cache, attention_mask=m).logits)
+        cached = torch.cat(cached, 1)
+        for i, p in enumerate(prompts):
+            alone = model(torch.cat([torch.tensor([p]), cont[i:i + 1]], 1)).logits[0]  # (len + steps, V)
+            torch.testing.assert_close(full[i, W - len(p):], alone, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cached[i, W - len(p):], alone, atol=1e-5, rtol=1e-5)
+    gen = _generate_tool()
+    batch = gen.generate_batch(model, prompts[:2], 14, greedy=True)  # 11 + 14 > max_seq_len 24: the window slides
+    assert batch == [gen.generate(model, p, 14, greedy=True) for p in prompts[:2]]

@@ -51,8 +51,8 @@ def test_transformers_generate_uses_the_cache_and_matches_our_generator(exported
     ours, _ = gen.load_model(exported["out"])
     model = AutoModelForCausalLM.from_pretrained(hf_folder, trust_remote_code=True).eval()
     fed = []
-    real = model.model.forward
-    model.model.forward = lambda tokens, **kw: (fed.append(tokens.shape[1]), real(tokens, **kw))[1]
+    real = model.forward
+    model.forward = lambda input_ids=None, **kw: (fed.append(input_ids.shape[1]), real(input_ids, **kw))[1]
     prompt = [100, 101, 102, 103]
     out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
     assert out[0, len(prompt):].tolist() == gen.generate(ours, prompt, 8, greedy=True)

@@ -346,3 +346,16 @@ def test_ds_config_batch_clip_and_sections_are_errors_naming_both_values():
                  "train.warmup_steps, train.lr_decay_style"):
         assert part in msg, (part, msg)
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize("value, want", [
+    ("/x/prefix", ["/x/prefix"]),  # one prefix, as Megatron's --data-path takes it
+    ("0.7 /x/a 0.3 /x/b", ["0.7", "/x/a", "0.3", "/x/b"]),  # Megatron's blend string
+    ("[/x/prefix]", ["/x/prefix"]),  # the list form still works
+])
+def test_data_path_accepts_a_prefix_string(value, want):
+    from megatron_mhmoe.data.blend import parse_blend
+    cfg = RunConfig.from_dict(apply_overrides({}, [f"--data.data_path={value}"]))
+    assert cfg.data.data_path == want
+    prefixes, _ = parse_blend(cfg.data.data_path)
+    assert prefixes == [p for p in want if p.startswith("/")]

@@ -6,6 +6,9 @@ scoring, not training, is under test. The harness's multiple-choice accuracy on
 the first 16 items of tools/eval_tasks/next_line.jsonl equals the accuracy computed here from our own model's
 log-likelihoods of each choice (acc exactly; acc_norm with lm-eval's length normalisation by characters), the
 perplexity task reports byte perplexity = 2 ** bits per byte, and the JSON report holds both tasks.
+Its output, run from a folder outside any git checkout with stdout not a terminal, has no git error and no
+progress bar (carriage returns), but plain progress lines; the harness's per-request truncation warnings
+become one summary line.
 """
 from __future__ import annotations
 
@@ -71,12 +74,18 @@ def exported(tmp_path_factory):
     return {"out": ours, "hf": hf}
 
 
-def test_local_task_results_equal_our_own_scoring(exported, tmp_path):
+def test_local_task_results_equal_our_own_scoring(exported, tmp_path, monkeypatch, capfd):
     hf_folder = exported["hf"]
     out = tmp_path / "eval.json"
+    monkeypatch.chdir(tmp_path)  # not a git checkout: lm-eval's own `git describe` would print "fatal: ..."
     code = load_tool("evaluate").main(["--model", hf_folder, "--tasks", "local", "--out", str(out),
                                        "--limit", str(LIMIT), "--no-wandb", "--batch-size", "4"])
     assert code == 0
+    printed = capfd.readouterr()
+    text = printed.out + printed.err
+    assert "fatal" not in text and "\r" not in text, text[-2000:]
+    progress = [line for line in printed.out.splitlines() if line.startswith("Running loglikelihood requests: ")]
+    assert progress and all(line.endswith("%)") for line in progress), printed.out
     report = json.loads(out.read_text())
     res = report["results"]
     assert set(res) == {"mhmoe_next_line", "mhmoe_heldout_ppl"}
@@ -88,3 +97,27 @@ def test_local_task_results_equal_our_own_scoring(exported, tmp_path):
     assert res["mhmoe_next_line"]["acc_norm"] == pytest.approx(acc_norm, abs=1e-9)
     ppl = res["mhmoe_heldout_ppl"]
     assert ppl["bits_per_byte"] > 0 and ppl["byte_perplexity"] == pytest.approx(2 ** ppl["bits_per_byte"], rel=1e-9)
+
+
+def test_truncation_warnings_become_one_summary_line(capsys, caplog):
+    import logging
+    evaluate = load_tool("evaluate")
+    lines = []
+    with evaluate.clean_output(plain_progress=True, log=lines.append):
+        hf_log = logging.getLogger("lm_eval.models.huggingface")
+        for i in range(300):  # lm-eval's warning, once per over-long request
+            hf_log.warning(f"Combined length of context ({600 + i}) and continuation (5) exceeds model's maximum "
+                           f"length (512). Truncating {94 + i} tokens from the left.")
+        hf_log.warning("another warning")
+        import tqdm
+        bar = tqdm.tqdm(total=8, desc="Running loglikelihood requests")  # what lm-eval creates
+        for _ in range(8):
+            bar.update(1)
+        bar.close()
+    err = capsys.readouterr()
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == ["another warning"]
+    assert lines == ["lm-eval truncated 300 request(s) from the left to the model's max_seq_len (context + "
+                     "continuation longer than the positions the model was trained on)"]
+    assert err.out.splitlines() == [f"Running loglikelihood requests: {n}/8 ({100 * n // 8}%)" for n in (2, 4, 6, 8)]
+    assert tqdm.tqdm is not evaluate.LineProgress  # restored
