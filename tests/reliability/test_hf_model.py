@@ -147,6 +147,7 @@ BLOCKED_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_export_folder_loads_where_megatron_mhmoe_cannot_be_imported(tmp_path):
     ours = {name: _ours(cfg) for name, cfg in OPTIONS.items()}
     folders = {name: _export(model, str(tmp_path / name)) for name, model in ours.items()}
@@ -196,6 +197,7 @@ def _greedy(hf, use_cache, **enc):
     return new, torch.stack(out.logits, dim=1)  # (b, 8), (b, 8, V)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_left_padded_batch_generates_what_each_prompt_generates_alone(gen_model, use_cache):
     ours, hf, tok = gen_model
@@ -230,6 +232,7 @@ def test_right_padding_refused_by_generate_taken_by_forward(gen_model):
             torch.testing.assert_close(logits[i, :n], alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_beam_search_with_the_cache_equals_beam_search_without(gen_model):
     ours, hf, tok = gen_model
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
@@ -245,6 +248,7 @@ def test_beam_search_with_the_cache_equals_beam_search_without(gen_model):
     assert runs[True].sequences[::2].tolist() != greedy.tolist()  # beam search chose otherwise somewhere
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [GEN_CFG, ROPE_CFG], ids=["learned", "rope"])
 def test_past_max_seq_len_each_token_is_the_models_choice_on_the_last_window(cfg):
     import dataclasses
