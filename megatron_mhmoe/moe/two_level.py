@@ -36,11 +36,11 @@ conjugate exchanges synchronously.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 import torch
 
+from megatron_mhmoe.moe.gate_combine import gate_combine
 from megatron_mhmoe.parallel import comm
 
 
@@ -110,6 +110,11 @@ class NodeLayout:
         return recv2, recv3, recv4
 
 
+def create_groups(ctx, layout: NodeLayout) -> None:
+    """The process groups the two-level path uses (collective: every rank calls it, in the same order)."""
+    ctx.ep_node_group(layout.per_node)
+
+
 def node_layout(ep_size: int, per_node: int) -> NodeLayout | None:
     """The two-level layout, or None for the flat path (layout unknown, or the EP group fits in one node)."""
     if per_node <= 0 or ep_size <= per_node:
@@ -168,17 +173,17 @@ def internode_formula(packets_out: int, packets_in: int, d_sub: int, k: int, ite
 class _Route:
     """One exchange: rows to EP ranks `dest`, remembered so that `back` returns rows the same way."""
 
-    def __init__(self, disp, dest: torch.Tensor, recv: list[int], within_node: bool = False):
+    def __init__(self, env, dest: torch.Tensor, recv: list[int], within_node: bool = False):
         """dest: (n,) EP rank of each row; recv: rows from each EP rank (receive_splits). within_node: every
         dest is on this rank's node, so the exchange runs over the node's group (ctx.ep_node_group) and
         waits for no rank of another node."""
-        layout, me = disp.layout, disp.ctx.ep_rank
-        self.disp, self.group = disp, disp.ctx.ep_group
+        layout, me = env.layout, env.ctx.ep_rank
+        self.env, self.group = env, env.ctx.ep_group
         self.order = torch.argsort(dest, stable=True)  # (n,) rows grouped by destination rank
         self.remote = layout.remote_peers(me)
         if within_node and layout.per_node > 1:
             first = layout.node(me) * layout.per_node
-            self.group = disp.ctx.ep_node_group(layout.per_node)
+            self.group = env.ctx.ep_node_group(layout.per_node)
             self.remote = []
             dest, recv = dest - first, recv[first:first + layout.per_node]  # node-group ranks
         self.send = torch.bincount(dest, minlength=len(recv)).tolist()
@@ -193,9 +198,9 @@ class _Route:
         return comm.all_to_all_start(rows, self.recv, self.send, self.group)
 
     def finish(self, out, pending) -> torch.Tensor:
-        t = time.perf_counter()
+        t = self.env.mark()
         out = comm.all_to_all_wait(out, pending)  # (m, w) ordered by source rank
-        self.disp._add_time("all_to_all", time.perf_counter() - t)
+        self.env.close("all_to_all", t)
         return out
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
@@ -206,9 +211,9 @@ class _Route:
         return comm.all_to_all_start(rows, self.send, self.recv, self.group)
 
     def back_finish(self, out, pending) -> torch.Tensor:
-        t = time.perf_counter()
+        t = self.env.mark()
         out = comm.all_to_all_wait(out, pending)  # (n, w) in `order`
-        self.disp._add_time("all_to_all", time.perf_counter() - t)
+        self.env.close("all_to_all", t)
         inverse = torch.empty_like(self.order)
         inverse[self.order] = torch.arange(self.order.numel(), device=self.order.device)
         return out.index_select(0, inverse)  # (n, w) in the caller's row order
@@ -217,12 +222,12 @@ class _Route:
         return self.back_finish(*self.back_start(rows))
 
 
-def chunk_coroutine(disp, x_sub, experts, gates, keep, run_experts, result: list):
+def chunk_coroutine(env, x_sub, experts, gates, keep, run_experts, result: list):
     """Steps 1-7 for one chunk; yields while its inter-node exchanges are in flight; result[0] = (S, d_sub)."""
     S, k = experts.shape
     d_sub = x_sub.shape[1]
-    layout, ep, me = disp.layout, disp.ctx.ep_size, disp.ctx.ep_rank
-    E_local = disp.num_local_experts
+    layout, ep, me = env.layout, env.ctx.ep_size, env.ctx.ep_rank
+    E_local = env.num_local_experts
     E_node = E_local * layout.per_node
     my_node = layout.node(me)
     idt = id_dtype(E_node)
@@ -257,7 +262,7 @@ def chunk_coroutine(disp, x_sub, experts, gates, keep, run_experts, result: list
     # 2. Own node's packets to self, node b's to gateway gw(a, b).
     gw = torch.tensor([layout.gateway(my_node, b) for b in range(layout.num_nodes)], device=dev)
     dest2 = torch.where(pk_node == my_node, torch.full_like(pk_node, me), gw[pk_node])  # (U,)
-    r2 = _Route(disp, dest2, recv2, within_node=True)
+    r2 = _Route(env, dest2, recv2, within_node=True)
     held2 = r2.forward(payload)  # (U2, d_sub + k + 1 + k)
     # 3. Gateways exchange node b's packets; own-node packets stay (a self split). Over the link the ids
     # travel as int8 (int32 above 127 experts per node) bytes packed into c columns of the rows: one exchange,
@@ -266,11 +271,11 @@ def chunk_coroutine(disp, x_sub, experts, gates, keep, run_experts, result: list
     ids2 = pack_ids(held2[:, d_sub + k + 1:].detach().long().to(idt), x_sub.dtype)  # (U2, c) packed bytes
     gw_back = torch.tensor([layout.gateway(b, my_node) for b in range(layout.num_nodes)], device=dev)
     dest3 = torch.where(node2 == my_node, torch.full_like(node2, me), gw_back[node2])  # (U2,)
-    r3 = _Route(disp, dest3, recv3)
+    r3 = _Route(env, dest3, recv3)
     packets_out = r3.remote_rows(r3.send)
     packets_in = r3.remote_rows(r3.recv)
-    disp._internode_rows += packets_out
-    disp._internode_payload_bytes += (packets_out + packets_in) * (2 * d_sub + k + ids2.shape[1]) * x_sub.element_size()
+    env.profile.internode_rows += packets_out
+    env.profile.internode_bytes += (packets_out + packets_in) * (2 * d_sub + k + ids2.shape[1]) * x_sub.element_size()
     out3, pend3 = r3.start(torch.cat([held2[:, :d_sub + k], ids2], 1))  # (U2, d_sub + k + c)
     yield
     held = r3.finish(out3, pend3)  # (H, d_sub + k + c) packets for this node
@@ -278,9 +283,9 @@ def chunk_coroutine(disp, x_sub, experts, gates, keep, run_experts, result: list
     # 4. Expand to (packet, choice) assignments and send each row to its expert's owner on this node.
     a_h, a_j = (ids >= 0).nonzero(as_tuple=True)  # (A,), (A,) packet-major
     a_e = ids[a_h, a_j].long() + my_node * E_node  # (A,) global expert id
-    disp._rows_received += sum(recv4)
-    disp._check_budget(sum(recv4), x_sub)  # before the owner's receive buffer exists
-    r4 = _Route(disp, a_e // E_local, recv4, within_node=True)
+    env.profile.rows_received += sum(recv4)
+    env.check_budget(sum(recv4), x_sub)  # before the owner's receive buffer exists
+    r4 = _Route(env, a_e // E_local, recv4, within_node=True)
     local_col = (a_e % E_local).to(held.dtype).view(-1, 1)  # (A, 1) the owner's local expert, exact
     rows = r4.forward(torch.cat([held[:, :d_sub].index_select(0, a_h), local_col], 1))  # (m, d_sub + 1)
     local = rows[:, d_sub].detach().long()  # (m,)
@@ -288,16 +293,15 @@ def chunk_coroutine(disp, x_sub, experts, gates, keep, run_experts, result: list
     # 5. Regroup by local expert, run the experts.
     regroup = torch.argsort(local, stable=True)  # (m,)
     counts = torch.bincount(local, minlength=E_local).tolist()
-    t = time.perf_counter()
+    t = env.mark()  # device events on CUDA (the experts' kernels run asynchronously there)
     out = run_experts(rows.index_select(0, regroup), counts)  # (m, d_sub)
-    disp._add_time("experts", time.perf_counter() - t)
+    env.close("experts", t)
     inverse = torch.empty_like(regroup)
     inverse[regroup] = torch.arange(regroup.numel(), device=dev)
     out = out.index_select(0, inverse)  # (m, d_sub) in arrival order
     # 6. Back to the holder, weighted by the gates carried in the packet: one partial row per packet.
     out = r4.back(out)  # (A, d_sub)
-    from megatron_mhmoe.moe.dispatcher import _GateCombine  # here: dispatcher imports this module
-    partial = _GateCombine.apply(out, held[:, d_sub:d_sub + k][a_h, a_j], a_h, held.shape[0])  # (H, d_sub)
+    partial = gate_combine(out, held[:, d_sub:d_sub + k][a_h, a_j], a_h, held.shape[0])  # (H, d_sub)
     # 7. Partial rows back over the link, then to the source rank, then into the sub-tokens.
     back3, pend = r3.back_start(partial)
     yield
@@ -305,27 +309,30 @@ def chunk_coroutine(disp, x_sub, experts, gates, keep, run_experts, result: list
     result[0] = partial.new_zeros(S, d_sub).index_add(0, pk_tok, partial)  # (S, d_sub)
 
 
-def dispatch_combine(disp, x_sub, experts, gates, keep, run_experts, chunks: int) -> torch.Tensor:
-    """x_sub (S, d_sub), experts/gates (S, k), keep (k*S,) or None -> (S, d_sub), in `chunks` pipelined
-    chunks of consecutive sub-tokens (each chunk's outputs depend only on its own sub-tokens)."""
+def dispatch_combine(x_sub: torch.Tensor, record, run_experts, env) -> torch.Tensor:
+    """x_sub (S, d_sub), a routing.RoutingRecord -> (S, d_sub), in env.chunks pipelined chunks of
+    consecutive sub-tokens (each chunk's outputs depend only on its own sub-tokens). The path interface of
+    moe/dispatch_env.py."""
+    experts, gates, keep, chunks = record.experts, record.gates, record.keep, env.chunks
     S, k = experts.shape
+    env.profile.rows_sent = int(keep.sum()) if keep is not None else experts.numel()  # kept assignments
     bounds = [S * c // chunks for c in range(chunks + 1)]
     keep2 = keep.view(k, S) if keep is not None else None  # (k, S) choice-major
     results, coros = [], []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         res = [None]
         kc = keep2[:, lo:hi].reshape(-1) if keep2 is not None else None  # (k*(hi-lo),) choice-major
-        coros.append(chunk_coroutine(disp, x_sub[lo:hi], experts[lo:hi], gates[lo:hi], kc, run_experts, res))
+        coros.append(chunk_coroutine(env, x_sub[lo:hi], experts[lo:hi], gates[lo:hi], kc, run_experts, res))
         results.append(res)
     # Step 1 of every chunk, then one exchange of all their traffic vectors (the one host sync).
     traffic = torch.stack([next(co) for co in coros])  # (C, N + EP)
     width = traffic.numel()
-    t = time.perf_counter()
-    everyone = comm.all_to_all_v(traffic.reshape(-1).repeat(disp.ctx.ep_size), [width] * disp.ctx.ep_size,
-                                 [width] * disp.ctx.ep_size, disp.ctx.ep_group)  # (EP * C * (N + EP),)
-    everyone = everyone.view(disp.ctx.ep_size, *traffic.shape).transpose(0, 1).tolist()  # (C, EP, N + EP)
-    disp._add_time("counts_exchange", time.perf_counter() - t)
-    disp._internode_counts_bytes += width * 8 * len(disp.layout.remote_peers(disp.ctx.ep_rank))
+    t = env.mark()
+    everyone = comm.all_to_all_v(traffic.reshape(-1).repeat(env.ctx.ep_size), [width] * env.ctx.ep_size,
+                                 [width] * env.ctx.ep_size, env.ctx.ep_group)  # (EP * C * (N + EP),)
+    everyone = everyone.view(env.ctx.ep_size, *traffic.shape).transpose(0, 1).tolist()  # (C, EP, N + EP)
+    env.close("counts_exchange", t)
+    env.profile.internode_bytes += width * 8 * len(env.layout.remote_peers(env.ctx.ep_rank))
     for co, mine in zip(coros, everyone):
         co.send(mine)  # runs the chunk up to its first inter-node exchange
     # Every rank advances the chunks in the same order, so the collectives match across ranks.

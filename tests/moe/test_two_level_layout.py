@@ -82,3 +82,18 @@ def test_config_checks():
     for bad in (dict(ep_ranks_per_node=-1), dict(ep_recv_budget=-1), dict(a2a_chunks=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ModelConfig(hidden_size=32, num_attention_heads=4, moe=MoEConfig(**bad)).validate()
+
+
+def test_one_path_interface_without_import_cycle():
+    """Flat, capacity-slot and two-level paths share one signature; the path modules never import the
+    dispatcher (which imports them), so none can reach into its private state."""
+    import inspect
+    import subprocess
+    import sys
+    from megatron_mhmoe.moe import dispatcher, padded_dispatch
+    sigs = {f.__module__: list(inspect.signature(f).parameters)
+            for f in (dispatcher.flat_dispatch_combine, padded_dispatch.dispatch_combine, two_level.dispatch_combine)}
+    assert len({tuple(v) for v in sigs.values()}) == 1, sigs
+    code = ("import sys; import megatron_mhmoe.moe.two_level, megatron_mhmoe.moe.padded_dispatch; "
+            "sys.exit('megatron_mhmoe.moe.dispatcher' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "a path module imports the dispatcher"
