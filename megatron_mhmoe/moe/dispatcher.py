@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from megatron_mhmoe.moe import padded_dispatch, two_level
+from megatron_mhmoe.moe import ep_cost, padded_dispatch, two_level
 from megatron_mhmoe.moe.dispatch_env import (  # noqa: F401  (_device_clock, _record_event: patched by tests)
     DispatchEnv, DispatchProfile, _device_clock, _record_event, _span_seconds)
 from megatron_mhmoe.moe.gate_combine import gate_combine
@@ -131,7 +131,13 @@ class MoEDispatcher:
         if self.layout is not None:
             two_level.create_groups(ctx, self.layout)  # collective: created here, on every rank alike
         self.force_flat = False
-        """Take the flat path even where the layout allows two levels (benchmarks and tests compare them)."""
+        """Take the flat path whatever ep_dispatch says (benchmarks and tests compare the paths)."""
+        self.ep_dispatch = moe.ep_dispatch if moe is not None else "auto"
+        """model.moe.ep_dispatch: 'auto', 'flat' or 'two_level' (where the layout spans nodes)."""
+        self.link = ep_cost.Link(moe.ep_nic_gbps, moe.ep_node_gbps, moe.ep_exchange_us) if moe is not None \
+            else ep_cost.Link(400.0, 3600.0, 30.0)
+        """What ep_dispatch='auto' prices (moe/ep_cost.py)."""
+        self._auto: dict = {}  # sub-tokens per forward -> the path 'auto' chose for them
         self.chunks = moe.a2a_chunks if moe is not None else 1
         self.recv_budget = moe.ep_recv_budget if moe is not None else 0
         self.device_counts = bool(moe.a2a_device_counts) if moe is not None else False
@@ -213,12 +219,22 @@ class MoEDispatcher:
         return now
 
     # ------------------------------------------------------------------ dispatch / combine
-    def path(self, record: RoutingRecord) -> Callable:
+    def choose(self, S: int, k: int, d_sub: int, itemsize: int) -> str:
+        """'flat' or 'two_level' for a forward of S sub-tokens (model.moe.ep_dispatch; moe/ep_cost.py)."""
+        key = (S, k, d_sub, itemsize)
+        if key not in self._auto:
+            self._auto[key] = ep_cost.choose(self.ep_dispatch, S, k, self.num_experts, d_sub, itemsize,
+                                             self.layout, self.chunks, self.link)
+        return self._auto[key]
+
+    def path(self, record: RoutingRecord, x_sub: torch.Tensor) -> Callable:
         """The path this record takes: capacity slots (a2a_device_counts with a capacity), two-level (an EP
-        group over nodes, unless force_flat), else flat. All share one signature (moe/dispatch_env.py)."""
+        group over nodes where ep_dispatch picks it, unless force_flat), else flat. All share one signature
+        (moe/dispatch_env.py)."""
         if self.device_counts and record.capacity > 0:
             return padded_dispatch.dispatch_combine
-        if self.layout is not None and not self.force_flat:
+        if self.layout is not None and not self.force_flat and \
+                self.choose(*record.experts.shape, x_sub.shape[1], x_sub.element_size()) == "two_level":
             return two_level.dispatch_combine
         return flat_dispatch_combine
 
@@ -233,7 +249,7 @@ class MoEDispatcher:
                           profile=self.profile, mark=lambda: self._mark(dev),
                           close=lambda name, mark: self._tick(name, mark, dev), check_budget=self._check_budget,
                           recv_budget=self.recv_budget, layout=self.layout, chunks=self.chunks)
-        return self.path(record)(x_sub, record, run_experts, env)
+        return self.path(record, x_sub)(x_sub, record, run_experts, env)
 
     def dispatch_combine(self, x_sub: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor,
                          keep: torch.Tensor | None, run_experts: Callable,

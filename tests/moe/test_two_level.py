@@ -13,7 +13,9 @@ ranks, world 8 as 2 x 4 and 4 x 2 (one spawned job per world, every case inside 
    'balanced', 2 x 2) each rank's NIC carries 1/L of its node's packets within 10%.
 3. The two-level experts phase is closed with the dispatcher's marks: device events where the device
    clock is on (faked here), like the flat path's.
-4. ep_recv_budget: a rank over it makes every rank raise the same error naming the setting (both paths);
+4. model.moe.ep_dispatch: 'flat', 'two_level', and 'auto' by the cost model (moe/ep_cost.py) on a fast and
+   a slow NIC, counted in exchanges.
+5. ep_recv_budget: a rank over it makes every rank raise the same error naming the setting (both paths);
    a budget that fits changes nothing.
 Tolerance: fp32, atol 2e-5 / rtol 1e-4 (the paths add the same terms in another order).
 """
@@ -45,10 +47,11 @@ CASES = [(4, 2, 0.0, 1), (4, 2, 1.0, 3), (1, 2, 1.0, 1), (1, 1, 0.0, 3)]
 CASES_8 = [(4, 2, 0.0, 3), (1, 2, 1.0, 1)]  # world 8 on 2 shared cores: fewer, the same axes covered
 
 
-def make_layer(ctx, per_node, h, k, cf, chunks, budget=0, debug=""):
+def make_layer(ctx, per_node, h, k, cf, chunks, budget=0, debug="", mode="two_level", nic_gbps=400.0):
     cfg = ModelConfig(hidden_size=D_MODEL, num_attention_heads=4, moe=MoEConfig(
         num_experts=E, top_k=k, num_heads=h, head_projection=h > 1, expert_hidden_size=16, capacity_factor=cf,
-        gate="softmax", ep_ranks_per_node=per_node, a2a_chunks=chunks, ep_recv_budget=budget, debug_routing=debug))
+        gate="softmax", ep_ranks_per_node=per_node, a2a_chunks=chunks, ep_recv_budget=budget, debug_routing=debug,
+        ep_dispatch=mode, ep_nic_gbps=nic_gbps))
     return MHMoELayer(cfg, ctx)
 
 
@@ -149,6 +152,13 @@ def world4_extras(ctx, rank: int) -> dict:
         res["host_phases"] = sorted(prof._resolved)
     finally:
         D._device_clock, D._record_event = orig
+    # 5. model.moe.ep_dispatch picks the path: exchanges per forward, flat 3, two-level 1 + 4.
+    x = torch.randn(TOKENS, D_MODEL)
+    for mode, gbps in (("flat", 400.0), ("two_level", 400.0), ("auto", 400.0), ("auto", 1e-4)):
+        layer = make_layer(ctx, 2, 4, 2, 0.0, 1, mode=mode, nic_gbps=gbps)
+        with A2AMeter(per_node=2) as meter, torch.no_grad():
+            layer(x)
+        res[("mode", mode, gbps)] = meter.calls
     # 4. A budget below what the busiest rank receives: every rank raises, naming the setting.
     for flat in (True, False):
         layer = make_layer(ctx, 2, 4, 2, 0.0, 1, budget=TOKENS * 4 * 2 - 1)
@@ -225,6 +235,13 @@ def test_two_level_experts_phase_on_device_events(results):
     for res in results[4]:
         assert "experts" in res["event_phases"] and "all_to_all" in res["event_phases"], res["event_phases"]
         assert res["host_phases"] == [], res["host_phases"]
+
+
+def test_ep_dispatch_setting_picks_the_path(results):
+    for res in results[4]:
+        # auto: 48 sub-tokens per rank on 400 Gbit/s NICs -> flat (latency); on a 100 kbit/s NIC -> two-level.
+        assert [res[("mode", m, g)] for m, g in (("flat", 400.0), ("two_level", 400.0), ("auto", 400.0),
+                                                  ("auto", 1e-4))] == [3, 5, 3, 5]
 
 
 def test_receive_budget_error_on_every_rank(results):
