@@ -2,6 +2,7 @@
 predictions it prints (the `formula MB` column quoted in the README) for its default shape."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -27,17 +28,24 @@ def test_default_predictions(shape, mode, mb):
     assert f"{moe_two_node.predicted_bytes(args, shape, mode) / 1e6:.3f}" == f"{mb:.3f}"
 
 
-def test_readme_table_is_summarize_of_the_final_runs():
-    runs = [os.path.join(REPO, "benchmarks", "results", f"2026-12-01-moe_two_node-final-run{i}.txt")
-            for i in (1, 2, 3)]
-    table = moe_two_node.summarize(runs).split("\n\n")[0]
-    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
-    assert table in readme, "README's two-node table is not benchmarks/moe_two_node.py --summarize of the final runs"
-    for quoted in ("0.769 MH-MoE, 0.759 SMoE", "missed (1.28x, runs 1.00-1.51)", "missed (0.79x, runs 0.77-1.13)",
-                   "inside a 667.7 ms step", "two-level 1.09x / 1.03x flat", "two-level + overlap 0.92x /\n0.87x",
-                   "(with overlap) 0.59x / 0.57x"):
-        assert quoted in readme, quoted
-    rows = {tuple(line.split(" | ")[:3]): line.split(" | ") for line in table.splitlines()[2:]}
-    assert rows[("| 1gbit", "mhmoe", "two-level+overlap")][4].startswith("1.28 [1.00-1.51]")
-    assert rows[("| 1gbit", "mhmoe", "two-level+group-lim")][4].startswith("0.79 [0.77-1.13]")
-    assert rows[("| 1gbit", "mhmoe", "flat")][3] == "667.7"
+def test_rank_network_and_rates():
+    # --rails 2: a namespace and a NIC per rank; --rails 1: the node's, shared by its two ranks.
+    assert [moe_two_node.rank_net(2, r) for r in (0, 3)] == [("mhr_rank0", "mhr_nic0", "10.78.0.1"),
+                                                               ("mhr_rank3", "mhr_nic3", "10.78.0.4")]
+    assert [moe_two_node.rank_net(1, r)[:2] for r in (0, 1, 2, 3)] == [("mhr_node0", "mhr_nic0")] * 2 + \
+        [("mhr_node1", "mhr_nic1")] * 2
+    assert [moe_two_node.rate_gbps(r) for r in ("100mbit", "1gbit", "none")] == [0.1, 1.0, 100.0]
+
+
+def test_summarize_takes_median_and_range_of_json_lines(tmp_path):
+    paths = []
+    for i, (step, x) in enumerate([(100.0, 0.5), (300.0, 0.9), (200.0, 0.7)]):
+        row = dict(rate="1gbit", rails=2, shape="mhmoe", mode="two-level", step_ms=step, x_flat=x,
+                   rail_mb=[1.0 + i, 2.0, 3.0, 4.0], formula_mb=8.0, picked="two_level")
+        p = tmp_path / f"run{i}.txt"
+        p.write_text("noise line\nJSON " + json.dumps(row) + "\n")
+        paths.append(str(p))
+    line = moe_two_node.summarize(paths).splitlines()[2]
+    assert line == "| 1gbit | 2 | two-level | 200 [100-300] | 0.70 [0.50-0.90] | 2.00 2.00 3.00 4.00 | 2.00 | two_level |"
+
+

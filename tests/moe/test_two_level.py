@@ -206,7 +206,8 @@ def test_two_level_equals_flat(results):
     assert any(r["dropped"][1] > 0 for _, _, c, r in all_cases(results) if c[3] > 0), "capacity should drop"
 
 
-def test_each_nic_carries_its_own_rails_bytes_equal_to_the_formula(results):
+def test_internode_bytes_equal_formula_and_not_above_flat(results):
+    """Each rank's NIC carries its own rail's rows, as many bytes as the formula says."""
     for world, rank, case, r in all_cases(results):
         where = f"world {world} (per_node, h, k, cf, chunks)={case} rank {rank}"
         assert r["rows_off_rail"] == 0, f"{where}: {r['rows_off_rail']} row bytes to another node off this rank's rail"
