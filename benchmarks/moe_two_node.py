@@ -13,8 +13,8 @@ and shape (MH-MoE h=4; SMoE h=1 with --shapes mhmoe,smoe) it runs, side by side:
   two-level+overlap    the same over --chunks pipelined chunks (async all-to-all)
   two-level+group-lim  two-level+overlap with group-limited routing, groups = nodes (route_groups=2,
                        route_group_limit=1: a token's h x k choices reach one node)
-  auto                 model.moe.ep_dispatch='auto' priced with this run's NIC rate and the simulator's
-                       exchange cost (moe/ep_cost.py SIMULATOR_EXCHANGE_US); `picked` says which path
+  auto                 model.moe.ep_dispatch='auto' priced with this run's NIC rate and exchange cost
+                       (alpha_us below, measured first); `picked` says which path
 
 Each row is printed as a line `JSON {...}`: rate, rails, shape, mode, step_ms (fwd+bwd of the layer,
 slowest rank, median over --reps, modes interleaved rep by rep), x_flat, comm_ms (main-thread time blocked
@@ -24,7 +24,8 @@ over the node links, --rails 2), counted_mb (the dispatcher's count), formula_mb
 prediction, all NICs: flat 4 S k (N-1)/N d_sub itemsize per rank plus counts; two-level per packet
 2 (d_sub + k + c) itemsize + 2 d_sub itemsize, S (N-1) (1 - C(E - E/N, k) / C(E, k)) packets per rank,
 or S (N-1)/N with groups = nodes, plus one traffic vector per chunk), picked, alpha_us (median time of a
-one-row all-to-all over the 4 ranks on this network: the cost model's exchange cost).
+one-row all-to-all over the 4 ranks on this network, slowest rank: the cost model's exchange cost, which
+the 2 shared cores make vary with the machine's load).
 
 Needs root (namespaces, tc); without it the script prints a skip message and exits 0. The namespaces are
 removed at exit, also on failure or a signal.
@@ -92,12 +93,11 @@ def build(args, shape: str, mode: str, ctx):
     extra = {}
     if mode == "two-level+group-lim":
         extra = dict(route_groups=WORLD // PER_NODE, route_group_limit=1)
-    from megatron_mhmoe.moe.ep_cost import SIMULATOR_EXCHANGE_US
     chunked = mode in ("two-level+overlap", "two-level+group-lim", "auto")
     moe = MoEConfig(num_experts=args.experts, top_k=args.top_k, num_heads=h, head_projection=h > 1,
                     expert_hidden_size=args.ffn, capacity_factor=0.0, gate="softmax",
                     a2a_chunks=args.chunks if chunked else 1, ep_dispatch="auto" if mode == "auto" else "two_level",
-                    ep_nic_gbps=args.link_gbps, ep_node_gbps=100.0, ep_exchange_us=SIMULATOR_EXCHANGE_US, **extra)
+                    ep_nic_gbps=args.link_gbps, ep_node_gbps=100.0, ep_exchange_us=args.alpha_us, **extra)
     layer = MHMoELayer(ModelConfig(hidden_size=args.hidden, num_attention_heads=4, moe=moe), ctx)
     layer.dispatcher.force_flat = mode == "flat"
     assert layer.dispatcher.layout is not None, "LOCAL_WORLD_SIZE=2 should give the two-level layout"
@@ -172,7 +172,11 @@ def worker(args) -> None:
         t = time.perf_counter()
         comm.all_to_all_v(one, [1] * WORLD, [1] * WORLD, ctx.ep_group)
         times.append(time.perf_counter() - t)
-    out = {"group_limited": gl, "shapes": {}, "alpha_us": statistics.median(times[5:]) * 1e6}
+    # Every rank must price 'auto' alike (or their collectives would differ): the slowest rank's median.
+    alpha = torch.tensor([statistics.median(times[5:]) * 1e6], dtype=torch.float64)
+    dist.all_reduce(alpha, op=dist.ReduceOp.MAX)
+    args.alpha_us = float(alpha)
+    out = {"group_limited": gl, "shapes": {}, "alpha_us": args.alpha_us}
     for shape in args.shapes.split(","):
         modes = [m for m in MODES if gl or m != "two-level+group-lim"]
         layers = {m: build(args, shape, m, ctx) for m in modes}

@@ -89,7 +89,3 @@ def choose(setting: str, S: int, k: int, E: int, d_sub: int, itemsize: int, layo
     two = two_level_cost(S, k, E, d_sub, itemsize, layout, chunks, link)
     return "two_level" if two.seconds < flat.seconds else "flat"
 
-
-SIMULATOR_EXCHANGE_US = 750.0
-"""alpha of the simulated cluster (benchmarks/moe_two_node.py: gloo over network namespaces on 2 shared CPU
-cores), which its `auto` rows use with the NIC rate of each run (README, cross-node section)."""
