@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -75,3 +77,34 @@ def test_readme_table_is_summarize_of_the_final_runs():
                    "1.13x\nflat there with overlap (runs 1.06-1.47)", "is 186 ms flat and 294 ms",
                    "+89 ms (1 NIC) / +102 ms (2 NICs)", "0.72 s at line rate, in\na 1.42 s step"):
         assert quoted in readme, quoted
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tc") is None, reason="needs root and iproute2")
+def test_netns_script_builds_one_nic_per_rank_and_always_cleans_up():
+    script = os.path.join(REPO, "benchmarks", "two_node_netns.sh")
+
+    def ours():
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        return sorted(line.split()[0] for line in out.splitlines() if line.startswith("mhr_"))
+    try:
+        subprocess.run([script, "up", "1gbit", "2"], check=True)
+        assert ours() == ["mhr_rank0", "mhr_rank1", "mhr_rank2", "mhr_rank3", "mhr_switch"]
+        for r in range(4):  # the rank's NIC with its address and tbf; the node link's host route to its mate
+            ns, nic, addr = moe_two_node.rank_net(2, r)
+            ip = subprocess.run(["ip", "netns", "exec", ns, "ip", "-o", "addr", "show", nic], capture_output=True,
+                                text=True).stdout
+            assert f"{addr}/24" in ip
+            qdisc = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", nic],
+                                   capture_output=True, text=True).stdout
+            assert "tbf" in qdisc
+            mate = moe_two_node.rank_net(2, r ^ 1)[2]
+            route = subprocess.run(["ip", "netns", "exec", ns, "ip", "route", "get", mate], capture_output=True,
+                                   text=True).stdout
+            assert f"dev mhr_node{r}" in route, route
+        subprocess.run([script, "down"], check=True)
+        assert ours() == []
+        # A step that fails half-way (a bad rate, after the namespaces exist) leaves nothing behind.
+        assert subprocess.run([script, "up", "badrate", "2"], capture_output=True).returncode != 0
+        assert ours() == []
+    finally:
+        subprocess.run([script, "down"], check=False)
