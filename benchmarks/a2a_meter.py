@@ -23,7 +23,10 @@ class A2AMeter:
     per_node: int = 0
     """Ranks per node (group ranks p // per_node share a node); 0 = one node."""
     bytes_off_node: int = 0
-    """Bytes sent to ranks of other nodes (counted when per_node > 0)."""
+    """Bytes sent to ranks of other nodes (counted when per_node > 0; node of global rank g = g // per_node)."""
+    bytes_off_rail: int = 0
+    """Of bytes_off_node, those sent to a rank whose local index (g % per_node) differs from this rank's: on a
+    rail-optimised cluster they would cross to another rail's switch."""
     _orig: object = None
 
     def __enter__(self) -> "A2AMeter":
@@ -36,15 +39,20 @@ class A2AMeter:
             world = dist.get_world_size(group)
             splits = list(input_split_sizes) if input_split_sizes else [input.shape[0] // world] * world
             me = dist.get_rank(group)
+            ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))  # global
             total = sum(splits) * row_bytes
             meter.calls += 1
             meter.bytes_total += total
             meter.bytes_off_rank += total - splits[me] * row_bytes
+            off_rail = 0
             if meter.per_node:
-                meter.bytes_off_node += row_bytes * sum(n for q, n in enumerate(splits)
-                                                        if q // meter.per_node != me // meter.per_node)
+                L, g = meter.per_node, ranks[me]
+                off = [(n, ranks[q]) for q, n in enumerate(splits) if ranks[q] // L != g // L]
+                off_rail = row_bytes * sum(n for n, r in off if r % L != g % L)
+                meter.bytes_off_node += row_bytes * sum(n for n, _ in off)
+                meter.bytes_off_rail += off_rail
             meter.per_call.append(dict(rows=sum(splits), row_bytes=row_bytes, bytes=total,
-                                       floating=input.is_floating_point()))
+                                       floating=input.is_floating_point(), off_rail=off_rail))
             return meter._orig(output, input, output_split_sizes=output_split_sizes,
                                input_split_sizes=input_split_sizes, group=group, async_op=async_op)
 

@@ -1,34 +1,36 @@
-"""Cross-node expert parallelism on a simulated two-node network: flat vs two-level all-to-all.
+"""Cross-node expert parallelism on a simulated two-node cluster: flat vs rail-aligned two-level all-to-all.
 
-Two network namespaces ("nodes", benchmarks/two_node_netns.sh) joined by a veth pair, 2 ranks in each
-(ranks 0, 1 in namespace A at 10.77.0.1, ranks 2, 3 in B at 10.77.0.2; gloo over GLOO_SOCKET_IFNAME = the
-veth, so ranks of one node talk over the namespace's loopback and only inter-node traffic crosses the
-veth). EP = 4, TP = 1, LOCAL_WORLD_SIZE = 2 (the two-level layout comes from it). Each rank routes its own
-`--tokens` tokens, dropless. For each link (tc tbf rate limit, or none) and each shape (MH-MoE h=4, SMoE
-h=1: the same expert FLOPs per token, h sub-tokens of d/h through the same expert widths) it prints, side by
-side, for each mode:
+benchmarks/two_node_netns.sh builds 2 nodes x 2 ranks in network namespaces; EP = 4, TP = 1,
+LOCAL_WORLD_SIZE = 2 (the two-level layout comes from it). --rails 2: one NIC per rank (a namespace per
+rank, NICs on a switch bridge, node-mates joined by an unlimited link), the fabric of a GPU cluster;
+--rails 1: one NIC per node (ranks of a node share a namespace and its loopback). Every NIC is limited to
+RATE per direction (tc tbf). Each rank routes its own `--tokens` tokens, dropless. For each rate, rails
+and shape (MH-MoE h=4; SMoE h=1 with --shapes mhmoe,smoe) it runs, side by side:
 
   flat                 one all-to-all over the EP group (the reference path)
-  two-level            within the node, one exchange per pair of nodes (a row once per node), fan out
+  two-level            rail-aligned: a row once per destination node over the rank's own NIC to the same
+                       local rank there, which fans it out inside its node (moe/two_level.py)
   two-level+overlap    the same over --chunks pipelined chunks (async all-to-all)
   two-level+group-lim  two-level+overlap with group-limited routing, groups = nodes (route_groups=2,
                        route_group_limit=1: a token's h x k choices reach one node)
+  auto                 model.moe.ep_dispatch='auto' priced with this run's NIC rate and exchange cost
+                       (alpha_us below, measured first); `picked` says which path
 
-step ms: fwd+bwd of the layer, slowest rank, median over --reps (modes interleaved rep by rep);
-comm ms: time the main thread spends blocked in all-to-all calls and waits (fwd+bwd, slowest rank);
-link MB: bytes per step that crossed the link, both directions (the dispatcher's count, summed over ranks),
-next to the veth's own tx_bytes (both namespaces, from a separate untimed pass) and the formula's
-prediction for uniform routing (flat: 4 S k (N-1)/N d_sub itemsize per rank plus counts; two-level: per
-packet 2 (d_sub + k + c) itemsize + 2 d_sub itemsize, c = columns of bit-packed ids, with
-S (N-1) (1 - C(E - E/N, k) / C(E, k)) packets per rank, or S (N-1)/N with groups = nodes; plus one traffic
-vector per chunk);
-remote rows/sub-token: rows a sub-token sends to the other node (choices for flat, packets two-level).
+Each row is printed as a line `JSON {...}`: rate, rails, shape, mode, step_ms (fwd+bwd of the layer,
+slowest rank, median over --reps, modes interleaved rep by rep), x_flat, comm_ms (main-thread time blocked
+in all-to-alls), link_mb (bytes per step sent by all NICs, from their tx counters, in a separate untimed
+pass), rail_mb (the same per NIC: one per rank with --rails 2, one per node with --rails 1), node_mb (bytes
+over the node links, --rails 2), counted_mb (the dispatcher's count), formula_mb (uniform-routing
+prediction, all NICs: flat 4 S k (N-1)/N d_sub itemsize per rank plus counts; two-level per packet
+2 (d_sub + k + c) itemsize + 2 d_sub itemsize, S (N-1) (1 - C(E - E/N, k) / C(E, k)) packets per rank,
+or S (N-1)/N with groups = nodes, plus one traffic vector per chunk), picked, alpha_us (median time of a
+one-row all-to-all over the 4 ranks on this network, slowest rank: the cost model's exchange cost, which
+the 2 shared cores make vary with the machine's load).
 
 Needs root (namespaces, tc); without it the script prints a skip message and exits 0. The namespaces are
-always removed at exit.
+removed at exit, also on failure or a signal.
 
-  sudo python benchmarks/moe_two_node.py                       # 1gbit, 100mbit, unlimited; MH-MoE and SMoE
-  sudo python benchmarks/moe_two_node.py --rates 1gbit --shapes mhmoe --reps 3
+  sudo python benchmarks/moe_two_node.py --rails 2,1 --rates 100mbit,1gbit,none --shapes mhmoe --reps 3 > run1.txt
   python benchmarks/moe_two_node.py --summarize run1.txt run2.txt run3.txt   # markdown: median [min-max]
 """
 from __future__ import annotations
@@ -46,19 +48,18 @@ import tempfile
 import time
 
 import common  # noqa: F401  (puts the repo on sys.path)
-from common import print_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NETNS = os.path.join(HERE, "two_node_netns.sh")
-NS = {"A": ("mhmoe_nsA", "mhmoe_vA", "10.77.0.1"), "B": ("mhmoe_nsB", "mhmoe_vB", "10.77.0.2")}
-MODES = ["flat", "two-level", "two-level+overlap", "two-level+group-lim"]
+MODES = ["flat", "two-level", "two-level+overlap", "two-level+group-lim", "auto"]
 WORLD, PER_NODE = 4, 2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rates", default="1gbit,100mbit,none", help="comma list of tc tbf rates; 'none' = unlimited")
-    p.add_argument("--shapes", default="mhmoe,smoe")
+    p.add_argument("--rates", default="100mbit,1gbit,none", help="comma list of tc tbf rates; 'none' = unlimited")
+    p.add_argument("--rails", default="2,1", help="comma list: NICs per node (2 = one per rank, 1 = one per node)")
+    p.add_argument("--shapes", default="mhmoe")
     p.add_argument("--tokens", type=int, default=1024, help="tokens per rank")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--heads", type=int, default=4, help="MH-MoE heads h")
@@ -73,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="saved outputs of this script: print their median [min-max] per row as markdown")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
+    p.add_argument("--link-gbps", type=float, default=100.0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -91,9 +93,11 @@ def build(args, shape: str, mode: str, ctx):
     extra = {}
     if mode == "two-level+group-lim":
         extra = dict(route_groups=WORLD // PER_NODE, route_group_limit=1)
+    chunked = mode in ("two-level+overlap", "two-level+group-lim", "auto")
     moe = MoEConfig(num_experts=args.experts, top_k=args.top_k, num_heads=h, head_projection=h > 1,
                     expert_hidden_size=args.ffn, capacity_factor=0.0, gate="softmax",
-                    a2a_chunks=args.chunks if mode in ("two-level+overlap", "two-level+group-lim") else 1, **extra)
+                    a2a_chunks=args.chunks if chunked else 1, ep_dispatch="auto" if mode == "auto" else "two_level",
+                    ep_nic_gbps=args.link_gbps, ep_node_gbps=100.0, ep_exchange_us=args.alpha_us, **extra)
     layer = MHMoELayer(ModelConfig(hidden_size=args.hidden, num_attention_heads=4, moe=moe), ctx)
     layer.dispatcher.force_flat = mode == "flat"
     assert layer.dispatcher.layout is not None, "LOCAL_WORLD_SIZE=2 should give the two-level layout"
@@ -132,22 +136,47 @@ class CommTimer:
 
 
 def tx_bytes(iface: str) -> int:
-    with open(f"/sys/class/net/{iface}/statistics/tx_bytes") as f:
-        return int(f.read())
+    try:
+        with open(f"/sys/class/net/{iface}/statistics/tx_bytes") as f:
+            return int(f.read())
+    except OSError:  # not in this namespace
+        return 0
+
+
+def rate_gbps(rate: str) -> float:
+    """tc rate -> Gbit/s; 'none' (unlimited) prices as a 100 Gbit/s NIC."""
+    if rate == "none":
+        return 100.0
+    num = rate.rstrip("bitBIT")
+    scale = {"k": 1e-6, "m": 1e-3, "g": 1.0}.get(num[-1].lower(), 1e-9)
+    return float(num[:-1] if num[-1].isalpha() else num) * scale
 
 
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
+    from megatron_mhmoe.parallel import comm
     from megatron_mhmoe.parallel.context import ParallelContext
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     ctx = ParallelContext.from_world(1, WORLD)
-    iface = os.environ["GLOO_SOCKET_IFNAME"]
-    reads_iface = rank % PER_NODE == 0  # one rank per namespace reads its veth's counters
+    nic, node_link = os.environ["GLOO_SOCKET_IFNAME"], os.environ.get("MHMOE_NODE_LINK", "")
+    reads_nic = os.environ.get("MHMOE_READS_NIC") == "1"  # one reader per NIC
     gl = group_limited_available()
-    out = {"group_limited": gl, "shapes": {}}
+    # The exchange cost alpha of this network: a one-row all-to-all over the 4 ranks.
+    one = torch.zeros(WORLD, 1)
+    times = []
+    for i in range(25):
+        dist.barrier()
+        t = time.perf_counter()
+        comm.all_to_all_v(one, [1] * WORLD, [1] * WORLD, ctx.ep_group)
+        times.append(time.perf_counter() - t)
+    # Every rank must price 'auto' alike (or their collectives would differ): the slowest rank's median.
+    alpha = torch.tensor([statistics.median(times[5:]) * 1e6], dtype=torch.float64)
+    dist.all_reduce(alpha, op=dist.ReduceOp.MAX)
+    args.alpha_us = float(alpha)
+    out = {"group_limited": gl, "shapes": {}, "alpha_us": args.alpha_us}
     for shape in args.shapes.split(","):
         modes = [m for m in MODES if gl or m != "two-level+group-lim"]
         layers = {m: build(args, shape, m, ctx) for m in modes}
@@ -163,17 +192,21 @@ def worker(args) -> None:
             (y * gy).sum().backward()
             return layer.dispatcher.profile
 
-        # 1. Bytes: each mode alone for two steps between barriers, against the veth's counters.
+        # 1. Bytes: each mode alone for two steps between barriers, against the NICs' counters.
         res = {}
         for m in modes:
             step(m)
             dist.barrier()
-            before = tx_bytes(iface) if reads_iface else 0
+            before = (tx_bytes(nic) if reads_nic else 0, tx_bytes(node_link) if node_link else 0)
             prof = [step(m) for _ in range(2)]
             dist.barrier()
-            after = tx_bytes(iface) if reads_iface else 0
-            rows = prof[-1].internode_rows
-            res[m] = dict(counted=prof[-1].internode_bytes, iface=(after - before) / 2, remote_rows=rows,
+            after = (tx_bytes(nic) if reads_nic else 0, tx_bytes(node_link) if node_link else 0)
+            h = args.heads if shape == "mhmoe" else 1
+            disp = layers[m].dispatcher
+            picked = "flat" if disp.force_flat else disp.choose(args.tokens * h, args.top_k, args.hidden // h, 4)
+            res[m] = dict(counted=prof[-1].internode_bytes, nic=(after[0] - before[0]) / 2 if reads_nic else None,
+                          node=(after[1] - before[1]) / 2, remote_rows=prof[-1].internode_rows,
+                          picked=picked,
                           sub_tokens=args.tokens * (args.heads if shape == "mhmoe" else 1), step=[], comm=[])
         # 2. Time: modes interleaved rep by rep (rotated), after warm-up.
         for r in range(args.warmup + args.reps):
@@ -214,76 +247,94 @@ def predicted_bytes(args, shape: str, mode: str) -> float:
     return P * (S * q * per_packet + chunks * (P - L) * (N + P) * 8)
 
 
-def run_link(args, rate: str) -> dict:
-    subprocess.run([NETNS, "up", rate], check=True)
+def rank_net(rails: int, rank: int) -> tuple[str, str, str]:
+    """(namespace, NIC, address) of a rank (two_node_netns.sh env)."""
+    out = subprocess.run([NETNS, "env", str(rails), str(rank)], check=True, capture_output=True, text=True)
+    ns, nic, addr = out.stdout.split()
+    return ns, nic, addr
+
+
+def run_link(args, rate: str, rails: int) -> list:
+    subprocess.run([NETNS, "up", rate, str(rails)], check=True)
     out = tempfile.mkdtemp(prefix="moe_two_node_")
     port = "29611"
     procs = []
     try:
+        master = rank_net(rails, 0)[2]
         for rank in range(WORLD):
-            ns, veth, _ = NS["A"] if rank < PER_NODE else NS["B"]
+            ns, nic, _ = rank_net(rails, rank)
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank % PER_NODE),
-                       LOCAL_WORLD_SIZE=str(PER_NODE), MASTER_ADDR=NS["A"][2], MASTER_PORT=port,
-                       GLOO_SOCKET_IFNAME=veth, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-            cmd = ["ip", "netns", "exec", ns, sys.executable, os.path.abspath(__file__), "--worker", "--out", out]
+                       LOCAL_WORLD_SIZE=str(PER_NODE), MASTER_ADDR=master, MASTER_PORT=port,
+                       GLOO_SOCKET_IFNAME=nic, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+                       MHMOE_READS_NIC="1" if rails == PER_NODE or rank % PER_NODE == 0 else "0",
+                       MHMOE_NODE_LINK=f"mhr_node{rank}" if rails == PER_NODE else "")
+            cmd = ["ip", "netns", "exec", ns, sys.executable, os.path.abspath(__file__), "--worker", "--out", out,
+                   "--link-gbps", str(rate_gbps(rate))]
             cmd += [a for a in sys.argv[1:] if a != "--worker"]
             procs.append(subprocess.Popen(cmd, env=env))
         deadline = time.monotonic() + args.timeout
         for p in procs:
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
         if any(p.returncode for p in procs):
-            raise SystemExit(f"worker exit codes {[p.returncode for p in procs]} (link {rate})")
+            raise SystemExit(f"worker exit codes {[p.returncode for p in procs]} (link {rate}, rails {rails})")
         return [json.load(open(os.path.join(out, f"{r}.json"))) for r in range(WORLD)]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
         shutil.rmtree(out, ignore_errors=True)
+        subprocess.run([NETNS, "down"], check=False)
 
 
-def report(args, rate: str, per_rank: list) -> list[dict]:
+def report(args, rate: str, rails: int, per_rank: list) -> list[dict]:
     rows = []
+    alpha = statistics.median(r["alpha_us"] for r in per_rank)
     for shape in args.shapes.split(","):
         res = [r["shapes"][shape] for r in per_rank]
         flat_step = None
         for m in MODES:
             if m not in res[0]:
-                rows.append(dict(link=rate, shape=shape, mode=m, note="n/a: group-limited routing not available"))
                 continue
             steps = [max(r[m]["step"][i] for r in res) for i in range(len(res[0][m]["step"]))]
             comms = [max(r[m]["comm"][i] for r in res) for i in range(len(res[0][m]["comm"]))]
             step = statistics.median(steps) * 1e3
             flat_step = step if m == "flat" else flat_step
-            counted = sum(r[m]["counted"] for r in res)
-            iface = sum(r[m]["iface"] for r in res)  # only one rank per namespace read it
-            rows.append(dict(link=rate, shape=shape, mode=m, step_ms=step, vs_flat=step / flat_step,
-                             comm_ms=statistics.median(comms) * 1e3, counted_mb=counted / 1e6,
-                             iface_mb=iface / 1e6, iface_ratio=iface / counted if counted else None,
-                             predicted_mb=predicted_bytes(args, shape, m) / 1e6,
-                             bytes_vs_flat=counted / sum(r["flat"]["counted"] for r in res),
-                             remote_rows=sum(r[m]["remote_rows"] for r in res) / sum(r[m]["sub_tokens"] for r in res)))
+            rail = [r[m]["nic"] / 1e6 for r in res if r[m]["nic"] is not None]  # one per NIC
+            rows.append(dict(rate=rate, rails=rails, shape=shape, mode=m, step_ms=round(step, 2),
+                             x_flat=round(step / flat_step, 4), comm_ms=round(statistics.median(comms) * 1e3, 2),
+                             link_mb=round(sum(rail), 4), rail_mb=[round(v, 4) for v in rail],
+                             node_mb=round(sum(r[m]["node"] for r in res) / 1e6, 4),
+                             counted_mb=round(sum(r[m]["counted"] for r in res) / 1e6, 4),
+                             formula_mb=round(predicted_bytes(args, shape, m if m != "auto" else (
+                                 "flat" if res[0][m]["picked"] == "flat" else "two-level+overlap")) / 1e6, 4),
+                             picked=res[0][m]["picked"], alpha_us=round(alpha, 1),
+                             remote_rows=round(sum(r[m]["remote_rows"] for r in res) /
+                                               sum(r[m]["sub_tokens"] for r in res), 4)))
     return rows
 
 
 def summarize(paths: list[str]) -> str:
-    """Median [min-max] over saved runs of each (link, shape, mode) row, as a markdown table."""
-    runs: dict[tuple, list[list[float]]] = {}
+    """Median [min-max] over saved runs of each (rate, rails, shape, mode) row's JSON line, as markdown."""
+    runs: dict[tuple, list[dict]] = {}
     for path in paths:
         for line in open(path):
-            cells = line.split()
-            if len(cells) >= 12 and cells[2] in MODES and cells[0] != "link":
-                runs.setdefault(tuple(cells[:3]), []).append([float(c) for c in cells[3:12]])
-    out = ["| link | shape | mode | step ms | x flat | comm ms | link MB | veth/link | formula MB | bytes x flat |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for (link, shape, mode), rows in runs.items():
-        col = list(zip(*rows))  # step, x flat, comm, link MB, veth MB, veth/link, formula, bytes x flat, rows
-
-        def med(i, f):
-            return format(statistics.median(col[i]), f)
-        spread = f" [{min(col[1]):.2f}-{max(col[1]):.2f}]" if len(rows) > 1 else ""
-        out.append(f"| {link} | {shape} | {mode} | {med(0, '.1f')} | {med(1, '.2f')}{spread} | {med(2, '.1f')} | "
-                   f"{med(3, '.3f')} | {med(5, '.3f')} | {med(6, '.3f')} | {med(7, '.3f')} |")
-    return "\n".join(out) + f"\n\nMedian over {len(paths)} run(s) [min-max of x flat over runs].\n"
+            if line.startswith("JSON "):
+                row = json.loads(line[5:])
+                runs.setdefault((row["rate"], row["rails"], row["shape"], row["mode"]), []).append(row)
+    out = ["| NIC rate | NICs/node | mode | step ms | x flat | MB per NIC (each) | formula MB per NIC | picked |",
+           "|---|---|---|---|---|---|---|---|"]
+    for (rate, rails, shape, mode), rows in runs.items():
+        def rng(key, f):
+            vals = [r[key] for r in rows]
+            spread = f" [{format(min(vals), f)}-{format(max(vals), f)}]" if len(rows) > 1 else ""
+            return format(statistics.median(vals), f) + spread
+        per_nic = [statistics.median(r["rail_mb"][i] for r in rows) for i in range(len(rows[0]["rail_mb"]))]
+        nics = len(per_nic)
+        picked = "/".join(sorted({r["picked"] for r in rows}))
+        out.append(f"| {rate} | {rails} | {mode} | {rng('step_ms', '.0f')} | {rng('x_flat', '.2f')} | "
+                   f"{' '.join(format(v, '.2f') for v in per_nic)} | {rows[0]['formula_mb'] / nics:.2f} | {picked} |")
+    shapes = sorted({k[2] for k in runs})
+    return "\n".join(out) + f"\n\nShape {', '.join(shapes)}; median over {len(paths)} run(s) [min-max over runs].\n"
 
 
 def main(argv=None) -> int:
@@ -303,21 +354,16 @@ def main(argv=None) -> int:
         subprocess.run([NETNS, "down"], check=False)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda s, f: (teardown(), sys.exit(128 + s)))
-    rows = []
+    print(f"EP={WORLD} as 2 nodes x {PER_NODE} ranks, E={args.experts}, k={args.top_k}, d={args.hidden}, "
+          f"MH-MoE h={args.heads}, expert width {args.ffn}, {args.tokens} tokens/rank, fp32, dropless, "
+          f"chunks={args.chunks}, {args.reps} reps", flush=True)
     try:
-        for rate in args.rates.split(","):
-            rows += report(args, rate, run_link(args, rate))
+        for rails in [int(r) for r in args.rails.split(",")]:
+            for rate in args.rates.split(","):
+                for row in report(args, rate, rails, run_link(args, rate, rails)):
+                    print("JSON " + json.dumps(row), flush=True)
     finally:
         teardown()
-    print(f"EP={WORLD} as 2 namespaces x {PER_NODE} ranks, E={args.experts}, k={args.top_k}, d={args.hidden}, "
-          f"MH-MoE h={args.heads}, expert width {args.ffn}, {args.tokens} tokens/rank, fp32, dropless, "
-          f"chunks={args.chunks}, {args.reps} reps")
-    print_table(rows, [("link", "link", "s"), ("shape", "shape", "s"), ("mode", "mode", "s"),
-                       ("step_ms", "step ms", ".1f"), ("vs_flat", "x flat", ".2f"), ("comm_ms", "comm ms", ".1f"),
-                       ("counted_mb", "link MB", ".3f"), ("iface_mb", "veth MB", ".3f"),
-                       ("iface_ratio", "veth/link", ".3f"), ("predicted_mb", "formula MB", ".3f"),
-                       ("bytes_vs_flat", "bytes x flat", ".3f"), ("remote_rows", "remote rows/sub-token", ".3f"),
-                       ("note", "note", "s")])
     return 0
 
 

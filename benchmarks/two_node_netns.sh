@@ -1,55 +1,102 @@
 #!/usr/bin/env bash
-# Simulated two-node network for benchmarks/moe_two_node.py: two network namespaces joined by a veth pair.
+# Simulated two-node cluster for benchmarks/moe_two_node.py (2 nodes x 2 ranks), in network namespaces.
 #
-#   benchmarks/two_node_netns.sh up [RATE]   # create; RATE e.g. 1gbit limits each direction (tc tbf), omit = unlimited
-#   benchmarks/two_node_netns.sh rate RATE   # change the limit (RATE "none" removes it)
-#   benchmarks/two_node_netns.sh down        # remove everything this script created
+#   benchmarks/two_node_netns.sh up RATE [RAILS]   # RATE e.g. 1gbit limits each NIC per direction (tc tbf), none = unlimited
+#   benchmarks/two_node_netns.sh down              # remove everything this script created
+#   benchmarks/two_node_netns.sh env RAILS RANK    # print "NAMESPACE NIC ADDRESS" of a rank
 #
-# Namespace A: mhmoe_nsA, veth mhmoe_vA, 10.77.0.1/24; namespace B: mhmoe_nsB, veth mhmoe_vB, 10.77.0.2/24.
-# Each namespace has its own loopback (up), so ranks of one "node" talk over lo and only inter-node traffic
-# crosses the veth. Needs root (ip netns, ip link, tc). netem is not used (not available here); tbf only.
-set -euo pipefail
-NS_A=mhmoe_nsA NS_B=mhmoe_nsB VETH_A=mhmoe_vA VETH_B=mhmoe_vB ADDR_A=10.77.0.1 ADDR_B=10.77.0.2
+# RAILS=1 (one NIC per node, some clusters are built that way): namespace per node (mhr_node0, mhr_node1)
+#   joined by one veth pair (mhr_nic0 <-> mhr_nic1, 10.79.0.1 / 10.79.0.2); ranks of a node share its
+#   namespace and talk over its loopback, so only inter-node traffic crosses the veth.
+# RAILS=2 (one NIC per rank, a rail-optimised fabric): namespace per rank (mhr_rank0..3) and a switch
+#   namespace (mhr_switch) with a bridge; rank r's NIC mhr_nic<r> (10.78.0.<r+1>/24) is a veth into the
+#   bridge, with a tbf at both ends (rank side: egress, switch side: the rank's ingress). The two ranks of a
+#   node are joined by an unlimited veth (mhr_node<r>, "NVLink") and a host route to the node-mate's NIC
+#   address over it, so intra-node traffic never touches a NIC. gloo does not bind a connection's source
+#   address, so GLOO_SOCKET_IFNAME = the rank's NIC and this one-namespace-per-rank layout are what make
+#   every rank's inter-node traffic leave through its own NIC. rp_filter is off (replies to a node-mate
+#   come back over the node link), TCP slow start after idle too.
+# Every address lives inside namespaces this script creates; `up` removes everything again if it fails.
+set -Eeuo pipefail  # -E: the ERR trap of `up` also fires inside its functions
+P=mhr
+NAMESPACES="${P}_node0 ${P}_node1 ${P}_rank0 ${P}_rank1 ${P}_rank2 ${P}_rank3 ${P}_switch"
 
-set_rate() {
+down() {
+  for ns in $NAMESPACES; do ip netns del "$ns" 2>/dev/null || true; done
+}
+
+nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+
+tune() {  # the settings every namespace gets
+  nsx "$1" ip link set lo up
+  nsx "$1" sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 \
+    net.ipv4.tcp_slow_start_after_idle=0
+}
+
+tbf() {  # tbf NAMESPACE DEV RATE
+  if [ "$3" != none ]; then nsx "$1" tc qdisc add dev "$2" root tbf rate "$3" burst 64kb latency 50ms; fi
+}
+
+up1() {
   local rate=$1
-  for pair in "$NS_A $VETH_A" "$NS_B $VETH_B"; do
-    set -- $pair
-    ip netns exec "$1" tc qdisc del dev "$2" root 2>/dev/null || true
-    if [ "$rate" != none ]; then
-      ip netns exec "$1" tc qdisc add dev "$2" root tbf rate "$rate" burst 64kb latency 50ms
-    fi
+  ip netns add ${P}_node0
+  ip netns add ${P}_node1
+  tune ${P}_node0
+  tune ${P}_node1
+  ip link add ${P}_nic0 netns ${P}_node0 type veth peer name ${P}_nic1 netns ${P}_node1
+  for n in 0 1; do
+    nsx ${P}_node$n ip addr add 10.79.0.$((n + 1))/24 dev ${P}_nic$n
+    nsx ${P}_node$n ip link set ${P}_nic$n up
+    tbf ${P}_node$n ${P}_nic$n "$rate"
   done
 }
 
-down() {
-  ip netns del "$NS_A" 2>/dev/null || true
-  ip netns del "$NS_B" 2>/dev/null || true
-  ip link del "$VETH_A" 2>/dev/null || true
+up2() {
+  local rate=$1
+  ip netns add ${P}_switch
+  tune ${P}_switch
+  nsx ${P}_switch ip link add ${P}_br type bridge
+  nsx ${P}_switch ip link set ${P}_br up
+  for r in 0 1 2 3; do
+    ip netns add ${P}_rank$r
+    tune ${P}_rank$r
+    ip link add ${P}_nic$r netns ${P}_rank$r type veth peer name ${P}_port$r netns ${P}_switch
+    nsx ${P}_rank$r ip addr add 10.78.0.$((r + 1))/24 dev ${P}_nic$r
+    nsx ${P}_rank$r ip link set ${P}_nic$r up
+    nsx ${P}_switch ip link set ${P}_port$r master ${P}_br
+    nsx ${P}_switch ip link set ${P}_port$r up
+    tbf ${P}_rank$r ${P}_nic$r "$rate"
+    tbf ${P}_switch ${P}_port$r "$rate"
+  done
+  for a in 0 2; do  # node-mates a and a+1: the unlimited node link and host routes over it
+    local b=$((a + 1))
+    ip link add ${P}_node$a netns ${P}_rank$a type veth peer name ${P}_node$b netns ${P}_rank$b
+    nsx ${P}_rank$a ip link set ${P}_node$a up
+    nsx ${P}_rank$b ip link set ${P}_node$b up
+    nsx ${P}_rank$a ip route add 10.78.0.$((b + 1))/32 dev ${P}_node$a src 10.78.0.$((a + 1))
+    nsx ${P}_rank$b ip route add 10.78.0.$((a + 1))/32 dev ${P}_node$b src 10.78.0.$((b + 1))
+  done
 }
 
 case "${1:-}" in
   up)
     if [ "$(id -u)" != 0 ]; then echo "two_node_netns.sh: needs root (ip netns, tc)" >&2; exit 3; fi
+    rate=${2:-none} rails=${3:-1}
     down
-    ip netns add "$NS_A"
-    ip netns add "$NS_B"
-    ip link add "$VETH_A" type veth peer name "$VETH_B"
-    ip link set "$VETH_A" netns "$NS_A"
-    ip link set "$VETH_B" netns "$NS_B"
-    ip netns exec "$NS_A" ip addr add "$ADDR_A/24" dev "$VETH_A"
-    ip netns exec "$NS_B" ip addr add "$ADDR_B/24" dev "$VETH_B"
-    for ns in "$NS_A" "$NS_B"; do
-      ip netns exec "$ns" ip link set lo up
-      # Keep TCP's window between the bursts of all-to-all traffic (as cluster hosts are usually tuned):
-      # otherwise every exchange restarts slow start, which favours many parallel flows over few.
-      ip netns exec "$ns" sysctl -qw net.ipv4.tcp_slow_start_after_idle=0 || true
-    done
-    ip netns exec "$NS_A" ip link set "$VETH_A" up
-    ip netns exec "$NS_B" ip link set "$VETH_B" up
-    set_rate "${2:-none}"
+    trap 'down' ERR
+    case "$rails" in
+      1) up1 "$rate" ;;
+      2) up2 "$rate" ;;
+      *) echo "two_node_netns.sh: RAILS=$rails; this 2 x 2 simulator has 1 (per node) or 2 (per rank) NICs per node" >&2
+         exit 2 ;;
+    esac
+    trap - ERR
     ;;
-  rate) set_rate "${2:?rate, e.g. 1gbit, or none}" ;;
+  env)
+    rails=${2:?RAILS} rank=${3:?RANK}
+    if [ "$rails" = 1 ]; then n=$((rank / 2)); echo "${P}_node$n ${P}_nic$n 10.79.0.$((n + 1))"
+    else echo "${P}_rank$rank ${P}_nic$rank 10.78.0.$((rank + 1))"; fi
+    ;;
   down) down ;;
-  *) echo "usage: $0 up [RATE] | rate RATE|none | down" >&2; exit 2 ;;
+  *) echo "usage: $0 up RATE|none [RAILS] | env RAILS RANK | down" >&2; exit 2 ;;
 esac

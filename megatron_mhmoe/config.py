@@ -113,6 +113,19 @@ class MoEConfig:
     """Most sub-token rows one EP rank may receive for its experts per MoE forward (a bounded receive
     buffer). A rank over it raises an error naming this setting on every rank (instead of running out
     of memory). 0 = no budget."""
+    ep_dispatch: str = "auto"
+    """Expert-parallel path of an EP group that spans nodes (ep_ranks_per_node): 'flat' (one all-to-all over
+    the EP group), 'two_level' (rail-aligned: a sub-token row once per destination node over the rank's own
+    NIC to the same local rank there, which fans it out inside its node; moe/two_level.py) or 'auto' (the
+    cheaper by moe/ep_cost.py's model, exchanges x ep_exchange_us + NIC bytes / ep_nic_gbps + node bytes /
+    ep_node_gbps, priced per forward from its sub-token count, which every EP rank must share: fixed
+    micro-batch shapes). EP groups inside one node always take the flat path."""
+    ep_nic_gbps: float = 400.0
+    """Cost model (ep_dispatch='auto'): each rank's own NIC, Gbit/s per direction (400 = one NDR NIC per GPU)."""
+    ep_node_gbps: float = 3600.0
+    """Cost model: between ranks of one node, Gbit/s per direction per rank (3600 = NVLink 4, 450 GB/s)."""
+    ep_exchange_us: float = 30.0
+    """Cost model: fixed cost of one all-to-all in microseconds (launch, synchronisation, latency)."""
     a2a_device_counts: bool = False
     """Dispatch without bringing the counts to the host (moe/padded_dispatch.py): every (rank, expert) pair
     gets capacity fixed slots, so the all-to-alls have equal splits and the receive buffer is EP x E_local x
@@ -244,6 +257,13 @@ def _validate_moe(moe: MoEConfig, hidden_size: int, num_layers: int) -> None:
         raise ValueError(f"moe.a2a_device_counts=true sizes the receive buffer from the capacity, but "
                          f"capacity_factor={moe.capacity_factor} is dropless: set capacity_factor > 0 (e.g. 1.25), "
                          f"or keep a2a_device_counts=false and bound dropless routing with ep_recv_budget")
+    _choice("moe.ep_dispatch", moe.ep_dispatch, ("auto", "flat", "two_level"))
+    for name in ("ep_nic_gbps", "ep_node_gbps"):
+        if not getattr(moe, name) > 0:
+            raise ValueError(f"moe.{name}={getattr(moe, name)} must be > 0 (Gbit/s per direction, for the "
+                             f"ep_dispatch='auto' cost model)")
+    if moe.ep_exchange_us < 0:
+        raise ValueError(f"moe.ep_exchange_us={moe.ep_exchange_us} must be >= 0 (microseconds per all-to-all)")
     if moe.a2a_chunks < 1:
         raise ValueError(f"moe.a2a_chunks={moe.a2a_chunks} must be >= 1 (1 = no pipelining)")
     if not 0.0 <= moe.debug_skew_fraction <= 1.0:

@@ -124,7 +124,7 @@ MUTANTS: list[Mutant] = [
            "regroup = torch.argsort(local_ids, stable=True).flip(0)  # (m,)",
            "rows received over the all-to-all regrouped in the wrong order (EP > 1)",
            ("tests/moe/test_layer_parallel.py::test_layer_equals_single_process",)),
-    Mutant("combine_backward_no_gate", M + "moe/dispatcher.py",
+    Mutant("combine_backward_no_gate", M + "moe/gate_combine.py",
            "g_out = g_rows.mul_(w.unsqueeze(1)) if ctx.needs_input_grad[0] else None",
            "g_out = g_rows if ctx.needs_input_grad[0] else None",
            "combine's backward forgets the gate weight on the expert outputs",

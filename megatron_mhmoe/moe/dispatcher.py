@@ -11,104 +11,104 @@ Dispatch of S local sub-tokens with k choices each (choice-major flat index f = 
 6. Undo 4, reverse the all-to-all, and add each row times its gate into its sub-token's output.
 No dense [tokens x experts x capacity] tensor is built: memory is O(S*k*d), whatever E.
 
-An EP group that spans nodes (model.moe.ep_ranks_per_node, else LOCAL_WORLD_SIZE / LOCAL_SIZE) takes
-the two-level path of moe/two_level.py instead (same outputs, gradients and drops; tested against this
-one), pipelined over model.moe.a2a_chunks chunks. model.moe.ep_recv_budget bounds the rows a rank
-receives, on both paths.
+Every path has one signature, path(x_sub, record, run_experts, env) (moe/dispatch_env.py): this flat
+one (flat_dispatch_combine), the capacity-slot one without host reads (moe/padded_dispatch.py,
+model.moe.a2a_device_counts) and the two-level one for EP groups that span nodes (moe/two_level.py;
+model.moe.ep_ranks_per_node, else LOCAL_WORLD_SIZE / LOCAL_SIZE; same outputs, gradients and drops, tested
+against this one). model.moe.ep_recv_budget bounds the rows a rank receives, on every path.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from megatron_mhmoe.moe import padded_dispatch, two_level
+from megatron_mhmoe.moe import ep_cost, padded_dispatch, two_level
+from megatron_mhmoe.moe.dispatch_env import (  # noqa: F401  (_device_clock, _record_event: patched by tests)
+    DispatchEnv, DispatchProfile, _device_clock, _record_event, _span_seconds)
+from megatron_mhmoe.moe.gate_combine import gate_combine
+from megatron_mhmoe.moe.routing import RoutingRecord, dispatch_record
 from megatron_mhmoe.parallel import comm
 from megatron_mhmoe.parallel.context import ParallelContext
 
 
-def _device_clock(device: torch.device) -> bool:
-    """Whether phases on `device` are timed with device events: CUDA kernels are asynchronous, so a host
-    clock around them measures the launch, not the work (and synchronizing to fix that would stall the
-    stream every phase). CPU ops are synchronous: the host clock is exact there."""
-    return device.type == "cuda"
+def flat_dispatch_combine(x_sub: torch.Tensor, record: RoutingRecord, run_experts: Callable,
+                          env: DispatchEnv) -> torch.Tensor:
+    """x_sub (S, d_sub) -> (S, d_sub): one all-to-all over the EP group each way (steps 1-6 above)."""
+    experts, gates, keep = record.experts, record.gates, record.keep
+    order, e_flat = record.order, record.flat_experts
+    S, k = experts.shape
+    E, E_local, ep = env.num_experts, env.num_local_experts, env.ctx.ep_size
+    t0 = env.mark()
+    # 1. Kept assignments stay grouped by expert and in queue order when filtered out of the sort.
+    perm = order if keep is None else order[keep.index_select(0, order)]  # (n,) flat assignment ids
+    counts = torch.bincount(e_flat.index_select(0, perm), minlength=E)  # (E,)
+    counts_host = counts.tolist()  # the one host sync of the local dispatch
+    n = perm.shape[0]
+    src = perm % S  # (n,) sub-token of each row
+    if ep == 1 and hasattr(run_experts, "forward_combine"):
+        # 2, 5 and 6 as one node that gathers rows per chunk (experts.GroupedExperts.forward_combine)
+        weights = gates.t().reshape(-1).index_select(0, perm)  # (n,)
+        t0 = env.close("permute", t0)
+        y = run_experts.forward_combine(x_sub, src, weights, counts_host, S)
+        if y is not None:
+            env.close("experts", t0)
+            return y
+    # 2.
+    rows = x_sub.index_select(0, src)  # (n, d_sub)
+    t0 = env.close("permute", t0)
+    if ep > 1:
+        # 3.
+        recv_counts = comm.all_to_all_v(counts, [E_local] * ep, [E_local] * ep, env.ctx.ep_group)
+        recv_counts = recv_counts.view(ep, E_local)  # (EP, E_local): from rank p for my expert e
+        recv_host = recv_counts.tolist()
+        send_splits = [sum(counts_host[p * E_local:(p + 1) * E_local]) for p in range(ep)]
+        recv_splits = [sum(r) for r in recv_host]
+        env.profile.rows_sent = n
+        env.profile.rows_received = sum(recv_splits)
+        env.profile.bytes_sent = n * x_sub.shape[1] * x_sub.element_size() + counts.numel() * counts.element_size()
+        _flat_internode(send_splits, recv_splits, x_sub, env)
+        env.check_budget(env.profile.rows_received, x_sub)
+        t0 = env.close("counts_exchange", t0)
+        rows = comm.all_to_all(rows, recv_splits, send_splits, env.ctx.ep_group)  # (m, d_sub)
+        t0 = env.close("all_to_all", t0)
+        # 4.
+        local_ids = torch.arange(E_local, device=rows.device).repeat(ep)  # (EP*E_local,)
+        local_ids = local_ids.repeat_interleave(recv_counts.reshape(-1), output_size=rows.shape[0])  # (m,)
+        regroup = torch.argsort(local_ids, stable=True)  # (m,)
+        rows = rows.index_select(0, regroup)
+        expert_counts = [sum(recv_host[p][e] for p in range(ep)) for e in range(E_local)]
+        t0 = env.close("permute", t0)
+    else:
+        expert_counts = counts_host
+    # 5.
+    out = run_experts(rows, expert_counts)  # (m, d_sub)
+    t0 = env.close("experts", t0)
+    # 6.
+    if ep > 1:
+        inverse = torch.empty_like(regroup)
+        inverse[regroup] = torch.arange(regroup.numel(), device=regroup.device)
+        out = out.index_select(0, inverse)
+        t0 = env.close("permute", t0)
+        out = comm.all_to_all(out, send_splits, recv_splits, env.ctx.ep_group)  # (n, d_sub)
+        t0 = env.close("all_to_all", t0)
+    weights = gates.t().reshape(-1).index_select(0, perm).to(out.dtype)  # (n,)
+    y = gate_combine(out, weights, src, S)  # (S, d_sub)
+    env.close("combine", t0)
+    return y
 
 
-def _record_event(device: torch.device):
-    """A timing event recorded on the current stream of `device` (where the phase's kernels run)."""
-    ev = torch.cuda.Event(enable_timing=True)
-    ev.record(torch.cuda.current_stream(device))
-    return ev
-
-
-def _span_seconds(start, end) -> float:
-    # elapsed_time refuses events that have not completed. Both were recorded on one stream, start
-    # first, so once the end event is done the start is too: waiting on the end is enough.
-    end.synchronize()
-    return start.elapsed_time(end) / 1000.0
-
-
-@dataclass
-class DispatchProfile:
-    """What a forward moved and where its time went (seconds per phase).
-
-    Phase times are host-clock durations on CPU and device-event spans on CUDA. Event spans are kept
-    unresolved until read: `times`, `seconds(name)` and `resolve()` wait for the recorded end events,
-    so reading is the only synchronization profiling adds. Read once per log interval (or use
-    `MoEDispatcher.take_times()`), not after every micro-batch."""
-
-    rows_sent: int = 0
-    """Sub-token rows handed to the dispatch all-to-all (this rank's kept assignments)."""
-    rows_received: int = 0
-    """Rows the dispatch all-to-all brought to this rank's experts (what the combine sends back)."""
-    internode_bytes: int = 0
-    """Bytes this rank sends to ranks of other nodes in the whole fwd+bwd step of this forward (rows, ids,
-    gates and counts; known where the node layout is known, 0 otherwise): both paths count it from their
-    splits (two_level.internode_formula for the two-level path)."""
-    internode_rows: int = 0
-    """Rows this rank's forward dispatch sends to other nodes (per choice flat; per packet two-level)."""
-    bytes_sent: int = 0
-    """Bytes handed to the forward dispatch all-to-alls: rows_sent * d_sub * itemsize + the counts (E int64).
-    A whole fwd+bwd step sends (2 rows_sent + 2 rows_received) * d_sub * itemsize + E * 8: the combine
-    returns the received rows and the backward runs both all-to-alls in the other direction."""
-    _resolved: dict = field(default_factory=dict, repr=False)
-    _pending: list = field(default_factory=list, repr=False)  # (name, start event, end event)
-
-    def add_seconds(self, name: str, seconds: float) -> None:
-        self._resolved[name] = self._resolved.get(name, 0.0) + seconds
-
-    def add_span(self, name: str, start, end) -> None:
-        self._pending.append((name, start, end))
-
-    def drain_ready(self) -> None:
-        """Fold in the spans whose events have completed, without waiting: keeps the pending list as
-        short as the GPU is behind the host when nobody reads for a long while."""
-        if not self._pending:
-            return
-        waiting = []
-        for name, start, end in self._pending:
-            if end.query():
-                self.add_seconds(name, start.elapsed_time(end) / 1000.0)
-            else:
-                waiting.append((name, start, end))
-        self._pending = waiting
-
-    def resolve(self) -> dict:
-        """Seconds per phase (name -> float), waiting for any span still running on the device."""
-        pending, self._pending = self._pending, []
-        for name, start, end in pending:
-            self.add_seconds(name, _span_seconds(start, end))
-        return self._resolved
-
-    @property
-    def times(self) -> dict:
-        """Seconds per phase; reading it resolves pending device spans (see `resolve`)."""
-        return self.resolve()
-
-    def seconds(self, name: str) -> float:
-        return self.resolve().get(name, 0.0)
+def _flat_internode(send_splits: list, recv_splits: list, x_sub: torch.Tensor, env: DispatchEnv) -> None:
+    """Inter-node rows and bytes of the flat path's step, where the node layout is known: rows to other
+    nodes' ranks twice (dispatch, combine's backward), rows from them twice, E_local int64 counts each."""
+    if env.layout is None:
+        return
+    remote = env.layout.remote_peers(env.ctx.ep_rank)
+    out_rows, in_rows = sum(send_splits[q] for q in remote), sum(recv_splits[q] for q in remote)
+    row = x_sub.shape[1] * x_sub.element_size()
+    env.profile.internode_rows = out_rows
+    env.profile.internode_bytes = 2 * (out_rows + in_rows) * row + len(remote) * env.num_local_experts * 8
 
 
 class MoEDispatcher:
@@ -129,18 +129,19 @@ class MoEDispatcher:
         self.layout = two_level.node_layout(ctx.ep_size, per_node)
         """Node of each EP rank when the EP group spans nodes (the two-level path), else None (flat)."""
         if self.layout is not None:
-            ctx.ep_node_group(self.layout.per_node)  # collective: created here, on every rank alike
+            two_level.create_groups(ctx, self.layout)  # collective: created here, on every rank alike
         self.force_flat = False
-        """Take the flat path even where the layout allows two levels (benchmarks and tests compare them)."""
+        """Take the flat path whatever ep_dispatch says (benchmarks and tests compare the paths)."""
+        self.ep_dispatch = moe.ep_dispatch if moe is not None else "auto"
+        """model.moe.ep_dispatch: 'auto', 'flat' or 'two_level' (where the layout spans nodes)."""
+        self.link = ep_cost.Link(moe.ep_nic_gbps, moe.ep_node_gbps, moe.ep_exchange_us) if moe is not None \
+            else ep_cost.Link(400.0, 3600.0, 30.0)
+        """What ep_dispatch='auto' prices (moe/ep_cost.py)."""
+        self._auto: dict = {}  # sub-tokens per forward -> the path 'auto' chose for them
         self.chunks = moe.a2a_chunks if moe is not None else 1
         self.recv_budget = moe.ep_recv_budget if moe is not None else 0
         self.device_counts = bool(moe.a2a_device_counts) if moe is not None else False
         """Capacity-slot dispatch without a host sync (moe/padded_dispatch.py) when the record has a capacity."""
-
-    def _add_time(self, name: str, seconds: float) -> None:
-        if self.profile_enabled:
-            self.profile.add_seconds(name, seconds)
-            self._since_take.add_seconds(name, seconds)
 
     def _check_budget(self, rows_received: int, like: torch.Tensor) -> None:
         """Every EP rank raises the same error when any of them would receive more than ep_recv_budget rows
@@ -153,41 +154,6 @@ class MoEDispatcher:
                 f"an expert-parallel rank would receive {worst} sub-token rows in one MoE forward, over its "
                 f"receive budget model.moe.ep_recv_budget={self.recv_budget} (this rank: {rows_received}): raise "
                 f"model.moe.ep_recv_budget (0 = no budget), set a capacity_factor, or balance the routing")
-
-    def _padded(self, x_sub: torch.Tensor, record, run_experts: Callable) -> torch.Tensor:
-        """Capacity slots, equal-split all-to-alls, no host sync (moe/padded_dispatch.py)."""
-        self.profile = DispatchProfile()
-        self._since_take.drain_ready()
-        ep, C = self.ctx.ep_size, record.capacity
-        received = ep * self.num_local_experts * C  # a static bound: the buffer is this size whatever the routing
-        if 0 < self.recv_budget < received:
-            raise RuntimeError(
-                f"model.moe.a2a_device_counts=true gives every EP rank a receive buffer of EP x E_local x capacity "
-                f"= {ep} x {self.num_local_experts} x {C} = {received} rows, over model.moe.ep_recv_budget="
-                f"{self.recv_budget}: lower capacity_factor, raise ep_recv_budget (0 = no budget), or turn "
-                f"a2a_device_counts off")
-        mark = [self._mark(x_sub.device)]
-
-        def tick(name: str) -> None:
-            mark[0] = self._tick(name, mark[0], x_sub.device)
-
-        y, rows = padded_dispatch.dispatch_combine(
-            x_sub, record.experts, record.gates, record.keep, run_experts, C, self.num_experts,
-            self.ctx.ep_group, ep, record.order, record.flat_experts, _GateCombine.apply, tick)
-        self.profile.rows_sent, self.profile.rows_received = rows, received
-        self.profile.bytes_sent = rows * x_sub.shape[1] * x_sub.element_size() if ep > 1 else 0
-        return y
-
-    def _two_level(self, x_sub, experts, gates, keep, run_experts) -> torch.Tensor:
-        prof = self.profile
-        self._internode_counts_bytes = self._internode_payload_bytes = 0
-        self._internode_rows = self._rows_received = 0
-        y = two_level.dispatch_combine(self, x_sub, experts, gates, keep, run_experts, self.chunks)
-        prof.rows_sent = int(keep.sum()) if keep is not None else experts.numel()  # kept assignments
-        prof.rows_received = self._rows_received
-        prof.internode_rows = self._internode_rows
-        prof.internode_bytes = self._internode_payload_bytes + self._internode_counts_bytes
-        return y
 
     # ------------------------------------------------------------------ TP token split
     @property
@@ -223,7 +189,7 @@ class MoEDispatcher:
     def replica_sum_stats(self, t: torch.Tensor) -> torch.Tensor:
         return comm.all_reduce_(t.clone(), self.ctx.tp_group)
 
-    # ------------------------------------------------------------------ dispatch / combine
+    # ------------------------------------------------------------------ timing
     def take_times(self) -> dict:
         """Seconds per phase summed over every forward since the previous call, then restarted.
 
@@ -252,122 +218,42 @@ class MoEDispatcher:
         self._since_take.add_seconds(name, now - mark)
         return now
 
-    def dispatch(self, x_sub: torch.Tensor, record, run_experts: Callable) -> torch.Tensor:
-        """dispatch_combine with a routing.RoutingRecord's choices, keep mask, sort and flattening."""
+    # ------------------------------------------------------------------ dispatch / combine
+    def choose(self, S: int, k: int, d_sub: int, itemsize: int) -> str:
+        """'flat' or 'two_level' for a forward of S sub-tokens (model.moe.ep_dispatch; moe/ep_cost.py)."""
+        key = (S, k, d_sub, itemsize)
+        if key not in self._auto:
+            self._auto[key] = ep_cost.choose(self.ep_dispatch, S, k, self.num_experts, d_sub, itemsize,
+                                             self.layout, self.chunks, self.link)
+        return self._auto[key]
+
+    def path(self, record: RoutingRecord, x_sub: torch.Tensor) -> Callable:
+        """The path this record takes: capacity slots (a2a_device_counts with a capacity), two-level (an EP
+        group over nodes where ep_dispatch picks it, unless force_flat), else flat. All share one signature
+        (moe/dispatch_env.py)."""
         if self.device_counts and record.capacity > 0:
-            return self._padded(x_sub, record, run_experts)
-        return self.dispatch_combine(x_sub, record.experts, record.gates, record.keep, run_experts,
-                                     record.order, record.flat_experts)
+            return padded_dispatch.dispatch_combine
+        if self.layout is not None and not self.force_flat and \
+                self.choose(*record.experts.shape, x_sub.shape[1], x_sub.element_size()) == "two_level":
+            return two_level.dispatch_combine
+        return flat_dispatch_combine
+
+    def dispatch(self, x_sub: torch.Tensor, record: RoutingRecord, run_experts: Callable) -> torch.Tensor:
+        """x_sub (S, d_sub) and its routing record -> (S, d_sub): each sub-token's gate-weighted expert outputs.
+
+        run_experts(rows (n, d_sub) grouped by local expert, counts list[E_local]) -> (n, d_sub)."""
+        self.profile = DispatchProfile()
+        self._since_take.drain_ready()
+        dev = x_sub.device
+        env = DispatchEnv(ctx=self.ctx, num_experts=self.num_experts, num_local_experts=self.num_local_experts,
+                          profile=self.profile, mark=lambda: self._mark(dev),
+                          close=lambda name, mark: self._tick(name, mark, dev), check_budget=self._check_budget,
+                          recv_budget=self.recv_budget, layout=self.layout, chunks=self.chunks)
+        return self.path(record, x_sub)(x_sub, record, run_experts, env)
 
     def dispatch_combine(self, x_sub: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor,
                          keep: torch.Tensor | None, run_experts: Callable,
                          order: torch.Tensor | None = None, e_flat: torch.Tensor | None = None) -> torch.Tensor:
-        """x_sub (S, d_sub), experts/gates (S, k), keep (k*S,) choice-major or None -> (S, d_sub).
-
-        run_experts(rows (n, d_sub) grouped by local expert, counts list[E_local]) -> (n, d_sub).
-        order: the stable argsort of the choice-major expert ids, if the caller already has it
-        (capacity.capacity_keep sorts the same ids): saves the one O(k*S log) sort here; e_flat: the
-        choice-major ids experts.t().reshape(-1), likewise.
-        """
-        S, k = experts.shape
-        E, E_local, ep = self.num_experts, self.num_local_experts, self.ctx.ep_size
-        self.profile = DispatchProfile()
-        self._since_take.drain_ready()
-        if self.layout is not None and not self.force_flat:
-            return self._two_level(x_sub, experts, gates, keep, run_experts)
-        t0 = self._mark(x_sub.device)
-        # 1. Kept assignments stay grouped by expert and in queue order when filtered out of the sort.
-        if e_flat is None:
-            e_flat = experts.t().reshape(-1)  # (k*S,) choice-major
-        if order is None:
-            order = torch.argsort(e_flat, stable=True)  # (k*S,)
-        perm = order if keep is None else order[keep.index_select(0, order)]  # (n,) flat assignment ids
-        counts = torch.bincount(e_flat.index_select(0, perm), minlength=E)  # (E,)
-        counts_host = counts.tolist()  # the one host sync of the local dispatch
-        n = perm.shape[0]
-        src = perm % S  # (n,) sub-token of each row
-        if ep == 1 and hasattr(run_experts, "forward_combine"):
-            # 2, 5 and 6 as one node that gathers rows per chunk (experts.GroupedExperts.forward_combine)
-            weights = gates.t().reshape(-1).index_select(0, perm)  # (n,)
-            t0 = self._tick("permute", t0, x_sub.device)
-            y = run_experts.forward_combine(x_sub, src, weights, counts_host, S)
-            if y is not None:
-                self._tick("experts", t0, x_sub.device)
-                return y
-        # 2.
-        rows = x_sub.index_select(0, src)  # (n, d_sub)
-        t0 = self._tick("permute", t0, x_sub.device)
-        if ep > 1:
-            # 3.
-            recv_counts = comm.all_to_all_v(counts, [E_local] * ep, [E_local] * ep, self.ctx.ep_group)
-            recv_counts = recv_counts.view(ep, E_local)  # (EP, E_local): from rank p for my expert e
-            recv_host = recv_counts.tolist()
-            send_splits = [sum(counts_host[p * E_local:(p + 1) * E_local]) for p in range(ep)]
-            recv_splits = [sum(r) for r in recv_host]
-            self.profile.rows_sent = n
-            self.profile.rows_received = sum(recv_splits)
-            self.profile.bytes_sent = n * x_sub.shape[1] * x_sub.element_size() + counts.numel() * counts.element_size()
-            self._flat_internode(send_splits, recv_splits, x_sub)
-            self._check_budget(self.profile.rows_received, x_sub)
-            t0 = self._tick("counts_exchange", t0, x_sub.device)
-            rows = comm.all_to_all(rows, recv_splits, send_splits, self.ctx.ep_group)  # (m, d_sub)
-            t0 = self._tick("all_to_all", t0, x_sub.device)
-            # 4.
-            local_ids = torch.arange(E_local, device=rows.device).repeat(ep)  # (EP*E_local,)
-            local_ids = local_ids.repeat_interleave(recv_counts.reshape(-1), output_size=rows.shape[0])  # (m,)
-            regroup = torch.argsort(local_ids, stable=True)  # (m,)
-            rows = rows.index_select(0, regroup)
-            expert_counts = [sum(recv_host[p][e] for p in range(ep)) for e in range(E_local)]
-            t0 = self._tick("permute", t0, x_sub.device)
-        else:
-            expert_counts = counts_host
-        # 5.
-        out = run_experts(rows, expert_counts)  # (m, d_sub)
-        t0 = self._tick("experts", t0, x_sub.device)
-        # 6.
-        if ep > 1:
-            inverse = torch.empty_like(regroup)
-            inverse[regroup] = torch.arange(regroup.numel(), device=regroup.device)
-            out = out.index_select(0, inverse)
-            t0 = self._tick("permute", t0, x_sub.device)
-            out = comm.all_to_all(out, send_splits, recv_splits, self.ctx.ep_group)  # (n, d_sub)
-            t0 = self._tick("all_to_all", t0, x_sub.device)
-        weights = gates.t().reshape(-1).index_select(0, perm).to(out.dtype)  # (n,)
-        y = _GateCombine.apply(out, weights, src, S)  # (S, d_sub)
-        self._tick("combine", t0, x_sub.device)
-        return y
-
-    def _flat_internode(self, send_splits: list, recv_splits: list, x_sub: torch.Tensor) -> None:
-        """Inter-node rows and bytes of the flat path's step, where the node layout is known: rows to other
-        nodes' ranks twice (dispatch, combine's backward), rows from them twice, E_local int64 counts each."""
-        if self.layout is None:
-            return
-        remote = self.layout.remote_peers(self.ctx.ep_rank)
-        out_rows, in_rows = sum(send_splits[q] for q in remote), sum(recv_splits[q] for q in remote)
-        row = x_sub.shape[1] * x_sub.element_size()
-        self.profile.internode_rows = out_rows
-        self.profile.internode_bytes = 2 * (out_rows + in_rows) * row + len(remote) * self.num_local_experts * 8
-
-
-class _GateCombine(torch.autograd.Function):
-    """y = zeros(S, d).index_add(0, src, out * w[:, None]) as one node.
-
-    Autograd over those ops keeps g*w and g*out as two new (n, d) tensors in backward (plus the reduction
-    of the second); here dL/dout is dL/dy[src] scaled in place and dL/dw one batched dot per row."""
-
-    @staticmethod
-    def forward(ctx, out: torch.Tensor, w: torch.Tensor, src: torch.Tensor, num_rows: int) -> torch.Tensor:
-        y = out.new_zeros(num_rows, out.shape[1])  # (S, d)
-        y.index_add_(0, src, out * w.unsqueeze(1))
-        ctx.save_for_backward(out, w, src)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy: torch.Tensor):
-        out, w, src = ctx.saved_tensors
-        g_rows = gy.index_select(0, src)  # (n, d): a new tensor, free to scale in place
-        gw = None
-        if ctx.needs_input_grad[1]:
-            gw = torch.bmm(g_rows.unsqueeze(1), out.unsqueeze(2)).view(-1)  # (n,) <dL/dy[src_i], out_i>
-        g_out = g_rows.mul_(w.unsqueeze(1)) if ctx.needs_input_grad[0] else None
-        return g_out, gw, None, None
+        """`dispatch` from bare routing tensors: experts/gates (S, k), keep (k*S,) choice-major or None;
+        order / e_flat the sort and flattening if the caller has them (routing.dispatch_record)."""
+        return self.dispatch(x_sub, dispatch_record(experts, gates, keep, order, e_flat), run_experts)

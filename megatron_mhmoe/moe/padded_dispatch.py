@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from megatron_mhmoe.moe.gate_combine import gate_combine
 from megatron_mhmoe.parallel import comm
 
 
@@ -44,14 +45,25 @@ def slots(e_flat: torch.Tensor, order: torch.Tensor, keep: torch.Tensor, num_exp
     return torch.where(kept, e_sorted * capacity + pos, torch.full_like(pos, num_experts * capacity))
 
 
-def dispatch_combine(x_sub: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor,
-                     run_experts: Callable, capacity: int, num_experts: int, ep_group, ep_size: int,
-                     order: torch.Tensor, e_flat: torch.Tensor, gate_combine,
-                     tick: Callable[[str], None] = lambda name: None) -> tuple[torch.Tensor, int]:
-    """x_sub (S, d), experts/gates (S, k), keep (k*S,) choice-major -> ((S, d), rows sent). Steps above.
-    tick(phase) closes a timing phase (the dispatcher's profile)."""
-    S, d = x_sub.shape
+def dispatch_combine(x_sub: torch.Tensor, record, run_experts: Callable, env) -> torch.Tensor:
+    """x_sub (S, d), a routing.RoutingRecord with a capacity -> (S, d). Steps above; the path interface of
+    moe/dispatch_env.py (env: DispatchEnv)."""
+    experts, gates, keep, order, e_flat = record.experts, record.gates, record.keep, record.order, record.flat_experts
+    ep_size, ep_group, num_experts, capacity = env.ctx.ep_size, env.ctx.ep_group, env.num_experts, record.capacity
     E, C = num_experts, capacity
+    received = ep_size * (E // ep_size) * C  # a static bound: the buffer is this size whatever the routing
+    if 0 < env.recv_budget < received:
+        raise RuntimeError(
+            f"model.moe.a2a_device_counts=true gives every EP rank a receive buffer of EP x E_local x capacity "
+            f"= {ep_size} x {E // ep_size} x {C} = {received} rows, over model.moe.ep_recv_budget="
+            f"{env.recv_budget}: lower capacity_factor, raise ep_recv_budget (0 = no budget), or turn "
+            f"a2a_device_counts off")
+    mark = [env.mark()]
+
+    def tick(name: str) -> None:
+        mark[0] = env.close(name, mark[0])
+
+    S, d = x_sub.shape
     E_local = E // ep_size
     # 1.
     slot = slots(e_flat, order, keep, E, C)  # (k*S,) per sorted assignment
@@ -79,4 +91,6 @@ def dispatch_combine(x_sub: torch.Tensor, experts: torch.Tensor, gates: torch.Te
     weights = (gates.t().reshape(-1).index_select(0, order) * keep.index_select(0, order)).to(y_rows.dtype)
     y = gate_combine(y_rows, weights, src, S)
     tick("combine")
-    return y, E * C
+    env.profile.rows_sent, env.profile.rows_received = E * C, received
+    env.profile.bytes_sent = E * C * d * x_sub.element_size() if ep_size > 1 else 0
+    return y

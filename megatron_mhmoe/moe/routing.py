@@ -61,3 +61,14 @@ def build_record(choice: TopK, num_experts: int, capacity: int, dispatcher, tp_r
     keep = cap.capacity_keep(choice.experts, counts_all, tp_rank, capacity, order, flat) if capacity > 0 else None
     return RoutingRecord(choice=choice, flat_experts=flat, order=order, local_counts=local_counts,
                          counts_all=counts_all, capacity=capacity, keep=keep)
+
+
+def dispatch_record(experts: torch.Tensor, gates: torch.Tensor, keep: Optional[torch.Tensor] = None,
+                    order: Optional[torch.Tensor] = None, flat: Optional[torch.Tensor] = None) -> RoutingRecord:
+    """A record of bare routing tensors for a dispatch path (no router, no counts over TP, capacity 0):
+    experts/gates (S, k), keep (k*S,) choice-major or None, the flattening and its stable sort if known."""
+    flat = choice_major(experts) if flat is None else flat
+    order = torch.argsort(flat, stable=True) if order is None else order
+    choice = TopK(probs=gates.new_zeros(0), experts=experts, gates=gates, lse=gates.new_zeros(0))
+    return RoutingRecord(choice=choice, flat_experts=flat, order=order, local_counts=None, counts_all=None,
+                         capacity=0, keep=keep)

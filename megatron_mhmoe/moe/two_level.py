@@ -1,46 +1,51 @@
-"""Two-level expert-parallel dispatch and combine, for EP groups that span nodes (the flat path in
-dispatcher.py is the reference it is tested against).
+"""Rail-aligned two-level expert-parallel dispatch and combine, for EP groups that span nodes (the flat
+path in dispatcher.py is the reference it is tested against).
 
-Layout: EP rank p is local rank p % L of node p // L (L ranks per node, N = EP / L nodes). Traffic
-between nodes a != b passes through one gateway on each side: gw(a, b) = a*L + (b % L).
+Layout: EP rank p is local rank l = p % L of node a = p // L (L ranks per node, N = EP / L nodes). The
+ranks with one local index l, one per node, form rail l (ParallelContext.ep_rail_group). On a
+rail-optimised cluster each GPU has its own NIC and rail l's NICs meet in one switch, so (a, l) -> (b, l)
+is the one inter-node path that needs no hop inside a node before the link (DeepEP's internode kernels
+and Megatron-core's HybridEP send a token the same way). Every NIC carries its own rank's traffic: under
+uniform routing 1/L of its node's.
 
-A packet is one sub-token row bound for one node: [x_i | gates of i's choices on that node (0 elsewhere)]
-(width d_sub + k), with ids (k,) the node-local expert index of each of those choices (-1 elsewhere). A
-sub-token whose kept choices fall on two experts of one node makes one packet for that node, so the row
-crosses the link once per destination node, not once per choice.
+A packet is one sub-token row bound for one node: [x_i | gates of i's choices on that node (0 elsewhere) |
+ids] (width d_sub + k + c), ids the node-local expert index of each of those choices (-1 elsewhere) as
+int8 (int32 above 127 experts per node) bytes packed into c columns (pack_ids). A sub-token whose kept
+choices fall on two experts of one node makes one packet for that node, so the row crosses the link once
+per destination node, not once per choice.
 
-Dispatch of one chunk of S local sub-tokens (kept assignments only):
+Dispatch of one chunk of S local sub-tokens (kept assignments only), on rank (a, l):
 1. Build the packets, grouped by destination node, in sub-token order within a node.
-2. Within the node: a packet for a remote node b goes to gateway gw(a, b); a packet for node a stays.
-3. Between nodes: gateway gw(a, b) sends node b's packets to gw(b, a) (one exchange per pair of nodes).
-4. Fan out within the node: each packet held expands to its (row, expert) assignments, sent to the owner.
-5. The owner regroups its rows by local expert and runs the experts on exact counts.
+2. Rail exchange: the packets for node b go to rank (b, l), node a's to (a, l) itself, over rail l's group
+   (one all-to-all of N ranks; nothing passes through another rank of node a first).
+3. Fan out within the node: each packet held expands to its (row, expert) assignments, sent to the
+   expert's owner over the node's group (ParallelContext.ep_node_group: NVLink on a GPU node).
+4. The owner regroups its rows by local expert and runs the experts on exact counts.
 Combine (the reverse; autograd makes the backward the reverse of that again):
-6. Undo 5 and 4: the outputs return to the packet's holder, which adds each times its gate into one
-   partial row per packet (sum over the choices on that node).
-7. Undo 3 and 2: the partial rows return to the source rank, which adds them into its sub-tokens.
+5. Undo 4 and 3: the outputs return to the packet's holder, which adds each times its gate into one
+   partial row per packet (the reduction over the choices on that node happens before the link).
+6. Undo 2: the partial rows return over the same rail to the source rank, which adds them into its
+   sub-tokens.
 
-Steps 2 and 4 are all-to-alls over the node's group (ParallelContext.ep_node_group: they wait for no
-other node), step 3 over the EP group with splits zero except between gateways, so only step 3 (and the
-small traffic vectors) crosses nodes. Before step 2 every rank sends every rank one traffic vector per
-chunk (its packets per node, its assignments per rank), all chunks' in one exchange: the one host sync of
-the forward, from which each rank derives what it receives in 2, 3 and 4 (NodeLayout.receive_splits).
-Within the node the ids travel as exact float columns of the rows; between nodes as their int8 bytes
-packed into the rows' columns (pack_ids).
+Only steps 2 and 6 (and the small traffic vectors) cross nodes. Before step 2 every rank sends every rank
+one traffic vector per chunk (its packets per node, its assignments per rank), all chunks' in one
+exchange: the one host sync of the forward, from which each rank derives what it receives in 2 and 3
+(NodeLayout.receive_splits). Exchanges per fwd+bwd step: 1 + 8 per chunk (2, 3 and their returns, and the
+four conjugates in the backward).
 
 Overlap: with C chunks (model.moe.a2a_chunks) each chunk runs as a coroutine that yields after starting
-its inter-node exchange (3, and the return of 7) asynchronously; the chunks are advanced in turn, so one
+its inter-node exchange (2, and the return of 6) asynchronously; the chunks are advanced in turn, so one
 chunk's exchange is in flight while another's experts run. The forward overlaps; the backward runs the
 conjugate exchanges synchronously.
 """
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 import torch
 
+from megatron_mhmoe.moe.gate_combine import gate_combine
 from megatron_mhmoe.parallel import comm
 
 
@@ -74,9 +79,13 @@ class NodeLayout:
     def node(self, p: int) -> int:
         return p // self.per_node
 
-    def gateway(self, a: int, b: int) -> int:
-        """EP rank on node a that exchanges node a's traffic with node b."""
-        return a * self.per_node + b % self.per_node
+    def local(self, p: int) -> int:
+        """Local index of EP rank p on its node: its rail."""
+        return p % self.per_node
+
+    def rail_peer(self, p: int, b: int) -> int:
+        """The EP rank on node b on EP rank p's rail: where p's packets for node b go (step 2)."""
+        return b * self.per_node + p % self.per_node
 
     def remote_peers(self, p: int) -> list[int]:
         return [q for q in range(self.ep_size) if self.node(q) != self.node(p)]
@@ -84,30 +93,26 @@ class NodeLayout:
     def ranks_of(self, a: int) -> range:
         return range(a * self.per_node, (a + 1) * self.per_node)
 
-    def receive_splits(self, traffic: list, me: int) -> tuple[list[int], list[int], list[int]]:
-        """Rows EP rank `me` receives from each EP rank in steps 2, 3 and 4, from every rank's traffic:
+    def receive_splits(self, traffic: list, me: int) -> tuple[list[int], list[int]]:
+        """Rows EP rank `me` receives in step 2 (from each node over its rail: index = node) and step 3
+        (from each rank of its node: index = local rank), from every rank's traffic:
         traffic[s] = (u, a) with u[b] = packets of rank s for node b, a[q] = its kept assignments to rank q.
 
-        2. s sends its own node's packets to itself, node b's to gw(node(s), b).
-        3. A rank keeps the own-node packets it holds; gw(B, A) sends every packet of node B for node A
-           to gw(A, B).
-        4. Holder h on node A holds its own packets for A and, for each node B with gw(A, B) = h, node B's
-           packets for A: it sends rank q of A their assignments to q."""
-        N, A, P = self.num_nodes, self.node(me), self.ep_size
+        2. (B, l) sends its packets for node A to (A, l).
+        3. Holder (A, l') holds the packets of every (B, l') for node A: it sends rank q of A the
+           assignments of those ranks to q."""
+        N, A, L = self.num_nodes, self.node(me), self.per_node
         u = [t[0] for t in traffic]
         a = [t[1] for t in traffic]
-        recv2, recv3, recv4 = [0] * P, [0] * P, [0] * P
-        for s in self.ranks_of(A):
-            recv2[s] = sum(u[s][b] for b in range(N)
-                           if (s if b == A else self.gateway(A, b)) == me)
-        recv3[me] = u[me][A]
-        for B in range(N):
-            if B != A and self.gateway(A, B) == me:
-                recv3[self.gateway(B, A)] = sum(u[s][A] for s in self.ranks_of(B))
-        for h in self.ranks_of(A):
-            recv4[h] = a[h][me] + sum(a[s][me] for B in range(N) if B != A and self.gateway(A, B) == h
-                                      for s in self.ranks_of(B))
-        return recv2, recv3, recv4
+        recv2 = [u[self.rail_peer(me, B)][A] for B in range(N)]
+        recv3 = [sum(a[B * L + l][me] for B in range(N)) for l in range(L)]
+        return recv2, recv3
+
+
+def create_groups(ctx, layout: NodeLayout) -> None:
+    """The process groups the two-level path uses (collective: every rank calls it, in the same order)."""
+    ctx.ep_node_group(layout.per_node)
+    ctx.ep_rail_group(layout.per_node)
 
 
 def node_layout(ep_size: int, per_node: int) -> NodeLayout | None:
@@ -153,10 +158,10 @@ def internode_formula(packets_out: int, packets_in: int, d_sub: int, k: int, ite
                       ep_size: int, per_node: int, chunks: int = 1) -> int:
     """Bytes one rank sends to other nodes in one fwd+bwd step of the two-level path (`chunks` chunks).
 
-    packets_out / packets_in: packets this rank sends to / receives from other nodes in step 3, each
+    packets_out / packets_in: packets this rank sends to / receives from other nodes in step 2, each
     (d_sub + k + c) x itemsize: the row, its k gates and c = id_columns(k, id_size, itemsize) columns of
-    bit-packed ids. forward: step 3 sends packets_out of them; the combine returns packets_in partial rows
-    (d_sub x itemsize). backward: the combine's conjugate sends packets_out gradient rows (d_sub), step 3's
+    bit-packed ids. forward: step 2 sends packets_out of them; the combine returns packets_in partial rows
+    (d_sub x itemsize). backward: the combine's conjugate sends packets_out gradient rows (d_sub), step 2's
     conjugate packets_in payload gradients (d_sub + k + c). Plus, per chunk, the traffic vector (N + EP
     int64, receive_splits) to every rank of another node."""
     payload = (d_sub + k + id_columns(k, id_size, itemsize)) * itemsize
@@ -166,23 +171,16 @@ def internode_formula(packets_out: int, packets_in: int, d_sub: int, k: int, ite
 
 
 class _Route:
-    """One exchange: rows to EP ranks `dest`, remembered so that `back` returns rows the same way."""
+    """One exchange over `group`: rows to group ranks `dest`, remembered so that `back` returns rows the
+    same way."""
 
-    def __init__(self, disp, dest: torch.Tensor, recv: list[int], within_node: bool = False):
-        """dest: (n,) EP rank of each row; recv: rows from each EP rank (receive_splits). within_node: every
-        dest is on this rank's node, so the exchange runs over the node's group (ctx.ep_node_group) and
-        waits for no rank of another node."""
-        layout, me = disp.layout, disp.ctx.ep_rank
-        self.disp, self.group = disp, disp.ctx.ep_group
+    def __init__(self, env, group, dest: torch.Tensor, recv: list[int], remote: list[int]):
+        """group: the process group (None: this rank alone); dest (n,) group rank of each row; recv: rows
+        from each group rank (receive_splits: no count exchange per step); remote: the group ranks on other
+        nodes (for the byte counts)."""
+        self.env, self.group, self.recv, self.remote = env, group, recv, remote
         self.order = torch.argsort(dest, stable=True)  # (n,) rows grouped by destination rank
-        self.remote = layout.remote_peers(me)
-        if within_node and layout.per_node > 1:
-            first = layout.node(me) * layout.per_node
-            self.group = disp.ctx.ep_node_group(layout.per_node)
-            self.remote = []
-            dest, recv = dest - first, recv[first:first + layout.per_node]  # node-group ranks
         self.send = torch.bincount(dest, minlength=len(recv)).tolist()
-        self.recv = recv  # from receive_splits: no count exchange per step
 
     def remote_rows(self, splits: list[int]) -> int:
         return sum(splits[q] for q in self.remote)
@@ -193,9 +191,9 @@ class _Route:
         return comm.all_to_all_start(rows, self.recv, self.send, self.group)
 
     def finish(self, out, pending) -> torch.Tensor:
-        t = time.perf_counter()
+        t = self.env.mark()
         out = comm.all_to_all_wait(out, pending)  # (m, w) ordered by source rank
-        self.disp._add_time("all_to_all", time.perf_counter() - t)
+        self.env.close("all_to_all", t)
         return out
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
@@ -206,9 +204,9 @@ class _Route:
         return comm.all_to_all_start(rows, self.send, self.recv, self.group)
 
     def back_finish(self, out, pending) -> torch.Tensor:
-        t = time.perf_counter()
+        t = self.env.mark()
         out = comm.all_to_all_wait(out, pending)  # (n, w) in `order`
-        self.disp._add_time("all_to_all", time.perf_counter() - t)
+        self.env.close("all_to_all", t)
         inverse = torch.empty_like(self.order)
         inverse[self.order] = torch.arange(self.order.numel(), device=self.order.device)
         return out.index_select(0, inverse)  # (n, w) in the caller's row order
@@ -217,13 +215,13 @@ class _Route:
         return self.back_finish(*self.back_start(rows))
 
 
-def chunk_coroutine(disp, x_sub, experts, gates, keep, run_experts, result: list):
-    """Steps 1-7 for one chunk; yields while its inter-node exchanges are in flight; result[0] = (S, d_sub)."""
+def chunk_coroutine(env, x_sub, experts, gates, keep, run_experts, result: list):
+    """Steps 1-6 for one chunk; yields while its inter-node exchanges are in flight; result[0] = (S, d_sub)."""
     S, k = experts.shape
     d_sub = x_sub.shape[1]
-    layout, ep, me = disp.layout, disp.ctx.ep_size, disp.ctx.ep_rank
-    E_local = disp.num_local_experts
-    E_node = E_local * layout.per_node
+    layout, ep, me = env.layout, env.ctx.ep_size, env.ctx.ep_rank
+    L, N, E_local = layout.per_node, layout.num_nodes, env.num_local_experts
+    E_node = E_local * L
     my_node = layout.node(me)
     idt = id_dtype(E_node)
     dev = x_sub.device
@@ -243,89 +241,78 @@ def chunk_coroutine(disp, x_sub, experts, gates, keep, run_experts, result: list
     pk_ids = pk_ids.view(U, k)  # (U, k) node-local expert ids, -1 = none
     # The traffic of every rank (packets per node, assignments per rank) sizes every exchange below. The
     # scheduler (dispatch_combine) exchanges every chunk's vector at once and sends back every rank's.
-    traffic = torch.cat([torch.bincount(pk_node, minlength=layout.num_nodes),
+    traffic = torch.cat([torch.bincount(pk_node, minlength=N),
                          torch.bincount(e // E_local, minlength=ep)])  # (N + EP,)
     everyone = yield traffic  # (EP, N + EP) nested lists
-    recv2, recv3, recv4 = layout.receive_splits(
-        [(row[:layout.num_nodes], row[layout.num_nodes:]) for row in everyone], me)
-    # Within the node the ids travel as exact float columns of the rows (one exchange instead of two).
-    if E_node > 256 and x_sub.dtype != torch.float32:
-        raise ValueError(f"{E_node} experts per node do not fit the {x_sub.dtype} id columns of the two-level "
-                         f"dispatch (at most 256 below fp32): use fp32, more nodes or the flat path")
-    meta = torch.cat([pk_node.view(U, 1), pk_ids.long()], 1).to(x_sub.dtype)  # (U, 1 + k) exact integers
-    payload = torch.cat([x_sub.index_select(0, pk_tok), pk_gates, meta], 1)  # (U, d_sub + k + 1 + k)
-    # 2. Own node's packets to self, node b's to gateway gw(a, b).
-    gw = torch.tensor([layout.gateway(my_node, b) for b in range(layout.num_nodes)], device=dev)
-    dest2 = torch.where(pk_node == my_node, torch.full_like(pk_node, me), gw[pk_node])  # (U,)
-    r2 = _Route(disp, dest2, recv2, within_node=True)
-    held2 = r2.forward(payload)  # (U2, d_sub + k + 1 + k)
-    # 3. Gateways exchange node b's packets; own-node packets stay (a self split). Over the link the ids
-    # travel as int8 (int32 above 127 experts per node) bytes packed into c columns of the rows: one exchange,
-    # fewer bytes than one float column per id.
-    node2 = held2[:, d_sub + k].detach().long()  # (U2,)
-    ids2 = pack_ids(held2[:, d_sub + k + 1:].detach().long().to(idt), x_sub.dtype)  # (U2, c) packed bytes
-    gw_back = torch.tensor([layout.gateway(b, my_node) for b in range(layout.num_nodes)], device=dev)
-    dest3 = torch.where(node2 == my_node, torch.full_like(node2, me), gw_back[node2])  # (U2,)
-    r3 = _Route(disp, dest3, recv3)
-    packets_out = r3.remote_rows(r3.send)
-    packets_in = r3.remote_rows(r3.recv)
-    disp._internode_rows += packets_out
-    disp._internode_payload_bytes += (packets_out + packets_in) * (2 * d_sub + k + ids2.shape[1]) * x_sub.element_size()
-    out3, pend3 = r3.start(torch.cat([held2[:, :d_sub + k], ids2], 1))  # (U2, d_sub + k + c)
+    recv2, recv3 = layout.receive_splits([(row[:N], row[N:]) for row in everyone], me)
+    # 2. Packets for node b to (b, l) over rail l (group rank = node); node a's stay (a self split).
+    ids2 = pack_ids(pk_ids, x_sub.dtype)  # (U, c) the ids' bytes, packed
+    rail = _Route(env, env.ctx.ep_rail_group(L), pk_node, recv2, [b for b in range(N) if b != my_node])
+    packets_out = rail.remote_rows(rail.send)
+    packets_in = rail.remote_rows(rail.recv)
+    env.profile.internode_rows += packets_out
+    env.profile.internode_bytes += (packets_out + packets_in) * (2 * d_sub + k + ids2.shape[1]) * x_sub.element_size()
+    payload = torch.cat([x_sub.index_select(0, pk_tok), pk_gates, ids2], 1)  # (U, d_sub + k + c)
+    out2, pend2 = rail.start(payload)
     yield
-    held = r3.finish(out3, pend3)  # (H, d_sub + k + c) packets for this node
+    held = rail.finish(out2, pend2)  # (H, d_sub + k + c) packets for this node, by source node
     ids = unpack_ids(held[:, d_sub + k:], k, idt)  # (H, k) node-local expert ids, -1 = none
-    # 4. Expand to (packet, choice) assignments and send each row to its expert's owner on this node.
+    # 3. Expand to (packet, choice) assignments and send each row to its expert's owner on this node.
     a_h, a_j = (ids >= 0).nonzero(as_tuple=True)  # (A,), (A,) packet-major
     a_e = ids[a_h, a_j].long() + my_node * E_node  # (A,) global expert id
-    disp._rows_received += sum(recv4)
-    disp._check_budget(sum(recv4), x_sub)  # before the owner's receive buffer exists
-    r4 = _Route(disp, a_e // E_local, recv4, within_node=True)
+    env.profile.rows_received += sum(recv3)
+    env.check_budget(sum(recv3), x_sub)  # before the owner's receive buffer exists
+    if E_local > 256 and x_sub.dtype != torch.float32:
+        raise ValueError(f"{E_local} experts per rank do not fit the {x_sub.dtype} id column of the two-level "
+                         f"fan-out (at most 256 below fp32): use fp32, more EP ranks or the flat path")
+    fan = _Route(env, env.ctx.ep_node_group(L), a_e // E_local - my_node * L, recv3, [])
     local_col = (a_e % E_local).to(held.dtype).view(-1, 1)  # (A, 1) the owner's local expert, exact
-    rows = r4.forward(torch.cat([held[:, :d_sub].index_select(0, a_h), local_col], 1))  # (m, d_sub + 1)
+    rows = fan.forward(torch.cat([held[:, :d_sub].index_select(0, a_h), local_col], 1))  # (m, d_sub + 1)
     local = rows[:, d_sub].detach().long()  # (m,)
     rows = rows[:, :d_sub]  # (m, d_sub)
-    # 5. Regroup by local expert, run the experts.
+    # 4. Regroup by local expert, run the experts.
     regroup = torch.argsort(local, stable=True)  # (m,)
     counts = torch.bincount(local, minlength=E_local).tolist()
-    t = time.perf_counter()
+    t = env.mark()  # device events on CUDA (the experts' kernels run asynchronously there)
     out = run_experts(rows.index_select(0, regroup), counts)  # (m, d_sub)
-    disp._add_time("experts", time.perf_counter() - t)
+    env.close("experts", t)
     inverse = torch.empty_like(regroup)
     inverse[regroup] = torch.arange(regroup.numel(), device=dev)
     out = out.index_select(0, inverse)  # (m, d_sub) in arrival order
-    # 6. Back to the holder, weighted by the gates carried in the packet: one partial row per packet.
-    out = r4.back(out)  # (A, d_sub)
-    from megatron_mhmoe.moe.dispatcher import _GateCombine  # here: dispatcher imports this module
-    partial = _GateCombine.apply(out, held[:, d_sub:d_sub + k][a_h, a_j], a_h, held.shape[0])  # (H, d_sub)
-    # 7. Partial rows back over the link, then to the source rank, then into the sub-tokens.
-    back3, pend = r3.back_start(partial)
+    # 5. Back to the holder, weighted by the gates carried in the packet: one partial row per packet.
+    out = fan.back(out)  # (A, d_sub)
+    partial = gate_combine(out, held[:, d_sub:d_sub + k][a_h, a_j], a_h, held.shape[0])  # (H, d_sub)
+    # 6. Partial rows back over the same rail, then into the sub-tokens.
+    back, pend = rail.back_start(partial)
     yield
-    partial = r2.back(r3.back_finish(back3, pend))  # (U, d_sub) in packet order
+    partial = rail.back_finish(back, pend)  # (U, d_sub) in packet order
     result[0] = partial.new_zeros(S, d_sub).index_add(0, pk_tok, partial)  # (S, d_sub)
 
 
-def dispatch_combine(disp, x_sub, experts, gates, keep, run_experts, chunks: int) -> torch.Tensor:
-    """x_sub (S, d_sub), experts/gates (S, k), keep (k*S,) or None -> (S, d_sub), in `chunks` pipelined
-    chunks of consecutive sub-tokens (each chunk's outputs depend only on its own sub-tokens)."""
+def dispatch_combine(x_sub: torch.Tensor, record, run_experts, env) -> torch.Tensor:
+    """x_sub (S, d_sub), a routing.RoutingRecord -> (S, d_sub), in env.chunks pipelined chunks of
+    consecutive sub-tokens (each chunk's outputs depend only on its own sub-tokens). The path interface of
+    moe/dispatch_env.py."""
+    experts, gates, keep, chunks = record.experts, record.gates, record.keep, env.chunks
     S, k = experts.shape
+    env.profile.rows_sent = int(keep.sum()) if keep is not None else experts.numel()  # kept assignments
     bounds = [S * c // chunks for c in range(chunks + 1)]
     keep2 = keep.view(k, S) if keep is not None else None  # (k, S) choice-major
     results, coros = [], []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         res = [None]
         kc = keep2[:, lo:hi].reshape(-1) if keep2 is not None else None  # (k*(hi-lo),) choice-major
-        coros.append(chunk_coroutine(disp, x_sub[lo:hi], experts[lo:hi], gates[lo:hi], kc, run_experts, res))
+        coros.append(chunk_coroutine(env, x_sub[lo:hi], experts[lo:hi], gates[lo:hi], kc, run_experts, res))
         results.append(res)
     # Step 1 of every chunk, then one exchange of all their traffic vectors (the one host sync).
     traffic = torch.stack([next(co) for co in coros])  # (C, N + EP)
     width = traffic.numel()
-    t = time.perf_counter()
-    everyone = comm.all_to_all_v(traffic.reshape(-1).repeat(disp.ctx.ep_size), [width] * disp.ctx.ep_size,
-                                 [width] * disp.ctx.ep_size, disp.ctx.ep_group)  # (EP * C * (N + EP),)
-    everyone = everyone.view(disp.ctx.ep_size, *traffic.shape).transpose(0, 1).tolist()  # (C, EP, N + EP)
-    disp._add_time("counts_exchange", time.perf_counter() - t)
-    disp._internode_counts_bytes += width * 8 * len(disp.layout.remote_peers(disp.ctx.ep_rank))
+    t = env.mark()
+    everyone = comm.all_to_all_v(traffic.reshape(-1).repeat(env.ctx.ep_size), [width] * env.ctx.ep_size,
+                                 [width] * env.ctx.ep_size, env.ctx.ep_group)  # (EP * C * (N + EP),)
+    everyone = everyone.view(env.ctx.ep_size, *traffic.shape).transpose(0, 1).tolist()  # (C, EP, N + EP)
+    env.close("counts_exchange", t)
+    env.profile.internode_bytes += width * 8 * len(env.layout.remote_peers(env.ctx.ep_rank))
     for co, mine in zip(coros, everyone):
         co.send(mine)  # runs the chunk up to its first inter-node exchange
     # Every rank advances the chunks in the same order, so the collectives match across ranks.

@@ -31,6 +31,7 @@ class ParallelContext:
     edp_ranks: list[int] = field(default_factory=lambda: [0])
     _singleton_groups: dict = field(default_factory=dict, repr=False)
     _node_groups: dict = field(default_factory=dict, repr=False)
+    _rail_groups: dict = field(default_factory=dict, repr=False)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -141,6 +142,21 @@ class ParallelContext:
                             mine = g
             self._node_groups[per_node] = mine
         return self._node_groups[per_node]
+
+    def ep_rail_group(self, per_node: int):
+        """The group of the EP ranks with this rank's local index on every node (EP ranks p with the same
+        p % per_node): rail l of a rail-optimised cluster, the two-level all-to-all's inter-node exchange
+        (moe/two_level.py). Group rank = node. Created like ep_node_group (collective, on first use)."""
+        if per_node not in self._rail_groups:
+            mine = None
+            for ranks in L.ep_groups(self.world_size, self.ep_size):
+                for local in range(per_node):
+                    rail = ranks[local::per_node]
+                    g = dist.new_group(ranks=rail) if len(rail) > 1 else None
+                    if self.rank in rail:
+                        mine = g
+            self._rail_groups[per_node] = mine
+        return self._rail_groups[per_node]
 
     def describe(self) -> str:
         sp = "on" if self.sequence_parallel else "off"

@@ -1,8 +1,12 @@
-"""benchmarks/moe_two_node.py without namespaces: the skip without root, and the uniform-routing byte
-predictions it prints (the `formula MB` column quoted in the README) for its default shape."""
+"""benchmarks/moe_two_node.py without namespaces: the skip without root, the uniform-routing byte
+predictions it prints (the formula column quoted in the README) for its default shape, its rank-to-network
+map, the summary of its JSON lines, and that the README's table is that summary of the saved runs."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -27,17 +31,80 @@ def test_default_predictions(shape, mode, mb):
     assert f"{moe_two_node.predicted_bytes(args, shape, mode) / 1e6:.3f}" == f"{mb:.3f}"
 
 
+def test_rank_network_and_rates():
+    # --rails 2: a namespace and a NIC per rank; --rails 1: the node's, shared by its two ranks.
+    assert [moe_two_node.rank_net(2, r) for r in (0, 3)] == [("mhr_rank0", "mhr_nic0", "10.78.0.1"),
+                                                               ("mhr_rank3", "mhr_nic3", "10.78.0.4")]
+    assert [moe_two_node.rank_net(1, r)[:2] for r in (0, 1, 2, 3)] == [("mhr_node0", "mhr_nic0")] * 2 + \
+        [("mhr_node1", "mhr_nic1")] * 2
+    assert [moe_two_node.rate_gbps(r) for r in ("100mbit", "1gbit", "none")] == [0.1, 1.0, 100.0]
+
+
+def test_summarize_takes_median_and_range_of_json_lines(tmp_path):
+    paths = []
+    for i, (step, x) in enumerate([(100.0, 0.5), (300.0, 0.9), (200.0, 0.7)]):
+        row = dict(rate="1gbit", rails=2, shape="mhmoe", mode="two-level", step_ms=step, x_flat=x,
+                   rail_mb=[1.0 + i, 2.0, 3.0, 4.0], formula_mb=8.0, picked="two_level")
+        p = tmp_path / f"run{i}.txt"
+        p.write_text("noise line\nJSON " + json.dumps(row) + "\n")
+        paths.append(str(p))
+    line = moe_two_node.summarize(paths).splitlines()[2]
+    assert line == "| 1gbit | 2 | two-level | 200 [100-300] | 0.70 [0.50-0.90] | 2.00 2.00 3.00 4.00 | 2.00 | two_level |"
+
+
+
+
+RUNS = [os.path.join(REPO, "benchmarks", "results", f"2026-12-07-moe_two_node-rails-run{i}.txt") for i in (1, 2, 3)]
+
+
 def test_readme_table_is_summarize_of_the_final_runs():
-    runs = [os.path.join(REPO, "benchmarks", "results", f"2026-12-01-moe_two_node-final-run{i}.txt")
-            for i in (1, 2, 3)]
-    table = moe_two_node.summarize(runs).split("\n\n")[0]
+    table = moe_two_node.summarize(RUNS).split("\n\n")[0]
     readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     assert table in readme, "README's two-node table is not benchmarks/moe_two_node.py --summarize of the final runs"
-    for quoted in ("0.769 MH-MoE, 0.759 SMoE", "missed (1.28x, runs 1.00-1.51)", "missed (0.79x, runs 0.77-1.13)",
-                   "inside a 667.7 ms step", "two-level 1.09x / 1.03x flat", "two-level + overlap 0.92x /\n0.87x",
-                   "(with overlap) 0.59x / 0.57x"):
+    rows = [json.loads(line[5:]) for path in RUNS for line in open(path) if line.startswith("JSON ")]
+    assert len(rows) == 3 * 2 * 3 * 5  # runs x rails x rates x modes
+    for r in rows:
+        assert len(r["rail_mb"]) == (4 if r["rails"] == 2 else 2), r  # a counter per NIC
+        # The NICs' counters: the dispatcher's exact count plus TCP/IP headers and gloo's own messages
+        # (under 10%); the count within 2% of the uniform-routing formula.
+        assert 1.0 <= r["link_mb"] / r["counted_mb"] <= 1.1, r
+        assert abs(r["counted_mb"] / r["formula_mb"] - 1) < 0.02, r
+        # Bytes per NIC: the NICs of a node within 10% of each other on the two-level paths (one per rank).
+        if r["mode"].startswith("two-level") and r["rails"] == 2:
+            for node in (r["rail_mb"][:2], r["rail_mb"][2:]):
+                assert max(node) <= 1.1 * min(node), r
+    for quoted in ("met (0.80x, runs\n0.70-0.81)", "met (0.93x)", "slower (1.17x)", "met (0.57x)",
+                   "1.13x\nflat there with overlap (runs 1.06-1.47)", "is 186 ms flat and 294 ms",
+                   "+89 ms (1 NIC) / +102 ms (2 NICs)", "0.72 s at line rate, in\na 1.42 s step"):
         assert quoted in readme, quoted
-    rows = {tuple(line.split(" | ")[:3]): line.split(" | ") for line in table.splitlines()[2:]}
-    assert rows[("| 1gbit", "mhmoe", "two-level+overlap")][4].startswith("1.28 [1.00-1.51]")
-    assert rows[("| 1gbit", "mhmoe", "two-level+group-lim")][4].startswith("0.79 [0.77-1.13]")
-    assert rows[("| 1gbit", "mhmoe", "flat")][3] == "667.7"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tc") is None, reason="needs root and iproute2")
+def test_netns_script_builds_one_nic_per_rank_and_always_cleans_up():
+    script = os.path.join(REPO, "benchmarks", "two_node_netns.sh")
+
+    def ours():
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        return sorted(line.split()[0] for line in out.splitlines() if line.startswith("mhr_"))
+    try:
+        subprocess.run([script, "up", "1gbit", "2"], check=True)
+        assert ours() == ["mhr_rank0", "mhr_rank1", "mhr_rank2", "mhr_rank3", "mhr_switch"]
+        for r in range(4):  # the rank's NIC with its address and tbf; the node link's host route to its mate
+            ns, nic, addr = moe_two_node.rank_net(2, r)
+            ip = subprocess.run(["ip", "netns", "exec", ns, "ip", "-o", "addr", "show", nic], capture_output=True,
+                                text=True).stdout
+            assert f"{addr}/24" in ip
+            qdisc = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", nic],
+                                   capture_output=True, text=True).stdout
+            assert "tbf" in qdisc
+            mate = moe_two_node.rank_net(2, r ^ 1)[2]
+            route = subprocess.run(["ip", "netns", "exec", ns, "ip", "route", "get", mate], capture_output=True,
+                                   text=True).stdout
+            assert f"dev mhr_node{r}" in route, route
+        subprocess.run([script, "down"], check=True)
+        assert ours() == []
+        # A step that fails half-way (a bad rate, after the namespaces exist) leaves nothing behind.
+        assert subprocess.run([script, "up", "badrate", "2"], capture_output=True).returncode != 0
+        assert ours() == []
+    finally:
+        subprocess.run([script, "down"], check=False)

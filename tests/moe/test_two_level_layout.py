@@ -1,6 +1,6 @@
 """The two-level path's rank arithmetic without processes: layout from the config or LOCAL_WORLD_SIZE, the
-receive splits every rank derives from the traffic vectors (against a packet-by-packet walk of steps 2-4,
-also for 3 and 4 nodes), the bit-packing of ids and the config checks."""
+receive splits every rank derives from the traffic vectors (against a packet-by-packet walk of the rail
+exchange and the fan-out, also for 3 and 4 nodes), the bit-packing of ids and the config checks."""
 from __future__ import annotations
 
 import random
@@ -25,24 +25,19 @@ def test_layout_from_config_or_env():
 
 
 def walk(layout: NodeLayout, packets: dict) -> list[list[list[int]]]:
-    """Move every packet through steps 2-4 one by one: recv[step][me][sender] rows.
+    """Move every packet through steps 2-3 one by one: recv[step][me][sender] rows, sender as the
+    exchange's group rank (step 2: the node of the rail peer; step 3: the local rank of the holder).
 
     packets[s] = list of (node b, {rank q on b: assignments}) of source s."""
-    P, N = layout.ep_size, layout.num_nodes
-    recv = [[[0] * P for _ in range(P)] for _ in range(3)]
-    held3 = {p: [] for p in range(P)}
+    P = layout.ep_size
+    recv = [[[0] * P for _ in range(P)] for _ in range(2)]
     for s, pks in packets.items():
-        a = layout.node(s)
         for b, assign in pks:
-            g = s if b == a else layout.gateway(a, b)  # 2.
-            recv[0][g][s] += 1
-            h = g if b == a else layout.gateway(b, a)  # 3.
-            recv[1][h][g] += 1
-            held3[h].append(assign)
-    for h, held in held3.items():  # 4.
-        for assign in held:
-            for q, n in assign.items():
-                recv[2][q][h] += n
+            h = b * layout.per_node + s % layout.per_node  # 2. over s's rail to node b
+            assert layout.rail_peer(s, b) == h
+            recv[0][h][layout.node(s)] += 1
+            for q, n in assign.items():  # 3. the holder fans out inside node b
+                recv[1][q][h % layout.per_node] += n
     return recv
 
 
@@ -65,8 +60,9 @@ def test_receive_splits_equal_a_packet_walk(ep, per_node):
         traffic.append((u, a))
     walked = walk(layout, packets)
     for me in range(ep):
-        got = layout.receive_splits(traffic, me)
-        assert [list(x) for x in got] == [walked[i][me] for i in range(3)], me
+        r2, r3 = layout.receive_splits(traffic, me)
+        assert r2 == walked[0][me][:layout.num_nodes] and sum(walked[0][me]) == sum(r2), me
+        assert r3 == walked[1][me][:per_node] and sum(walked[1][me]) == sum(r3), me
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -82,3 +78,32 @@ def test_config_checks():
     for bad in (dict(ep_ranks_per_node=-1), dict(ep_recv_budget=-1), dict(a2a_chunks=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ModelConfig(hidden_size=32, num_attention_heads=4, moe=MoEConfig(**bad)).validate()
+
+
+def test_one_path_interface_without_import_cycle():
+    """Flat, capacity-slot and two-level paths share one signature; the path modules never import the
+    dispatcher (which imports them), so none can reach into its private state."""
+    import inspect
+    from megatron_mhmoe.moe import dispatcher, padded_dispatch
+    sigs = {f.__module__: list(inspect.signature(f).parameters)
+            for f in (dispatcher.flat_dispatch_combine, padded_dispatch.dispatch_combine, two_level.dispatch_combine)}
+    assert len({tuple(v) for v in sigs.values()}) == 1, sigs
+    # Every module the path modules import, transitively (static: the import statements of the package).
+    import ast
+    import importlib.util
+    seen, todo = set(), ["megatron_mhmoe.moe.two_level", "megatron_mhmoe.moe.padded_dispatch"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = ast.parse(open(importlib.util.find_spec(name).origin).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("megatron_mhmoe"):
+                todo += [f"{node.module}.{a.name}" if importlib.util.find_spec(f"{node.module}.{a.name}") else node.module
+                         for a in node.names] if importlib.util.find_spec(node.module).submodule_search_locations \
+                    else [node.module]
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.startswith("megatron_mhmoe")]
+    assert "megatron_mhmoe.moe.dispatcher" not in seen, "a path module imports the dispatcher"
+    assert "megatron_mhmoe.moe.gate_combine" in seen  # the walk does follow the imports
