@@ -308,18 +308,19 @@ class Trainer:
             # (L, E) kept counts of the whole step (micro-batches and DP) for the global-batch MaxVio, and
             # (L, E) assignments before capacity for the aux-loss-free bias: one all-reduce for both.
             step_kept = metrics.step_kept_counts(stats, t.grad_accum_steps)
+            step_selections = None
             if step_kept is not None:
                 L = step_kept.shape[0]
                 both = torch.cat([step_kept, metrics.step_selection_counts(stats, t.grad_accum_steps)])
                 comm.all_reduce_(both, self.ctx.dp_group)
-                step_kept = both[:L]
+                step_kept, step_selections = both[:L], both[L:]
                 if not result.skipped:  # the bias moves with the applied steps only
                     for layer, counts in zip(moe_layers, both[L:]):
                         layer.update_bias(counts)
         loss, lm, aux, z, seq_aux, global_aux = sums.tolist()
         return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "seq_aux_loss": seq_aux,
                 "global_aux_loss": global_aux, "grad_norm": result.grad_norm, "skipped": result.skipped,
-                "moe_stats": stats, "step_kept": step_kept}
+                "moe_stats": stats, "step_kept": step_kept, "step_selections": step_selections}
 
     def evaluate(self) -> float:
         """Validation LM loss over eval_iters micro-batches; keeps the validation routing in val_routing."""
@@ -448,7 +449,7 @@ class Trainer:
         if biases:  # aux-loss-free balancing: how far the bias has moved (max |b_e| over layers and experts)
             m["moe/expert_bias_absmax"] = float(torch.stack(biases).abs().max())
         if r["moe_stats"]:
-            m.update(metrics.summarize(r["moe_stats"], self.threshold, r.get("step_kept")))
+            m.update(metrics.summarize(r["moe_stats"], self.threshold, r.get("step_kept"), r.get("step_selections")))
             for i, st in enumerate(r["moe_stats"][:len(r["moe_stats"]) // t.grad_accum_steps]):
                 kept = [int(n) for n in st.kept.tolist()]  # the step's first micro-batch, every expert
                 # Not under moe/: readers treat every moe/ value as one number (tests/reliability/test_numerics.py).

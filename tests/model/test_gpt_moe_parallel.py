@@ -177,16 +177,16 @@ def _reference(name: str) -> dict:
         if k in state:
             assert torch.equal(buf, state[k]), f"{name}: buffer {k} was not loaded"
     outs = [model(t, labels=l, loss_mask=m) for t, l, m in batches]  # one routing group per replica
-    # Global-batch loss by its formula, per MoE layer l: E * sum_e f_e P_e^r with f_e = first choices of e
-    # over ALL replicas / their sub-tokens (a constant) and P^r replica r's mean probabilities. One process
+    # Global-batch loss by its formula, per MoE layer l: E * sum_e f_e P_e^r with f_e = balance counts of e
+    # over ALL replicas / (choices x their sub-tokens) (a constant) and P^r replica r's mean probabilities. One process
     # routes the replicas one by one, so its own global_aux_loss only saw replica r: replace it.
     E, gcoef = cfg.moe.num_experts, cfg.moe.global_aux_loss_coef
     losses, globals_ = [], []
     for o in outs:
         g = o.z_loss.new_zeros(())
         for layer in range(len(o.moe_stats)):
-            top1 = sum(p.moe_stats[layer].top1.double() for p in outs)
-            S_all = sum(p.moe_stats[layer].num_sub_tokens for p in outs)
+            top1 = sum(p.moe_stats[layer].balance_counts.double() for p in outs)
+            S_all = sum(p.moe_stats[layer].num_sub_tokens for p in outs) * o.moe_stats[layer].balance_choices
             st = o.moe_stats[layer]
             g = g + E * ((top1 / S_all).float() * st.prob_sum / st.num_sub_tokens).sum()
         own = sum((st.global_aux_loss for st in o.moe_stats), o.z_loss.new_zeros(()))
