@@ -98,6 +98,15 @@ class MoEConfig:
     batch -- every DP replica and every gradient-accumulation micro-batch -- and mean_c = sum_e c_e / E.
     The same counts on every rank give the same bias on every rank. Scores: the softmax probabilities
     ('xmoe', 'softmax') or the sigmoid scores ('sigmoid'). 0 = off (no bias)."""
+    quantile_balancing: bool = False
+    """Quantile balancing (Kimi K3 report section 2.3.3; moe/quantile_balancing.py): the routing bias b (as
+    bias_update_rate's, choosing the top-k only) is SET after each applied optimizer step, from the global
+    batch (every DP replica and micro-batch), to the bias that would have given each expert k/E of its
+    sub-tokens: per expert the k/E quantile of c_t - s_{t,e} (c_t: sub-token t's (k+1)-th largest
+    selection score), read from a histogram of quantile_bins bins, then mean-centred. Excludes
+    bias_update_rate and route_group_limit; needs top_k < num_experts."""
+    quantile_bins: int = 1000
+    """Bins of quantile balancing's per-expert histograms over [min(b) - 1, max(b) + 1] (Kimi K3 Appendix D)."""
     z_loss_coef: float = 0.0
     """Coefficient of the router z-loss mean(logsumexp(logits)^2), summed over MoE layers. 0 = off."""
     activation_threshold: float = 0.5
@@ -261,6 +270,18 @@ def _validate_moe(moe: MoEConfig, hidden_size: int, num_layers: int) -> None:
     if not (math.isfinite(moe.bias_update_rate) and moe.bias_update_rate >= 0):
         raise ValueError(f"moe.bias_update_rate={moe.bias_update_rate} must be a finite number >= 0 (0 = off)")
     _validate_groups(moe)
+    if moe.quantile_balancing:
+        if moe.bias_update_rate > 0:
+            raise ValueError(f"moe.quantile_balancing=true and moe.bias_update_rate={moe.bias_update_rate} both set the "
+                             f"routing bias: turn one off (bias_update_rate=0 for quantile balancing)")
+        if moe.route_group_limit:
+            raise ValueError(f"moe.quantile_balancing=true with moe.route_group_limit={moe.route_group_limit}: the "
+                             f"quantile assumes every expert can take every sub-token; set route_group_limit=0")
+        if moe.top_k >= moe.num_experts:
+            raise ValueError(f"moe.quantile_balancing=true needs top_k < num_experts (the (k+1)-th score is the "
+                             f"cutoff); got top_k={moe.top_k}, num_experts={moe.num_experts}")
+        if moe.quantile_bins < 2:
+            raise ValueError(f"moe.quantile_bins={moe.quantile_bins} must be >= 2")
     if not (math.isfinite(moe.gate_scaling) and moe.gate_scaling > 0):
         raise ValueError(f"moe.gate_scaling={moe.gate_scaling} must be a finite number > 0")
     _choice("moe.expert_activation", moe.expert_activation, ("gelu", "swiglu"))

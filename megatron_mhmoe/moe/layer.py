@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from megatron_mhmoe.config import ModelConfig
 from megatron_mhmoe.moe import capacity as cap
+from megatron_mhmoe.moe.balancing import LayerBalance
 from megatron_mhmoe.moe.bias_balancing import ExpertBias
 from megatron_mhmoe.moe.dispatcher import MoEDispatcher
 from megatron_mhmoe.moe.experts import GroupedExperts
@@ -74,34 +75,15 @@ class MHMoELayer(nn.Module):
         for name, p in self.named_parameters():
             if not name.startswith("experts."):
                 mark_tp_partial(p)
-        self.expert_bias = ExpertBias(moe.num_experts) if moe.bias_update_rate > 0 else None
-        """Aux-loss-free balancing's bias (moe/bias_balancing.py); None when moe.bias_update_rate is 0."""
-        self.earlier_counts: torch.Tensor | None = None
-        """(E,) global-batch loss: balance counts of the step's earlier micro-batches (all DP replicas),
-        added by the trainer after each backward (not in forward, so that a checkpointed block recomputes the
-        same f^global); None = the step's first micro-batch."""
-        self.earlier_sub_tokens = 0
+        uses_bias = moe.bias_update_rate > 0 or moe.quantile_balancing
+        self.expert_bias = ExpertBias(moe.num_experts) if uses_bias else None
+        """The routing bias of aux-loss-free or quantile balancing (a buffer in the state dict); None without."""
+        self.balance = LayerBalance(moe, self.expert_bias)
+        """Balancing state that outlives a forward (moe/balancing.py; updated by MoEBalancing's hooks)."""
         self._init_local()
 
-    def reset_global_counts(self) -> None:
-        """Start of an optimizer step: forget the earlier micro-batches' counts."""
-        self.earlier_counts, self.earlier_sub_tokens = None, 0
-
-    def add_global_counts(self, stats: MoEStats) -> None:
-        """After a micro-batch's backward: its DP-wide counts join f^global of the step's later ones."""
-        if stats.global_balance_counts is None:
-            return
-        c = stats.global_balance_counts.detach()
-        self.earlier_counts = c if self.earlier_counts is None else self.earlier_counts + c
-        self.earlier_sub_tokens += stats.global_sub_tokens
-
     def _bias(self) -> torch.Tensor | None:
-        return self.expert_bias.value if self.expert_bias is not None else None
-
-    def update_bias(self, step_counts: torch.Tensor) -> None:
-        """After an applied optimizer step: (E,) the global batch's assignments per expert (all ranks equal)."""
-        if self.expert_bias is not None:
-            self.expert_bias.update(step_counts, self.moe.bias_update_rate)
+        return self.balance.bias_value()
 
     def _init_local(self) -> None:
         """Initialise from the same full tensors whatever TP/EP (the model re-inits with its own seed)."""
@@ -168,12 +150,16 @@ class MHMoELayer(nn.Module):
             head_local = torch.bincount(head * E + choice.experts.reshape(-1), minlength=h * E)
             # The balance counts ride on the same exchange (no extra collective with a bias or group limit).
             balance_local = torch.bincount(balance_ids.reshape(-1), minlength=E)
-            both = disp.replica_sum_stats(torch.cat([kept_local, div_local, groups_local, ranks_local, head_local,
-                                                     balance_local]))
+            parts = [kept_local, div_local, groups_local, ranks_local, head_local, balance_local]
+            if moe.quantile_balancing:  # an empty forward (or debug routing) bins nothing
+                hist = choice.required_bias_hist
+                parts.append(hist if hist is not None else kept_local.new_zeros(E * moe.quantile_bins))
+            both = disp.replica_sum_stats(torch.cat(parts))
             nd = div_local.numel()
             fan_g, fan_r = both[E + nd:E + 2 * nd], both[E + 2 * nd:E + 3 * nd]
             head_counts = both[E + 3 * nd:E + 3 * nd + h * E].view(h, E)
-            balance = both[E + 3 * nd + h * E:]  # (E,) over the replica
+            balance = both[E + 3 * nd + h * E:E + 3 * nd + h * E + E]  # (E,) over the replica
+            quantile_hist = both[E + 3 * nd + h * E + E:] if moe.quantile_balancing else None
         # No sub-tokens: the sums below are all zero, and 0 / 1 keeps the losses at 0 instead of 0 / 0 = NaN.
         per = max(S, 1)
         prob_sum = disp.replica_sum(choice.probs.sum(0))  # (E,) over the replica, differentiable
@@ -197,14 +183,17 @@ class MHMoELayer(nn.Module):
                 both_dp = torch.cat([balance.double(), balance.new_full((1,), S).double()])
                 both_dp = comm.all_reduce_(both_dp, self.ctx.dp_group)  # the replica's counts already span TP
                 global_counts, global_S = both_dp[:E], int(both_dp[E])
-                f_counts = global_counts if self.earlier_counts is None else global_counts + self.earlier_counts
-            global_aux = global_balance_loss(prob_sum, S, f_counts, global_S + self.earlier_sub_tokens, choices)
+                earlier = self.balance.earlier_counts
+                f_counts = global_counts if earlier is None else global_counts + earlier
+            global_aux = global_balance_loss(prob_sum, S, f_counts, global_S + self.balance.earlier_sub_tokens,
+                                             choices)
         return MoEStats(aux_loss=aux, z_loss=z, selections=counts_all.sum((0, 1)), kept=both[:E],
                         divergence=both[E:E + nd], num_tokens=num_tokens, num_sub_tokens=S,
                         seq_aux_loss=seq_aux, global_aux_loss=global_aux, prob_sum=prob_sum,
                         balance_counts=balance, balance_choices=choices,
                         global_balance_counts=global_counts, global_sub_tokens=global_S,
-                        head_counts=head_counts, fanout_groups=fan_g, fanout_ranks=fan_r)
+                        head_counts=head_counts, fanout_groups=fan_g, fanout_ranks=fan_r,
+                        quantile_hist=quantile_hist)
 
     # ------------------------------------------------------------------ slow reference (tests)
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,9 @@ class MoEStats:
     reach, before capacity: with groups = nodes, the nodes a token's traffic goes to."""
     fanout_ranks: Optional[torch.Tensor] = None
     """(h*k+1,) tokens by the number of distinct EP ranks their h*k choices reach (depends on the layout)."""
+    quantile_hist: Optional[torch.Tensor] = None
+    """(E x bins,) quantile balancing's required-bias histograms over the replica (moe/quantile_balancing.py);
+    None when MoEConfig.quantile_balancing is off."""
 
     @property
     def dropped(self) -> int:
@@ -123,7 +126,7 @@ def fanout_metrics(groups_hist: torch.Tensor, ranks_hist: torch.Tensor) -> dict:
             "fanout_ranks_mean": r_mean, "fanout_ranks_max": r_max}
 
 
-def _step_sum(stats: Sequence[MoEStats], micro_batches: int, field: str) -> torch.Tensor:
+def step_sum(stats: Sequence[MoEStats], micro_batches: int, field: str) -> torch.Tensor:
     """(L, E) per-expert counts `field` summed over a step's micro-batches (stats: L layers per micro-batch,
     in order)."""
     L = len(stats) // micro_batches
@@ -132,12 +135,12 @@ def _step_sum(stats: Sequence[MoEStats], micro_batches: int, field: str) -> torc
 
 def step_kept_counts(stats: Sequence[MoEStats], micro_batches: int) -> Optional[torch.Tensor]:
     """(L, E) kept counts summed over a step's micro-batches; None without MoE layers."""
-    return _step_sum(stats, micro_batches, "kept") if stats else None
+    return step_sum(stats, micro_batches, "kept") if stats else None
 
 
 def step_selection_counts(stats: Sequence[MoEStats], micro_batches: int) -> torch.Tensor:
     """(L, E) assignments before capacity summed over a step's micro-batches (the bias update's counts)."""
-    return _step_sum(stats, micro_batches, "selections")
+    return step_sum(stats, micro_batches, "selections")
 
 
 def head_shares(head_counts: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron_mhmoe.moe.quantile_balancing import required_bias_histogram
 from megatron_mhmoe.parallel.init import constant, normal, set_init
 
 
@@ -100,6 +101,9 @@ class TopK:
     """(S, k) the top-k of the unbiased scores over all experts (what the balance losses count, DeepSeek-V3
     Eq. 18) when it can differ from `experts` (a bias, a group limit or debug routing chose them); None =
     the same as `experts`."""
+    required_bias_hist: Optional[torch.Tensor] = None
+    """(E x bins,) int64 quantile balancing's histogram of this forward's sub-tokens (MoEConfig.quantile_balancing,
+    moe/quantile_balancing.py); None without it."""
 
 
 def top_k(logits: torch.Tensor, k: int) -> TopK:
@@ -168,7 +172,11 @@ def choose(logits: torch.Tensor, moe, first_index: int = 0, bias: torch.Tensor |
         if moe.route_group_limit:
             select = group_limited_scores(select, moe.route_groups, moe.route_group_limit, moe.num_heads, k)
         experts = select.topk(k, dim=-1).indices  # (S, k)
-    return _weigh(logits, scores, experts, moe, _unbiased_top_k(scores, k))
+        hist = required_bias_histogram(scores, select, k, bias, moe.quantile_bins) \
+            if moe.quantile_balancing and bias is not None else None
+    choice = _weigh(logits, scores, experts, moe, _unbiased_top_k(scores, k))
+    choice.required_bias_hist = hist
+    return choice
 
 
 def _unbiased_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -122,7 +122,7 @@ def test_losses_equal_megatron_core(gate, k, h, bias, M):
         rmap, scores = mu.compute_routing_scores_for_aux_loss(logits, k, score)
         glob = mu.switch_load_balancing_loss_func(scores, sum(counts) / len(counts), logits.shape[0], k, E, 1.0)
         torch.testing.assert_close(st.global_aux_loss.detach(), glob, rtol=1e-5, atol=1e-7)
-        layer.add_global_counts(st)
+        layer.balance.add_global_counts(st)
     c = counts[-1].double()
     assert c.max() > 1.5 * c.mean(), c  # uneven counts: the counting rule matters to the comparison
 
