@@ -20,7 +20,8 @@ class MoEConfig:
     num_experts: int = 8
     """E: experts per MoE layer (across all expert-parallel ranks)."""
     top_k: int = 2
-    """Experts chosen per sub-token; gate values are renormalised over the k when k > 1."""
+    """Experts chosen per sub-token; gate values are renormalised over the k when k > 1 (at k = 1 the gate is
+    the chosen probability or sigmoid score itself, times gate_scaling)."""
     num_heads: int = 4
     """h: sub-tokens per token. Must divide hidden_size; sub-token width is hidden_size / h."""
     head_projection: bool = True
@@ -43,8 +44,9 @@ class MoEConfig:
     gate: str = "xmoe"
     """Router: 'xmoe' (low-dim cosine routing, learnable temperature), 'softmax' (linear + softmax) or
     'sigmoid' (DeepSeek-V3: linear, scores s = sigmoid(logits) per expert, top-k on s, gates =
-    s_top / sum(s_top), also for k = 1; the balance loss's P_e is the mean of s_e / sum_e' s_e', the
-    z-loss is on logsumexp(logits) as for the others)."""
+    s_top / sum(s_top) for k > 1 and s_top at k = 1 (Megatron-core: the LM loss then reaches the router);
+    the balance loss's P_e is the mean of s_e / sum_e' s_e', the z-loss is on logsumexp(logits) as for the
+    others)."""
     gate_scaling: float = 1.0
     """Every gate's combine weights are multiplied by this (DeepSeek-V3's routed scaling factor, meant for
     'sigmoid', whose weights sum to 1). 1.0 = unscaled."""
@@ -59,28 +61,35 @@ class MoEConfig:
     (moe/fanout_groups_mean: distinct groups a token's h*k choices reach). 1 = one group."""
     route_group_limit: int = 0
     """M: token-level group-limited routing. Each token picks its M best groups from the combined scores of
-    its h sub-tokens -- a sub-token scores group g by the sum of its best min(k, E/G) selection scores in
-    g, a token by the sum of its sub-tokens' -- then each sub-token takes its top-k among the experts of
-    those M groups. With groups = nodes a token's traffic reaches at most M nodes. 0 = off (any expert)."""
+    its h sub-tokens -- a sub-token scores group g by the sum of its best max(1, k // M) selection scores
+    (scores + bias) in g (DeepSeek-V3 section 2.1.2, "the highest K_r/M", Megatron-core's topk // group_topk;
+    at k < M, where those give 0, a group's best score), a token by the sum of its sub-tokens' -- then
+    each sub-token takes its top-k among the experts of those M groups. At h = 1 this is DeepSeek-V3's
+    node-limited routing. With groups = nodes a token's traffic reaches at most M nodes. 0 = off."""
     capacity_factor: float = 0.0
     """Per-expert capacity = ceil(cf * k * S / E) sub-tokens; overflow is dropped. <= 0 means dropless."""
     moe_every: int = 2
     """Every moe_every-th layer (layers moe_every-1, 2*moe_every-1, ...) has an MoE FFN; others are dense."""
     aux_loss_coef: float = 0.01
     """Coefficient of the micro-batch load-balance loss E * sum_e f_e P_e, summed over MoE layers: over
-    the S = tokens*h sub-tokens of the routing group (the replica's micro-batch), f_e = sub-tokens whose
-    first choice is e / S, P_e = mean router probability of e over them."""
+    the S = tokens*h sub-tokens of the routing group (the replica's micro-batch), f_e = balance counts of e
+    / (k S) (balance_counting), P_e = mean router probability of e over them."""
+    balance_counting: str = "topk"
+    """What f_e of all three balance losses counts. 'topk' (DeepSeek-V3 Eq. 18, Megatron-core): the top-k of
+    each sub-token's UNBIASED scores over all experts (no bias, no group limit), all k choices, f divided by
+    k. 'first_choice' (GShard / Switch): the routed first choice (after bias and group limit), f divided by
+    1 -- this project's rule before issue 22. The same at k = 1 without a bias or group limit."""
     seq_aux_loss_coef: float = 0.0
     """Coefficient of DeepSeek-V3's sequence-wise balance loss (1/B) sum_b E * sum_e f_{b,e} P_{b,e}, summed
-    over MoE layers: per sequence b of the micro-batch, f_{b,e} = its sub-tokens (s*h per sequence) whose
-    first choice is e / (s*h), P_{b,e} = their mean router probability of e. Counted over the whole
+    over MoE layers: per sequence b of the micro-batch, f_{b,e} = balance counts of e over its s*h
+    sub-tokens / (k s h), P_{b,e} = their mean router probability of e. Counted over the whole
     sequence (all TP ranks of the replica, also with sequence parallelism). 0 = off."""
     global_aux_loss_coef: float = 0.0
     """Coefficient of the global-batch balance loss E * sum_e f_e^global P_e, summed over MoE layers. P_e:
     mean router probability over the routing group's (replica's) sub-tokens, as aux_loss_coef's, with the
-    gradient. f_e^global, a constant: first-choice counts of e per sub-token, counted over this micro-batch
-    on every DP replica (all-reduced) plus the step's earlier micro-batches (running counts, reset each
-    step; Megatron-core's approach), divided by those sub-tokens. 0 = off."""
+    gradient. f_e^global, a constant: balance counts of e, counted over this micro-batch on every DP
+    replica (all-reduced) plus the step's earlier micro-batches (running counts, reset each step;
+    Megatron-core's approach), divided by k x those sub-tokens. 0 = off."""
     bias_update_rate: float = 0.0
     """gamma of aux-loss-free balancing (DeepSeek-V3): a per-expert fp32 bias b (a buffer, not a parameter;
     outside the optimizer) is added to the routing scores for choosing the top-k only (gate weights use the
@@ -89,6 +98,15 @@ class MoEConfig:
     batch -- every DP replica and every gradient-accumulation micro-batch -- and mean_c = sum_e c_e / E.
     The same counts on every rank give the same bias on every rank. Scores: the softmax probabilities
     ('xmoe', 'softmax') or the sigmoid scores ('sigmoid'). 0 = off (no bias)."""
+    quantile_balancing: bool = False
+    """Quantile balancing (Kimi K3 report section 2.3.3; moe/quantile_balancing.py): the routing bias b (as
+    bias_update_rate's, choosing the top-k only) is SET after each applied optimizer step, from the global
+    batch (every DP replica and micro-batch), to the bias that would have given each expert k/E of its
+    sub-tokens: per expert the k/E quantile of c_t - s_{t,e} (c_t: sub-token t's (k+1)-th largest
+    selection score), read from a histogram of quantile_bins bins, then mean-centred. Excludes
+    bias_update_rate and route_group_limit; needs top_k < num_experts."""
+    quantile_bins: int = 1000
+    """Bins of quantile balancing's per-expert histograms over [min(b) - 1, max(b) + 1] (Kimi K3 Appendix D)."""
     z_loss_coef: float = 0.0
     """Coefficient of the router z-loss mean(logsumexp(logits)^2), summed over MoE layers. 0 = off."""
     activation_threshold: float = 0.5
@@ -250,6 +268,7 @@ def _validate_groups(moe: MoEConfig) -> None:
 def _validate_moe(moe: MoEConfig, hidden_size: int, num_layers: int) -> None:
     _choice("moe.gate", moe.gate, ("xmoe", "softmax", "sigmoid"))
     _choice("moe.debug_routing", moe.debug_routing, ("", "balanced", "skew"))
+    _choice("moe.balance_counting", moe.balance_counting, ("topk", "first_choice"))
     if moe.ep_ranks_per_node < 0 or moe.ep_recv_budget < 0:
         raise ValueError(f"moe.ep_ranks_per_node={moe.ep_ranks_per_node} (0 = LOCAL_WORLD_SIZE) and "
                          f"moe.ep_recv_budget={moe.ep_recv_budget} (0 = no budget) must be >= 0")
@@ -271,6 +290,18 @@ def _validate_moe(moe: MoEConfig, hidden_size: int, num_layers: int) -> None:
     if not (math.isfinite(moe.bias_update_rate) and moe.bias_update_rate >= 0):
         raise ValueError(f"moe.bias_update_rate={moe.bias_update_rate} must be a finite number >= 0 (0 = off)")
     _validate_groups(moe)
+    if moe.quantile_balancing:
+        if moe.bias_update_rate > 0:
+            raise ValueError(f"moe.quantile_balancing=true and moe.bias_update_rate={moe.bias_update_rate} both set the "
+                             f"routing bias: turn one off (bias_update_rate=0 for quantile balancing)")
+        if moe.route_group_limit:
+            raise ValueError(f"moe.quantile_balancing=true with moe.route_group_limit={moe.route_group_limit}: the "
+                             f"quantile assumes every expert can take every sub-token; set route_group_limit=0")
+        if moe.top_k >= moe.num_experts:
+            raise ValueError(f"moe.quantile_balancing=true needs top_k < num_experts (the (k+1)-th score is the "
+                             f"cutoff); got top_k={moe.top_k}, num_experts={moe.num_experts}")
+        if moe.quantile_bins < 2:
+            raise ValueError(f"moe.quantile_bins={moe.quantile_bins} must be >= 2")
     if not (math.isfinite(moe.gate_scaling) and moe.gate_scaling > 0):
         raise ValueError(f"moe.gate_scaling={moe.gate_scaling} must be a finite number > 0")
     _choice("moe.expert_activation", moe.expert_activation, ("gelu", "swiglu"))

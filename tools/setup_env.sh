@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${1:-.venv}"
 stamp="$venv/.mhmoe-installed"
-want="$(cat requirements.txt requirements-dev.txt requirements-eval.txt constraints/cpu.txt pyproject.toml | cksum)"
+want="$(cat requirements.txt requirements-dev.txt requirements-eval.txt requirements-nodeps.txt constraints/cpu.txt pyproject.toml | cksum)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -33,6 +33,8 @@ else
   "${pip[@]}" "${extra[@]}" -c constraints/cpu.txt torch
   "${pip[@]}" "${extra[@]}" -c constraints/cpu.txt -r requirements-dev.txt
 fi
+# Packages whose declared dependencies must not be taken (requirements-nodeps.txt says why).
+"${pip[@]}" "${extra[@]}" --no-deps -r requirements-nodeps.txt
 "${pip[@]}" --no-deps -e .
 "$venv/bin/python" - <<'PY'
 import torch, deepspeed  # noqa: F401  (fail here, not in the first test, if the install is broken)

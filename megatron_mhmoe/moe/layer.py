@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from megatron_mhmoe.config import ModelConfig
 from megatron_mhmoe.moe import capacity as cap
+from megatron_mhmoe.moe.balancing import LayerBalance
 from megatron_mhmoe.moe.bias_balancing import ExpertBias
 from megatron_mhmoe.moe.dispatcher import MoEDispatcher
 from megatron_mhmoe.moe.experts import GroupedExperts
@@ -74,34 +75,15 @@ class MHMoELayer(nn.Module):
         for name, p in self.named_parameters():
             if not name.startswith("experts."):
                 mark_tp_partial(p)
-        self.expert_bias = ExpertBias(moe.num_experts) if moe.bias_update_rate > 0 else None
-        """Aux-loss-free balancing's bias (moe/bias_balancing.py); None when moe.bias_update_rate is 0."""
-        self.earlier_top1: torch.Tensor | None = None
-        """(E,) global-batch loss: first-choice counts of the step's earlier micro-batches (all DP replicas),
-        added by the trainer after each backward (not in forward, so that a checkpointed block recomputes the
-        same f^global); None = the step's first micro-batch."""
-        self.earlier_sub_tokens = 0
+        uses_bias = moe.bias_update_rate > 0 or moe.quantile_balancing
+        self.expert_bias = ExpertBias(moe.num_experts) if uses_bias else None
+        """The routing bias of aux-loss-free or quantile balancing (a buffer in the state dict); None without."""
+        self.balance = LayerBalance(moe, self.expert_bias)
+        """Balancing state that outlives a forward (moe/balancing.py; updated by MoEBalancing's hooks)."""
         self._init_local()
 
-    def reset_global_counts(self) -> None:
-        """Start of an optimizer step: forget the earlier micro-batches' counts."""
-        self.earlier_top1, self.earlier_sub_tokens = None, 0
-
-    def add_global_counts(self, stats: MoEStats) -> None:
-        """After a micro-batch's backward: its DP-wide counts join f^global of the step's later ones."""
-        if stats.global_top1 is None:
-            return
-        c = stats.global_top1.detach()
-        self.earlier_top1 = c if self.earlier_top1 is None else self.earlier_top1 + c
-        self.earlier_sub_tokens += stats.global_sub_tokens
-
     def _bias(self) -> torch.Tensor | None:
-        return self.expert_bias.value if self.expert_bias is not None else None
-
-    def update_bias(self, step_counts: torch.Tensor) -> None:
-        """After an applied optimizer step: (E,) the global batch's assignments per expert (all ranks equal)."""
-        if self.expert_bias is not None:
-            self.expert_bias.update(step_counts, self.moe.bias_update_rate)
+        return self.balance.bias_value()
 
     def _init_local(self) -> None:
         """Initialise from the same full tensors whatever TP/EP (the model re-inits with its own seed)."""
@@ -142,35 +124,19 @@ class MHMoELayer(nn.Module):
         seq_len = shape[0] * tp_shards if self.ctx.sequence_parallel else shape[0]  # SP holds s/TP of each sequence
         return y, self._stats(rec, S, n * tp_shards, seq, shape[1], seq_len)
 
+    def _balance_choices(self, choice) -> tuple[torch.Tensor, int]:
+        """(S, c) the expert ids the balance losses count per sub-token, and c (what f divides by):
+        MoEConfig.balance_counting (moe/losses.py)."""
+        if self.moe.balance_counting == "first_choice":
+            return choice.experts[:, :1], 1
+        ids = choice.unbiased_experts if choice.unbiased_experts is not None else choice.experts
+        return ids, ids.shape[1]
+
     def _stats(self, rec: RoutingRecord, S: int, num_tokens: int, seq: torch.Tensor | None, num_seqs: int,
                seq_len: int) -> MoEStats:
         disp, moe, E, h = self.dispatcher, self.moe, self.moe.num_experts, self.moe.num_heads
         choice, counts_all, keep = rec.choice, rec.counts_all, rec.keep
-        # No sub-tokens: the sums below are all zero, and 0 / 1 keeps the losses at 0 instead of 0 / 0 = NaN.
-        per = max(S, 1)
-        prob_sum = disp.replica_sum(choice.probs.sum(0))  # (E,) over the replica, differentiable
-        top1 = counts_all[:, 0].sum(0)  # (E,)
-        aux = load_balance_loss(prob_sum, top1, per)
-        z = disp.replica_sum(choice.lse.square().sum()) / per  # ST-MoE z-loss: mean logsumexp(logits)^2, lse from top_k
-        zero = prob_sum.sum() * 0.0  # keeps a (zero) gradient path when a loss is off
-        seq_aux = global_aux = zero
-        global_top1, global_S = None, 0
-        if moe.seq_aux_loss_coef != 0.0:
-            # A sequence's tokens lie on every TP rank of the replica (TP share or SP shard): sum over TP.
-            sub_seq = seq.repeat_interleave(h) if seq is not None else choice.probs.new_zeros(0, dtype=torch.long)
-            p_seq = choice.probs.new_zeros(num_seqs, E).index_add(0, sub_seq, choice.probs)
-            with torch.no_grad():
-                c_seq = torch.zeros(num_seqs * E, dtype=torch.long, device=choice.probs.device)
-                c_seq.index_add_(0, sub_seq * E + choice.experts[:, 0], torch.ones_like(sub_seq))
-                c_seq = disp.replica_sum_stats(c_seq).view(num_seqs, E)
-            seq_aux = sequence_balance_loss(disp.replica_sum(p_seq), c_seq, seq_len * h)
-        if moe.global_aux_loss_coef != 0.0:
-            with torch.no_grad():
-                both = torch.cat([top1.double(), top1.new_full((1,), S).double()])
-                both = comm.all_reduce_(both, self.ctx.dp_group)  # the replica's counts already span TP
-                global_top1, global_S = both[:E], int(both[E])
-                f_counts = global_top1 if self.earlier_top1 is None else global_top1 + self.earlier_top1
-            global_aux = global_balance_loss(prob_sum, S, f_counts, global_S + self.earlier_sub_tokens)
+        balance_ids, choices = self._balance_choices(choice)  # (S_local, c)
         with torch.no_grad():
             e_flat = rec.flat_experts
             kept_local = torch.bincount(e_flat[keep] if keep is not None else e_flat, minlength=E)
@@ -182,14 +148,52 @@ class MHMoELayer(nn.Module):
             n_sub = choice.experts.shape[0]
             head = (torch.arange(n_sub, device=e_flat.device) % h).repeat_interleave(choice.experts.shape[1])
             head_local = torch.bincount(head * E + choice.experts.reshape(-1), minlength=h * E)
-            both = disp.replica_sum_stats(torch.cat([kept_local, div_local, groups_local, ranks_local, head_local]))
+            # The balance counts ride on the same exchange (no extra collective with a bias or group limit).
+            balance_local = torch.bincount(balance_ids.reshape(-1), minlength=E)
+            parts = [kept_local, div_local, groups_local, ranks_local, head_local, balance_local]
+            if moe.quantile_balancing:  # an empty forward (or debug routing) bins nothing
+                hist = choice.required_bias_hist
+                parts.append(hist if hist is not None else kept_local.new_zeros(E * moe.quantile_bins))
+            both = disp.replica_sum_stats(torch.cat(parts))
             nd = div_local.numel()
             fan_g, fan_r = both[E + nd:E + 2 * nd], both[E + 2 * nd:E + 3 * nd]
+            head_counts = both[E + 3 * nd:E + 3 * nd + h * E].view(h, E)
+            balance = both[E + 3 * nd + h * E:E + 3 * nd + h * E + E]  # (E,) over the replica
+            quantile_hist = both[E + 3 * nd + h * E + E:] if moe.quantile_balancing else None
+        # No sub-tokens: the sums below are all zero, and 0 / 1 keeps the losses at 0 instead of 0 / 0 = NaN.
+        per = max(S, 1)
+        prob_sum = disp.replica_sum(choice.probs.sum(0))  # (E,) over the replica, differentiable
+        aux = load_balance_loss(prob_sum, balance, per, choices)
+        z = disp.replica_sum(choice.lse.square().sum()) / per  # ST-MoE z-loss: mean logsumexp(logits)^2, lse from top_k
+        zero = prob_sum.sum() * 0.0  # keeps a (zero) gradient path when a loss is off
+        seq_aux = global_aux = zero
+        global_counts, global_S = None, 0
+        if moe.seq_aux_loss_coef != 0.0:
+            # A sequence's tokens lie on every TP rank of the replica (TP share or SP shard): sum over TP.
+            sub_seq = seq.repeat_interleave(h) if seq is not None else choice.probs.new_zeros(0, dtype=torch.long)
+            p_seq = choice.probs.new_zeros(num_seqs, E).index_add(0, sub_seq, choice.probs)
+            with torch.no_grad():
+                c_seq = torch.zeros(num_seqs * E, dtype=torch.long, device=choice.probs.device)
+                idx = (sub_seq[:, None] * E + balance_ids).reshape(-1)  # (S_local * c,)
+                c_seq.index_add_(0, idx, torch.ones_like(idx))
+                c_seq = disp.replica_sum_stats(c_seq).view(num_seqs, E)
+            seq_aux = sequence_balance_loss(disp.replica_sum(p_seq), c_seq, seq_len * h, choices)
+        if moe.global_aux_loss_coef != 0.0:
+            with torch.no_grad():
+                both_dp = torch.cat([balance.double(), balance.new_full((1,), S).double()])
+                both_dp = comm.all_reduce_(both_dp, self.ctx.dp_group)  # the replica's counts already span TP
+                global_counts, global_S = both_dp[:E], int(both_dp[E])
+                earlier = self.balance.earlier_counts
+                f_counts = global_counts if earlier is None else global_counts + earlier
+            global_aux = global_balance_loss(prob_sum, S, f_counts, global_S + self.balance.earlier_sub_tokens,
+                                             choices)
         return MoEStats(aux_loss=aux, z_loss=z, selections=counts_all.sum((0, 1)), kept=both[:E],
                         divergence=both[E:E + nd], num_tokens=num_tokens, num_sub_tokens=S,
-                        seq_aux_loss=seq_aux, global_aux_loss=global_aux, prob_sum=prob_sum, top1=top1,
-                        global_top1=global_top1, global_sub_tokens=global_S,
-                        head_counts=both[E + 3 * nd:].view(h, E), fanout_groups=fan_g, fanout_ranks=fan_r)
+                        seq_aux_loss=seq_aux, global_aux_loss=global_aux, prob_sum=prob_sum,
+                        balance_counts=balance, balance_choices=choices,
+                        global_balance_counts=global_counts, global_sub_tokens=global_S,
+                        head_counts=head_counts, fanout_groups=fan_g, fanout_ranks=fan_r,
+                        quantile_hist=quantile_hist)
 
     # ------------------------------------------------------------------ slow reference (tests)
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ class MoEStats:
     """Returned by one MoE layer's forward (replica-wide: summed over the TP ranks of a replica)."""
 
     aux_loss: torch.Tensor
-    """Load-balance loss E * sum f_e P_e (0-dim, differentiable)."""
+    """Load-balance loss E * sum f_e P_e (0-dim, differentiable; f from balance_counts, moe/losses.py)."""
     z_loss: torch.Tensor
     """Router z-loss mean(logsumexp(logits)^2) (0-dim, differentiable)."""
     selections: torch.Tensor
@@ -34,12 +34,15 @@ class MoEStats:
     """Global-batch balance loss E * sum f^global P (MoEConfig.global_aux_loss_coef; 0 when that is 0)."""
     prob_sum: Optional[torch.Tensor] = None
     """(E,) the replica's summed router probabilities (differentiable): P_e = prob_sum / num_sub_tokens."""
-    top1: Optional[torch.Tensor] = None
-    """(E,) the replica's sub-tokens whose first choice is e."""
-    global_top1: Optional[torch.Tensor] = None
-    """(E,) top1 summed over the DP group for this micro-batch (only with the global-batch loss on)."""
+    balance_counts: Optional[torch.Tensor] = None
+    """(E,) the replica's balance counts (MoEConfig.balance_counting): f_e = balance_counts_e /
+    (balance_choices x num_sub_tokens)."""
+    balance_choices: int = 1
+    """Choices counted per sub-token in balance_counts (k for 'topk', 1 for 'first_choice')."""
+    global_balance_counts: Optional[torch.Tensor] = None
+    """(E,) balance_counts summed over the DP group for this micro-batch (only with the global-batch loss on)."""
     global_sub_tokens: int = 0
-    """num_sub_tokens summed over the DP group (with global_top1)."""
+    """num_sub_tokens summed over the DP group (with global_balance_counts)."""
     head_counts: Optional[torch.Tensor] = None
     """(h, E) assignments (all k choices, before capacity) of sub-token j of every token ("head j") to e."""
     fanout_groups: Optional[torch.Tensor] = None
@@ -47,6 +50,9 @@ class MoEStats:
     reach, before capacity: with groups = nodes, the nodes a token's traffic goes to."""
     fanout_ranks: Optional[torch.Tensor] = None
     """(h*k+1,) tokens by the number of distinct EP ranks their h*k choices reach (depends on the layout)."""
+    quantile_hist: Optional[torch.Tensor] = None
+    """(E x bins,) quantile balancing's required-bias histograms over the replica (moe/quantile_balancing.py);
+    None when MoEConfig.quantile_balancing is off."""
 
     @property
     def dropped(self) -> int:
@@ -120,7 +126,7 @@ def fanout_metrics(groups_hist: torch.Tensor, ranks_hist: torch.Tensor) -> dict:
             "fanout_ranks_mean": r_mean, "fanout_ranks_max": r_max}
 
 
-def _step_sum(stats: Sequence[MoEStats], micro_batches: int, field: str) -> torch.Tensor:
+def step_sum(stats: Sequence[MoEStats], micro_batches: int, field: str) -> torch.Tensor:
     """(L, E) per-expert counts `field` summed over a step's micro-batches (stats: L layers per micro-batch,
     in order)."""
     L = len(stats) // micro_batches
@@ -129,12 +135,12 @@ def _step_sum(stats: Sequence[MoEStats], micro_batches: int, field: str) -> torc
 
 def step_kept_counts(stats: Sequence[MoEStats], micro_batches: int) -> Optional[torch.Tensor]:
     """(L, E) kept counts summed over a step's micro-batches; None without MoE layers."""
-    return _step_sum(stats, micro_batches, "kept") if stats else None
+    return step_sum(stats, micro_batches, "kept") if stats else None
 
 
 def step_selection_counts(stats: Sequence[MoEStats], micro_batches: int) -> torch.Tensor:
     """(L, E) assignments before capacity summed over a step's micro-batches (the bias update's counts)."""
-    return _step_sum(stats, micro_batches, "selections")
+    return step_sum(stats, micro_batches, "selections")
 
 
 def head_shares(head_counts: torch.Tensor) -> torch.Tensor:
@@ -164,11 +170,16 @@ def head_metrics(head_counts: torch.Tensor, threshold: float) -> dict:
             "mi_head_expert_bits": sum(mutual_information_bits(c) for c in head_counts) / head_counts.shape[0]}
 
 
-def summarize(stats: Sequence[MoEStats], threshold: float, step_kept: Optional[torch.Tensor] = None) -> dict:
+def summarize(stats: Sequence[MoEStats], threshold: float, step_kept: Optional[torch.Tensor] = None,
+              step_selections: Optional[torch.Tensor] = None) -> dict:
     """Scalars for logging, over the MoE layers of one step.
 
-    step_kept: (L, E) kept counts over the step's micro-batches and DP (moe/layer{i}/maxvio, moe/maxvio_global:
-    their mean over layers); moe/maxvio_micro is the mean over layers and micro-batches of each micro-batch's."""
+    MaxVio (DeepSeek-V3's loss-free balancing paper, Wang et al. 2024, arXiv 2408.15664: max load / mean load
+    - 1) is on the ROUTED load, all k choices before capacity -- what the bias and the losses balance.
+    step_selections: (L, E) those over the step's micro-batches and DP (moe/layer{i}/maxvio, moe/maxvio_global:
+    their mean over layers); moe/maxvio_micro is the mean over layers and micro-batches of each micro-batch's.
+    step_kept: (L, E) the counts kept after capacity over the step (moe/maxvio_kept_global: what the experts
+    actually processed; at most the routed figure's imbalance when capacity clips the crowded experts)."""
     if not stats:
         return {}
     selections = torch.stack([s.selections for s in stats])  # (L, E)
@@ -183,7 +194,7 @@ def summarize(stats: Sequence[MoEStats], threshold: float, step_kept: Optional[t
         "moe/divergence": mean_divergence(div),
         "moe/dropped_fraction": dropped / total if total else 0.0,
         "moe/max_share_x_uniform": float(shares.max() * shares.shape[-1]),
-        "moe/maxvio_micro": float(maxvio(torch.stack([s.kept for s in stats])).mean()),
+        "moe/maxvio_micro": float(maxvio(selections).mean()),
     }
     if stats[0].head_counts is not None:
         out.update({f"moe/{k}": v for k, v in head_metrics(torch.stack([s.head_counts for s in stats]),
@@ -191,10 +202,12 @@ def summarize(stats: Sequence[MoEStats], threshold: float, step_kept: Optional[t
     if stats[0].fanout_groups is not None:
         out.update({f"moe/{k}": v for k, v in fanout_metrics(torch.stack([s.fanout_groups for s in stats]),
                                                              torch.stack([s.fanout_ranks for s in stats])).items()})
-    if step_kept is not None:
-        vio = maxvio(step_kept)
+    if step_selections is not None:
+        vio = maxvio(step_selections)
         out["moe/maxvio_global"] = float(vio.mean())
         out.update({f"moe/layer{i}/maxvio": float(v) for i, v in enumerate(vio)})
+    if step_kept is not None:
+        out["moe/maxvio_kept_global"] = float(maxvio(step_kept).mean())
     return out
 
 
@@ -205,7 +218,8 @@ def routing_report(selections: torch.Tensor, divergence: torch.Tensor, threshold
 
     selections: (L, E) assignments per layer and expert; divergence: (L, h*k+1) tokens by number of
     distinct experts their sub-tokens reached; head_counts: (L, h, E) assignments of head j to expert e;
-    kept: (L, E) assignments processed after capacity, summed over the validation batches (MaxVio);
+    kept: (L, E) assignments processed after capacity, summed over the validation batches (maxvio_kept;
+    `maxvio` is on the routed selections);
     fanout_groups / fanout_ranks: (L, h*k+1) tokens by distinct expert groups / EP ranks reached.
     """
     shares = expert_shares(selections)  # (L, E)
@@ -221,10 +235,11 @@ def routing_report(selections: torch.Tensor, divergence: torch.Tensor, threshold
         "shares": [[float(v) for v in row] for row in shares],
         "divergence_hist": {"bins": list(range(hist.numel())), "counts": [int(v) for v in hist]},
     }
+    vio = maxvio(selections)  # the routed load (see summarize)
+    out["maxvio"] = float(vio.mean())
+    out["maxvio_per_layer"] = [float(v) for v in vio]
     if kept is not None:
-        vio = maxvio(kept)
-        out["maxvio"] = float(vio.mean())
-        out["maxvio_per_layer"] = [float(v) for v in vio]
+        out["maxvio_kept"] = float(maxvio(kept).mean())
     if fanout_groups is not None and fanout_ranks is not None:
         out.update(fanout_metrics(fanout_groups, fanout_ranks))
     if head_counts is not None:

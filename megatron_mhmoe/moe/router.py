@@ -6,11 +6,13 @@ cosine/temperature scores lose their ranking in bf16, and the balance loss multi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron_mhmoe.moe.quantile_balancing import required_bias_histogram
 from megatron_mhmoe.parallel.init import constant, normal, set_init
 
 
@@ -91,10 +93,17 @@ class TopK:
     experts: torch.Tensor
     """(S, k) chosen expert ids, best first."""
     gates: torch.Tensor
-    """(S, k) combine weights: the chosen probabilities, renormalised over the k when k > 1; sigmoid gate:
-    s_top / sum(s_top) (also for k = 1) times gate_scaling."""
+    """(S, k) combine weights: the chosen probabilities (softmax, X-MoE) or scores (sigmoid), renormalised
+    over the k when k > 1 (at k = 1 the raw probability / score), times gate_scaling."""
     lse: torch.Tensor
     """(S,) logsumexp of the logits (for the z-loss), from the top-1 choice in O(S) after a softmax."""
+    unbiased_experts: Optional[torch.Tensor] = None
+    """(S, k) the top-k of the unbiased scores over all experts (what the balance losses count, DeepSeek-V3
+    Eq. 18) when it can differ from `experts` (a bias, a group limit or debug routing chose them); None =
+    the same as `experts`."""
+    required_bias_hist: Optional[torch.Tensor] = None
+    """(E x bins,) int64 quantile balancing's histogram of this forward's sub-tokens (MoEConfig.quantile_balancing,
+    moe/quantile_balancing.py); None without it."""
 
 
 def top_k(logits: torch.Tensor, k: int) -> TopK:
@@ -110,7 +119,9 @@ def top_k(logits: torch.Tensor, k: int) -> TopK:
 
 
 def top_k_sigmoid(logits: torch.Tensor, k: int, scaling: float = 1.0) -> TopK:
-    """DeepSeek-V3 scoring: s = sigmoid(l), top-k on s, gates = s_top / sum(s_top) x scaling.
+    """DeepSeek-V3 scoring (Eqs. 15-16): s = sigmoid(l), top-k on s, gates = s_top / sum(s_top) x scaling
+    for k > 1 and s_top x scaling at k = 1 (Megatron-core's topk_routing_with_score_function: normalising
+    one score would make every gate the constant `scaling`, and the LM loss would not reach the router).
 
     The balance loss needs a distribution over experts: P is s / sum_e s (a sub-token's share of its own
     scores). The z-loss keeps penalising the logits' scale, logsumexp(l) as for the softmax gates; without
@@ -118,9 +129,14 @@ def top_k_sigmoid(logits: torch.Tensor, k: int, scaling: float = 1.0) -> TopK:
     """
     scores = torch.sigmoid(logits)  # (S, E)
     top_s, top_e = scores.topk(k, dim=-1)  # (S, k)
-    gates = _scaled(top_s / top_s.sum(dim=-1, keepdim=True), scaling)
+    gates = _scaled(_normalised(top_s), scaling)
     probs = scores / scores.sum(dim=-1, keepdim=True)
     return TopK(probs=probs, experts=top_e, gates=gates, lse=torch.logsumexp(logits, dim=-1))
+
+
+def _normalised(top: torch.Tensor) -> torch.Tensor:
+    """(S, k) chosen probabilities / scores -> renormalised over the k when k > 1, unchanged at k = 1."""
+    return top / top.sum(dim=-1, keepdim=True) if top.shape[1] > 1 else top
 
 
 def _scaled(gates: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -134,14 +150,16 @@ def choose(logits: torch.Tensor, moe, first_index: int = 0, bias: torch.Tensor |
     Which experts: the gate's own top-k, or with `bias` (aux-loss-free balancing, (E,) fp32) and/or
     `moe.route_group_limit` the top-k of the selection scores (scores + bias, limited to the token's
     groups: group_limited_scores), or with `moe.debug_routing` the debug choice (see debug_experts).
-    The gate weights always come from the unbiased scores of the chosen experts."""
+    The gate weights always come from the unbiased scores of the chosen experts; whenever the choice can
+    differ from the unbiased top-k, that top-k is kept too (TopK.unbiased_experts) for the balance losses."""
     k = moe.top_k
     if moe.debug_routing:
         experts = debug_experts(logits.shape[0], k, logits.shape[1], moe.debug_routing, moe.debug_skew_fraction,
                                 first_index, logits.device)
         # The router still runs (its cost stays in the timing) and still weighs the forced choice, so the
         # gradients and losses keep their usual form; only which experts is replaced.
-        return _weigh(logits, _scores(logits, moe), experts, moe)
+        scores = _scores(logits, moe)
+        return _weigh(logits, scores, experts, moe, _unbiased_top_k(scores, k))
     if bias is None and not moe.route_group_limit:
         if moe.gate == "sigmoid":
             return top_k_sigmoid(logits, k, moe.gate_scaling)
@@ -154,7 +172,16 @@ def choose(logits: torch.Tensor, moe, first_index: int = 0, bias: torch.Tensor |
         if moe.route_group_limit:
             select = group_limited_scores(select, moe.route_groups, moe.route_group_limit, moe.num_heads, k)
         experts = select.topk(k, dim=-1).indices  # (S, k)
-    return _weigh(logits, scores, experts, moe)
+        hist = required_bias_histogram(scores, select, k, bias, moe.quantile_bins) \
+            if moe.quantile_balancing and bias is not None else None
+    choice = _weigh(logits, scores, experts, moe, _unbiased_top_k(scores, k))
+    choice.required_bias_hist = hist
+    return choice
+
+
+def _unbiased_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    with torch.no_grad():
+        return scores.topk(k, dim=-1).indices  # (S, k)
 
 
 def _scores(logits: torch.Tensor, moe) -> torch.Tensor:
@@ -162,25 +189,28 @@ def _scores(logits: torch.Tensor, moe) -> torch.Tensor:
     return torch.sigmoid(logits) if moe.gate == "sigmoid" else torch.softmax(logits, dim=-1)
 
 
-def _weigh(logits: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor, moe) -> TopK:
-    """Probabilities, gates and lse for experts chosen by something other than the scores' own top-k."""
+def _weigh(logits: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor, moe,
+           unbiased_experts: torch.Tensor) -> TopK:
+    """Probabilities, gates and lse for experts chosen by something other than the scores' own top-k.
+
+    Softmax with a group limit and k > 1 renormalises the chosen probabilities over the k, as Megatron-core
+    does by default (the softmax of the chosen logits); it keeps them unnormalised only with its
+    moe_router_pre_softmax, which this project does not offer at k > 1."""
     top = scores.gather(1, experts)  # (S, k)
-    if moe.gate == "sigmoid":
-        probs = scores / scores.sum(dim=-1, keepdim=True)
-        gates = top / top.sum(dim=-1, keepdim=True)
-    else:
-        probs = scores
-        gates = top / top.sum(dim=-1, keepdim=True) if experts.shape[1] > 1 else top
+    probs = scores / scores.sum(dim=-1, keepdim=True) if moe.gate == "sigmoid" else scores
     # The chosen expert may have a tiny probability: l_e - log p_e would be ill-conditioned there.
-    return TopK(probs=probs, experts=experts, gates=_scaled(gates, moe.gate_scaling),
-                lse=torch.logsumexp(logits, dim=-1))
+    return TopK(probs=probs, experts=experts, gates=_scaled(_normalised(top), moe.gate_scaling),
+                lse=torch.logsumexp(logits, dim=-1), unbiased_experts=unbiased_experts)
 
 
 def group_limited_scores(select: torch.Tensor, groups: int, limit: int, heads: int, k: int) -> torch.Tensor:
     """(S, E) selection scores of S = n*h token-major sub-tokens -> the same with every expert outside its
     token's `limit` best groups set to -inf, so that a top-k of the result stays inside those groups.
 
-    1. A sub-token scores group g by the sum of its best min(k, E/G) scores inside g.
+    1. A sub-token scores group g by the sum of its best n = max(1, k // M) scores inside g (DeepSeek-V3
+       section 2.1.2: "the sum of the highest K_r/M affinity scores"; Megatron-core's group_limited_topk:
+       topk // group_topk). At k < M Megatron-core's k // M = 0 scores every group 0 (the groups are then
+       picked by index); here n = 1, a group's best score.
     2. A token scores g by the sum over its h sub-tokens: the groups are chosen per token, not per sub-token,
        so that all of a token's sub-tokens (and its traffic) go to the same M groups.
     3. The token's M best groups stay; the other groups' experts get -inf.
@@ -188,8 +218,8 @@ def group_limited_scores(select: torch.Tensor, groups: int, limit: int, heads: i
     S, E = select.shape
     per = E // groups
     n = S // heads
-    # 1.
-    sub_group = select.view(S, groups, per).topk(min(k, per), dim=-1).values.sum(-1)  # (S, G)
+    # 1. (validation guarantees n <= E/G: M groups of E/G must hold k experts)
+    sub_group = select.view(S, groups, per).topk(group_score_size(k, limit), dim=-1).values.sum(-1)  # (S, G)
     # 2.
     token_group = sub_group.view(n, heads, groups).sum(1)  # (n, G)
     # 3.
@@ -197,6 +227,11 @@ def group_limited_scores(select: torch.Tensor, groups: int, limit: int, heads: i
     allowed = torch.zeros(n, groups, dtype=torch.bool, device=select.device).scatter_(1, best, True)  # (n, G)
     allowed = allowed.repeat_interleave(heads, 0).repeat_interleave(per, 1)  # (S, E)
     return select.masked_fill(~allowed, float("-inf"))
+
+
+def group_score_size(k: int, limit: int) -> int:
+    """How many of a sub-token's best scores in a group make the group's score: max(1, k // M)."""
+    return max(1, k // limit)
 
 
 def group_limited_reference(select: torch.Tensor, groups: int, limit: int, heads: int, k: int) -> torch.Tensor:
@@ -211,7 +246,7 @@ def group_limited_reference(select: torch.Tensor, groups: int, limit: int, heads
             total = 0.0
             for i in rows:
                 total += sum(sorted((float(select[i, e]) for e in range(g * per, (g + 1) * per)),
-                                    reverse=True)[:min(k, per)])
+                                    reverse=True)[:max(1, k // limit)])
             score.append(total)
         chosen = sorted(range(groups), key=lambda g: -score[g])[:limit]
         pool = [e for g in sorted(chosen) for e in range(g * per, (g + 1) * per)]

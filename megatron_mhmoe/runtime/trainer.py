@@ -29,6 +29,7 @@ from megatron_mhmoe.data.indexed import write_json_atomic
 from megatron_mhmoe.data.tokenizer import build_tokenizer
 from megatron_mhmoe.model.gpt import GPTModel
 from megatron_mhmoe.moe import metrics, sizing
+from megatron_mhmoe.moe.balancing import MoEBalancing
 from megatron_mhmoe.parallel import comm
 from megatron_mhmoe.parallel.context import ParallelContext
 from megatron_mhmoe.parallel.host_tensor import as_host, host_tensor_guard, plain
@@ -124,6 +125,7 @@ class Trainer:
         """The parts train_step needs: enough for tests that drive train_step with their own batches."""
         self.ctx, self.engine, self.module = ctx, engine, engine.module
         self.dispatchers = [m.dispatcher for m in self.module.modules() if hasattr(m, "dispatcher")]
+        self.balancing = MoEBalancing(self.module, ctx)
 
     def _prepared_builtin_data(self) -> tuple[str, str]:
         data_dir = os.path.join(os.path.dirname(os.path.abspath(self.cfg.run_dir)), "builtin_data")
@@ -294,9 +296,7 @@ class Trainer:
         with host_tensor_guard(self.device_guard):
             sums = torch.zeros(6, dtype=torch.float64, device=eng.device)  # loss, lm, aux, z, seq aux, global aux
             stats = []
-            moe_layers = [m for m in self.module.modules() if hasattr(m, "reset_global_counts")]
-            for layer in moe_layers:
-                layer.reset_global_counts()
+            self.balancing.begin_step()
             for micro in range(t.grad_accum_steps):
                 b = eng.to_device(next(batches))
                 out = eng(b["tokens"], labels=b["labels"], loss_mask=b["loss_mask"])
@@ -310,25 +310,15 @@ class Trainer:
                                      sum((st.global_aux_loss.detach() for st in out.moe_stats), zero)]
                                     ).to(torch.float64)
                 stats.extend(out.moe_stats)
-                for layer, st in zip(moe_layers, out.moe_stats):  # after backward: f^global of later micro-batches
-                    layer.add_global_counts(st)
+                self.balancing.after_backward(out.moe_stats)
             result = eng.step()
             sums = self._reduce_mean_over_dp(sums / t.grad_accum_steps)
-            # (L, E) kept counts of the whole step (micro-batches and DP) for the global-batch MaxVio, and
-            # (L, E) assignments before capacity for the aux-loss-free bias: one all-reduce for both.
-            step_kept = metrics.step_kept_counts(stats, t.grad_accum_steps)
-            if step_kept is not None:
-                L = step_kept.shape[0]
-                both = torch.cat([step_kept, metrics.step_selection_counts(stats, t.grad_accum_steps)])
-                comm.all_reduce_(both, self.ctx.dp_group)
-                step_kept = both[:L]
-                if not result.skipped:  # the bias moves with the applied steps only
-                    for layer, counts in zip(moe_layers, both[L:]):
-                        layer.update_bias(counts)
+            # The step's routed and kept counts (and the balancing biases' update): one all-reduce.
+            routing = self.balancing.after_step(stats, t.grad_accum_steps, applied=not result.skipped)
         loss, lm, aux, z, seq_aux, global_aux = sums.tolist()
         return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "seq_aux_loss": seq_aux,
                 "global_aux_loss": global_aux, "grad_norm": result.grad_norm, "skipped": result.skipped,
-                "moe_stats": stats, "step_kept": step_kept}
+                "moe_stats": stats, **routing}
 
     def evaluate(self) -> float:
         """Validation LM loss over eval_iters micro-batches; keeps the validation routing in val_routing."""
@@ -453,11 +443,9 @@ class Trainer:
              "step_time_s": elapsed / max(window.steps, 1), "all_to_all_s": a2a / max(window.steps, 1),
              "tflops": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
              "consumed_samples": self.consumed, "skipped_steps": eng.skipped_steps}
-        biases = [l.expert_bias.value for l in self.module.modules() if getattr(l, "expert_bias", None) is not None]
-        if biases:  # aux-loss-free balancing: how far the bias has moved (max |b_e| over layers and experts)
-            m["moe/expert_bias_absmax"] = float(torch.stack(biases).abs().max())
+        m.update(self.balancing.metrics())
         if r["moe_stats"]:
-            m.update(metrics.summarize(r["moe_stats"], self.threshold, r.get("step_kept")))
+            m.update(metrics.summarize(r["moe_stats"], self.threshold, r.get("step_kept"), r.get("step_selections")))
             for i, st in enumerate(r["moe_stats"][:len(r["moe_stats"]) // t.grad_accum_steps]):
                 kept = [int(n) for n in st.kept.tolist()]  # the step's first micro-batch, every expert
                 # Not under moe/: readers treat every moe/ value as one number (tests/reliability/test_numerics.py).

@@ -120,3 +120,13 @@ def test_other_pins_agree_with_the_floor():
         assert tuple(int(p) for p in m.group(1).split(".")) == floor, "pyproject.toml's torch floor differs"
     pin = re.search(r"^torch==([0-9]+)\.([0-9]+)", read("constraints/cpu.txt"), re.M)
     assert pin and (int(pin.group(1)), int(pin.group(2))) >= floor[:2], "constraints/cpu.txt pins a torch below the floor"
+
+
+def test_nodeps_requirements_are_installed_without_their_dependencies():
+    """megatron-core (the routing oracle) asks for torch>=2.6, above the floor: setup_env.sh installs
+    requirements-nodeps.txt with --no-deps, and its checksum covers the file (a change reinstalls)."""
+    script = read("tools/setup_env.sh")
+    assert re.search(r"--no-deps -r requirements-nodeps\.txt", script)
+    assert "requirements-nodeps.txt" in script.split("cksum")[0]
+    assert re.search(r"^megatron-core==[0-9.]+$", read("requirements-nodeps.txt"), re.M)
+    assert "requirements-nodeps.txt" in read("requirements-dev.txt")

@@ -18,8 +18,9 @@ writes it out from the replicas' counts and probabilities (see _reference). Comp
 At least one capacity case must actually drop tokens, or the capacity comparison proved nothing.
 
 The routing options run here too: sigmoid scores, debug skew routing, the sequence-wise and global-batch
-losses, the aux-loss-free bias (a random bias in the state) and token-level group-limited routing, whose
-per-token group fan-out histograms must also be identical. Shared experts (replicated over EP, gradients
+losses, the aux-loss-free bias (a random bias in the state), token-level group-limited routing, whose
+per-token group fan-out histograms must also be identical, and quantile balancing, whose required-bias
+histograms (what sets the next bias) must be identical. Shared experts (replicated over EP, gradients
 summed over TP like the router's) run at TP=2 x EP=2 with SP and at EP=4.
 
 Weights are randomised away from their init (biases non-zero, norm weights != 1, gate temperature moved)
@@ -85,6 +86,14 @@ CASES = {
                                                                           bias_update_rate=0.001))),
     "w4_tp2_ep4_cf1_groups_bias": (4, 2, 4, False, 1.0, dict(num_layers=4, moe=dict(
         route_groups=2, route_group_limit=1, bias_update_rate=0.001, gate="sigmoid"))),
+    # Quantile balancing (a random bias in the state as above): the required-bias histograms of each replica,
+    # summed over its TP ranks, equal the single process's exactly, so the step's new bias does too.
+    "w4_tp2_ep2_sp_cf1_quantile": (4, 2, 2, True, 1.0, dict(moe=dict(aux_loss_coef=0.0, quantile_balancing=True,
+                                                                      quantile_bins=64))),
+    "w4_tp1_ep4_cf1_quantile": (4, 1, 4, False, 1.0, dict(moe=dict(quantile_balancing=True, quantile_bins=64,
+                                                                   gate="sigmoid"))),
+    "w4_tp2_ep4_cf1_quantile": (4, 2, 4, False, 1.0, dict(moe=dict(aux_loss_coef=0.0, quantile_balancing=True,
+                                                                   quantile_bins=64))),
     "w2_tp2_ep2_sp_cf1": (2, 2, 2, True, 1.0, dict(num_layers=4, tie_embeddings=False)),
     "w2_tp1_ep2_cf1": (2, 1, 2, False, 1.0, dict(norm="rmsnorm")),
     # shared experts (one on every sub-token, replicated over EP, TP-partial grads like the router's)
@@ -143,6 +152,7 @@ def _summary(out, loss=None, global_aux=None) -> dict:
                 dropped=sum(st.dropped for st in out.moe_stats),
                 kept=[st.kept.clone() for st in out.moe_stats],
                 fanout=[st.fanout_groups.clone() for st in out.moe_stats],
+                quantile_hist=[st.quantile_hist.clone() for st in out.moe_stats if st.quantile_hist is not None],
                 num_moe_layers=len(out.moe_stats))
 
 
@@ -177,16 +187,16 @@ def _reference(name: str) -> dict:
         if k in state:
             assert torch.equal(buf, state[k]), f"{name}: buffer {k} was not loaded"
     outs = [model(t, labels=l, loss_mask=m) for t, l, m in batches]  # one routing group per replica
-    # Global-batch loss by its formula, per MoE layer l: E * sum_e f_e P_e^r with f_e = first choices of e
-    # over ALL replicas / their sub-tokens (a constant) and P^r replica r's mean probabilities. One process
+    # Global-batch loss by its formula, per MoE layer l: E * sum_e f_e P_e^r with f_e = balance counts of e
+    # over ALL replicas / (choices x their sub-tokens) (a constant) and P^r replica r's mean probabilities. One process
     # routes the replicas one by one, so its own global_aux_loss only saw replica r: replace it.
     E, gcoef = cfg.moe.num_experts, cfg.moe.global_aux_loss_coef
     losses, globals_ = [], []
     for o in outs:
         g = o.z_loss.new_zeros(())
         for layer in range(len(o.moe_stats)):
-            top1 = sum(p.moe_stats[layer].top1.double() for p in outs)
-            S_all = sum(p.moe_stats[layer].num_sub_tokens for p in outs)
+            top1 = sum(p.moe_stats[layer].balance_counts.double() for p in outs)
+            S_all = sum(p.moe_stats[layer].num_sub_tokens for p in outs) * o.moe_stats[layer].balance_choices
             st = o.moe_stats[layer]
             g = g + E * ((top1 / S_all).float() * st.prob_sum / st.num_sub_tokens).sum()
         own = sum((st.global_aux_loss for st in o.moe_stats), o.z_loss.new_zeros(()))
@@ -241,6 +251,10 @@ def _check(results: dict, name: str) -> None:
         assert r["dropped"] == rr["dropped"], f"{where}: dropped {r['dropped']} != reference {rr['dropped']}"
         for i, (kp, kr) in enumerate(zip(r["kept"], rr["kept"])):
             assert torch.equal(kp, kr), f"{where}: MoE layer {i} kept {kp.tolist()} != {kr.tolist()}"
+        assert len(r["quantile_hist"]) == len(rr["quantile_hist"]), where
+        for i, (hp, hr) in enumerate(zip(r["quantile_hist"], rr["quantile_hist"])):
+            assert torch.equal(hp, hr), f"{where}: MoE layer {i} quantile histogram differs"
+            assert int(hr.sum()) == BATCH * SEQ * ref["cfg"].moe.num_heads * ref["cfg"].moe.num_experts, where
         for i, (fp, fr) in enumerate(zip(r["fanout"], rr["fanout"])):
             assert torch.equal(fp, fr), f"{where}: MoE layer {i} group fan-out {fp.tolist()} != {fr.tolist()}"
         for k in LOSSES:

@@ -1,9 +1,10 @@
 """The sequence-wise and global-batch balance losses against their formulas.
 
-Sequence-wise (DeepSeek-V3): (1/B) sum_b E * sum_e f_{b,e} P_{b,e}, per sequence b of the micro-batch,
-f_{b,e} = share of its s*h sub-tokens whose FIRST choice is e, P_{b,e} their mean probability of e.
-Global-batch: E * sum_e f_e^global P_e, P over this micro-batch's routing group (the gradient), f^global a
-constant from the first-choice counts of this micro-batch and the step's earlier ones (running counts).
+Sequence-wise (DeepSeek-V3 Eqs. 17-20): (1/B) sum_b E * sum_e f_{b,e} P_{b,e}, per sequence b of the
+micro-batch, f_{b,e} = its s*h sub-tokens' top-k choices of e / (k s h) (all k counted, Eq. 18), P_{b,e}
+their mean probability of e. Global-batch: E * sum_e f_e^global P_e, P over this micro-batch's routing group
+(the gradient), f^global a constant from the top-k counts of this micro-batch and the step's earlier ones
+(running counts) / k.
 Formulas are written out here: on hand-built numbers, and from the router's own probabilities through the
 layer (values and router gradients). Each layer check also asserts the wrong grouping lands far away.
 """
@@ -17,7 +18,8 @@ from megatron_mhmoe.model.gpt import GPTModel
 from megatron_mhmoe.moe.layer import MHMoELayer
 from megatron_mhmoe.moe.losses import global_balance_loss, load_balance_loss, sequence_balance_loss
 from megatron_mhmoe.parallel.context import ParallelContext
-from tests.moe.stub_trainer import stub_trainer, token_batches
+from megatron_mhmoe.moe.balancing import MoEBalancing
+from tests.moe.test_bias_balancing import run_step, token_batches
 
 SP = ParallelContext.single_process()
 E, K, H, D = 6, 2, 4, 32
@@ -71,11 +73,11 @@ def test_sequence_loss_equals_its_formula_value_and_gradient():
     _, st = layer(x)
     p = probs_by_hand(layer, x)  # (s*b*h, E); row (t*h + j) is token t = s_i*B + b
     seq = (torch.arange(S_LEN * B) % B).repeat_interleave(H)
-    first = p.argmax(-1)
+    chosen = p.topk(K, -1).indices  # (s*b*h, k)
     expected = 0.0
     for b in range(B):
-        pb, fb = p[seq == b], first[seq == b]
-        f = torch.bincount(fb, minlength=E).double() / pb.shape[0]
+        pb, fb = p[seq == b], chosen[seq == b]
+        f = torch.bincount(fb.reshape(-1), minlength=E).double() / (K * pb.shape[0])
         expected = expected + E * (f * pb.double().mean(0)).sum()
     expected = expected / B
     assert float(st.seq_aux_loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
@@ -92,18 +94,18 @@ def test_global_loss_uses_the_running_counts_of_the_step():
     p1 = probs_by_hand(layer, x1)
     # First micro-batch: f^global is its own counts, so the loss is the micro-batch loss.
     assert float(st1.global_aux_loss.detach()) == pytest.approx(float(st1.aux_loss.detach()), rel=1e-6)
-    layer.add_global_counts(st1)
+    layer.balance.add_global_counts(st1)
     _, st2 = layer(x2)
     p2 = probs_by_hand(layer, x2)
-    counts = torch.bincount(p1.argmax(-1), minlength=E) + torch.bincount(p2.argmax(-1), minlength=E)
-    f = counts.double() / (p1.shape[0] + p2.shape[0])  # constant: no gradient through it
+    counts = sum(torch.bincount(p.topk(K, -1).indices.reshape(-1), minlength=E) for p in (p1, p2))
+    f = counts.double() / (K * (p1.shape[0] + p2.shape[0]))  # constant: no gradient through it
     expected = E * (f * p2.double().mean(0)).sum()
     assert float(st2.global_aux_loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
     assert abs(float(st2.aux_loss.detach()) - float(expected.detach())) > 1e-3  # the earlier micro-batch's counts matter
     g, g_ref = router_grad(st2.global_aux_loss, layer), router_grad(expected.float(), layer)
     assert torch.allclose(g, g_ref, rtol=1e-5, atol=1e-8), float((g - g_ref).norm())
     # A new step forgets them.
-    layer.reset_global_counts()
+    layer.balance.begin_step()
     _, st3 = layer(x2)
     assert float(st3.global_aux_loss.detach()) == pytest.approx(float(st3.aux_loss.detach()), rel=1e-6)
 
@@ -133,28 +135,26 @@ def test_empty_input_gives_zero_losses_with_a_gradient():
             assert float(loss.detach()) == 0.0 and loss.requires_grad
 
 
-def test_train_step_runs_the_counts_over_its_micro_batches_and_resets_them():
-    """Trainer.train_step: micro-batch 2's global loss uses micro-batches 1 + 2's counts, the next step
-    starts afresh, and the step's kept counts (global MaxVio) are the micro-batches' sum."""
+def test_step_hooks_run_the_counts_over_the_micro_batches_and_reset_them():
+    """MoEBalancing's hooks in the trainer's order: micro-batch 2's global loss uses micro-batches 1 + 2's
+    counts, the next step starts afresh, and the step's kept counts (MaxVio of the kept load) are the
+    micro-batches' sum."""
     moe = MoEConfig(num_experts=4, top_k=2, num_heads=2, expert_hidden_size=16, moe_every=1,
                     global_aux_loss_coef=0.1, gate="softmax")
     cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_attention_heads=4, ffn_hidden_size=64,
                       max_seq_len=16, dropout=0.0, moe=moe)
     model = GPTModel(cfg, SP)
-    tr, outs = stub_trainer(model, grad_accum=2)
-    batches = token_batches(64, 4)
-    r = tr.train_step(batches)
+    balancing = MoEBalancing(model, SP)
+    outs, r = run_step(model, balancing, token_batches(64, 2))
     st1, st2 = outs[0].moe_stats[0], outs[1].moe_stats[0]
-    f = (st1.top1 + st2.top1).double() / (st1.num_sub_tokens + st2.num_sub_tokens)
+    f = (st1.balance_counts + st2.balance_counts).double() / (2 * (st1.num_sub_tokens + st2.num_sub_tokens))
     expected = moe.num_experts * (f * st2.prob_sum.detach().double() / st2.num_sub_tokens).sum()
     assert float(st2.global_aux_loss.detach()) == pytest.approx(float(expected), rel=1e-6)
     assert abs(float(st2.global_aux_loss.detach()) - float(st2.aux_loss.detach())) > 1e-4
     assert torch.equal(r["step_kept"][0], (st1.kept + st2.kept).double())
-    assert r["global_aux_loss"] == pytest.approx(float((st1.global_aux_loss + st2.global_aux_loss).detach()) / 2)
-    tr.train_step(batches)
-    st3 = outs[2].moe_stats[0]
+    outs, _ = run_step(model, balancing, token_batches(64, 1, seed=3))
+    st3 = outs[0].moe_stats[0]
     assert float(st3.global_aux_loss.detach()) == pytest.approx(float(st3.aux_loss.detach()), rel=1e-6)
-
 
 
 def test_checkpointed_blocks_recompute_the_same_global_and_sequence_gradients():
@@ -171,7 +171,7 @@ def test_checkpointed_blocks_recompute_the_same_global_and_sequence_gradients():
         model.activation_checkpointing = ckpt
         for m in model.modules():
             if isinstance(m, MHMoELayer):
-                m.earlier_top1, m.earlier_sub_tokens = torch.tensor([40.0, 0.0, 0.0, 24.0]), 64
+                m.balance.earlier_counts, m.balance.earlier_sub_tokens = torch.tensor([40.0, 0.0, 0.0, 24.0]), 64
         model(tokens, labels=tokens).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()

@@ -1,7 +1,8 @@
 """Aux-loss-free balancing (moe/bias_balancing.py): the update rule b_e += gamma * sign(mean_c - c_e) on
 hand-built counts, the bias choosing the experts but not weighing them, the buffer staying fp32, the
 trainer updating it once per applied step from all micro-batches' counts, and the rule actually balancing
-a skewed router. Rank identity, resume and reshard: tests/reliability/test_reshard.py; parallel
+a skewed router. MoEBalancing's hooks are driven here in the trainer's order (run_step). Rank identity,
+resume and reshard: tests/reliability/test_reshard.py; parallel
 equivalence with a bias: tests/model/test_gpt_moe_parallel.py."""
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from megatron_mhmoe.moe.layer import MHMoELayer
 from megatron_mhmoe.moe.metrics import maxvio
 from megatron_mhmoe.moe.router import choose
 from megatron_mhmoe.parallel.context import ParallelContext
-from tests.moe.stub_trainer import stub_trainer, token_batches
+from megatron_mhmoe.moe.balancing import MoEBalancing
 
 SP = ParallelContext.single_process()
 GAMMA = 0.01
@@ -69,7 +70,26 @@ def test_bias_is_an_fp32_buffer_outside_the_optimizer_and_in_the_state_dict():
     assert layer_of(rate=0.0).expert_bias is None and "expert_bias.value" not in layer_of(rate=0.0).state_dict()
 
 
-def test_train_step_updates_the_bias_once_from_all_micro_batches_counts():
+def token_batches(vocab: int, n: int, batch: int = 2, seq: int = 16, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(n)]
+
+
+def run_step(model, balancing: MoEBalancing, batches, applied: bool = True) -> tuple[list, dict]:
+    """One optimizer step's worth of MoEBalancing hooks, in the order Trainer.train_step calls them (no
+    optimizer: the hooks do not depend on one). Returns the micro-batches' outputs and after_step's result."""
+    outs, stats = [], []
+    balancing.begin_step()
+    for tokens in batches:
+        out = model(tokens, labels=tokens)
+        out.loss.backward()
+        balancing.after_backward(out.moe_stats)
+        outs.append(out)
+        stats.extend(out.moe_stats)
+    return outs, balancing.after_step(stats, len(batches), applied)
+
+
+def test_step_updates_the_bias_once_from_all_micro_batches_counts():
     moe = MoEConfig(num_experts=4, top_k=2, num_heads=2, expert_hidden_size=16, moe_every=1, gate="softmax",
                     bias_update_rate=GAMMA, aux_loss_coef=0.0)
     cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_attention_heads=4, ffn_hidden_size=64,
@@ -77,15 +97,16 @@ def test_train_step_updates_the_bias_once_from_all_micro_batches_counts():
     torch.manual_seed(0)
     model = GPTModel(cfg, SP)
     layer = next(m for m in model.modules() if isinstance(m, MHMoELayer))
-    tr, outs = stub_trainer(model, grad_accum=3)
-    tr.train_step(token_batches(64, 3))
+    balancing = MoEBalancing(model, SP)
+    assert balancing.layers == [layer.balance]
+    outs, step = run_step(model, balancing, token_batches(64, 3))
     counts = sum(o.moe_stats[0].selections for o in outs)  # all k choices, over the 3 micro-batches
     want = bias_update(torch.zeros(4), counts, GAMMA)
-    assert torch.equal(layer.expert_bias.value, want)
+    assert torch.equal(layer.expert_bias.value, want) and torch.equal(step["step_selections"][0], counts.double())
     assert not torch.equal(bias_update(torch.zeros(4), outs[-1].moe_stats[0].selections, GAMMA), want)
+    assert balancing.metrics() == {"moe/expert_bias_absmax": pytest.approx(GAMMA)}
     # A skipped (non-finite) step applies no update.
-    skipping, _ = stub_trainer(model, grad_accum=1, skipped=True)
-    skipping.train_step(token_batches(64, 1, seed=1))
+    run_step(model, balancing, token_batches(64, 1, seed=1), applied=False)
     assert torch.equal(layer.expert_bias.value, want)
 
 
@@ -106,7 +127,7 @@ def test_the_rule_balances_a_skewed_router():
         for _ in range(300):
             st = layer(x)[1]
             vio.append(float(maxvio(st.selections)))
-            layer.update_bias(st.selections)
+            layer.balance.update(st.selections, None)
     assert vio[0] == 3.0, vio[0]
     assert max(vio[-100:]) < 0.5, max(vio[-100:])
     assert layer.expert_bias.value[0] < 0 < layer.expert_bias.value[1:].min()  # the crowded expert's fell

@@ -1,10 +1,12 @@
 """The router losses of the MH-MoE layer against their formulas, recomputed here from the router's own
 probabilities (E > 1, k > 1, h > 1 sub-tokens, routing made uneven on purpose).
 
-Balance loss (Switch/GShard over sub-tokens): aux = E * sum_e f_e * P_e, with f_e the share of sub-tokens
-whose FIRST choice is e and P_e the mean router probability of e. z-loss (ST-MoE): mean over sub-tokens of
-logsumexp(logits)^2. Each check also asserts that the plausible wrong formula (all k choices counted, or the
-logsumexp not squared) lands far outside the tolerance, so the comparison can fail.
+Balance loss over sub-tokens: aux = E * sum_e f_e * P_e, with P_e the mean router probability of e and, by
+default (DeepSeek-V3 Eq. 18, Megatron-core), f_e = sub-tokens with e among their top-k / (k S), all k choices
+counted; with balance_counting='first_choice' (GShard/Switch) f_e = the share whose FIRST choice is e.
+z-loss (ST-MoE): mean over sub-tokens of logsumexp(logits)^2. Each check also asserts that the plausible
+wrong formula (the other counting, or the logsumexp not squared) lands far outside the tolerance, so the
+comparison can fail.
 """
 from __future__ import annotations
 
@@ -20,10 +22,10 @@ SP = ParallelContext.single_process()
 E, K, H, D = 6, 2, 4, 32
 
 
-def uneven_layer(gate: str) -> MHMoELayer:
+def uneven_layer(gate: str, counting: str = "topk") -> MHMoELayer:
     cfg = ModelConfig(hidden_size=D, num_attention_heads=4, moe=MoEConfig(
         num_experts=E, top_k=K, num_heads=H, head_projection=True, expert_hidden_size=16,
-        capacity_factor=1.0, gate=gate))
+        capacity_factor=1.0, gate=gate, balance_counting=counting))
     torch.manual_seed(3)
     layer = MHMoELayer(cfg, SP)
     with torch.no_grad():
@@ -46,9 +48,9 @@ def router_by_hand(layer: MHMoELayer, x: torch.Tensor):
     return logits, torch.softmax(logits, -1)
 
 
-@pytest.mark.parametrize("gate", ["softmax", "xmoe"])
-def test_balance_and_z_loss_equal_their_formulas(gate):
-    layer = uneven_layer(gate)
+@pytest.mark.parametrize("gate,counting", [("softmax", "topk"), ("xmoe", "topk"), ("softmax", "first_choice")])
+def test_balance_and_z_loss_equal_their_formulas(gate, counting):
+    layer = uneven_layer(gate, counting)
     x = torch.randn(24, 2, D, generator=torch.Generator().manual_seed(7)) + 0.3
     with torch.no_grad():
         _, st = layer(x)
@@ -59,13 +61,14 @@ def test_balance_and_z_loss_equal_their_formulas(gate):
     first = probs.argmax(-1)
     second = probs.scatter(1, first[:, None], -1.0).argmax(-1)
     f_first = torch.tensor([(first == e).sum().item() for e in range(E)], dtype=torch.float64) / S
-    f_all = f_first + torch.tensor([(second == e).sum().item() for e in range(E)], dtype=torch.float64) / S
+    f_all_k = (f_first + torch.tensor([(second == e).sum().item() for e in range(E)], dtype=torch.float64) / S) / K
     P = probs.sum(0) / S
-    aux_want = E * float((f_first * P).sum())
-    aux_all_k = E * float((f_all * P).sum())
+    aux_first = E * float((f_first * P).sum())
+    aux_all_k = E * float((f_all_k * P).sum())
+    aux_want, aux_other = (aux_all_k, aux_first) if counting == "topk" else (aux_first, aux_all_k)
     assert f_first.max() > 1.5 / E, "the routing must be uneven (else the loss is ~1 whatever the counts)"
     assert float(st.aux_loss) == pytest.approx(aux_want, rel=1e-5)
-    assert abs(aux_all_k - aux_want) > 0.1 * aux_want
+    assert abs(aux_other - aux_want) > 0.02 * aux_want
 
     lse = torch.log(torch.exp(logits).sum(-1))
     z_want = float((lse ** 2).mean())
@@ -83,7 +86,7 @@ def test_loss_gradients_equal_the_formulas_gradients():
     g_layer, = torch.autograd.grad(st.aux_loss + 0.5 * st.z_loss, w)
     logits, probs = router_by_hand(layer, x)
     S = logits.shape[0]
-    f = torch.bincount(probs.argmax(-1), minlength=E).double() / S
+    f = torch.bincount(probs.topk(K, -1).indices.reshape(-1), minlength=E).double() / (K * S)
     aux = E * (f * probs.mean(0)).sum()
     z = torch.logsumexp(logits, -1).square().mean()
     g_hand, = torch.autograd.grad(aux + 0.5 * z, w)

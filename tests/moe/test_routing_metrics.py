@@ -20,18 +20,28 @@ def test_maxvio():
     assert metrics.maxvio(torch.tensor([[3, 3], [0, 0], [1, 3]])).tolist() == pytest.approx([0.0, 0.0, 0.5])
 
 
-def test_step_kept_counts_sums_micro_batches_per_layer():
-    def st(kept):
-        return metrics.MoEStats(aux_loss=None, z_loss=None, selections=torch.tensor(kept), kept=torch.tensor(kept),
+def test_step_counts_sum_micro_batches_per_layer_and_maxvio_is_on_the_routed_load():
+    def st(routed, kept):
+        return metrics.MoEStats(aux_loss=None, z_loss=None, selections=torch.tensor(routed), kept=torch.tensor(kept),
                                 divergence=torch.zeros(3), num_tokens=1, num_sub_tokens=1)
-    # 2 micro-batches x 2 layers, stats in order (micro 0: layer 0, layer 1; micro 1: ...).
-    stats = [st([4, 0]), st([1, 1]), st([0, 4]), st([2, 0])]
-    assert metrics.step_kept_counts(stats, 2).tolist() == [[4.0, 4.0], [3.0, 1.0]]
-    s = metrics.summarize(stats, 0.5, metrics.step_kept_counts(stats, 2))
-    # micro MaxVio: 1, 0, 1, 1 -> mean 0.75; global: layer 0 balanced (0), layer 1 3/2 - 1 = 0.5.
+    # 2 micro-batches x 2 layers, stats in order (micro 0: layer 0, layer 1; micro 1: ...). Capacity 2 per
+    # expert clips the routed loads to the kept ones.
+    stats = [st([4, 0], [2, 0]), st([1, 1], [1, 1]), st([0, 4], [0, 2]), st([2, 0], [2, 0])]
+    kept, routed = metrics.step_kept_counts(stats, 2), metrics.step_selection_counts(stats, 2)
+    assert kept.tolist() == [[2.0, 2.0], [3.0, 1.0]] and routed.tolist() == [[4.0, 4.0], [3.0, 1.0]]
+    s = metrics.summarize(stats, 0.5, kept, routed)
+    # micro MaxVio on the routed loads: 1, 0, 1, 1 -> mean 0.75 (the kept loads would give the same here);
+    # global: layer 0 balanced (0), layer 1 3/2 - 1 = 0.5.
     assert s["moe/maxvio_micro"] == pytest.approx(0.75)
     assert s["moe/layer0/maxvio"] == pytest.approx(0.0) and s["moe/layer1/maxvio"] == pytest.approx(0.5)
     assert s["moe/maxvio_global"] == pytest.approx(0.25)
+    # The kept figure under its own name: layer 0 (2, 2) -> 0, layer 1 (3, 1) -> 0.5; mean 0.25.
+    assert s["moe/maxvio_kept_global"] == pytest.approx(0.25)
+    # Where capacity clips the crowded expert the two differ: routed (6, 2) -> 0.5, kept (2, 2) -> 0.
+    clipped = [st([6, 2], [2, 2])]
+    s = metrics.summarize(clipped, 0.5, metrics.step_kept_counts(clipped, 1), metrics.step_selection_counts(clipped, 1))
+    assert s["moe/maxvio_micro"] == pytest.approx(0.5) and s["moe/maxvio_global"] == pytest.approx(0.5)
+    assert s["moe/maxvio_kept_global"] == pytest.approx(0.0)
 
 
 def test_mutual_information_bits():
@@ -87,9 +97,11 @@ def test_layer_head_counts_by_hand():
 
 def test_routing_report_and_heatmap(tmp_path):
     hc = torch.tensor([[[2, 2, 2, 2], [0, 0, 0, 8]], [[1, 0, 0, 0], [0, 1, 0, 0]]]).double()
-    kept = torch.tensor([[2, 2, 2, 10], [1, 1, 0, 0]]).double()
+    kept = torch.tensor([[2, 2, 2, 4], [1, 1, 0, 0]]).double()  # capacity 4 clipped layer 0's expert 3
     rep = metrics.routing_report(hc.sum(1), torch.zeros(2, 5), 0.5, hc, kept)
+    # MaxVio on the routed loads (2, 2, 2, 10) and (1, 1, 0, 0); the kept figure under its own name.
     assert rep["maxvio_per_layer"] == pytest.approx([10 / 4 - 1, 1 / 0.5 - 1])
+    assert rep["maxvio_kept"] == pytest.approx(((4 / 2.5 - 1) + (1 / 0.5 - 1)) / 2)
     assert rep["mi_head_expert_bits_per_layer"][1] == pytest.approx(1.0)
     assert rep["head_shares"][0][1] == [0.0, 0.0, 0.0, 1.0]
     path = tmp_path / "h.png"

@@ -45,7 +45,8 @@ def frozen_forward(layer: MHMoELayer, x: torch.Tensor) -> tuple[torch.Tensor, Mo
         y = layer.merge(y)
     y = disp.gather_tokens(y).reshape(shape)
     per = max(S, 1)
-    aux = load_balance_loss(disp.replica_sum(choice.probs.sum(0)), counts_all[:, 0].sum(0), per)
+    # Balance counts: all k choices / k (issue 22's default; the frozen forward counted first choices then).
+    aux = load_balance_loss(disp.replica_sum(choice.probs.sum(0)), counts_all.sum((0, 1)), per, k)
     z = disp.replica_sum(choice.lse.square().sum()) / per
     with torch.no_grad():
         e_flat = choice.experts.t().reshape(-1)

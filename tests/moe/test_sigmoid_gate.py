@@ -1,5 +1,5 @@
 """The sigmoid gate (DeepSeek-V3): scores s = sigmoid(x W^T) per expert, top-k on s, gates s_top / sum(s_top)
-x gate_scaling. Its balance loss uses P_e = mean of s_e / sum_e' s_e' and its z-loss logsumexp(logits)^2,
+x gate_scaling at k > 1 and s_top x gate_scaling at k = 1 (Megatron-core). Its balance loss uses P_e = mean of s_e / sum_e' s_e' and its z-loss logsumexp(logits)^2,
 checked here on hand-built logits and through the layer, beside the layer against its loop reference."""
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ def test_scores_choice_and_gates_by_hand():
     # Normalised scores for the balance loss: s / sum_e s, sum_e s = 2.4 in both rows.
     torch.testing.assert_close(r.probs, torch.tensor([[0.5, 0.75, 0.25, 0.9], [0.25, 0.5, 0.9, 0.75]]) / 2.4,
                                rtol=1e-6, atol=0)
-    # k = 1 normalises over the one choice too: the gate is the scaling itself.
-    torch.testing.assert_close(top_k_sigmoid(LOGITS, 1, scaling=2.5).gates, torch.full((2, 1), 2.5))
+    # k = 1 keeps the raw score (normalising one score would make every gate the constant 2.5).
+    torch.testing.assert_close(top_k_sigmoid(LOGITS, 1, scaling=2.5).gates, torch.full((2, 1), 0.9 * 2.5))
     # z-loss input: logsumexp of the raw logits, e.g. row 0 = log(1 + 3 + 1/3 + 9).
     torch.testing.assert_close(r.lse, torch.tensor([math.log(1 + 3 + 1 / 3 + 9), math.log(1 / 3 + 1 + 9 + 3)]))
 
@@ -44,8 +44,8 @@ def layer_of(k=2, h=4, cf=0.0, scaling=1.0, proj=True) -> MHMoELayer:
 
 def test_layer_losses_by_hand():
     """One token, h = 2 sub-tokens whose router logits are LOGITS (the router weight is set so): the balance
-    loss is E * sum_e f_e P_e with first choices {3, 2} and P the mean normalised score, the z-loss the mean
-    squared logsumexp."""
+    loss is E * sum_e f_e P_e with top-2 choices {3, 1} and {2, 3} (f = counts / (k S) = (0, 1, 1, 2) / 4)
+    and P the mean normalised score, the z-loss the mean squared logsumexp."""
     layer = layer_of(k=2, h=2, proj=False)
     assert isinstance(layer.router, SigmoidGate)
     with torch.no_grad():
@@ -55,7 +55,7 @@ def test_layer_losses_by_hand():
     x[0, 0, 0] = 1.0  # sub-token 0 = (1, 0, ...): logits row 0
     x[0, 0, 17] = 1.0  # sub-token 1 = (0, 1, ...): logits row 1
     _, st = layer(x)
-    f = [0.0, 0.0, 0.5, 0.5]
+    f = [0.0, 0.25, 0.25, 0.5]
     P = [(0.5 + 0.25) / 2 / 2.4, (0.75 + 0.5) / 2 / 2.4, (0.25 + 0.9) / 2 / 2.4, (0.9 + 0.75) / 2 / 2.4]
     aux = 4 * sum(fe * pe for fe, pe in zip(f, P))
     assert st.aux_loss.item() == pytest.approx(aux, rel=1e-6)

@@ -78,15 +78,16 @@ def test_vary_axis_names_and_dense_dedup():
 BALANCING = {"micro": {"model.moe.aux_loss_coef": 0.01},
              "global": {"model.moe.aux_loss_coef": 0.0, "model.moe.global_aux_loss_coef": 0.01},
              "aux-free": {"model.moe.aux_loss_coef": 0.0, "model.moe.bias_update_rate": 0.001},
+             "quantile": {"model.moe.aux_loss_coef": 0.0, "model.moe.quantile_balancing": True},
              "none": {"model.moe.aux_loss_coef": 0.0}}
 
 
-def test_balancing_probe_plan_has_24_runs_with_the_variants_overrides(tmp_path):
+def test_balancing_probe_plan_has_30_runs_with_the_variants_overrides(tmp_path):
     from megatron_mhmoe.scaling.runner import run_config
     spec, base = load_sweep("balancing_probe", [])
     assert spec.variants == BALANCING and spec.top_k == 2 and spec.experts == [64]
     runs = build_plan(spec, base)
-    assert len(runs) == 24 and len({r.name for r in runs}) == 24
+    assert len(runs) == 30 and len({r.name for r in runs}) == 30
     assert sorted(r.name for r in runs) == sorted(f"{k}-E64-{v}-s{s}" for k in ("smoe", "mhmoe-h4-params")
                                                   for v in BALANCING for s in (1, 2, 3))
     for r in runs:
@@ -97,13 +98,14 @@ def test_balancing_probe_plan_has_24_runs_with_the_variants_overrides(tmp_path):
         moe = cfg["model"]["moe"]
         # several micro-batches per step: else the global batch is the micro-batch (same loss as 'micro')
         assert (cfg["train"]["micro_batch_size"], cfg["train"]["grad_accum_steps"]) == (2, 4)
-        expect = {"aux_loss_coef": 0.0, "global_aux_loss_coef": 0.0, "bias_update_rate": 0.0}
+        expect = {"aux_loss_coef": 0.0, "global_aux_loss_coef": 0.0, "bias_update_rate": 0.0,
+                  "quantile_balancing": False}
         expect.update({k.split(".")[-1]: v for k, v in BALANCING[r.variant].items()})
         assert {k: moe[k] for k in expect} == expect, r.name
         assert moe["route_groups"] == 8
     # seeds of one (kind, variant) share a group key; variants do not
     keys = {r.group_key for r in runs}
-    assert len(keys) == 8
+    assert len(keys) == 10
 
 
 def test_variants_cross_vary_dense_drops_moe_keys_and_validation():

@@ -31,7 +31,7 @@ def test_enough_mutants_over_the_packages():
     for pkg in ("moe", "parallel", "runtime", "data"):
         assert len(pkgs.get(pkg, [])) >= 4, (pkg, pkgs)
     assert len({m.name for m in mc.MUTANTS}) == len(mc.MUTANTS), "duplicate names"
-    for required in ("resume_skips_rng", "z_loss_not_squared", "balance_counts_all_k"):
+    for required in ("resume_skips_rng", "z_loss_not_squared", "balance_counts_first_choice_only"):
         assert required in pkgs["runtime"] + pkgs["moe"]
 
 
