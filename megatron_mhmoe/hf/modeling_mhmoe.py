@@ -154,8 +154,9 @@ def gate_scores(logits: torch.Tensor, gate: str) -> torch.Tensor:
 
 
 def sigmoid_gate_weights(top: torch.Tensor) -> torch.Tensor:
-    """Combine weights of the sigmoid gate from its chosen scores (S, k): normalised over the k (also k = 1)."""
-    return top / top.sum(dim=-1, keepdim=True)
+    """Combine weights of the sigmoid gate from its chosen scores (S, k): normalised over the k when k > 1, the
+    raw score at k = 1 (DeepSeek-V3 Eqs. 15-16 as Megatron-core applies them)."""
+    return top / top.sum(dim=-1, keepdim=True) if top.shape[1] > 1 else top
 
 
 def softmax_gate_weights(top: torch.Tensor) -> torch.Tensor:
@@ -163,10 +164,10 @@ def softmax_gate_weights(top: torch.Tensor) -> torch.Tensor:
     return top / top.sum(dim=-1, keepdim=True) if top.shape[1] > 1 else top
 
 
-def group_scores(select: torch.Tensor, k: int) -> torch.Tensor:
+def group_scores(select: torch.Tensor, k: int, limit: int) -> torch.Tensor:
     """(S, G, E/G) selection scores by group -> (S, G) a sub-token's score of each group: the sum of its best
-    min(k, E/G) scores in the group."""
-    return select.topk(min(k, select.shape[-1]), dim=-1).values.sum(-1)
+    max(1, k // M) scores in the group (DeepSeek-V3 section 2.1.2, "the highest K_r/M"; M = limit)."""
+    return select.topk(max(1, k // limit), dim=-1).values.sum(-1)
 
 
 def group_limit(select: torch.Tensor, groups: int, limit: int, heads: int, k: int) -> torch.Tensor:
@@ -174,7 +175,7 @@ def group_limit(select: torch.Tensor, groups: int, limit: int, heads: int, k: in
     set to -inf. A token scores a group by the sum of its h sub-tokens' group_scores."""
     S, E = select.shape
     per, n = E // groups, S // heads
-    token_group = group_scores(select.view(S, groups, per), k).view(n, heads, groups).sum(1)  # (n, G)
+    token_group = group_scores(select.view(S, groups, per), k, limit).view(n, heads, groups).sum(1)  # (n, G)
     best = token_group.topk(limit, dim=-1).indices  # (n, M)
     allowed = torch.zeros(n, groups, dtype=torch.bool, device=select.device).scatter_(1, best, True)
     allowed = allowed.repeat_interleave(heads, 0).repeat_interleave(per, 1)  # (S, E)
