@@ -5,9 +5,12 @@ global batch, under the host-tensor guard (every batch must be moved to the engi
 The single-process reference uses micro-batch 2 with 2 accumulation steps, so its routing groups (one per
 micro-batch) are the same as those of DP=2 with micro-batch 2: then even the balance loss matches.
 Global batch 4 sequences, gradient clipping at 0.5 (active: the norms are ~1.3-1.5), 3 optimizer steps.
+Both precisions use two MoE layers (moe_every=1), so the layer-by-layer plumbing is compared too.
 Tolerances: fp32 losses rel 2e-5, grad norms rel 1e-4 (reduction order differs between layouts). bf16 ZeRO-0
-at world 2 and 4 against bf16 ZeRO-0 on one process: the first step (same weights everywhere) rel 1e-4
-(measured 2e-5 with TP=2), later steps rel 1e-2 (bf16 weights round differently once the layouts' updates
+at world 2 and 4 against bf16 ZeRO-0 on one process: the first step (same weights everywhere) loss rel 1e-4
+(measured 6e-6 with TP=2), grad norm rel 2e-3 (measured 7e-4 at TP=2 x EP=2, with the balance loss on or
+off; the same shapes in fp32 agree to the last printed digit, so this is bf16 rounding in a different
+reduction order, not a layout error), later steps rel 1e-2 (bf16 weights round differently once the layouts' updates
 differ in the last bit: measured 5e-3 with TP=2, 2e-4 without). The one-process bf16 ZeRO-0 norm
 of the first step (no update yet) equals DeepSpeed's expert-aware ZeRO-1 norm within rel 1e-4 (measured 3e-7);
 the bf16 config gives the experts a large share of the gradient, so a norm that leaves them out (DeepSpeed's
@@ -33,6 +36,7 @@ CASES = {  # world: [(tp, ep, zero_stage, precision)]
 }
 BF16_REL = 1e-2
 FIRST_STEP_REL = 1e-4
+BF16_FIRST_NORM_REL = 2e-3
 
 
 def model_config(precision: str) -> ModelConfig:
@@ -41,7 +45,7 @@ def model_config(precision: str) -> ModelConfig:
     return ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
                        max_seq_len=SEQ, moe=MoEConfig(num_experts=4, top_k=2, num_heads=2,
                                                       expert_hidden_size=expert_hidden,
-                                                      moe_every=2 if precision == "fp32" else 1,
+                                                      moe_every=1,
                                                       capacity_factor=1.0))
 
 
@@ -140,7 +144,7 @@ def test_zero_stages_match_single_process(world, reference):
                 assert norms == pytest.approx(ref_norms, rel=1e-4), where
             else:
                 assert losses[0] == pytest.approx(bf16_losses[0], rel=FIRST_STEP_REL), where
-                assert norms[0] == pytest.approx(bf16_norms[0], rel=FIRST_STEP_REL), where
+                assert norms[0] == pytest.approx(bf16_norms[0], rel=BF16_FIRST_NORM_REL), where
                 assert losses == pytest.approx(bf16_losses, rel=BF16_REL), where
                 assert norms == pytest.approx(bf16_norms, rel=BF16_REL), where
     assert ref_losses[-1] < ref_losses[0]
