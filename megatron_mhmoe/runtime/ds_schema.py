@@ -92,9 +92,8 @@ def _model_fields(model_cls) -> set:
     return out
 
 
-def _find_model(title: str):
-    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-    todo = [DeepSpeedConfigModel]
+def _find_model(title: str, base):
+    todo = [base]
     while todo:
         cls = todo.pop()
         if cls.__name__ == title:
@@ -121,9 +120,10 @@ def _nested_model(model_cls, loc: tuple):
 
 def unknown_ds_keys(ds: dict, batch: Optional[dict] = None) -> list[str]:
     """'<place>: unknown key <k> (did you mean ...)' for each key of `ds` that DeepSpeed does not know."""
-    import deepspeed  # noqa: F401  (registers the accelerator before the config module reads it)
-    from deepspeed.runtime.config import DeepSpeedConfig
     from pydantic import ValidationError
+
+    from megatron_mhmoe.runtime.engine import deepspeed_config_api  # the one module that imports deepspeed
+    DeepSpeedConfig, config_model_base, _version = deepspeed_config_api()
 
     probe = copy.deepcopy(ds)
     for k, v in (batch or {}).items():
@@ -133,7 +133,7 @@ def unknown_ds_keys(ds: dict, batch: Optional[dict] = None) -> list[str]:
     try:
         DeepSpeedConfig(_Recording(probe, (), seen))
     except ValidationError as e:
-        model = _find_model(e.title)
+        model = _find_model(e.title, config_model_base)
         for err in e.errors():
             if err.get("type") != "extra_forbidden":
                 continue
@@ -158,7 +158,8 @@ def check_ds_config_keys(ds: Any, path: str, batch: Optional[dict] = None) -> No
         raise ValueError(f"--deepspeed_config {path} must hold a JSON object, not a {type(ds).__name__}")
     problems = unknown_ds_keys(ds, batch)
     if problems:
-        import deepspeed
-        raise ValueError(f"--deepspeed_config {path}: {'; '.join(problems)}. DeepSpeed {deepspeed.__version__} "
+        from megatron_mhmoe.runtime.engine import deepspeed_config_api
+        version = deepspeed_config_api()[2]
+        raise ValueError(f"--deepspeed_config {path}: {'; '.join(problems)}. DeepSpeed {version} "
                          f"would ignore a misspelt top-level key (and train without that setting): fix the "
                          f"spelling, or remove the key (keys starting with '_' are comments)")

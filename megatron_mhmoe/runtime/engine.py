@@ -55,6 +55,15 @@ from deepspeed.moe.layer import MoE as _DeepSpeedMoE  # noqa: E402
 from deepspeed.utils import groups as _ds_groups  # noqa: E402
 
 
+def deepspeed_config_api():
+    """(DeepSpeedConfig, the base class of its pydantic section models, deepspeed's version): what
+    runtime/ds_schema.py checks a --deepspeed_config file's keys against (this module is the one that imports
+    deepspeed)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+    return DeepSpeedConfig, DeepSpeedConfigModel, deepspeed.__version__
+
+
 def skip_cpu_jit_ops() -> None:
     """DeepSpeed compiles a shared-memory allreduce op at init on CPU (~25 s); gloo does not need it."""
     mod = sys.modules.get("deepspeed.comm.torch")
