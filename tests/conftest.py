@@ -23,6 +23,7 @@ SLOW_FILES = frozenset({
     "reliability/test_export_hf.py", "reliability/test_faults.py", "reliability/test_numerics.py",
     "reliability/test_reshard.py", "reliability/test_resume_compat.py", "reliability/test_soak.py",
     "reliability/test_zero3.py", "reliability/test_run_lock_launch.py",
+    "reliability/test_quantile_reshard_export.py",
     "runtime/test_deepspeed_equivalence.py", "runtime/test_device_guard.py", "runtime/test_resume_dropout.py",
     "runtime/test_run_config.py", "runtime/test_sequence_parallel_deepspeed.py", "runtime/test_tensorboard.py",
     "runtime/test_train_launch.py", "runtime/test_wandb_replay.py",

@@ -284,7 +284,8 @@ class MHMoE(nn.Module):
         n_shared = moe.get("num_shared_experts", 0)
         self.shared_experts = SharedExperts(self.d_sub, n_shared * (moe.get("shared_expert_hidden_size") or hidden),
                                             act) if n_shared else None
-        self.expert_bias = ExpertBias(E) if moe.get("bias_update_rate", 0.0) > 0 else None
+        uses_bias = moe.get("bias_update_rate", 0.0) > 0 or moe.get("quantile_balancing", False)
+        self.expert_bias = ExpertBias(E) if uses_bias else None  # the routing bias of either balancing rule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape

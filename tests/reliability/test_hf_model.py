@@ -54,6 +54,7 @@ OPTIONS = {
     "smoe_h1_k1_no_projection": _cfg(_moe(num_heads=1, head_projection=False, top_k=1)),
     "softmax_k1_scaled": _cfg(_moe(gate="softmax", top_k=1, num_heads=2, gate_scaling=2.5)),
     "softmax_k2_bias": _cfg(_moe(gate="softmax", num_heads=2, bias_update_rate=0.01)),
+    "softmax_k2_quantile": _cfg(_moe(gate="softmax", num_heads=2, quantile_balancing=True, aux_loss_coef=0.0)),
     "sigmoid_k1_scaled": _cfg(_moe(gate="sigmoid", top_k=1, num_heads=2, gate_scaling=1.5)),
     "sigmoid_k3_bias_groups": _cfg(_moe(gate="sigmoid", num_experts=12, top_k=3, num_heads=2, route_groups=3,
                                         route_group_limit=2, bias_update_rate=0.01, gate_scaling=2.0)),
