@@ -152,7 +152,13 @@ def test_shared_expert_defaults_and_kinds_are_the_readme_ones():
     assert MoEConfig().shared_expert_hidden_size == 0
     assert "(sweep field, default 1)" in text and SweepSpec().num_shared_experts == 1
     for kind in KINDS:
-        assert f"| `{kind}` |" in README, kind
+        assert README.count(f"| `{kind}` |") == 1, kind  # each kind is one row of the table
+
+
+def test_one_process_command_sets_the_ep_the_default_does_not():
+    from megatron_mhmoe.runtime.run_config import RunConfig
+    assert "the built-in default is EP=2" in README and RunConfig().parallel.ep == 2
+    assert "\n.venv/bin/python -m megatron_mhmoe.train --parallel.ep=1 " in README
 
 
 # ---------------------------------------------------------------------- names
