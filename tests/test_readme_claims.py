@@ -156,8 +156,8 @@ def test_shared_expert_defaults_and_kinds_are_the_readme_ones():
 
 
 def test_one_process_command_sets_the_ep_the_default_does_not():
-    from megatron_mhmoe.runtime.run_config import RunConfig
-    assert "the built-in default is EP=2" in README and RunConfig().parallel.ep == 2
+    from megatron_mhmoe.runtime.run_config import program_defaults
+    assert "the built-in default is EP=2" in README and program_defaults().parallel.ep == 2
     assert "\n.venv/bin/python -m megatron_mhmoe.train --parallel.ep=1 " in README
 
 
