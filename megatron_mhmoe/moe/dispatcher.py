@@ -28,7 +28,7 @@ from megatron_mhmoe.moe import ep_cost, padded_dispatch, two_level
 from megatron_mhmoe.moe.dispatch_env import (  # noqa: F401  (_device_clock, _record_event: patched by tests)
     DispatchEnv, DispatchProfile, _device_clock, _record_event, _span_seconds)
 from megatron_mhmoe.moe.gate_combine import gate_combine
-from megatron_mhmoe.moe.routing import RoutingRecord, dispatch_record
+from megatron_mhmoe.moe.routing import RoutingRecord
 from megatron_mhmoe.parallel import comm
 from megatron_mhmoe.parallel.context import ParallelContext
 
@@ -251,9 +251,3 @@ class MoEDispatcher:
                           recv_budget=self.recv_budget, layout=self.layout, chunks=self.chunks)
         return self.path(record, x_sub)(x_sub, record, run_experts, env)
 
-    def dispatch_combine(self, x_sub: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor,
-                         keep: torch.Tensor | None, run_experts: Callable,
-                         order: torch.Tensor | None = None, e_flat: torch.Tensor | None = None) -> torch.Tensor:
-        """`dispatch` from bare routing tensors: experts/gates (S, k), keep (k*S,) choice-major or None;
-        order / e_flat the sort and flattening if the caller has them (routing.dispatch_record)."""
-        return self.dispatch(x_sub, dispatch_record(experts, gates, keep, order, e_flat), run_experts)

@@ -10,6 +10,7 @@ import torch
 
 import megatron_mhmoe.moe.dispatcher as D
 from megatron_mhmoe.moe.dispatcher import MoEDispatcher
+from megatron_mhmoe.moe.routing import dispatch_record
 from megatron_mhmoe.parallel.context import ParallelContext
 from tests.distributed import run_workers
 
@@ -19,6 +20,11 @@ E, S, K, DSUB = 4, 10, 2, 8
 def run_experts(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """A plain function (no forward_combine): the dispatcher takes its general gather/experts/combine path."""
     return rows * 2.0
+
+
+def dispatch(d: MoEDispatcher, x, experts, gates, keep, run_experts):
+    """The dispatcher's one entry point, from bare routing tensors."""
+    return d.dispatch(x, dispatch_record(experts, gates, keep), run_experts)
 
 
 def inputs(seed: int = 0):
@@ -43,10 +49,10 @@ class TickClock:
 def test_host_clock_sums_each_phase_exactly(monkeypatch):
     monkeypatch.setattr(D, "time", TickClock())
     d = MoEDispatcher(ParallelContext.single_process(), E)
-    d.dispatch_combine(*inputs(), None, run_experts)
+    dispatch(d, *inputs(), None, run_experts)
     assert d.profile.times == {"permute": 1.0, "experts": 1.0, "combine": 1.0}
     assert d.profile.seconds("permute") == 1.0 and d.profile.seconds("all_to_all") == 0.0
-    d.dispatch_combine(*inputs(1), None, run_experts)
+    dispatch(d, *inputs(1), None, run_experts)
     # profile is the last forward only; take_times() sums every forward since the previous take.
     assert d.profile.times == {"permute": 1.0, "experts": 1.0, "combine": 1.0}
     assert d.take_times() == {"permute": 2.0, "experts": 2.0, "combine": 2.0}
@@ -56,7 +62,7 @@ def test_host_clock_sums_each_phase_exactly(monkeypatch):
 def test_real_clock_phases_fit_inside_the_call():
     d = MoEDispatcher(ParallelContext.single_process(), E)
     t0 = time.perf_counter()
-    y = d.dispatch_combine(*inputs(), None, run_experts)
+    y = dispatch(d, *inputs(), None, run_experts)
     wall = time.perf_counter() - t0
     times = d.profile.times
     assert set(times) == {"permute", "experts", "combine"}
@@ -69,7 +75,7 @@ def test_profiling_off_records_nothing(monkeypatch):
     d = MoEDispatcher(ParallelContext.single_process(), E)
     d.profile_enabled = False
     monkeypatch.setattr(D, "_record_event", lambda device: pytest.fail("no event may be recorded when off"))
-    d.dispatch_combine(*inputs(), None, run_experts)
+    dispatch(d, *inputs(), None, run_experts)
     assert d.profile.times == {} and d.take_times() == {}
 
 
@@ -118,7 +124,7 @@ def fake_gpu(monkeypatch):
 
 def test_device_events_wait_only_when_read(fake_gpu):
     d = MoEDispatcher(ParallelContext.single_process(), E)
-    d.dispatch_combine(*inputs(), None, run_experts)
+    dispatch(d, *inputs(), None, run_experts)
     assert fake_gpu.syncs == 0, "the forward must not synchronize"
     assert len(fake_gpu.events) == 4  # one start mark + one end per phase (each end starts the next)
     times = d.profile.times  # the read waits on the end events
@@ -131,9 +137,9 @@ def test_device_events_wait_only_when_read(fake_gpu):
 
 def test_take_times_drains_finished_spans_without_waiting(fake_gpu):
     d = MoEDispatcher(ParallelContext.single_process(), E)
-    d.dispatch_combine(*inputs(), None, run_experts)
+    dispatch(d, *inputs(), None, run_experts)
     fake_gpu.run_all()  # the first forward's kernels finish while the host queues the second
-    d.dispatch_combine(*inputs(1), None, run_experts)
+    dispatch(d, *inputs(1), None, run_experts)
     assert fake_gpu.syncs == 0
     assert len(d._since_take._pending) == 3, "finished spans are folded in at the next forward, unwaited"
     times = d.take_times()
@@ -146,7 +152,7 @@ def _ep_worker(rank: int, world: int) -> dict:
     D.time = TickClock()
     d = MoEDispatcher(ParallelContext.from_world(1, world), E)
     x, experts, gates = inputs(rank)
-    d.dispatch_combine(x, experts, gates, None, run_experts)
+    dispatch(d, x, experts, gates, None, run_experts)
     return dict(profile=dict(d.profile.times), taken=d.take_times())
 
 

@@ -15,7 +15,7 @@ from megatron_mhmoe.moe.layer import MHMoELayer
 from megatron_mhmoe.moe.losses import load_balance_loss
 from megatron_mhmoe.moe.metrics import MoEStats, divergence_histogram
 from megatron_mhmoe.moe.router import top_k
-from megatron_mhmoe.moe.routing import build_record, choice_major
+from megatron_mhmoe.moe.routing import build_record, choice_major, dispatch_record
 from megatron_mhmoe.parallel.context import ParallelContext
 
 SP = ParallelContext.single_process()
@@ -39,7 +39,7 @@ def frozen_forward(layer: MHMoELayer, x: torch.Tensor) -> tuple[torch.Tensor, Mo
     capacity = cap.expert_capacity(moe.capacity_factor, k, S, E)
     order = torch.argsort(choice.experts.t().reshape(-1), stable=True)
     keep = cap.capacity_keep(choice.experts, counts_all, 0, capacity, order) if capacity > 0 else None
-    y_sub = disp.dispatch_combine(x_sub, choice.experts, choice.gates, keep, layer.experts, order)
+    y_sub = disp.dispatch(x_sub, dispatch_record(choice.experts, choice.gates, keep, order), layer.experts)
     y = y_sub.reshape(n, d)
     if layer.merge is not None:
         y = layer.merge(y)
