@@ -156,6 +156,7 @@ class Pending:
 
     def __init__(self, work=None, keep=None):
         self.work, self.keep = work, keep  # keep: the input, alive until the collective is done
+        self.conjugate = None  # all_to_all_start's box: what the backward's conjugate exchange needs
 
     def wait(self) -> None:
         if self.work is not None:
@@ -262,30 +263,48 @@ class _AllToAllV(torch.autograd.Function):
 
 class _AllToAllStart(torch.autograd.Function):
     """Forward: launch the all-to-all (async_op=True) and return its buffer, filled once `pending` is
-    waited on (all_to_all_wait). Backward: the conjugate all-to-all, synchronous."""
+    waited on (all_to_all_wait). Backward: wait for the conjugate all-to-all that _Wait's backward launched.
+
+    So the backward overlaps too, mirrored: the conjugate starts where the forward waited and completes where
+    the forward started, and the autograd engine runs whatever else is ready in between (in the two-level
+    dispatch, another chunk's expert backward)."""
 
     @staticmethod
     def forward(ctx, x, out_splits, in_splits, group, box):
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        ctx.box = box
         out, box[0] = all_to_all_v_start(x, out_splits, in_splits, group)
+        box[0].conjugate = box  # all_to_all_wait hands it to _Wait
         return out
 
     @staticmethod
     def backward(ctx, g):
-        return all_to_all_v(g, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None, None
+        # g only carries the order: the gradient is the buffer of the conjugate all-to-all that
+        # _Wait.backward launched (shaped like x, not like g): complete it before use.
+        buf, pending = ctx.box[1]
+        pending.wait()
+        ctx.box[1] = None
+        return buf, None, None, None, None
 
 
 class _Wait(torch.autograd.Function):
-    """Forward: wait for the collective that fills x, return x. Backward: identity."""
+    """Forward: wait for the collective that fills x, return x. Backward: launch the conjugate all-to-all
+    asynchronously (when x came from _AllToAllStart), whose buffer is the gradient _AllToAllStart's backward
+    completes; identity otherwise."""
 
     @staticmethod
-    def forward(ctx, x, pending):
+    def forward(ctx, x, pending, box):
+        ctx.box = box
         pending.wait()
         return x
 
     @staticmethod
     def backward(ctx, g):
-        return g, None
+        box = ctx.box
+        if box is None:
+            return g, None, None
+        out_splits, in_splits, group = box[2]
+        box[1] = all_to_all_v_start(g, in_splits, out_splits, group)  # (buffer, pending)
+        return g, None, None
 
 
 def all_to_all_start(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int],
@@ -293,14 +312,15 @@ def all_to_all_start(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequ
     """all_to_all, asynchronous: (buffer, pending). Read the buffer only through all_to_all_wait."""
     if group is None:
         return x, Pending()
-    box = [None]
+    box = [None, None, (list(out_splits), list(in_splits), group)]  # forward work, backward work, splits
     out = _AllToAllStart.apply(x, list(out_splits), list(in_splits), group, box)
     return out, box[0]
 
 
 def all_to_all_wait(out: torch.Tensor, pending: Pending) -> torch.Tensor:
-    """The buffer of all_to_all_start, once its collective is done (gradient passes through)."""
-    return _Wait.apply(out, pending)
+    """The buffer of all_to_all_start, once its collective is done (gradient: the conjugate, asynchronous
+    from here back to all_to_all_start)."""
+    return _Wait.apply(out, pending, pending.conjugate)
 
 
 def copy_to_region(x: torch.Tensor, group: Group) -> torch.Tensor:

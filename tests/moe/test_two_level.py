@@ -15,7 +15,9 @@ ranks, world 8 as 2 x 4 and 4 x 2 (one spawned job per world, every case inside 
    clock is on (faked here), like the flat path's.
 4. model.moe.ep_dispatch: 'flat', 'two_level', and 'auto' by the cost model (moe/ep_cost.py) on a fast and
    a slow NIC, counted in exchanges.
-5. ep_recv_budget: a rank over it makes every rank raise the same error naming the setting (both paths);
+5. The backward overlaps too: its 4 exchanges per chunk start asynchronously (comm.all_to_all_start's
+   conjugate) and other exchanges start before some of them are waited on, as in the forward.
+6. ep_recv_budget: a rank over it makes every rank raise the same error naming the setting (both paths);
    a budget that fits changes nothing.
 Tolerance: fp32, atol 2e-5 / rtol 1e-4 (the paths add the same terms in another order).
 """
@@ -159,6 +161,31 @@ def world4_extras(ctx, rank: int) -> dict:
         with A2AMeter(per_node=2) as meter, torch.no_grad():
             layer(x)
         res[("mode", mode, gbps)] = meter.calls
+    # 6. The backward overlaps like the forward: its conjugate exchanges start asynchronously and another
+    # chunk's work runs before they are waited on.
+    layer = make_layer(ctx, 2, 4, 2, 0.0, 3)
+    log = []
+    orig_start, orig_wait = comm.all_to_all_v_start, comm.Pending.wait
+
+    def start(*a, **kw):
+        out, pending = orig_start(*a, **kw)
+        pending.tag = len(log)
+        log.append(("start", pending.tag))
+        return out, pending
+
+    def wait(pending):
+        if getattr(pending, "tag", None) is not None:
+            log.append(("wait", pending.tag))
+            pending.tag = None
+        orig_wait(pending)
+    comm.all_to_all_v_start, comm.Pending.wait = start, wait
+    try:
+        y, _ = layer(torch.randn(TOKENS, D_MODEL, requires_grad=True))
+        fwd = len(log)
+        y.sum().backward()
+    finally:
+        comm.all_to_all_v_start, comm.Pending.wait = orig_start, orig_wait
+    res["log"] = (log[:fwd], log[fwd:])
     # 4. A budget below what the busiest rank receives: every rank raises, naming the setting.
     for flat in (True, False):
         layer = make_layer(ctx, 2, 4, 2, 0.0, 1, budget=TOKENS * 4 * 2 - 1)
@@ -243,6 +270,21 @@ def test_ep_dispatch_setting_picks_the_path(results):
         # auto: 48 sub-tokens per rank on 400 Gbit/s NICs -> flat (latency); on a 100 kbit/s NIC -> two-level.
         assert [res[("mode", m, g)] for m, g in (("flat", 400.0), ("two_level", 400.0), ("auto", 400.0),
                                                   ("auto", 1e-4))] == [3, 5, 3, 5]
+
+
+def overlapped(log: list) -> int:
+    """Exchanges of the log (("start" | "wait", id) in order) during which another one started."""
+    pos = {(kind, i): n for n, (kind, i) in enumerate(log)}
+    return sum(any(kind == "start" and pos[("start", i)] < n < pos[("wait", i)] for n, (kind, _) in enumerate(log))
+               for kind, i in log if kind == "start")
+
+
+def test_backward_overlaps_like_the_forward(results):
+    for res in results[4]:
+        fwd, bwd = res["log"]
+        # 3 chunks x 4 exchanges (rail, fan-out, their returns), each way; all asynchronous.
+        assert sum(k == "start" for k, _ in fwd) == 12 and sum(k == "start" for k, _ in bwd) == 12, res["log"]
+        assert overlapped(fwd) >= 2 and overlapped(bwd) >= 2, (overlapped(fwd), overlapped(bwd))
 
 
 def test_receive_budget_error_on_every_rank(results):
