@@ -13,8 +13,11 @@ and shape (MH-MoE h=4; SMoE h=1 with --shapes mhmoe,smoe) it runs, side by side:
   two-level+overlap    the same over --chunks pipelined chunks (async all-to-all)
   two-level+group-lim  two-level+overlap with group-limited routing, groups = nodes (route_groups=2,
                        route_group_limit=1: a token's h x k choices reach one node)
-  auto                 model.moe.ep_dispatch='auto' priced with this run's NIC rate and exchange cost
-                       (alpha_us below, measured first); `picked` says which path
+  auto                 model.moe.ep_dispatch='auto': the cost model priced with this run's NIC rate (a
+                       rank's share of its NIC) and exchange cost (alpha_us below, measured first) picks the
+                       path tried first (`model_pick`); then moe/path_tuner.py times both paths for
+                       ep_tune_forwards steps each (tune_flat_ms, tune_two_level_ms: fwd + bwd, slowest
+                       rank) before anything else is measured, and keeps the faster (`picked`)
 
 Each row is printed as a line `JSON {...}`: rate, rails, shape, mode, step_ms (fwd+bwd of the layer,
 slowest rank, median over --reps, modes interleaved rep by rep), x_flat, comm_ms (main-thread time blocked
@@ -192,6 +195,10 @@ def worker(args) -> None:
             (y * gy).sum().backward()
             return layer.dispatcher.profile
 
+        # 0. auto's trial (moe/path_tuner.py): both paths measured in its first steps, before anything is timed.
+        tuner = layers["auto"].dispatcher.tuner
+        while not tuner.decided:
+            step("auto")
         # 1. Bytes: each mode alone for two steps between barriers, against the NICs' counters.
         res = {}
         for m in modes:
@@ -204,10 +211,17 @@ def worker(args) -> None:
             h = args.heads if shape == "mhmoe" else 1
             disp = layers[m].dispatcher
             picked = "flat" if disp.force_flat else disp.choose(args.tokens * h, args.top_k, args.hidden // h, 4)
+            if m == "auto":
+                trial = next(iter(tuner.decided.values()))
+                picked, res_extra = trial["picked"], dict(model_pick=picked, tune_flat_ms=round(trial["flat_ms"], 1),
+                                                          tune_two_level_ms=round(trial["two_level_ms"], 1))
+            else:
+                res_extra = {}
             res[m] = dict(counted=prof[-1].internode_bytes, nic=(after[0] - before[0]) / 2 if reads_nic else None,
                           node=(after[1] - before[1]) / 2, remote_rows=prof[-1].internode_rows,
                           picked=picked,
-                          sub_tokens=args.tokens * (args.heads if shape == "mhmoe" else 1), step=[], comm=[])
+                          sub_tokens=args.tokens * (args.heads if shape == "mhmoe" else 1), step=[], comm=[],
+                          **res_extra)
         # 2. Time: modes interleaved rep by rep (rotated), after warm-up.
         for r in range(args.warmup + args.reps):
             rot = r % len(modes)
@@ -269,7 +283,7 @@ def run_link(args, rate: str, rails: int) -> list:
                        MHMOE_READS_NIC="1" if rails == PER_NODE or rank % PER_NODE == 0 else "0",
                        MHMOE_NODE_LINK=f"mhr_node{rank}" if rails == PER_NODE else "")
             cmd = ["ip", "netns", "exec", ns, sys.executable, os.path.abspath(__file__), "--worker", "--out", out,
-                   "--link-gbps", str(rate_gbps(rate))]
+                   "--link-gbps", str(rate_gbps(rate) * rails / PER_NODE)]  # a rank's share of its NIC
             cmd += [a for a in sys.argv[1:] if a != "--worker"]
             procs.append(subprocess.Popen(cmd, env=env))
         deadline = time.monotonic() + args.timeout
@@ -308,6 +322,8 @@ def report(args, rate: str, rails: int, per_rank: list) -> list[dict]:
                              formula_mb=round(predicted_bytes(args, shape, m if m != "auto" else (
                                  "flat" if res[0][m]["picked"] == "flat" else "two-level+overlap")) / 1e6, 4),
                              picked=res[0][m]["picked"], alpha_us=round(alpha, 1),
+                             **{f: res[0][m][f] for f in ("model_pick", "tune_flat_ms", "tune_two_level_ms")
+                                if f in res[0][m]},
                              remote_rows=round(sum(r[m]["remote_rows"] for r in res) /
                                                sum(r[m]["sub_tokens"] for r in res), 4)))
     return rows

@@ -137,13 +137,19 @@ class MoEConfig:
     NIC to the same local rank there, which fans it out inside its node; moe/two_level.py) or 'auto' (the
     cheaper by moe/ep_cost.py's model, exchanges x ep_exchange_us + NIC bytes / ep_nic_gbps + node bytes /
     ep_node_gbps, priced per forward from its sub-token count, which every EP rank must share: fixed
-    micro-batch shapes). EP groups inside one node always take the flat path."""
+    micro-batch shapes; then, with ep_tune_forwards > 0, the faster of the two as measured in the first
+    forwards). EP groups inside one node always take the flat path."""
     ep_nic_gbps: float = 400.0
     """Cost model (ep_dispatch='auto'): each rank's own NIC, Gbit/s per direction (400 = one NDR NIC per GPU)."""
     ep_node_gbps: float = 3600.0
     """Cost model: between ranks of one node, Gbit/s per direction per rank (3600 = NVLink 4, 450 GB/s)."""
     ep_exchange_us: float = 30.0
     """Cost model: fixed cost of one all-to-all in microseconds (launch, synchronisation, latency)."""
+    ep_tune_forwards: int = 3
+    """ep_dispatch='auto' measures instead of trusting the cost model alone: for each forward shape, after one
+    warm-up forward per path, this many forwards (with their backward) per path alternate flat and two-level,
+    then every EP rank keeps the path that was faster on the slowest rank (moe/path_tuner.py). The cost model
+    picks the path tried first. 0 = the cost model alone decides."""
     a2a_device_counts: bool = False
     """Dispatch without bringing the counts to the host (moe/padded_dispatch.py): every (rank, expert) pair
     gets capacity fixed slots, so the all-to-alls have equal splits and the receive buffer is EP x E_local x
@@ -281,6 +287,8 @@ def _validate_moe(moe: MoEConfig, hidden_size: int, num_layers: int) -> None:
         if not getattr(moe, name) > 0:
             raise ValueError(f"moe.{name}={getattr(moe, name)} must be > 0 (Gbit/s per direction, for the "
                              f"ep_dispatch='auto' cost model)")
+    if moe.ep_tune_forwards < 0:
+        raise ValueError(f"moe.ep_tune_forwards={moe.ep_tune_forwards} must be >= 0 (0 = no measured choice)")
     if moe.ep_exchange_us < 0:
         raise ValueError(f"moe.ep_exchange_us={moe.ep_exchange_us} must be >= 0 (microseconds per all-to-all)")
     if moe.a2a_chunks < 1:

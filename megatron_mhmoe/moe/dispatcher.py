@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from megatron_mhmoe.moe import ep_cost, padded_dispatch, two_level
+from megatron_mhmoe.moe import ep_cost, padded_dispatch, path_tuner, two_level
 from megatron_mhmoe.moe.dispatch_env import (  # noqa: F401  (_device_clock, _record_event: patched by tests)
     DispatchEnv, DispatchProfile, _device_clock, _record_event, _span_seconds)
 from megatron_mhmoe.moe.gate_combine import gate_combine
@@ -137,7 +137,9 @@ class MoEDispatcher:
         self.link = ep_cost.Link(moe.ep_nic_gbps, moe.ep_node_gbps, moe.ep_exchange_us) if moe is not None \
             else ep_cost.Link(400.0, 3600.0, 30.0)
         """What ep_dispatch='auto' prices (moe/ep_cost.py)."""
-        self._auto: dict = {}  # sub-tokens per forward -> the path 'auto' chose for them
+        self._auto: dict = {}  # sub-tokens per forward -> the path the cost model prices cheaper
+        self.tuner = path_tuner.PathTuner(moe.ep_tune_forwards if moe is not None else 0, ctx.ep_group)
+        """'auto' measures both paths for its first forwards (moe/path_tuner.py) and keeps the faster."""
         self.chunks = moe.a2a_chunks if moe is not None else 1
         self.recv_budget = moe.ep_recv_budget if moe is not None else 0
         self.device_counts = bool(moe.a2a_device_counts) if moe is not None else False
@@ -227,16 +229,23 @@ class MoEDispatcher:
                                              self.layout, self.chunks, self.link)
         return self._auto[key]
 
+    def _shape_key(self, record: RoutingRecord, x_sub: torch.Tensor) -> tuple:
+        return (*record.experts.shape, x_sub.shape[1], x_sub.element_size())
+
     def path(self, record: RoutingRecord, x_sub: torch.Tensor) -> Callable:
         """The path this record takes: capacity slots (a2a_device_counts with a capacity), two-level (an EP
         group over nodes where ep_dispatch picks it, unless force_flat), else flat. All share one signature
-        (moe/dispatch_env.py)."""
+        (moe/dispatch_env.py). With ep_dispatch='auto' and ep_tune_forwards > 0, call it once per forward:
+        the first forwards of each shape alternate the two paths (moe/path_tuner.py)."""
         if self.device_counts and record.capacity > 0:
             return padded_dispatch.dispatch_combine
-        if self.layout is not None and not self.force_flat and \
-                self.choose(*record.experts.shape, x_sub.shape[1], x_sub.element_size()) == "two_level":
-            return two_level.dispatch_combine
-        return flat_dispatch_combine
+        if self.layout is None or self.force_flat:
+            return flat_dispatch_combine
+        key = self._shape_key(record, x_sub)
+        picked = self.choose(*key)
+        if self.ep_dispatch == "auto":
+            picked = self.tuner.pick(key, picked)
+        return two_level.dispatch_combine if picked == "two_level" else flat_dispatch_combine
 
     def dispatch(self, x_sub: torch.Tensor, record: RoutingRecord, run_experts: Callable) -> torch.Tensor:
         """x_sub (S, d_sub) and its routing record -> (S, d_sub): each sub-token's gate-weighted expert outputs.
@@ -249,5 +258,8 @@ class MoEDispatcher:
                           profile=self.profile, mark=lambda: self._mark(dev),
                           close=lambda name, mark: self._tick(name, mark, dev), check_budget=self._check_budget,
                           recv_budget=self.recv_budget, layout=self.layout, chunks=self.chunks)
-        return self.path(record, x_sub)(x_sub, record, run_experts, env)
+        run = self.path(record, x_sub)
+        if self.layout is None or self.force_flat or run is padded_dispatch.dispatch_combine:
+            return run(x_sub, record, run_experts, env)
+        return self.tuner.timed(self._shape_key(record, x_sub), lambda x: run(x, record, run_experts, env), x_sub)
 

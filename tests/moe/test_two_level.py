@@ -126,6 +126,49 @@ def worker(rank: int, world: int, layouts: list, cases: list) -> dict:
     return res
 
 
+def tuned_auto(ctx, rank: int) -> dict:
+    """7. 'auto' with ep_tune_forwards (moe/path_tuner.py)."""
+    res = {}
+    x = torch.randn(TOKENS, D_MODEL)
+    # Fake clock: each path's forward costs what this rank says; alone, ranks 1-3 would pick two-level.
+    now, cost = [0.0], {"flat": 1.0 if rank == 0 else 3.0, "two_level": 4.0 if rank == 0 else 1.0}
+    layer = make_layer(ctx, 2, 4, 2, 0.0, 1, mode="auto")
+    layer.dispatcher.tuner.clock = lambda: now[0]
+    orig = (D.flat_dispatch_combine, two_level.dispatch_combine)
+
+    def costed(name, fn):
+        def run(*a):
+            now[0] += cost[name]
+            return fn(*a)
+        return run
+    D.flat_dispatch_combine, two_level.dispatch_combine = costed("flat", orig[0]), costed("two_level", orig[1])
+    picks = []
+    try:
+        for _ in range(2 * (layer.moe.ep_tune_forwards + 1)):
+            with A2AMeter(per_node=2) as meter:
+                y, _ = layer(x.clone().requires_grad_(True))
+                y.sum().backward()
+            picks.append(meter.calls)
+        with torch.no_grad(), A2AMeter(per_node=2) as meter:
+            layer(x)  # evaluation: the prior, not counted
+        res["tune_eval_calls"] = meter.calls
+        with A2AMeter(per_node=2) as meter:
+            layer(x.clone().requires_grad_(True))[0].sum().backward()
+        picks.append(meter.calls)
+    finally:
+        D.flat_dispatch_combine, two_level.dispatch_combine = orig
+    res["tune_picks"], res["tune_decided"] = picks, list(layer.dispatcher.tuner.decided.values())
+    # The real clock: every forward of the trial and after it equals the flat path's.
+    layer = make_layer(ctx, 2, 4, 2, 0.0, 3, mode="auto")
+    ok = []
+    for _ in range(2 * (layer.moe.ep_tune_forwards + 1) + 1):
+        ref, got = step(layer, x, True, 2), step(layer, x, False, 2)
+        ok.append(torch.allclose(got["y"], ref["y"], atol=ATOL, rtol=RTOL)
+                  and torch.allclose(got["gx"], ref["gx"], atol=ATOL, rtol=RTOL))
+    res["tune_equal"], res["tune_real"] = ok, list(layer.dispatcher.tuner.decided.values())
+    return res
+
+
 def world4_extras(ctx, rank: int) -> dict:
     res = {}
     # 2. Uniform routing: every rank's inter-node packets, 1/L of its node's.
@@ -161,6 +204,7 @@ def world4_extras(ctx, rank: int) -> dict:
         with A2AMeter(per_node=2) as meter, torch.no_grad():
             layer(x)
         res[("mode", mode, gbps)] = meter.calls
+    res.update(tuned_auto(ctx, rank))
     # 6. The backward overlaps like the forward: its conjugate exchanges start asynchronously and another
     # chunk's work runs before they are waited on.
     layer = make_layer(ctx, 2, 4, 2, 0.0, 3)
@@ -270,6 +314,20 @@ def test_ep_dispatch_setting_picks_the_path(results):
         # auto: 48 sub-tokens per rank on 400 Gbit/s NICs -> flat (latency); on a 100 kbit/s NIC -> two-level.
         assert [res[("mode", m, g)] for m, g in (("flat", 400.0), ("two_level", 400.0), ("auto", 400.0),
                                                   ("auto", 1e-4))] == [3, 5, 3, 5]
+
+
+def test_auto_measures_both_paths_and_every_rank_keeps_the_slowest_ranks_pick(results):
+    n = MoEConfig().ep_tune_forwards
+    for res in results[4]:
+        # Exchanges per fwd+bwd: flat 5, two-level 1 + 8. The prior (the cost model on a 400 Gbit/s NIC:
+        # flat) first, then alternating; after the trial, the pick of the MAX over ranks: flat (3 < 4), though
+        # ranks 1-3 alone measured two-level faster.
+        assert res["tune_picks"] == [5, 9] * (n + 1) + [5], res["tune_picks"]
+        assert res["tune_eval_calls"] == 3  # no_grad forward: the prior, flat
+        assert res["tune_decided"] == [dict(picked="flat", flat_ms=3000.0, two_level_ms=4000.0, with_backward=True)]
+        assert all(res["tune_equal"]), res["tune_equal"]
+    real = [res["tune_real"][0]["picked"] for res in results[4]]
+    assert len(set(real)) == 1, real
 
 
 def overlapped(log: list) -> int:
