@@ -126,7 +126,8 @@ class MoEConfig:
     neither is set; EP groups inside one node keep the flat all-to-all."""
     a2a_chunks: int = 1
     """C: the two-level dispatch -> experts -> combine runs as C pipelined chunks of the sub-tokens, so
-    that one chunk's (asynchronous) all-to-all overlaps another's expert GEMMs. 1 = no pipelining."""
+    that one chunk's (asynchronous) all-to-all overlaps another's expert GEMMs, in the forward and the
+    backward. 1 = no pipelining."""
     ep_recv_budget: int = 0
     """Most sub-token rows one EP rank may receive for its experts per MoE forward (a bounded receive
     buffer). A rank over it raises an error naming this setting on every rank (instead of running out

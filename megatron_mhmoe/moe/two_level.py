@@ -35,8 +35,9 @@ four conjugates in the backward).
 
 Overlap: with C chunks (model.moe.a2a_chunks) each chunk runs as a coroutine that yields after starting
 its inter-node exchange (2, and the return of 6) asynchronously; the chunks are advanced in turn, so one
-chunk's exchange is in flight while another's experts run. The forward overlaps; the backward runs the
-conjugate exchanges synchronously.
+chunk's exchange is in flight while another's experts run. The backward mirrors it: each exchange's
+conjugate starts where the forward waited and completes where it started (comm.all_to_all_start / _wait),
+and autograd runs another chunk's backward in between.
 """
 from __future__ import annotations
 
