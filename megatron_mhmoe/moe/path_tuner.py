@@ -12,8 +12,9 @@ measured 1.13x flat. So 'auto' takes the model's pick as a prior and then measur
    when it returns, and again from the moment the output's gradient arrives to the moment the input's
    gradient leaves (two identity autograd functions). The device is synchronised at each of these four
    points, during the trial only.
-3. At the next forward of that shape every rank all-reduces (MAX) its per-path medians over the EP group:
-   the slowest rank decides, and every rank takes the same path from then on (their collectives must
+3. At the next forward of that shape every rank all-reduces (MAX) its per-path minima over the EP group
+   (the least disturbed sample: other work on the host or the network only ever adds time): the slowest
+   rank decides, and every rank takes the same path from then on (their collectives must
    match). If some backward did not run (forwards without a backward, e.g. activation checkpointing's
    first pass), forward times alone decide, on every rank alike.
 
@@ -23,7 +24,6 @@ but the time of its first few steps.
 """
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -125,10 +125,10 @@ class PathTuner:
         return _Clock.apply(y, start) if y.requires_grad else y
 
     def _decide(self, key, trial: Trial) -> str:
-        # 3. One all-reduce: per path the median forward and forward + backward, and whether every
+        # 3. One all-reduce: per path the fastest forward and forward + backward, and whether every
         # measured forward had its backward (as -1/0 under MAX, i.e. the minimum over ranks).
-        fwd = [statistics.median(trial.forward[p]) for p in PATHS]
-        full = [statistics.median(f + b for f, b in zip(trial.forward[p], trial.backward[p]))
+        fwd = [min(trial.forward[p]) for p in PATHS]
+        full = [min(f + b for f, b in zip(trial.forward[p], trial.backward[p]))
                 if len(trial.backward[p]) == len(trial.forward[p]) else 0.0 for p in PATHS]
         complete = all(len(trial.backward[p]) == len(trial.forward[p]) for p in PATHS)
         vec = torch.tensor(fwd + full + [-float(complete)], dtype=torch.float64)

@@ -9,15 +9,16 @@ from megatron_mhmoe.moe.path_tuner import PathTuner
 FWD = {"flat": 3.0, "two_level": 2.0}  # seconds of each path's forward on the fake clock
 
 
-def make(forwards=2, bwd=None):
+def make(forwards=2, bwd=None, fwd=None):
     now = [0.0]
+    fwd = {p: list(v) for p, v in (fwd or {}).items()}  # per path, the cost of each forward in turn
     tuner = PathTuner(forwards, clock=lambda: now[0])
 
     class Costed(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, path):
             ctx.path = path
-            now[0] += FWD[path]
+            now[0] += fwd[path].pop(0) if fwd.get(path) else FWD[path]
             return x * 2
 
         @staticmethod
@@ -68,3 +69,11 @@ def test_evaluation_forwards_and_other_shapes_do_not_count():
 def test_zero_forwards_is_the_cost_model_alone():
     tuner, forward = make(forwards=0)
     assert [forward(prior="two_level") for _ in range(6)] == ["two_level"] * 6 and not tuner.decided
+
+
+def test_a_disturbed_sample_does_not_decide():
+    # flat measures 3 s once and 10 s once (the host was busy): its best run decides, not its median.
+    tuner, forward = make(forwards=2, fwd={"flat": [3.0, 3.0, 10.0], "two_level": [4.0, 4.0, 4.0]})
+    for _ in range(7):
+        forward()
+    assert tuner.decided[("S",)]["picked"] == "flat" and tuner.decided[("S",)]["flat_ms"] == 3000.0
