@@ -39,6 +39,7 @@ removed at exit, also on failure or a signal.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import math
 import os
@@ -161,6 +162,7 @@ def worker(args) -> None:
     from megatron_mhmoe.parallel import comm
     from megatron_mhmoe.parallel.context import ParallelContext
     torch.set_num_threads(1)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the driver asks for stacks before a timeout kill
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     ctx = ParallelContext.from_world(1, WORLD)
@@ -287,8 +289,16 @@ def run_link(args, rate: str, rails: int) -> list:
             cmd += [a for a in sys.argv[1:] if a != "--worker"]
             procs.append(subprocess.Popen(cmd, env=env))
         deadline = time.monotonic() + args.timeout
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        try:
+            for p in procs:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in procs:  # where each rank is stuck (Python stacks on its stderr), then the kill below
+                if p.poll() is None:
+                    p.send_signal(signal.SIGUSR1)
+            time.sleep(3)
+            raise SystemExit(f"workers still running after --timeout {args.timeout:.0f} s (link {rate}, rails "
+                             f"{rails}); their stacks are above")
         if any(p.returncode for p in procs):
             raise SystemExit(f"worker exit codes {[p.returncode for p in procs]} (link {rate}, rails {rails})")
         return [json.load(open(os.path.join(out, f"{r}.json"))) for r in range(WORLD)]

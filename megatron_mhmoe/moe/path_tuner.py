@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 PATHS = ("flat", "two_level")
+"""The default pair; a dispatcher whose node-aware path is another (head-affine) passes its own."""
 
 
 def _sync(device: torch.device) -> None:
@@ -44,13 +45,19 @@ class Trial:
     """Timings of one forward shape while both paths are tried."""
 
     prior: str
+    paths: tuple = PATHS
+    """(flat, the node-aware path)."""
     calls: int = 0
     current: tuple = (-1, "")
     """(index, path) of the forward picked last."""
-    forward: dict = field(default_factory=lambda: {p: [] for p in PATHS})
+    forward: dict = field(default_factory=dict)
     """Seconds of each measured forward, per path."""
-    backward: dict = field(default_factory=lambda: {p: [] for p in PATHS})
+    backward: dict = field(default_factory=dict)
     """Seconds of the backward of those forwards, per path, appended as they run."""
+
+    def __post_init__(self):
+        self.forward = {p: [] for p in self.paths}
+        self.backward = {p: [] for p in self.paths}
 
 
 class _Clock(torch.autograd.Function):
@@ -81,15 +88,15 @@ class PathTuner:
         self.decided: dict = {}
         """shape key -> {'picked', 'flat_ms', 'two_level_ms', 'with_backward'} once measured."""
 
-    def pick(self, key, prior: str) -> str:
-        """The path of this forward (call once per forward, in the same order on every rank)."""
+    def pick(self, key, prior: str, paths: tuple = PATHS) -> str:
+        """The path of this forward among `paths` (call once per forward, in the same order on every rank)."""
         if key in self.decided:
             return self.decided[key]["picked"]
         if self.forwards <= 0 or not torch.is_grad_enabled():
             return prior
-        trial = self._trials.setdefault(key, Trial(prior))
+        trial = self._trials.setdefault(key, Trial(prior, tuple(paths)))
         if trial.calls < 2 * (self.forwards + 1):
-            order = (prior, PATHS[1 - PATHS.index(prior)])
+            order = (prior, paths[1 - paths.index(prior)])
             trial.current = (trial.calls, order[trial.calls % 2])
             trial.calls += 1
             return trial.current[1]
@@ -127,17 +134,18 @@ class PathTuner:
     def _decide(self, key, trial: Trial) -> str:
         # 3. One all-reduce: per path the fastest forward and forward + backward, and whether every
         # measured forward had its backward (as -1/0 under MAX, i.e. the minimum over ranks).
-        fwd = [min(trial.forward[p]) for p in PATHS]
+        paths = trial.paths
+        fwd = [min(trial.forward[p]) for p in paths]
         full = [min(f + b for f, b in zip(trial.forward[p], trial.backward[p]))
-                if len(trial.backward[p]) == len(trial.forward[p]) else 0.0 for p in PATHS]
-        complete = all(len(trial.backward[p]) == len(trial.forward[p]) for p in PATHS)
+                if len(trial.backward[p]) == len(trial.forward[p]) else 0.0 for p in paths]
+        complete = all(len(trial.backward[p]) == len(trial.forward[p]) for p in paths)
         vec = torch.tensor(fwd + full + [-float(complete)], dtype=torch.float64)
         if self.group is not None and dist.is_initialized():
             dist.all_reduce(vec, op=dist.ReduceOp.MAX, group=self.group)
         with_backward = bool(vec[4] < -0.5)
         times = vec[2:4] if with_backward else vec[0:2]
-        picked = PATHS[1] if times[1] < times[0] else PATHS[0]
-        self.decided[key] = dict(picked=picked, flat_ms=float(times[0]) * 1e3, two_level_ms=float(times[1]) * 1e3,
-                                 with_backward=with_backward)
+        picked = paths[1] if times[1] < times[0] else paths[0]
+        self.decided[key] = {"picked": picked, f"{paths[0]}_ms": float(times[0]) * 1e3,
+                             f"{paths[1]}_ms": float(times[1]) * 1e3, "with_backward": with_backward}
         del self._trials[key]
         return picked
