@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from megatron_mhmoe.moe import ep_cost, padded_dispatch, two_level
+from megatron_mhmoe.moe import ep_cost, head_affine, padded_dispatch, two_level
 from megatron_mhmoe.moe.dispatch_env import (  # noqa: F401  (_device_clock, _record_event: patched by tests)
     DispatchEnv, DispatchProfile, _device_clock, _record_event, _span_seconds)
 from megatron_mhmoe.moe.gate_combine import gate_combine
@@ -130,6 +130,14 @@ class MoEDispatcher:
         """Node of each EP rank when the EP group spans nodes (the two-level path), else None (flat)."""
         if self.layout is not None:
             two_level.create_groups(ctx, self.layout)  # collective: created here, on every rank alike
+        setting = moe.head_groups if moe is not None else 0
+        self.head_groups = head_affine.resolve(setting, self.layout)
+        """G of head-affine routing (model.moe.head_groups resolved on this layout; 1 = off)."""
+        if moe is not None:
+            head_affine.check_routing(self.head_groups, moe.num_heads, num_experts, moe.top_k,
+                                      where=f"model.moe.head_groups={setting!r} ->")
+        head_affine.check_placement(self.head_groups, self.layout, num_experts)
+        self.num_heads = moe.num_heads if moe is not None else 1
         self.force_flat = False
         """Take the flat path whatever ep_dispatch says (benchmarks and tests compare the paths)."""
         self.ep_dispatch = moe.ep_dispatch if moe is not None else "auto"

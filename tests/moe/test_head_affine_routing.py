@@ -1,0 +1,161 @@
+"""Head-affine routing (model.moe.head_groups, moe/head_affine.py), one process.
+
+1. G = 0 and G = 1 are the shared pool: the layer's outputs and gradients are bit-identical (torch.equal).
+2. Every choice of head j lies in group j mod G (softmax, X-MoE and sigmoid gates, with and without a
+   routing bias), the choices equal a reference by loops, and the gates equal a reference computed by
+   masking the scores outside the group and renormalising the chosen ones.
+3. Debug routing draws inside each head's group ('skew': each group's first expert).
+4. The layer with G > 1: forward equals the slow loop reference (capacity on and off), the statistics
+   (per-head counts) show head j only in its group, the losses are finite.
+5. Validation: the arithmetic in the messages; 'nodes' resolves to the layout's node count; conflicts.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_mhmoe.config import ModelConfig, MoEConfig, model_config_from_dict
+from megatron_mhmoe.moe import head_affine
+from megatron_mhmoe.moe.layer import MHMoELayer
+from megatron_mhmoe.moe.router import choose
+from megatron_mhmoe.moe.two_level import NodeLayout
+from megatron_mhmoe.parallel.context import ParallelContext
+
+
+def layer_for(G, h=4, E=8, k=2, cf=0.0, gate="softmax", **kw):
+    cfg = ModelConfig(hidden_size=32, num_attention_heads=4, moe=MoEConfig(
+        num_experts=E, top_k=k, num_heads=h, expert_hidden_size=16, capacity_factor=cf, gate=gate,
+        head_groups=G, **kw))
+    torch.manual_seed(0)
+    return MHMoELayer(cfg, ParallelContext.single_process())
+
+
+def run(layer, x):
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    y, st = layer(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y) + st.aux_loss).sum().backward()
+    return y.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}, st
+
+
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
+def test_one_group_is_the_shared_pool_bit_for_bit(gate):
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(1))
+    y0, gx0, g0, st0 = run(layer_for(0, gate=gate, cf=1.0), x)
+    y1, gx1, g1, st1 = run(layer_for(1, gate=gate, cf=1.0), x)
+    assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
+    assert g0.keys() == g1.keys() and all(torch.equal(g0[n], g1[n]) for n in g0)
+    assert torch.equal(st0.kept, st1.kept) and torch.equal(st0.aux_loss, st1.aux_loss)
+    # ...and G = 2 is not (the test can tell routings apart).
+    y2, _, _, _ = run(layer_for(2, gate=gate, cf=1.0), x)
+    assert not torch.equal(y0, y2)
+
+
+def masked_reference(logits, h, G, k, gate, bias=None):
+    """Scores masked outside the head's group by loops; choose by the (biased) masked scores, weigh by the
+    unbiased ones, renormalised over the k."""
+    scores = torch.sigmoid(logits) if gate == "sigmoid" else torch.softmax(logits, -1)
+    S, E = scores.shape
+    per = E // G
+    sel = scores + (bias if bias is not None else 0)
+    masked = sel.clone()
+    for i in range(S):
+        for e in range(E):
+            if e // per != (i % h) % G:
+                masked[i, e] = float("-inf")
+    ids = head_affine.affine_reference(masked, h, G, k)
+    top = scores.gather(1, ids)
+    return ids, top / top.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("gate", ["softmax", "xmoe", "sigmoid"])
+@pytest.mark.parametrize("G", [2, 4])
+@pytest.mark.parametrize("biased", [False, True])
+def test_choices_stay_in_the_head_group_and_gates_match_masked_scores(gate, G, biased):
+    h, E, k = 4, 8, 2
+    g = torch.Generator().manual_seed(G)
+    logits = torch.randn(5 * h, E, generator=g) * 3
+    bias = torch.randn(E, generator=g) * 0.2 if biased else None
+    moe = MoEConfig(num_experts=E, top_k=k, num_heads=h, gate=gate, head_groups=G)
+    r = choose(logits, moe, bias=bias)
+    head = torch.arange(5 * h) % h
+    assert ((r.experts // (E // G)) == (head % G)[:, None]).all()
+    ids, gates = masked_reference(logits, h, G, k, gate, bias)
+    assert torch.equal(r.experts, ids)
+    torch.testing.assert_close(r.gates, gates, rtol=0, atol=1e-6)
+    # The balance losses count the unbiased top-k inside the group.
+    assert ((r.unbiased_experts // (E // G)) == (head % G)[:, None]).all()
+
+
+def test_hand_checkable_case():
+    # h = 2, G = 2, E = 4, k = 1: head 0 picks among experts {0, 1}, head 1 among {2, 3}.
+    p = torch.tensor([[0.1, 0.2, 0.6, 0.1],    # token 0, head 0: best overall is 2, in its group 1
+                      [0.5, 0.1, 0.1, 0.3],    # token 0, head 1: best overall is 0, in its group 3
+                      [0.3, 0.1, 0.2, 0.4],    # token 1, head 0: 0
+                      [0.1, 0.1, 0.1, 0.7]])   # token 1, head 1: 3
+    moe = MoEConfig(num_experts=4, top_k=1, num_heads=2, gate="softmax", head_groups=2)
+    r = choose(torch.log(p), moe)
+    assert r.experts.view(-1).tolist() == [1, 3, 0, 3]
+    torch.testing.assert_close(r.gates.view(-1), torch.tensor([0.2, 0.3, 0.3, 0.7]))  # k = 1: the probability
+
+
+def test_debug_routing_inside_groups():
+    moe = MoEConfig(num_experts=8, top_k=2, num_heads=4, gate="softmax", head_groups=2, debug_routing="skew",
+                    debug_skew_fraction=1.0)
+    r = choose(torch.zeros(8, 8), moe)
+    # every sub-token skewed: its j-th choice is expert j of its group (groups {0..3}, {4..7})
+    assert r.experts.tolist() == [[0, 1], [4, 5]] * 4
+    moe.debug_routing, moe.debug_skew_fraction = "balanced", 0.0
+    r = choose(torch.zeros(8, 8), moe)
+    head = torch.arange(8) % 4
+    assert ((r.experts // 4) == (head % 2)[:, None]).all()
+
+
+@pytest.mark.parametrize("cf", [0.0, 1.0])
+def test_layer_matches_loop_reference_and_stats_per_head(cf):
+    G, h, E = 2, 4, 8
+    layer = layer_for(G, h=h, E=E, cf=cf, aux_loss_coef=0.01)
+    x = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y, st = layer(x)
+        ref = layer.forward_reference(x)
+    torch.testing.assert_close(y, ref, atol=2e-5, rtol=1e-4)
+    hc = st.head_counts.view(h, E)  # (h, E): head j's assignments to expert e
+    for j in range(h):
+        outside = [e for e in range(E) if e // (E // G) != j % G]
+        assert hc[j, outside].sum() == 0 and hc[j].sum() == 12 * 2
+    assert torch.isfinite(st.aux_loss) and torch.isfinite(st.z_loss)
+
+
+def test_validation_messages():
+    def bad(match, **kw):
+        with pytest.raises(ValueError, match=match):
+            ModelConfig(hidden_size=32, num_attention_heads=4, moe=MoEConfig(**kw)).validate()
+    bad(r"head_groups=3 head groups do not divide num_heads=4 \(4 % 3 = 1\)", num_heads=4, num_experts=12, head_groups=3)
+    bad(r"do not divide num_experts=6 \(6 % 4 = 2\)", num_heads=4, num_experts=6, head_groups=4)
+    bad(r"E/G = 8/4 = 2 experts, fewer than top_k=3", num_heads=4, num_experts=8, top_k=3, head_groups=4)
+    bad(r"route_group_limit=1.*turn one off", num_heads=4, num_experts=8, head_groups=2, route_groups=2,
+        route_group_limit=1)
+    bad(r"quantile_balancing", num_heads=4, num_experts=8, head_groups=2, quantile_balancing=True,
+        aux_loss_coef=0.0)
+    bad(r"'node' must be an integer >= 0 or 'nodes'", head_groups="node")
+    bad(r"head_groups=-1 must be >= 0", head_groups=-1)
+    cfg = model_config_from_dict({"hidden_size": 32, "num_attention_heads": 4,
+                                  "moe": {"num_experts": 8, "num_heads": 4, "head_groups": "nodes"}})
+    assert cfg.validate().moe.head_groups == "nodes"
+    with pytest.raises(ValueError, match="head_groups must be int or str, got float 1.5"):
+        model_config_from_dict({"moe": {"head_groups": 1.5}})
+
+
+def test_placement_and_nodes():
+    two_by_two, four_by_one = NodeLayout(4, 2), NodeLayout(4, 1)
+    assert head_affine.resolve("nodes", two_by_two) == 2 and head_affine.resolve("nodes", None) == 1
+    assert head_affine.resolve(0, two_by_two) == 1 and head_affine.resolve(4, None) == 4
+    head_affine.check_placement(2, two_by_two, 8)
+    head_affine.check_placement(4, two_by_two, 8)  # two groups per node
+    assert head_affine.node_of_group(4, 2) == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match=r"needs G a multiple of the nodes \(2 % 4 = 2\).*'nodes' \(4\)"):
+        head_affine.check_placement(2, four_by_one, 8)
+    # 'nodes' on one process (EP fits one node): G = 1, the shared pool.
+    x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(run(layer_for("nodes"), x)[0], run(layer_for(0), x)[0])
