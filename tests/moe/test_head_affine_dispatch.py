@@ -4,7 +4,8 @@ One spawned job of world 8 holds both layouts: EP = 8 as 2 nodes x 4 ranks, and 
 ranks (two EP groups of 4 in the world of 8), every case inside it (h = 2 and 4, G = nodes and 2 x nodes,
 with and without capacity, 1 and 2 chunks).
 
-1. Same outputs, input and parameter gradients, drop counts and kept rows as the flat path on the same
+1. Same outputs, input and parameter gradients, drop counts, kept rows sent and rows each rank's experts
+   receive as the flat path on the same
    (head-affine) routing. Tolerance: fp32, atol 2e-5 / rtol 1e-4 (the paths add the same terms in another
    order).
 2. Fixed cross-node exchange: no integer (count) exchange leaves a node, no row leaves its rail, and each
@@ -56,7 +57,8 @@ def step(layer, x, flat: bool, per_node: int):
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
     return dict(y=y.detach(), gx=x.grad, grads=grads, dropped=st.dropped, meter=meter,
-                counted=layer.dispatcher.profile.internode_bytes, sent=layer.dispatcher.profile.rows_sent)
+                counted=layer.dispatcher.profile.internode_bytes, sent=layer.dispatcher.profile.rows_sent,
+                received=layer.dispatcher.profile.rows_received)
 
 
 def worker(rank: int, world: int, cases: list) -> dict:
@@ -77,6 +79,7 @@ def worker(rank: int, world: int, cases: list) -> dict:
                       if n not in fixed["grads"] or not torch.allclose(fixed["grads"][n], g, atol=ATOL, rtol=RTOL)],
             same_grad_set=set(flat["grads"]) == set(fixed["grads"]),
             dropped=(fixed["dropped"], flat["dropped"]), sent=(fixed["sent"], flat["sent"]),
+            received=(fixed["received"], flat["received"]),
             meter=fixed["meter"].bytes_off_node, counted=fixed["counted"], calls=fixed["meter"].calls,
             off_rail=fixed["meter"].bytes_off_rail,
             ints_off_node=sum(c["off_node"] for c in fixed["meter"].per_call if not c["floating"]))
@@ -117,6 +120,8 @@ def test_head_affine_path_equals_flat(results):
             assert r["gx_ok"], f"{where}: input gradient differs"
             assert r["same_grad_set"] and not r["grad_bad"], f"{where}: gradients differ for {r['grad_bad']}"
             assert r["dropped"][0] == r["dropped"][1] and r["sent"][0] == r["sent"][1], where
+            # each rank's experts get the rows the flat path gives them (no dropped choice computed)
+            assert r["received"][0] == r["received"][1], (where, r["received"])
             assert r["calls"] == 9 * case[5], f"{where}: {r['calls']} exchanges, not the head-affine path's"
     assert any(res[c]["dropped"][1] > 0 for res in results for c in CASES if c[4] > 0), "capacity should drop"
 
