@@ -147,7 +147,9 @@ class MoEConfig:
     NIC to the same local rank there, which fans it out inside its node; moe/two_level.py) or 'auto' (the
     cheaper by moe/ep_cost.py's model, exchanges x ep_exchange_us + NIC bytes / ep_nic_gbps + node bytes /
     ep_node_gbps, priced per forward from its sub-token count, which every EP rank must share: fixed
-    micro-batch shapes). EP groups inside one node always take the flat path."""
+    micro-batch shapes). EP groups inside one node always take the flat path. With head-affine placement
+    (head_groups > 1 on the nodes) the node-aware path is the head-affine one (moe/head_affine_dispatch.py:
+    fixed cross-node splits): 'two_level' takes it and 'auto' prices it against flat (moe/ep_cost.py)."""
     ep_nic_gbps: float = 400.0
     """Cost model (ep_dispatch='auto'): each rank's own NIC, Gbit/s per direction (400 = one NDR NIC per GPU)."""
     ep_node_gbps: float = 3600.0
