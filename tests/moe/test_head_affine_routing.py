@@ -159,3 +159,20 @@ def test_placement_and_nodes():
     # 'nodes' on one process (EP fits one node): G = 1, the shared pool.
     x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(3))
     assert torch.equal(run(layer_for("nodes"), x)[0], run(layer_for(0), x)[0])
+
+
+def test_ep_cost_prices_the_head_affine_path():
+    from megatron_mhmoe.moe import ep_cost
+    plan = NodeLayout(32, 8)  # the E=256 plan: 4 nodes x 8
+    fast, slow = ep_cost.Link(400.0, 3600.0, 30.0), ep_cost.Link(0.1, 3600.0, 30.0)
+    args = dict(E=256, d_sub=512, itemsize=2, layout=plan, chunks=1)
+    assert ep_cost.choose("two_level", 4096, 8, link=fast, head_groups=4, **args) == "head_affine"
+    assert ep_cost.choose("flat", 4096, 8, link=slow, head_groups=4, **args) == "flat"
+    assert ep_cost.choose("auto", 4096, 8, link=slow, head_groups=4, **args) == "head_affine"
+    assert ep_cost.choose("auto", 8, 8, link=fast, head_groups=4, **args) == "flat"  # latency-bound
+    assert ep_cost.choose("auto", 4096, 8, link=slow, **args) == "two_level"  # without head groups
+    # NIC bytes: S (N-1)/N packets of 2 (d_sub + k + c) + 2 d_sub values, about 1/k of flat's 4 S k (N-1)/N d_sub
+    ha = ep_cost.head_affine_cost(4096, 8, 256, 512, 2, plan, 1, fast)
+    flat = ep_cost.flat_cost(4096, 8, 256, 512, 2, plan, fast)
+    assert ha.nic_bytes == 4096 * 3 / 4 * (2 * (512 + 8 + 4) + 2 * 512) * 2 and ha.exchanges == 9
+    assert flat.nic_bytes / 8 < ha.nic_bytes < flat.nic_bytes / 8 * 1.02
