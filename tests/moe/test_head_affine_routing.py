@@ -17,7 +17,7 @@ import torch
 from megatron_mhmoe.config import ModelConfig, MoEConfig, model_config_from_dict
 from megatron_mhmoe.moe import head_affine
 from megatron_mhmoe.moe.layer import MHMoELayer
-from megatron_mhmoe.moe.router import choose
+from megatron_mhmoe.moe.router import choose, top_k, top_k_sigmoid
 from megatron_mhmoe.moe.two_level import NodeLayout
 from megatron_mhmoe.parallel.context import ParallelContext
 
@@ -46,6 +46,13 @@ def test_one_group_is_the_shared_pool_bit_for_bit(gate):
     assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
     assert g0.keys() == g1.keys() and all(torch.equal(g0[n], g1[n]) for n in g0)
     assert torch.equal(st0.kept, st1.kept) and torch.equal(st0.aux_loss, st1.aux_loss)
+    # ...and the router takes today's path itself at G = 0 and 1: the plain top-k functions, bit for bit.
+    logits = torch.randn(16, 8, generator=torch.Generator().manual_seed(4))
+    plain = top_k(logits, 2) if gate == "softmax" else top_k_sigmoid(logits, 2)
+    for G in (0, 1):
+        r = choose(logits, MoEConfig(num_experts=8, top_k=2, num_heads=4, gate=gate, head_groups=G))
+        assert r.unbiased_experts is None and all(torch.equal(getattr(r, f), getattr(plain, f))
+                                                  for f in ("probs", "experts", "gates", "lse"))
     # ...and G = 2 is not (the test can tell routings apart).
     y2, _, _, _ = run(layer_for(2, gate=gate, cf=1.0), x)
     assert not torch.equal(y0, y2)
