@@ -29,7 +29,10 @@ prediction, all NICs: flat 4 S k (N-1)/N d_sub itemsize per rank plus counts; tw
 or S (N-1)/N with groups = nodes, plus one traffic vector per chunk), picked, alpha_us (median time of a
 one-row all-to-all over the 4 ranks on this network, slowest rank: the cost model's exchange cost, which
 the 2 shared cores make vary with the machine's load), node_tx_mb (bytes per step sent by each node's
-NICs) and node_ratio (max / min of node_tx_mb: 1 = both nodes send alike).
+NICs: over a whole fwd+bwd step two nodes send each other the same bytes, whatever the routing, since each
+dispatch's rows come back in its combine), node_dispatch_rows (rows, or packets on the node-aware paths,
+that each node's forward dispatch sends to the other node: the direction skew loads) and node_ratio (max /
+min of node_dispatch_rows: 1 = both directions of the link carry alike in every phase).
 
 Skewed routing: --skew F makes a fraction F of every rank's tokens one repeated token (a hot token the
 real router sends to the same experts each time; every mode routes the same inputs). --debug-skew uses the
@@ -260,9 +263,9 @@ def run_modes(args, group_limited: bool = True) -> list[str]:
     return ["flat"] + [m for m in MODES if m in asked and m != "flat" and not (drop_gl and m == "two-level+group-lim")]
 
 
-def node_traffic(rail_mb: list, rails: int) -> tuple[list, float]:
-    """Bytes sent by each node's NICs (rail_mb: one per NIC, node-major, `rails` per node) and their max / min
-    (inf when a node sends nothing)."""
+def node_traffic(per_unit: list, per_node: int) -> tuple[list, float]:
+    """Per-node sums of per-NIC or per-rank amounts (node-major, `per_node` per node) and their max / min (inf
+    when a node has none)."""
     nodes = [round(sum(rail_mb[i:i + rails]), 4) for i in range(0, len(rail_mb), rails)]
     return nodes, (round(max(nodes) / min(nodes), 4) if min(nodes) > 0 else float("inf"))
 
@@ -345,9 +348,10 @@ def report(args, rate: str, rails: int, per_rank: list) -> list[dict]:
             step = statistics.median(steps) * 1e3
             flat_step = step if m == "flat" else flat_step
             rail = [r[m]["nic"] / 1e6 for r in res if r[m]["nic"] is not None]  # one per NIC
-            node_tx, node_ratio = node_traffic(rail, rails)
+            node_tx, _ = node_traffic(rail, rails)
+            node_rows, node_ratio = node_traffic([r[m]["remote_rows"] for r in res], PER_NODE)
             rows.append(dict(skew=args.skew, skew_kind="debug" if args.debug_skew else "hot",
-                             node_tx_mb=node_tx, node_ratio=node_ratio,rate=rate, rails=rails, shape=shape, mode=m, step_ms=round(step, 2),
+                             node_tx_mb=node_tx, node_dispatch_rows=node_rows, node_ratio=node_ratio,rate=rate, rails=rails, shape=shape, mode=m, step_ms=round(step, 2),
                              x_flat=round(step / flat_step, 4), comm_ms=round(statistics.median(comms) * 1e3, 2),
                              link_mb=round(sum(rail), 4), rail_mb=[round(v, 4) for v in rail],
                              node_mb=round(sum(r[m]["node"] for r in res) / 1e6, 4),
@@ -387,8 +391,8 @@ def summarize(paths: list[str]) -> str:
 
 def node_table(runs: dict) -> str:
     """Cross-node bytes and node balance per row, for runs whose lines carry node_tx_mb (else '')."""
-    out = ["", "| NIC rate | NICs/node | skew | mode | x flat | cross-node MB | x flat MB | MB per node (each) | "
-           "node max/min |", "|---|---|---|---|---|---|---|---|---|"]
+    out = ["", "| NIC rate | NICs/node | skew | mode | x flat | cross-node MB | x flat MB | MB sent per node | "
+           "dispatch rows out per node | max/min |", "|---|---|---|---|---|---|---|---|---|---|"]
     flat_mb = {}
     for (rate, rails, shape, mode), rows in runs.items():
         if mode == "flat":
@@ -403,6 +407,7 @@ def node_table(runs: dict) -> str:
         out.append(f"| {rate} | {rails} | {skew} | {mode} | {statistics.median(r['x_flat'] for r in rows):.2f} | "
                    f"{link:.2f} | {link / base if base else float('nan'):.2f} | "
                    f"{' '.join(format(v, '.2f') for v in per_node)} | "
+                   f"{' '.join(str(int(statistics.median(r['node_dispatch_rows'][i] for r in rows))) for i in range(len(per_node)))} | "
                    f"{statistics.median(r['node_ratio'] for r in rows):.2f} |")
     return "\n".join(out) + "\n" if len(out) > 3 else ""
 

@@ -31,23 +31,23 @@ def test_modes_and_node_traffic():
     assert moe_two_node.run_modes(args) == ["flat", "head-affine"]  # debug routing excludes the group limit
     with pytest.raises(SystemExit, match="unknown mode"):
         moe_two_node.run_modes(moe_two_node.parse_args(["--modes", "head"]))
-    assert moe_two_node.node_traffic([1.0, 2.0, 3.0, 3.0], 2) == ([3.0, 6.0], 2.0)
+    assert moe_two_node.node_traffic([1.0, 2.0, 3.0, 3.0], 2) == ([3.0, 6.0], 2.0)  # per NIC or per rank
     assert moe_two_node.node_traffic([4.0, 4.0], 1) == ([4.0, 4.0], 1.0)
     assert moe_two_node.node_traffic([0.0, 4.0], 1)[1] == float("inf")
 
 
 def test_summarize_adds_the_node_table(tmp_path):
     lines = []
-    for mode, link, nodes, x in (("flat", 8.0, [5.0, 3.0], 1.0), ("head-affine", 4.2, [2.1, 2.1], 0.6)):
+    for mode, link, rows, x in (("flat", 8.0, [600, 200], 1.0), ("head-affine", 4.2, [256, 256], 0.6)):
         row = dict(rate="100mbit", rails=2, shape="mhmoe", mode=mode, step_ms=100 * x, x_flat=x, link_mb=link,
-                   rail_mb=[nodes[0] / 2] * 2 + [nodes[1] / 2] * 2, formula_mb=link, picked="flat",
-                   skew=0.5, skew_kind="hot", node_tx_mb=nodes, node_ratio=max(nodes) / min(nodes))
+                   rail_mb=[link / 4] * 4, formula_mb=link, picked="flat", skew=0.5, skew_kind="hot",
+                   node_tx_mb=[link / 2] * 2, node_dispatch_rows=rows, node_ratio=max(rows) / min(rows))
         lines.append("JSON " + json.dumps(row))
     p = tmp_path / "run.txt"
     p.write_text("\n".join(lines) + "\n")
     text = moe_two_node.summarize([str(p)])
-    assert "| 100mbit | 2 | hot 0.5 | head-affine | 0.60 | 4.20 | 0.53 | 2.10 2.10 | 1.00 |" in text
-    assert "| 100mbit | 2 | hot 0.5 | flat | 1.00 | 8.00 | 1.00 | 5.00 3.00 | 1.67 |" in text
+    assert "| 100mbit | 2 | hot 0.5 | head-affine | 0.60 | 4.20 | 0.53 | 2.10 2.10 | 256 256 | 1.00 |" in text
+    assert "| 100mbit | 2 | hot 0.5 | flat | 1.00 | 8.00 | 1.00 | 4.00 4.00 | 600 200 | 3.00 |" in text
     # lines without the node fields (earlier runs) give the first table alone
     old = tmp_path / "old.txt"
     old.write_text("JSON " + json.dumps(dict(rate="1gbit", rails=1, shape="mhmoe", mode="flat", step_ms=1.0,
