@@ -266,7 +266,7 @@ def run_modes(args, group_limited: bool = True) -> list[str]:
 def node_traffic(per_unit: list, per_node: int) -> tuple[list, float]:
     """Per-node sums of per-NIC or per-rank amounts (node-major, `per_node` per node) and their max / min (inf
     when a node has none)."""
-    nodes = [round(sum(rail_mb[i:i + rails]), 4) for i in range(0, len(rail_mb), rails)]
+    nodes = [round(sum(per_unit[i:i + per_node]), 4) for i in range(0, len(per_unit), per_node)]
     return nodes, (round(max(nodes) / min(nodes), 4) if min(nodes) > 0 else float("inf"))
 
 
