@@ -156,12 +156,19 @@ def choose(logits: torch.Tensor, moe, first_index: int = 0, bias: torch.Tensor |
     differ from the unbiased top-k, that top-k is kept too (TopK.unbiased_experts) for the balance losses.
 
     head_groups: G of head-affine routing (moe/head_affine.py; the layer resolves model.moe.head_groups,
-    which may be 'nodes'); None = moe.head_groups, which must then be an integer. G > 1 limits every
-    sub-token's choice (and the unbiased top-k the losses count) to its head's group; G <= 1 is the
-    shared pool, computed exactly as without the option."""
+    which may be 'nodes'); None = moe.head_groups, which must then be an integer. G > 1 routes every
+    sub-token with the logits of the other groups' experts at -inf: the router over its head's group alone
+    (softmax probabilities, P of the balance losses, the z-loss's logsumexp and the k = 1 gate normalised
+    inside the group; the choice and the unbiased top-k the losses count inside it). G <= 1 is the shared
+    pool, computed exactly as without the option."""
     k, E = moe.top_k, logits.shape[1]
     G = head_groups if head_groups is not None else _int_head_groups(moe)
     affine = G > 1
+    if affine:
+        # Normalising over all E would leave most of a head's probability on experts it may never choose,
+        # where the balance loss's pull on the ones it may choose is weak: a first probe (E=64, G=2, global
+        # softmax) activated 28% of the experts against 91% for the shared pool.
+        logits = head_affine.affine_scores(logits, moe.num_heads, G, first_index)  # (S, E), -inf outside
     if moe.debug_routing:
         if affine:
             experts = head_affine.debug_in_groups(

@@ -2,8 +2,8 @@
 
 1. G = 0 and G = 1 are the shared pool: the layer's outputs and gradients are bit-identical (torch.equal).
 2. Every choice of head j lies in group j mod G (softmax, X-MoE and sigmoid gates, with and without a
-   routing bias), the choices equal a reference by loops, and the gates equal a reference computed by
-   masking the scores outside the group and renormalising the chosen ones.
+   routing bias), the choices equal a reference by loops, and gates, probabilities and logsumexp equal a
+   reference computed by masking the logits outside the group (the router over the group alone).
 3. Debug routing draws inside each head's group ('skew': each group's first expert).
 4. The layer with G > 1: forward equals the slow loop reference (capacity on and off), the statistics
    (per-head counts) show head j only in its group, the losses are finite.
@@ -59,20 +59,21 @@ def test_one_group_is_the_shared_pool_bit_for_bit(gate):
 
 
 def masked_reference(logits, h, G, k, gate, bias=None):
-    """Scores masked outside the head's group by loops; choose by the (biased) masked scores, weigh by the
-    unbiased ones, renormalised over the k."""
-    scores = torch.sigmoid(logits) if gate == "sigmoid" else torch.softmax(logits, -1)
-    S, E = scores.shape
+    """Logits masked outside the head's group by loops, scored as usual (softmax inside the group); choose
+    by the (biased) scores inside the group, weigh by the unbiased ones, renormalised over the k."""
+    S, E = logits.shape
     per = E // G
-    sel = scores + (bias if bias is not None else 0)
-    masked = sel.clone()
+    outside = torch.zeros(S, E, dtype=torch.bool)
     for i in range(S):
         for e in range(E):
-            if e // per != (i % h) % G:
-                masked[i, e] = float("-inf")
-    ids = head_affine.affine_reference(masked, h, G, k)
+            outside[i, e] = e // per != (i % h) % G
+    masked = logits.masked_fill(outside, float("-inf"))
+    scores = torch.sigmoid(masked) if gate == "sigmoid" else torch.softmax(masked, -1)
+    sel = (scores + (bias if bias is not None else 0)).masked_fill(outside, float("-inf"))
+    ids = head_affine.affine_reference(sel, h, G, k)
     top = scores.gather(1, ids)
-    return ids, top / top.sum(1, keepdim=True)
+    probs = scores / scores.sum(1, keepdim=True)
+    return ids, top / top.sum(1, keepdim=True), probs, torch.logsumexp(masked, -1)
 
 
 @pytest.mark.parametrize("gate", ["softmax", "xmoe", "sigmoid"])
@@ -87,9 +88,12 @@ def test_choices_stay_in_the_head_group_and_gates_match_masked_scores(gate, G, b
     r = choose(logits, moe, bias=bias)
     head = torch.arange(5 * h) % h
     assert ((r.experts // (E // G)) == (head % G)[:, None]).all()
-    ids, gates = masked_reference(logits, h, G, k, gate, bias)
+    ids, gates, probs, lse = masked_reference(logits, h, G, k, gate, bias)
     assert torch.equal(r.experts, ids)
     torch.testing.assert_close(r.gates, gates, rtol=0, atol=1e-6)
+    # P of the balance losses and the z-loss's logsumexp: inside the group (0 outside)
+    torch.testing.assert_close(r.probs, probs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(r.lse, lse, rtol=0, atol=1e-5)
     # The balance losses count the unbiased top-k inside the group.
     assert ((r.unbiased_experts // (E // G)) == (head % G)[:, None]).all()
 
@@ -103,7 +107,8 @@ def test_hand_checkable_case():
     moe = MoEConfig(num_experts=4, top_k=1, num_heads=2, gate="softmax", head_groups=2)
     r = choose(torch.log(p), moe)
     assert r.experts.view(-1).tolist() == [1, 3, 0, 3]
-    torch.testing.assert_close(r.gates.view(-1), torch.tensor([0.2, 0.3, 0.3, 0.7]))  # k = 1: the probability
+    # k = 1: the probability inside the group, 0.2 / (0.1 + 0.2), 0.3 / (0.1 + 0.3), 0.3 / 0.4, 0.7 / 0.8
+    torch.testing.assert_close(r.gates.view(-1), torch.tensor([2 / 3, 3 / 4, 3 / 4, 7 / 8]))
 
 
 def test_debug_routing_inside_groups():
