@@ -188,3 +188,17 @@ def test_ep_cost_prices_the_head_affine_path():
     flat = ep_cost.flat_cost(4096, 8, 256, 512, 2, plan, fast)
     assert ha.nic_bytes == 4096 * 3 / 4 * (2 * (512 + 8 + 4) + 2 * 512) * 2 and ha.exchanges == 9
     assert flat.nic_bytes / 8 < ha.nic_bytes < flat.nic_bytes / 8 * 1.02
+
+
+@pytest.mark.parametrize("gate", ["xmoe", "sigmoid"])
+def test_hf_export_routes_the_same(gate):
+    from megatron_mhmoe.hf.modeling_mhmoe import route
+    moe = MoEConfig(num_experts=8, top_k=2, num_heads=4, gate=gate, head_groups=2)
+    logits = torch.randn(12, 8, generator=torch.Generator().manual_seed(5))
+    bias = torch.randn(8, generator=torch.Generator().manual_seed(6)) * 0.1
+    ours = choose(logits, moe, bias=bias)
+    experts, gates = route(logits, {"top_k": 2, "num_heads": 4, "gate": gate, "head_groups": 2}, bias)
+    assert torch.equal(experts, ours.experts)
+    torch.testing.assert_close(gates, ours.gates)
+    with pytest.raises(ValueError, match="set it to the integer G"):
+        route(logits, {"head_groups": "nodes"}, None)
