@@ -69,8 +69,9 @@ class MoEConfig:
     head_groups: Union[int, str] = 0
     """G: head-affine expert placement (moe/head_affine.py, docs/head-affine-placement.md). The experts form G
     contiguous groups of E/G and sub-token j of every token (head j) routes its top-k only among the experts
-    of group j mod G (gates, capacity, losses and statistics as for any routing; the balance losses' f counts
-    the unbiased top-k inside the head's group). On an EP group over N nodes, group g lies on node
+    of group j mod G: the router over that group alone (the logits of the other groups' experts at -inf, so
+    probabilities, gates, the balance losses' P and f, the z-loss, capacity and statistics follow as for any
+    routing). On an EP group over N nodes, group g lies on node
     g // (G/N): every sub-token's node is fixed by its head, and the cross-node exchange has fixed sizes
     and carries each sub-token once whatever top_k. G must divide num_heads and num_experts, hold top_k
     experts per group, and (EP over nodes) be a multiple of N. 'nodes' = N (1 inside one node). 0 or 1 =
