@@ -44,15 +44,17 @@ class A2AMeter:
             meter.calls += 1
             meter.bytes_total += total
             meter.bytes_off_rank += total - splits[me] * row_bytes
-            off_rail = 0
+            off_rail = off_node = 0
             if meter.per_node:
                 L, g = meter.per_node, ranks[me]
                 off = [(n, ranks[q]) for q, n in enumerate(splits) if ranks[q] // L != g // L]
                 off_rail = row_bytes * sum(n for n, r in off if r % L != g % L)
-                meter.bytes_off_node += row_bytes * sum(n for n, _ in off)
+                off_node = row_bytes * sum(n for n, _ in off)
+                meter.bytes_off_node += off_node
                 meter.bytes_off_rail += off_rail
             meter.per_call.append(dict(rows=sum(splits), row_bytes=row_bytes, bytes=total,
-                                       floating=input.is_floating_point(), off_rail=off_rail))
+                                       floating=input.is_floating_point(), off_rail=off_rail,
+                                       off_node=off_node))
             return meter._orig(output, input, output_split_sizes=output_split_sizes,
                                input_split_sizes=input_split_sizes, group=group, async_op=async_op)
 

@@ -18,6 +18,9 @@ and shape (MH-MoE h=4; SMoE h=1 with --shapes mhmoe,smoe) it runs, side by side:
                        path tried first (`model_pick`); then moe/path_tuner.py times both paths for
                        ep_tune_forwards steps each (tune_flat_ms, tune_two_level_ms: fwd + bwd, slowest
                        rank) before anything else is measured, and keeps the faster (`picked`)
+  head-affine          head-affine placement (model.moe.head_groups='nodes' = 2): heads 0, 2 route among
+                       node 0's experts, heads 1, 3 among node 1's; the cross-node exchange has fixed
+                       sizes (moe/head_affine_dispatch.py), --chunks chunks
 
 Each row is printed as a line `JSON {...}`: rate, rails, shape, mode, step_ms (fwd+bwd of the layer,
 slowest rank, median over --reps, modes interleaved rep by rep), x_flat, comm_ms (main-thread time blocked
@@ -28,7 +31,17 @@ prediction, all NICs: flat 4 S k (N-1)/N d_sub itemsize per rank plus counts; tw
 2 (d_sub + k + c) itemsize + 2 d_sub itemsize, S (N-1) (1 - C(E - E/N, k) / C(E, k)) packets per rank,
 or S (N-1)/N with groups = nodes, plus one traffic vector per chunk), picked, alpha_us (median time of a
 one-row all-to-all over the 4 ranks on this network, slowest rank: the cost model's exchange cost, which
-the 2 shared cores make vary with the machine's load).
+the 2 shared cores make vary with the machine's load), node_tx_mb (bytes per step sent by each node's
+NICs: over a whole fwd+bwd step two nodes send each other the same bytes, whatever the routing, since each
+dispatch's rows come back in its combine), node_dispatch_rows (rows, or packets on the node-aware paths,
+that each node's forward dispatch sends to the other node: the direction skew loads) and node_ratio (max /
+min of node_dispatch_rows: 1 = both directions of the link carry alike in every phase).
+
+Skewed routing: --skew F makes a fraction F of every rank's tokens one repeated token (a hot token the
+real router sends to the same experts each time; every mode routes the same inputs). --debug-skew uses the
+debug routing 'skew' instead (model.moe.debug_routing, fraction F: first choices on expert 0, inside each
+head's group with head-affine); the group-limited mode cannot combine with debug routing (both choose the
+experts) and is left out then. MHMOE_NETNS_PREFIX renames the namespaces (two_node_netns.sh).
 
 Needs root (namespaces, tc); without it the script prints a skip message and exits 0. The namespaces are
 removed at exit, also on failure or a signal.
@@ -55,7 +68,7 @@ import common  # noqa: F401  (puts the repo on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NETNS = os.path.join(HERE, "two_node_netns.sh")
-MODES = ["flat", "two-level", "two-level+overlap", "two-level+group-lim", "auto"]
+MODES = ["flat", "two-level", "two-level+overlap", "two-level+group-lim", "auto", "head-affine"]
 WORLD, PER_NODE = 4, 2
 
 
@@ -74,6 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per link before the workers are killed")
+    p.add_argument("--modes", default=",".join(MODES), help="comma list of modes to run (flat always runs)")
+    p.add_argument("--skew", type=float, default=0.0,
+                   help="fraction of each rank's tokens that are one repeated (hot) token; 0 = none")
+    p.add_argument("--debug-skew", action="store_true",
+                   help="skew by model.moe.debug_routing='skew' (fraction --skew) instead of a hot token")
     p.add_argument("--summarize", nargs="+", metavar="OUTPUT",
                    help="saved outputs of this script: print their median [min-max] per row as markdown")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -97,7 +115,11 @@ def build(args, shape: str, mode: str, ctx):
     extra = {}
     if mode == "two-level+group-lim":
         extra = dict(route_groups=WORLD // PER_NODE, route_group_limit=1)
-    chunked = mode in ("two-level+overlap", "two-level+group-lim", "auto")
+    if mode == "head-affine":
+        extra = dict(head_groups="nodes")
+    if args.debug_skew and args.skew > 0:
+        extra.update(debug_routing="skew", debug_skew_fraction=args.skew)
+    chunked = mode in ("two-level+overlap", "two-level+group-lim", "auto", "head-affine")
     moe = MoEConfig(num_experts=args.experts, top_k=args.top_k, num_heads=h, head_projection=h > 1,
                     expert_hidden_size=args.ffn, capacity_factor=0.0, gate="softmax",
                     a2a_chunks=args.chunks if chunked else 1, ep_dispatch="auto" if mode == "auto" else "two_level",
@@ -183,10 +205,13 @@ def worker(args) -> None:
     args.alpha_us = float(alpha)
     out = {"group_limited": gl, "shapes": {}, "alpha_us": args.alpha_us}
     for shape in args.shapes.split(","):
-        modes = [m for m in MODES if gl or m != "two-level+group-lim"]
+        modes = [m for m in run_modes(args, gl) if shape == "mhmoe" or m != "head-affine"]  # needs h >= nodes
         layers = {m: build(args, shape, m, ctx) for m in modes}
         torch.manual_seed(1000 + rank)
-        x = torch.randn(args.tokens, args.hidden, requires_grad=True)
+        x = torch.randn(args.tokens, args.hidden)
+        hot = 0 if args.debug_skew else int(args.skew * args.tokens)
+        x[:hot] = torch.randn(args.hidden, generator=torch.Generator().manual_seed(7))  # one hot token on every rank
+        x.requires_grad_(True)
         gy = torch.randn_like(x)
 
         def step(m):
@@ -243,6 +268,24 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
+def run_modes(args, group_limited: bool = True) -> list[str]:
+    """The modes this run measures: --modes (flat first, always), without group-limited routing where it is
+    unavailable or debug routing chooses the experts."""
+    asked = [m for m in args.modes.split(",") if m]
+    bad = sorted(set(asked) - set(MODES))
+    if bad:
+        raise SystemExit(f"unknown mode(s) {bad}; known: {MODES}")
+    drop_gl = not group_limited or (args.debug_skew and args.skew > 0)
+    return ["flat"] + [m for m in MODES if m in asked and m != "flat" and not (drop_gl and m == "two-level+group-lim")]
+
+
+def node_traffic(per_unit: list, per_node: int) -> tuple[list, float]:
+    """Per-node sums of per-NIC or per-rank amounts (node-major, `per_node` per node) and their max / min (inf
+    when a node has none)."""
+    nodes = [round(sum(per_unit[i:i + per_node]), 4) for i in range(0, len(per_unit), per_node)]
+    return nodes, (round(max(nodes) / min(nodes), 4) if min(nodes) > 0 else float("inf"))
+
+
 # ---------------------------------------------------------------------------------------------- driver
 def predicted_bytes(args, shape: str, mode: str) -> float:
     """Uniform-routing prediction of the link bytes per step, both directions, all ranks (module docstring)."""
@@ -253,6 +296,10 @@ def predicted_bytes(args, shape: str, mode: str) -> float:
         rows = S * k * (N - 1) / N  # per rank, to the other node
         return P * (4 * rows * d_sub * it + (P - L) * (E // P) * 8)
     chunks = args.chunks if mode != "two-level" else 1
+    if mode == "head-affine":  # every sub-token one packet to its head's node, no traffic vector
+        from megatron_mhmoe.moe.two_level import id_columns
+        c = id_columns(k, 1 if E // N <= 127 else 4, it)
+        return P * S * (N - 1) / N * (2 * (d_sub + k + c) * it + 2 * d_sub * it)
     if mode == "two-level+group-lim":
         q = (N - 1) / N
     else:
@@ -283,7 +330,8 @@ def run_link(args, rate: str, rails: int) -> list:
                        LOCAL_WORLD_SIZE=str(PER_NODE), MASTER_ADDR=master, MASTER_PORT=port,
                        GLOO_SOCKET_IFNAME=nic, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                        MHMOE_READS_NIC="1" if rails == PER_NODE or rank % PER_NODE == 0 else "0",
-                       MHMOE_NODE_LINK=f"mhr_node{rank}" if rails == PER_NODE else "")
+                       MHMOE_NODE_LINK=f"{os.environ.get('MHMOE_NETNS_PREFIX', 'mhr')}_node{rank}"
+                       if rails == PER_NODE else "")
             cmd = ["ip", "netns", "exec", ns, sys.executable, os.path.abspath(__file__), "--worker", "--out", out,
                    "--link-gbps", str(rate_gbps(rate) * rails / PER_NODE)]  # a rank's share of its NIC
             cmd += [a for a in sys.argv[1:] if a != "--worker"]
@@ -324,7 +372,10 @@ def report(args, rate: str, rails: int, per_rank: list) -> list[dict]:
             step = statistics.median(steps) * 1e3
             flat_step = step if m == "flat" else flat_step
             rail = [r[m]["nic"] / 1e6 for r in res if r[m]["nic"] is not None]  # one per NIC
-            rows.append(dict(rate=rate, rails=rails, shape=shape, mode=m, step_ms=round(step, 2),
+            node_tx, _ = node_traffic(rail, rails)
+            node_rows, node_ratio = node_traffic([r[m]["remote_rows"] for r in res], PER_NODE)
+            rows.append(dict(skew=args.skew, skew_kind="debug" if args.debug_skew else "hot",
+                             node_tx_mb=node_tx, node_dispatch_rows=node_rows, node_ratio=node_ratio,rate=rate, rails=rails, shape=shape, mode=m, step_ms=round(step, 2),
                              x_flat=round(step / flat_step, 4), comm_ms=round(statistics.median(comms) * 1e3, 2),
                              link_mb=round(sum(rail), 4), rail_mb=[round(v, 4) for v in rail],
                              node_mb=round(sum(r[m]["node"] for r in res) / 1e6, 4),
@@ -360,7 +411,31 @@ def summarize(paths: list[str]) -> str:
         out.append(f"| {rate} | {rails} | {mode} | {rng('step_ms', '.0f')} | {rng('x_flat', '.2f')} | "
                    f"{' '.join(format(v, '.2f') for v in per_nic)} | {rows[0]['formula_mb'] / nics:.2f} | {picked} |")
     shapes = sorted({k[2] for k in runs})
-    return "\n".join(out) + f"\n\nShape {', '.join(shapes)}; median over {len(paths)} run(s) [min-max over runs].\n"
+    text = "\n".join(out) + f"\n\nShape {', '.join(shapes)}; median over {len(paths)} run(s) [min-max over runs].\n"
+    return text + node_table(runs)
+
+
+def node_table(runs: dict) -> str:
+    """Cross-node bytes and node balance per row, for runs whose lines carry node_tx_mb (else '')."""
+    out = ["", "| NIC rate | NICs/node | skew | mode | x flat | cross-node MB | x flat MB | MB sent per node | "
+           "dispatch rows out per node | max/min |", "|---|---|---|---|---|---|---|---|---|---|"]
+    flat_mb = {}
+    for (rate, rails, shape, mode), rows in runs.items():
+        if mode == "flat":
+            flat_mb[(rate, rails, shape)] = statistics.median(r["link_mb"] for r in rows)
+    for (rate, rails, shape, mode), rows in runs.items():
+        if "node_tx_mb" not in rows[0]:
+            continue
+        link = statistics.median(r["link_mb"] for r in rows)
+        per_node = [statistics.median(r["node_tx_mb"][i] for r in rows) for i in range(len(rows[0]["node_tx_mb"]))]
+        skew = f"{rows[0].get('skew_kind', 'hot')} {rows[0].get('skew', 0.0):g}" if rows[0].get("skew") else "none"
+        base = flat_mb.get((rate, rails, shape))
+        out.append(f"| {rate} | {rails} | {skew} | {mode} | {statistics.median(r['x_flat'] for r in rows):.2f} | "
+                   f"{link:.2f} | {link / base if base else float('nan'):.2f} | "
+                   f"{' '.join(format(v, '.2f') for v in per_node)} | "
+                   f"{' '.join(str(int(statistics.median(r['node_dispatch_rows'][i] for r in rows))) for i in range(len(per_node)))} | "
+                   f"{statistics.median(r['node_ratio'] for r in rows):.2f} |")
+    return "\n".join(out) + "\n" if len(out) > 3 else ""
 
 
 def main(argv=None) -> int:

@@ -17,8 +17,10 @@
 #   every rank's inter-node traffic leave through its own NIC. rp_filter is off (replies to a node-mate
 #   come back over the node link), TCP slow start after idle too.
 # Every address lives inside namespaces this script creates; `up` removes everything again if it fails.
+# MHMOE_NETNS_PREFIX (default mhr) names the namespaces and links, so that two runs on one machine do not
+# remove each other's.
 set -Eeuo pipefail  # -E: the ERR trap of `up` also fires inside its functions
-P=mhr
+P=${MHMOE_NETNS_PREFIX:-mhr}
 NAMESPACES="${P}_node0 ${P}_node1 ${P}_rank0 ${P}_rank1 ${P}_rank2 ${P}_rank3 ${P}_switch"
 
 down() {

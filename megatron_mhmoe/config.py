@@ -10,7 +10,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 
 @dataclass
@@ -66,6 +66,17 @@ class MoEConfig:
     at k < M, where those give 0, a group's best score), a token by the sum of its sub-tokens' -- then
     each sub-token takes its top-k among the experts of those M groups. At h = 1 this is DeepSeek-V3's
     node-limited routing. With groups = nodes a token's traffic reaches at most M nodes. 0 = off."""
+    head_groups: Union[int, str] = 0
+    """G: head-affine expert placement (moe/head_affine.py, docs/head-affine-placement.md). The experts form G
+    contiguous groups of E/G and sub-token j of every token (head j) routes its top-k only among the experts
+    of group j mod G: the router over that group alone (the logits of the other groups' experts at -inf, so
+    probabilities, gates, the balance losses' P and f, the z-loss, capacity and statistics follow as for any
+    routing). On an EP group over N nodes, group g lies on node
+    g // (G/N): every sub-token's node is fixed by its head, and the cross-node exchange has fixed sizes
+    and carries each sub-token once whatever top_k. G must divide num_heads and num_experts, hold top_k
+    experts per group, and (EP over nodes) be a multiple of N. 'nodes' = N (1 inside one node). 0 or 1 =
+    off (the shared pool). Excludes route_group_limit and quantile_balancing; with debug_routing the debug
+    choice is drawn inside each head's group."""
     capacity_factor: float = 0.0
     """Per-expert capacity = ceil(cf * k * S / E) sub-tokens; overflow is dropped. <= 0 means dropless."""
     moe_every: int = 2
@@ -139,7 +150,9 @@ class MoEConfig:
     cheaper by moe/ep_cost.py's model, exchanges x ep_exchange_us + NIC bytes / ep_nic_gbps + node bytes /
     ep_node_gbps, priced per forward from its sub-token count, which every EP rank must share: fixed
     micro-batch shapes; then, with ep_tune_forwards > 0, the faster of the two as measured in the first
-    forwards). EP groups inside one node always take the flat path."""
+    forwards). EP groups inside one node always take the flat path. With head-affine placement
+    (head_groups > 1 on the nodes) the node-aware path is the head-affine one (moe/head_affine_dispatch.py:
+    fixed cross-node splits): 'two_level' takes it and 'auto' weighs it against flat."""
     ep_nic_gbps: float = 400.0
     """Cost model (ep_dispatch='auto'): each rank's own NIC, Gbit/s per direction (400 = one NDR NIC per GPU)."""
     ep_node_gbps: float = 3600.0
@@ -258,6 +271,7 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
 
 
 def _validate_groups(moe: MoEConfig) -> None:
+    from megatron_mhmoe.moe.head_affine import check_routing
     G, M, E, k = moe.route_groups, moe.route_group_limit, moe.num_experts, moe.top_k
     if G < 1 or E % G:
         raise ValueError(f"moe.route_groups={G} must be >= 1 and divide num_experts={E} "
@@ -267,6 +281,20 @@ def _validate_groups(moe: MoEConfig) -> None:
     if M and M * (E // G) < k:
         raise ValueError(f"moe.route_group_limit={M} groups of E/G = {E}/{G} = {E // G} experts hold "
                          f"{M * (E // G)} experts, fewer than top_k={k}: raise route_group_limit or route_groups")
+    head_groups = moe.head_groups
+    if isinstance(head_groups, str) and head_groups != "nodes":
+        raise ValueError(f"moe.head_groups={head_groups!r} must be an integer >= 0 or 'nodes' (the EP group's node count)")
+    if isinstance(head_groups, int):
+        if head_groups < 0:
+            raise ValueError(f"moe.head_groups={head_groups} must be >= 0 (0 or 1 = off) or 'nodes'")
+        check_routing(head_groups, moe.num_heads, E, k)
+    if head_groups not in (0, 1) and M:
+        raise ValueError(f"moe.head_groups={head_groups!r} (each head routes in its own group) and moe.route_group_limit="
+                         f"{M} (each token picks M groups) both restrict the experts a sub-token may choose: turn one "
+                         f"off (route_group_limit=0 with head_groups)")
+    if head_groups not in (0, 1) and moe.quantile_balancing:
+        raise ValueError(f"moe.head_groups={head_groups!r} with moe.quantile_balancing=true: the quantile assumes every "
+                         f"expert can take every sub-token; use bias_update_rate or a balance loss with head_groups")
     if M and moe.debug_routing:
         raise ValueError(f"moe.route_group_limit={M} and moe.debug_routing={moe.debug_routing!r} both choose the "
                          f"experts: turn one off")
@@ -393,7 +421,9 @@ def check_field_types(cls, d: dict, where: str) -> None:
         if typ is None or dataclasses.is_dataclass(typ):
             continue
         if not _type_ok(value, typ):
-            want = getattr(typ, "__name__", None) or str(typ).replace("typing.", "")
+            union = typing.get_origin(typ) in (typing.Union, types.UnionType)
+            want = " or ".join(getattr(t, "__name__", str(t)) for t in typing.get_args(typ)) if union else \
+                getattr(typ, "__name__", None) or str(typ).replace("typing.", "")
             raise ValueError(f"{where}.{key} must be {want}, got {type(value).__name__} {value!r}")
 
 

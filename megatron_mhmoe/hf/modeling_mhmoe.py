@@ -182,12 +182,31 @@ def group_limit(select: torch.Tensor, groups: int, limit: int, heads: int, k: in
     return select.masked_fill(~allowed, float("-inf"))
 
 
+def head_affine_outside(S: int, E: int, moe: dict, device=None) -> Optional[torch.Tensor]:
+    """(S, E) True where expert e lies outside the group of token-major sub-token i's head (model.moe.head_groups
+    G > 1: head j = i mod h routes in group j mod G of E/G contiguous experts); None when off."""
+    G = moe.get("head_groups", 0)
+    if isinstance(G, str):
+        raise ValueError(f"model.moe.head_groups={G!r} was resolved from the training cluster's nodes: set it to "
+                         f"the integer G the model trained with (its EP group's node count) before exporting")
+    if G <= 1:
+        return None
+    h = moe.get("num_heads", 1)
+    group = (torch.arange(S, device=device) % h) % G  # (S,)
+    return group[:, None] != torch.arange(E, device=device)[None, :] // (E // G)
+
+
 def route(logits: torch.Tensor, moe: dict, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, E) logits -> experts (S, k) best first, gates (S, k): the top-k of the scores (+ the balancing bias,
     within the token's groups when group-limited); the gate weights come from the unbiased scores."""
     gate, k = moe.get("gate", "xmoe"), moe.get("top_k", 2)
+    outside = head_affine_outside(logits.shape[0], logits.shape[1], moe, logits.device)
+    if outside is not None:  # head-affine: the router over the head's group alone
+        logits = logits.masked_fill(outside, float("-inf"))
     scores = gate_scores(logits, gate)  # (S, E)
     select = scores if bias is None else scores + bias.float()
+    if outside is not None:
+        select = select.masked_fill(outside, float("-inf"))
     if moe.get("route_group_limit", 0):
         select = group_limit(select, moe.get("route_groups", 1), moe["route_group_limit"], moe.get("num_heads", 1), k)
     experts = select.topk(k, dim=-1).indices  # (S, k)

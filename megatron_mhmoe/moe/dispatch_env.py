@@ -4,8 +4,8 @@ A path is a function path(x_sub, record, run_experts, env) -> y:
   x_sub (S, d_sub) this rank's sub-tokens; record a routing.RoutingRecord (choices, gates, keep mask,
   choice-major flattening and its sort, capacity); run_experts(rows grouped by local expert, counts) ->
   outputs; env a DispatchEnv; y (S, d_sub) the gate-weighted sum of each sub-token's expert outputs.
-The flat path (dispatcher.py), the capacity-slot path (padded_dispatch.py) and the two-level path
-(two_level.py) all have it; the dispatcher picks one per forward. A path times its phases with env.mark /
+The flat path (dispatcher.py), the capacity-slot path (padded_dispatch.py), the two-level path
+(two_level.py) and the head-affine path (head_affine_dispatch.py) all have it; the dispatcher picks one per forward. A path times its phases with env.mark /
 env.close (device events on CUDA, the host clock on CPU) and fills env.profile's public counters; it
 never reaches into the dispatcher.
 """
@@ -120,4 +120,8 @@ class DispatchEnv:
     layout: Any = None
     """two_level.NodeLayout of the EP group when known (inter-node byte counts; the two-level path), else None."""
     chunks: int = 1
-    """model.moe.a2a_chunks: pipelined chunks of the two-level path."""
+    """model.moe.a2a_chunks: pipelined chunks of the two-level and head-affine paths."""
+    head_groups: int = 1
+    """G of head-affine placement (model.moe.head_groups resolved; 1 = off): the head-affine path's nodes."""
+    num_heads: int = 1
+    """h: sub-tokens per token (token-major rows), for the head-affine path."""

@@ -15,7 +15,9 @@ Every path has one signature, path(x_sub, record, run_experts, env) (moe/dispatc
 one (flat_dispatch_combine), the capacity-slot one without host reads (moe/padded_dispatch.py,
 model.moe.a2a_device_counts) and the two-level one for EP groups that span nodes (moe/two_level.py;
 model.moe.ep_ranks_per_node, else LOCAL_WORLD_SIZE / LOCAL_SIZE; same outputs, gradients and drops, tested
-against this one). model.moe.ep_recv_budget bounds the rows a rank receives, on every path.
+against this one), and with head-affine placement (model.moe.head_groups) the head-affine path, whose
+cross-node exchange has fixed sizes (moe/head_affine_dispatch.py; tested against this one).
+model.moe.ep_recv_budget bounds the rows a rank receives, on every path.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from megatron_mhmoe.moe import ep_cost, padded_dispatch, path_tuner, two_level
+from megatron_mhmoe.moe import ep_cost, head_affine, head_affine_dispatch, padded_dispatch, path_tuner, two_level
 from megatron_mhmoe.moe.dispatch_env import (  # noqa: F401  (_device_clock, _record_event: patched by tests)
     DispatchEnv, DispatchProfile, _device_clock, _record_event, _span_seconds)
 from megatron_mhmoe.moe.gate_combine import gate_combine
@@ -130,6 +132,14 @@ class MoEDispatcher:
         """Node of each EP rank when the EP group spans nodes (the two-level path), else None (flat)."""
         if self.layout is not None:
             two_level.create_groups(ctx, self.layout)  # collective: created here, on every rank alike
+        setting = moe.head_groups if moe is not None else 0
+        self.head_groups = head_affine.resolve(setting, self.layout)
+        """G of head-affine routing (model.moe.head_groups resolved on this layout; 1 = off)."""
+        if moe is not None:
+            head_affine.check_routing(self.head_groups, moe.num_heads, num_experts, moe.top_k,
+                                      where=f"model.moe.head_groups={setting!r} ->")
+        head_affine.check_placement(self.head_groups, self.layout, num_experts)
+        self.num_heads = moe.num_heads if moe is not None else 1
         self.force_flat = False
         """Take the flat path whatever ep_dispatch says (benchmarks and tests compare the paths)."""
         self.ep_dispatch = moe.ep_dispatch if moe is not None else "auto"
@@ -222,11 +232,12 @@ class MoEDispatcher:
 
     # ------------------------------------------------------------------ dispatch / combine
     def choose(self, S: int, k: int, d_sub: int, itemsize: int) -> str:
-        """'flat' or 'two_level' for a forward of S sub-tokens (model.moe.ep_dispatch; moe/ep_cost.py)."""
+        """'flat', 'two_level' or 'head_affine' for a forward of S sub-tokens (model.moe.ep_dispatch and
+        head_groups; moe/ep_cost.py)."""
         key = (S, k, d_sub, itemsize)
         if key not in self._auto:
             self._auto[key] = ep_cost.choose(self.ep_dispatch, S, k, self.num_experts, d_sub, itemsize,
-                                             self.layout, self.chunks, self.link)
+                                             self.layout, self.chunks, self.link, self.head_groups)
         return self._auto[key]
 
     def _shape_key(self, record: RoutingRecord, x_sub: torch.Tensor) -> tuple:
@@ -244,7 +255,10 @@ class MoEDispatcher:
         key = self._shape_key(record, x_sub)
         picked = self.choose(*key)
         if self.ep_dispatch == "auto":
-            picked = self.tuner.pick(key, picked)
+            node_path = "head_affine" if self.head_groups > 1 else "two_level"
+            picked = self.tuner.pick(key, picked, ("flat", node_path))
+        if picked == "head_affine":
+            return head_affine_dispatch.dispatch_combine
         return two_level.dispatch_combine if picked == "two_level" else flat_dispatch_combine
 
     def dispatch(self, x_sub: torch.Tensor, record: RoutingRecord, run_experts: Callable) -> torch.Tensor:
@@ -257,7 +271,8 @@ class MoEDispatcher:
         env = DispatchEnv(ctx=self.ctx, num_experts=self.num_experts, num_local_experts=self.num_local_experts,
                           profile=self.profile, mark=lambda: self._mark(dev),
                           close=lambda name, mark: self._tick(name, mark, dev), check_budget=self._check_budget,
-                          recv_budget=self.recv_budget, layout=self.layout, chunks=self.chunks)
+                          recv_budget=self.recv_budget, layout=self.layout, chunks=self.chunks,
+                          head_groups=self.head_groups, num_heads=self.num_heads)
         run = self.path(record, x_sub)
         if self.layout is None or self.force_flat or run is padded_dispatch.dispatch_combine:
             return run(x_sub, record, run_experts, env)

@@ -15,6 +15,11 @@ Per rank and fwd+bwd step of one MoE layer, for S local sub-tokens with k choice
   its gradient, partial row and its gradient; two_level.internode_formula), c = id columns. Node bytes:
   the fan-out, 4 S k (L-1)/L d_sub itemsize (every kept choice, received over a rail, goes to one of the
   node's L ranks).
+- head-affine (model.moe.head_groups placed on the nodes, moe/head_affine_dispatch.py): per chunk 5
+  exchanges forward (rail, the fan-out's counts inside the node, fan-out, its return, rail back; 4 without
+  a node-mate) and 4 backward. Every sub-token is one packet to its head's node, S (N-1)/N of them to
+  other nodes, whatever the routing: NIC bytes S (N-1)/N (2 (d_sub + k + c) + 2 d_sub) itemsize; node
+  bytes as two-level's.
 Full duplex: what a rank sends equals what it receives (uniform routing), so sent bytes time the link.
 `auto` picks the cheaper path (flat on a tie, and whenever the EP group fits in one node). Bytes scale
 with S and exchanges do not, so the two-level path wins on slow NICs and large batches and loses where
@@ -78,14 +83,25 @@ def two_level_cost(S: int, k: int, E: int, d_sub: int, itemsize: int, layout: No
     return _cost(1 + 8 * chunks, nic, 4 * S * k * (L - 1) / L * d_sub * itemsize, link)
 
 
+def head_affine_cost(S: int, k: int, E: int, d_sub: int, itemsize: int, layout: NodeLayout, chunks: int,
+                     link: Link) -> PathCost:
+    N, L = layout.num_nodes, layout.per_node
+    c = id_columns(k, 1 if id_dtype(E // N) == torch.int8 else 4, itemsize)
+    nic = S * (N - 1) / N * (2 * (d_sub + k + c) + 2 * d_sub) * itemsize
+    return _cost((9 if L > 1 else 8) * chunks, nic, 4 * S * k * (L - 1) / L * d_sub * itemsize, link)
+
+
 def choose(setting: str, S: int, k: int, E: int, d_sub: int, itemsize: int, layout: NodeLayout | None,
-           chunks: int, link: Link) -> str:
-    """'flat' or 'two_level' for model.moe.ep_dispatch = setting ('auto', 'flat', 'two_level')."""
+           chunks: int, link: Link, head_groups: int = 1) -> str:
+    """'flat', 'two_level' or 'head_affine' for model.moe.ep_dispatch = setting ('auto', 'flat',
+    'two_level'). With head-affine placement (head_groups > 1, placed on the nodes) the node-aware path is
+    the head-affine one: 'two_level' takes it, 'auto' compares it with flat."""
     if layout is None or setting == "flat":
         return "flat"
+    node_aware, cost = ("head_affine", head_affine_cost) if head_groups > 1 else ("two_level", two_level_cost)
     if setting == "two_level":
-        return "two_level"
+        return node_aware
     flat = flat_cost(S, k, E, d_sub, itemsize, layout, link)
-    two = two_level_cost(S, k, E, d_sub, itemsize, layout, chunks, link)
-    return "two_level" if two.seconds < flat.seconds else "flat"
+    other = cost(S, k, E, d_sub, itemsize, layout, chunks, link)
+    return node_aware if other.seconds < flat.seconds else "flat"
 

@@ -106,7 +106,7 @@ class MHMoELayer(nn.Module):
         tp_shards = self.ctx.tp_size  # the replica's tokens are split over TP (a share each, or SP shards)
         tp_rank = self.ctx.tp_rank if tp_shards > 1 else 0
         S = n * h * tp_shards  # sub-tokens in the routing group (the replica)
-        choice = choose(logits, moe, first_index=tp_rank * n * h, bias=self._bias())
+        choice = choose(logits, moe, first_index=tp_rank * n * h, bias=self._bias(), head_groups=disp.head_groups)
         capacity = cap.expert_capacity(moe.capacity_factor, k, S, E)
         rec = build_record(choice, E, capacity, disp, tp_rank)
         # 4.
@@ -204,7 +204,7 @@ class MHMoELayer(nn.Module):
         tokens = x.reshape(-1, d)
         x_hat = self.head(tokens) if self.head is not None else tokens
         x_sub = x_hat.reshape(-1, self.d_sub)
-        choice = choose(self.router(x_sub), moe, bias=self._bias())
+        choice = choose(self.router(x_sub), moe, bias=self._bias(), head_groups=self.dispatcher.head_groups)
         ids = choice.experts.clone()
         capacity = cap.expert_capacity(moe.capacity_factor, moe.top_k, x_sub.shape[0], moe.num_experts)
         if capacity > 0:

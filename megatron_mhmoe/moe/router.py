@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron_mhmoe.moe import head_affine
 from megatron_mhmoe.moe.quantile_balancing import required_bias_histogram
 from megatron_mhmoe.parallel.init import constant, normal, set_init
 
@@ -143,7 +144,8 @@ def _scaled(gates: torch.Tensor, scaling: float) -> torch.Tensor:
     return gates if scaling == 1.0 else gates * scaling
 
 
-def choose(logits: torch.Tensor, moe, first_index: int = 0, bias: torch.Tensor | None = None) -> TopK:
+def choose(logits: torch.Tensor, moe, first_index: int = 0, bias: torch.Tensor | None = None,
+           head_groups: int | None = None) -> TopK:
     """The routing decision of MoEConfig `moe` for S sub-tokens (token-major: a token's h sub-tokens are
     adjacent rows) whose replica-wide indices start at `first_index`.
 
@@ -151,16 +153,35 @@ def choose(logits: torch.Tensor, moe, first_index: int = 0, bias: torch.Tensor |
     `moe.route_group_limit` the top-k of the selection scores (scores + bias, limited to the token's
     groups: group_limited_scores), or with `moe.debug_routing` the debug choice (see debug_experts).
     The gate weights always come from the unbiased scores of the chosen experts; whenever the choice can
-    differ from the unbiased top-k, that top-k is kept too (TopK.unbiased_experts) for the balance losses."""
-    k = moe.top_k
+    differ from the unbiased top-k, that top-k is kept too (TopK.unbiased_experts) for the balance losses.
+
+    head_groups: G of head-affine routing (moe/head_affine.py; the layer resolves model.moe.head_groups,
+    which may be 'nodes'); None = moe.head_groups, which must then be an integer. G > 1 routes every
+    sub-token with the logits of the other groups' experts at -inf: the router over its head's group alone
+    (softmax probabilities, P of the balance losses, the z-loss's logsumexp and the k = 1 gate normalised
+    inside the group; the choice and the unbiased top-k the losses count inside it). G <= 1 is the shared
+    pool, computed exactly as without the option."""
+    k, E = moe.top_k, logits.shape[1]
+    G = head_groups if head_groups is not None else _int_head_groups(moe)
+    affine = G > 1
+    if affine:
+        # Normalising over all E would leave most of a head's probability on experts it may never choose,
+        # where the balance loss's pull on the ones it may choose is weak: a first probe (E=64, G=2, global
+        # softmax) activated 28% of the experts against 91% for the shared pool.
+        logits = head_affine.affine_scores(logits, moe.num_heads, G, first_index)  # (S, E), -inf outside
     if moe.debug_routing:
-        experts = debug_experts(logits.shape[0], k, logits.shape[1], moe.debug_routing, moe.debug_skew_fraction,
-                                first_index, logits.device)
+        if affine:
+            experts = head_affine.debug_in_groups(
+                debug_experts(logits.shape[0], k, E // G, moe.debug_routing, moe.debug_skew_fraction, first_index,
+                              logits.device), moe.num_heads, G, E, first_index)
+        else:
+            experts = debug_experts(logits.shape[0], k, E, moe.debug_routing, moe.debug_skew_fraction,
+                                    first_index, logits.device)
         # The router still runs (its cost stays in the timing) and still weighs the forced choice, so the
         # gradients and losses keep their usual form; only which experts is replaced.
         scores = _scores(logits, moe)
-        return _weigh(logits, scores, experts, moe, _unbiased_top_k(scores, k))
-    if bias is None and not moe.route_group_limit:
+        return _weigh(logits, scores, experts, moe, _unbiased_top_k(_in_group(scores, moe, G, first_index), k))
+    if bias is None and not moe.route_group_limit and not affine:
         if moe.gate == "sigmoid":
             return top_k_sigmoid(logits, k, moe.gate_scaling)
         choice = top_k(logits, k)
@@ -171,12 +192,29 @@ def choose(logits: torch.Tensor, moe, first_index: int = 0, bias: torch.Tensor |
         select = scores if bias is None else scores + bias.to(scores.dtype)  # (S, E)
         if moe.route_group_limit:
             select = group_limited_scores(select, moe.route_groups, moe.route_group_limit, moe.num_heads, k)
+        if affine:
+            select = head_affine.affine_scores(select, moe.num_heads, G, first_index)
         experts = select.topk(k, dim=-1).indices  # (S, k)
         hist = required_bias_histogram(scores, select, k, bias, moe.quantile_bins) \
             if moe.quantile_balancing and bias is not None else None
-    choice = _weigh(logits, scores, experts, moe, _unbiased_top_k(scores, k))
+    choice = _weigh(logits, scores, experts, moe, _unbiased_top_k(_in_group(scores, moe, G, first_index), k))
     choice.required_bias_hist = hist
     return choice
+
+
+def _int_head_groups(moe) -> int:
+    G = getattr(moe, "head_groups", 0)
+    if isinstance(G, str):
+        raise ValueError(f"model.moe.head_groups={G!r} depends on the node layout: pass the resolved G "
+                         f"(choose(..., head_groups=...); MHMoELayer does, from its dispatcher's layout)")
+    return G
+
+
+def _in_group(scores: torch.Tensor, moe, G: int, first_index: int) -> torch.Tensor:
+    """Scores as the head-affine rule sees them: outside the head's group -inf (G > 1), else unchanged.
+    The group is part of the routing rule, not a balancing device, so the unbiased top-k that the balance
+    losses count stays inside it too."""
+    return head_affine.affine_scores(scores, moe.num_heads, G, first_index) if G > 1 else scores
 
 
 def _unbiased_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -192,7 +192,7 @@ RESUME_KEYS = ("train.global_batch_size", "train.seq_len", "train.seed", "data.d
                "model.moe.num_experts", "model.moe.top_k", "model.moe.num_heads", "model.moe.gate",
                "model.moe.gate_scaling", "model.moe.capacity_factor", "model.moe.debug_routing",
                "model.moe.debug_skew_fraction", "model.moe.route_groups", "model.moe.route_group_limit",
-               "model.moe.num_shared_experts")
+               "model.moe.num_shared_experts", "model.moe.head_groups")
 """Keys a record lacks (it was written before the key existed) are not compared."""
 
 

@@ -112,11 +112,40 @@ class RunPlan:
     """Name of the sweep variant (SweepSpec.variants); '' = none."""
     overrides: dict = field(default_factory=dict)
     """The variant's run-config overrides (dotted key -> value), applied before `vary`'s."""
+    head_affine: str = ""
+    """Head-affine placement of the run (model.moe.head_groups > 1, head_affine_placement); '' = off."""
 
     @property
     def group_key(self) -> tuple:
         """What seeds are averaged over: everything but the seed."""
         return (self.kind, self.h, self.mode, self.variant, tuple(sorted(self.vary.items())), self.experts)
+
+
+HEAD_GROUPS_KEY = "model.moe.head_groups"
+
+
+def head_affine_placement(model: ModelConfig, setting, ep: int, ranks_per_node: int) -> tuple[int, str]:
+    """(G, one line saying where each head's experts live) for head_groups `setting` (an int or 'nodes') on
+    an EP group of `ep` ranks, `ranks_per_node` per node; (1, '') when off. ValueError with the arithmetic
+    when G does not fit the heads, the experts or the nodes (moe/head_affine.py)."""
+    from megatron_mhmoe.moe import head_affine
+    from megatron_mhmoe.moe.two_level import node_layout
+    moe = model.moe
+    if moe is None or setting in (0, 1, None):
+        return 1, ""
+    layout = node_layout(ep, ranks_per_node) if ranks_per_node > 0 else None
+    G = head_affine.resolve(setting, layout)
+    if G <= 1:
+        return 1, ""
+    E, h = moe.num_experts, moe.num_heads
+    head_affine.check_routing(G, h, E, moe.top_k, where=f"head_groups={setting!r} ->")
+    head_affine.check_placement(G, layout, E)
+    groups = f"G={G}: head j routes among experts of group j mod {G} ({E // G} each)"
+    if layout is None:
+        return G, f"{groups}; EP {ep} within one node: routing only, no node to fix"
+    N = layout.num_nodes
+    return G, (f"{groups}; EP {ep} = {N} nodes x {ranks_per_node}: group g on node g // {G // N}, so each token "
+               f"sends h/N = {h // N} sub-tokens to every node, once each whatever k={moe.top_k} (fixed splits)")
 
 
 def _vary_suffix(vary: dict) -> str:
@@ -174,6 +203,16 @@ def build_plan(spec: SweepSpec, base: dict, *, nodes: Optional[int] = None,
                             num_shared_experts=spec.num_shared_experts)
         n_exp = pt.model.moe.num_experts if pt.model.moe else 0
         pl = place(n_exp, nodes, rpn, spec.experts_per_rank, spec.max_ep)
+        # Head-affine placement: the sweep's setting on the MH-MoE kinds, a variant's or vary's on any.
+        setting = vary.get(HEAD_GROUPS_KEY, overrides.get(HEAD_GROUPS_KEY))
+        if setting is None and kind in ("mhmoe", "mhmoe+shared"):
+            setting = spec.head_groups
+        try:
+            G, where = head_affine_placement(pt.model, setting, pl.ep, rpn)
+        except ValueError as err:
+            raise ValueError(f"run {run_name(kind, E, h, mode, seed, vary, variant)}: {err}") from None
+        if G > 1 and kind in ("mhmoe", "mhmoe+shared") and HEAD_GROUPS_KEY not in vary and HEAD_GROUPS_KEY not in overrides:
+            pt.model.moe.head_groups = G  # resolved ('nodes' -> the nodes of this run's EP group)
         tags = [spec.name, kind, f"seed{seed}"] + ([f"E{E}"] if kind != "dense" else []) + \
             ([f"h{h}", f"match-{mode}"] if kind in ("mhmoe", "mhmoe+shared") else []) + \
             ([f"variant={variant}"] if variant else []) + \
@@ -182,7 +221,7 @@ def build_plan(spec: SweepSpec, base: dict, *, nodes: Optional[int] = None,
                               micro_batch=micro, seq_len=seq_len)
         runs.append(RunPlan(name=name, kind=kind, experts=E if kind != "dense" else 0, h=h, mode=mode,
                             seed=seed, vary=vary, model=pt.model, match=pt.report, placement=pl, tags=tags,
-                            memory=mem, variant=variant, overrides=overrides))
+                            memory=mem, variant=variant, overrides=overrides, head_affine=where))
 
     if "dense" in spec.kinds:
         for variant, overrides in variants:
@@ -218,4 +257,12 @@ def format_plan(runs: list[RunPlan], seq_len: int) -> str:
     if notes:
         lines.append("placement notes:")
         lines += [f"  {n}" for n in notes]
+    affine: dict = {}
+    for r in runs:
+        if r.head_affine:
+            affine.setdefault(r.head_affine, []).append(r.name)
+    if affine:
+        lines.append("head-affine placement (model.moe.head_groups):")
+        for where, names in affine.items():
+            lines.append(f"  {names[0]}{f' (+{len(names) - 1} more)' if len(names) > 1 else ''}: {where}")
     return "\n".join(lines)

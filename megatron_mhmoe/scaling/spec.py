@@ -77,6 +77,11 @@ class SweepSpec:
     """Nodes available. A hostfile's host count overrides it."""
     max_ep: int = 0
     """Cap on EP; 0 = no cap beyond the world size."""
+    head_groups: Any = 0
+    """Head-affine placement for the MH-MoE kinds (h > 1; docs/head-affine-placement.md): their runs get
+    model.moe.head_groups = this, with 'nodes' resolved to the nodes the run's EP group spans (1 = off when
+    it fits one node). 0 = off. SMoE, fine-grained and dense runs keep the shared pool (one head). `plan`
+    prints each run's placement and refuses a G that does not fit (the arithmetic in the message)."""
     wandb_project: str = "megatron_mhmoe"
     """wandb project of every run and of the summary run."""
     wandb_mode: str = ""
@@ -102,6 +107,9 @@ class SweepSpec:
                      "ranks_per_node", "nodes", "hidden_multiple", "expert_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"sweep.{name}={getattr(self, name)} must be >= 1")
+        if self.head_groups != "nodes" and (not isinstance(self.head_groups, int) or isinstance(self.head_groups, bool)
+                                            or self.head_groups < 0):
+            raise ValueError(f"sweep.head_groups={self.head_groups!r} must be an integer >= 0 (0 = off) or 'nodes'")
         if any(self.top_k > e for e in self.experts):
             raise ValueError(f"sweep.top_k={self.top_k} exceeds the smallest expert count {min(self.experts)}")
         for key, vals in self.vary.items():
