@@ -141,3 +141,92 @@ def aggregate(evs: Sequence[Ev], steps: int) -> dict:
     res = {k: [v[0] / per, v[1] / per] for k, v in out.items()}
     res["total"] = total / per
     return res
+
+
+def profile_steps(trainer, batches, steps: int, warmup: int = 3, log: bool = False) -> dict:
+    """aggregate() of `steps` train steps of a built Trainer, after `warmup` unprofiled ones. log=False
+    profiles the steps the loop does not log (all but one in log_interval); log=True the logged kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron_mhmoe import step_spans
+    for _ in range(warmup):
+        trainer.train_step(batches, log=log)
+    step_spans.enable(True)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                with step_spans.span("step"):
+                    trainer.train_step(batches, log=log)
+    finally:
+        step_spans.enable(False)
+    return aggregate(from_profiler(prof.events()), steps)
+
+
+def categories(results: Iterable[dict]) -> list[str]:
+    seen = {k for r in results for k in r if k != "total"}
+    return [c for c in ORDER if c in seen] + sorted(seen - set(ORDER))
+
+
+def format_table(results: dict) -> str:
+    """{model: aggregate()} -> a table of ms per step (forward + backward, and backward alone) per category,
+    with 'mhmoe - dense' when both are there."""
+    names = list(results)
+    cats = categories(results.values())
+    diff = "mhmoe" in results and "dense" in results
+    head = f"{'category':16s}" + "".join(f" {n + ' ms':>11s} {'(bwd)':>8s}" for n in names)
+    head += f" {'mhmoe-dense':>12s}" if diff else ""
+    lines = [head]
+
+    def ms(r: dict, c: str) -> tuple[float, float]:
+        f, b = r.get(c, [0.0, 0.0])
+        return (f + b) / 1e3, b / 1e3
+
+    for c in cats + ["total"]:
+        row = f"{c:16s}"
+        for n in names:
+            if c == "total":
+                row += f" {results[n]['total'] / 1e3:11.2f} {'':>8s}"
+            else:
+                a, b = ms(results[n], c)
+                row += f" {a:11.2f} {b:8.2f}"
+        if diff:
+            get = (lambda n: results[n]["total"] / 1e3) if c == "total" else (lambda n: ms(results[n], c)[0])
+            row += f" {get('mhmoe') - get('dense'):+12.2f}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list] = None) -> int:
+    """torchrun ... -m megatron_mhmoe.runtime.step_breakdown --out F [--steps N --warmup W --log] --config C
+    [--a.b=v ...]: build the main job's Trainer, profile N steps, rank 0 writes aggregate() as JSON to F."""
+    import argparse
+    import os
+
+    from megatron_mhmoe.parallel import comm
+    from megatron_mhmoe.runtime import engine
+    from megatron_mhmoe.runtime.cli import parse_args, resolve_config
+    from megatron_mhmoe.runtime.trainer import Trainer
+
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--log", action="store_true", help="profile logged steps (routing statistics on)")
+    mine, rest = ap.parse_known_args(argv)
+    args, overrides = parse_args(rest)
+    cfg = resolve_config(args.config, overrides)
+    cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+    engine.init_distributed(cfg.parallel.timeout_s)
+    trainer = Trainer(cfg)
+    trainer.build()
+    batches = trainer._batches(trainer.train_ds, cfg.train.grad_accum_steps, 0)
+    res = profile_steps(trainer, batches, mine.steps, mine.warmup, mine.log)
+    if trainer.ctx.rank == 0:
+        with open(mine.out, "w") as f:
+            json.dump(res, f)
+    comm.leave_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
