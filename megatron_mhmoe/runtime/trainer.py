@@ -506,6 +506,9 @@ class Trainer:
     def _finish(self, last_val: Optional[float], stats: list, start_step: int, loop_t0: float) -> None:
         cfg, t = self.cfg, self.cfg.train
         final = {"final/val_ppl": math.exp(min(last_val, 50)) if last_val is not None else None}
+        if self.step > start_step:  # the loop's time (steps, evaluations, saves), not the report written below
+            final["final/tokens_per_s"] = (self.step - start_step) * t.global_batch_size * t.seq_len / max(
+                time.perf_counter() - loop_t0, 1e-9)
         if self.val_routing:
             vr = self.val_routing
             routing = metrics.routing_report(vr["selections"], vr["divergence"], self.threshold,
@@ -520,9 +523,6 @@ class Trainer:
                     metrics.write_head_heatmap(vr["head_counts"], os.path.join(cfg.run_dir, "head_expert_shares.png"))
         elif stats:
             final["final/activation_ratio"] = metrics.summarize(stats, self.threshold)["moe/activation_ratio"]
-        if self.step > start_step:
-            final["final/tokens_per_s"] = (self.step - start_step) * t.global_batch_size * t.seq_len / max(
-                time.perf_counter() - loop_t0, 1e-9)
         final["final/step"] = self.step
         self.logger.summary({k: v for k, v in final.items() if v is not None})
         if self.ctx.rank == 0:

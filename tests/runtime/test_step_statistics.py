@@ -81,7 +81,7 @@ def _trainer(ctx, capacity: float, device_counts: bool, reference: bool):
                                        capacity_factor=capacity, a2a_device_counts=device_counts)))
     rc.parallel.tp, rc.parallel.ep = ctx.tp_size, ctx.ep_size
     rc.train.micro_batch_size, rc.train.global_batch_size, rc.train.seq_len = MB, MB * ACCUM * ctx.dp_size, SEQ
-    rc.train.log_interval = 3
+    rc.train.log_interval = 2
     rc.validate(ctx.world_size)
     tr = Trainer(rc)
     tr.attach(ctx, Engine(GPTModel(rc.model, ctx), rc, ctx, lambda s: 1.0))
@@ -107,11 +107,10 @@ def worker(rank: int, world: int) -> dict:
     for name, capacity, device_counts in (("dropless", 0.0, False), ("device_counts", 1.0, True)):
         runs = {}
         for reference in (True, False):
-            tr, batches = _trainer(ctx, capacity, device_counts, reference), _batches(ctx, 3)
+            tr, batches = _trainer(ctx, capacity, device_counts, reference), _batches(ctx, 2)
             losses, reads = [], []
-            for step in range(3):
+            for log in (False, True):  # an unlogged step, then a logged one
                 counts = {"moe": 0, "optimizer": 0, "rest": 0}
-                log = step == 2
                 with count_host_reads(counts):
                     r = tr.train_step(batches, log=log)
                 losses.append(r["loss"])
