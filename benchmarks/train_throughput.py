@@ -69,7 +69,7 @@ def breakdown_once(kind: str, args: argparse.Namespace, dense_ffn: int, workdir:
     out = os.path.join(workdir, f"breakdown_{kind}.json")
     warmup = 3
     overrides = [f"--run_dir={os.path.join(workdir, 'breakdown_' + kind)}",
-                 f"--train.train_steps={warmup + args.breakdown_steps}", "--train.save_interval=0",
+                 f"--train.train_steps={warmup + 2 * args.breakdown_steps}", "--train.save_interval=0",
                  "--train.eval_interval=0", "--wandb.mode=disabled", f"--parallel.ep={args.nproc if kind == 'mhmoe' else 1}"]
     if kind == "dense":
         overrides += ["--model.moe=null", f"--model.ffn_hidden_size={dense_ffn}"]
@@ -91,6 +91,11 @@ def print_breakdown(args: argparse.Namespace, dense_ffn: int) -> None:
     print(f"\nms per training step on rank 0 ({args.breakdown_steps} profiled steps, profiler overhead included; "
           f"(bwd): the backward's part)")
     print(format_table(results))
+    timed = {k: r["timed"] for k, r in results.items()}
+    print("unprofiled steps, rank 0: " + "; ".join(f"{k} wall {t['wall_s'] * 1e3:.1f} ms, CPU {t['cpu_s'] * 1e3:.1f} ms"
+                                               for k, t in timed.items())
+          + f"; mhmoe / dense throughput by CPU time {timed['dense']['cpu_s'] / timed['mhmoe']['cpu_s']:.3f}, "
+            f"by wall time {timed['dense']['wall_s'] / timed['mhmoe']['wall_s']:.3f}")
     print(json.dumps({"bench": "train_breakdown", "steps": args.breakdown_steps, "nproc": args.nproc,
                       "dense_ffn": dense_ffn, "us_per_step": results}))
 

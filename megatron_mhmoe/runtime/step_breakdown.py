@@ -162,8 +162,19 @@ def profile_steps(trainer, batches, steps: int, warmup: int = 3, log: bool = Fal
     return aggregate(from_profiler(prof.events()), steps)
 
 
+def time_steps(trainer, batches, steps: int, log: bool = False) -> dict:
+    """Unprofiled steps: wall and CPU seconds per step of this process. CPU time leaves out what the
+    process spends waiting (for its peers in a collective, for a core on a loaded machine), so the ratio
+    of two models' CPU times is the steadier measure of their work where the machine is shared."""
+    import time
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        trainer.train_step(batches, log=log)
+    return {"wall_s": (time.perf_counter() - wall) / max(steps, 1), "cpu_s": (time.process_time() - cpu) / max(steps, 1)}
+
+
 def categories(results: Iterable[dict]) -> list[str]:
-    seen = {k for r in results for k in r if k != "total"}
+    seen = {k for r in results for k in r if k not in ("total", "timed")}
     return [c for c in ORDER if c in seen] + sorted(seen - set(ORDER))
 
 
@@ -198,7 +209,8 @@ def format_table(results: dict) -> str:
 
 def main(argv: Optional[list] = None) -> int:
     """torchrun ... -m megatron_mhmoe.runtime.step_breakdown --out F [--steps N --warmup W --log] --config C
-    [--a.b=v ...]: build the main job's Trainer, profile N steps, rank 0 writes aggregate() as JSON to F."""
+    [--a.b=v ...]: build the main job's Trainer, profile N steps, time N more unprofiled (time_steps, under
+'timed'); rank 0 writes aggregate() as JSON to F. train.train_steps must be at least W + 2 N."""
     import argparse
     import os
 
@@ -221,6 +233,7 @@ def main(argv: Optional[list] = None) -> int:
     trainer.build()
     batches = trainer._batches(trainer.train_ds, cfg.train.grad_accum_steps, 0)
     res = profile_steps(trainer, batches, mine.steps, mine.warmup, mine.log)
+    res["timed"] = time_steps(trainer, batches, mine.steps, mine.log)
     if trainer.ctx.rank == 0:
         with open(mine.out, "w") as f:
             json.dump(res, f)

@@ -83,6 +83,7 @@ def _tiny_run(steps: int) -> dict:
     return aggregate(from_profiler(prof.events()), steps)
 
 
+@pytest.mark.slow  # the profiler's first start takes seconds
 def test_tiny_run_attributes_forward_and_backward_of_every_moe_part():
     r = _tiny_run(steps=1)
     for cat in ("moe/projection", "moe/router", "moe/permute", "moe/dispatch", "moe/experts", "moe/combine",

@@ -13,6 +13,7 @@ One spawned job at world 4 (TP=2 x EP=2, so DP=2), two MoE layers, two micro-bat
   received ones); with a2a_device_counts: none in the MoE code. The rest of the step: exactly REST_READS,
   on an unlogged and on a logged step alike (a logged step's statistics are read by the log line, after
   the step).
+- collectives: a logged step makes one all-reduce over TP and one over DP more than an unlogged one.
 These see Python-level reads only; the C++ ones (boolean masks, bincount on CUDA) are checked on a GPU
 with torch.cuda.set_sync_debug_mode (docs/step-throughput.md).
 """
@@ -22,9 +23,12 @@ import contextlib
 import os
 import sys
 
+import pytest
 import torch
 
 from tests.distributed import run_workers
+
+pytestmark = pytest.mark.slow  # four spawned DeepSpeed engines (left out of `make test-fast`)
 
 SEQ, MB, ACCUM, VOCAB = 8, 2, 2, 64
 LAYERS = 2  # MoE layers (moe_every=1)
@@ -32,6 +36,25 @@ REST_READS = 2
 """Host reads a train step makes outside the MoE code and the optimizer: the DP-mean loss sums and the
 global gradient norm, both read every step by the non-finite guard (runtime/trainer.NonFiniteGuard)."""
 READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero")
+
+
+@contextlib.contextmanager
+def count_all_reduces(counts: dict, ctx):
+    """counts['tp'] / counts['dp'] += 1 for each all-reduce over the TP / DP group (any caller)."""
+    import torch.distributed as dist
+    real = dist.all_reduce
+
+    def counted(tensor, *a, **k):
+        group = k.get("group", a[1] if len(a) > 1 else None)
+        for name, g in (("tp", ctx.tp_group), ("dp", ctx.dp_group)):
+            if group is g:
+                counts[name] = counts.get(name, 0) + 1
+        return real(tensor, *a, **k)
+    dist.all_reduce = counted
+    try:
+        yield counts
+    finally:
+        dist.all_reduce = real
 
 
 @contextlib.contextmanager
@@ -108,14 +131,15 @@ def worker(rank: int, world: int) -> dict:
         runs = {}
         for reference in (True, False):
             tr, batches = _trainer(ctx, capacity, device_counts, reference), _batches(ctx, 2)
-            losses, reads = [], []
+            losses, reads, all_reduces = [], [], []
             for log in (False, True):  # an unlogged step, then a logged one
-                counts = {"moe": 0, "optimizer": 0, "rest": 0}
-                with count_host_reads(counts):
+                counts, reduces = {"moe": 0, "optimizer": 0, "rest": 0}, {"tp": 0, "dp": 0}
+                with count_host_reads(counts), count_all_reduces(reduces, ctx):
                     r = tr.train_step(batches, log=log)
                 losses.append(r["loss"])
                 reads.append(dict(counts, log=log))
-            runs[reference] = dict(losses=losses, logged=_logged(tr, r), reads=reads,
+                all_reduces.append(reduces)
+            runs[reference] = dict(losses=losses, logged=_logged(tr, r), reads=reads, all_reduces=all_reduces,
                                    dropped=sum(st.dropped for st in r["moe_stats"]))
         out[name] = runs
     return out
@@ -138,5 +162,9 @@ def test_deferred_statistics_log_the_reference_values_and_host_reads_are_counted
                 expect = 0 if name == "device_counts" else forwards
                 assert r["moe"] == expect, f"{where}: {r['moe']} host reads in the MoE code, expected {expect}: {r}"
                 assert r["rest"] == REST_READS, f"{where}: {r['rest']} host reads outside MoE code and optimizer: {r}"
+            # The logged step adds one all-reduce over TP (every layer's and micro-batch's statistics) and one
+            # over DP (the step's kept and routed counts; an unlogged step without a routing bias has none).
+            unlogged, logged = new["all_reduces"]
+            assert logged == {"tp": unlogged["tp"] + 1, "dp": unlogged["dp"] + 1}, f"{where}: {new['all_reduces']}"
         assert drops["dropless"] == 0  # both regimes ran (rank 0 holds the replica's counts)
     assert max(r["device_counts"][False]["dropped"] for r in results) > 0
