@@ -7,6 +7,12 @@ machine noise hits both alike; each run's tokens/s comes from its summary.json, 
 medians, spread and the ratio.
 
     .venv/bin/python benchmarks/train_throughput.py --steps 60 --reps 3
+
+--breakdown instead profiles --breakdown_steps steps of each model (torch.profiler, rank 0; the ranges of
+megatron_mhmoe/step_spans.py, aggregated by megatron_mhmoe/runtime/step_breakdown.py) and prints where
+each spends its time per step, forward + backward, and the difference (docs/step-throughput.md):
+
+    .venv/bin/python benchmarks/train_throughput.py --breakdown
 """
 from __future__ import annotations
 
@@ -58,12 +64,50 @@ def run_once(kind: str, args: argparse.Namespace, dense_ffn: int, workdir: str, 
         return float(json.load(f)["tokens_per_s"])
 
 
+def breakdown_once(kind: str, args: argparse.Namespace, dense_ffn: int, workdir: str) -> dict:
+    """runtime/step_breakdown.aggregate() of one model's profiled steps (unlogged steps, after a warmup)."""
+    out = os.path.join(workdir, f"breakdown_{kind}.json")
+    warmup = 3
+    overrides = [f"--run_dir={os.path.join(workdir, 'breakdown_' + kind)}",
+                 f"--train.train_steps={warmup + 2 * args.breakdown_steps}", "--train.save_interval=0",
+                 "--train.eval_interval=0", "--wandb.mode=disabled", f"--parallel.ep={args.nproc if kind == 'mhmoe' else 1}"]
+    if kind == "dense":
+        overrides += ["--model.moe=null", f"--model.ffn_hidden_size={dense_ffn}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "megatron_mhmoe.runtime.step_breakdown",
+           "--out", out, "--steps", str(args.breakdown_steps), "--warmup", str(warmup), "--config", PRESET] + overrides
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{kind} breakdown failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    with open(out) as f:
+        return json.load(f)
+
+
+def print_breakdown(args: argparse.Namespace, dense_ffn: int) -> None:
+    from megatron_mhmoe.runtime.step_breakdown import format_table
+    with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+        results = {kind: breakdown_once(kind, args, dense_ffn, workdir) for kind in ("mhmoe", "dense")}
+    print(f"\nms per training step on rank 0 ({args.breakdown_steps} profiled steps, profiler overhead included; "
+          f"(bwd): the backward's part)")
+    print(format_table(results))
+    timed = {k: r["timed"] for k, r in results.items()}
+    print("unprofiled steps, rank 0: " + "; ".join(f"{k} wall {t['wall_s'] * 1e3:.1f} ms, CPU {t['cpu_s'] * 1e3:.1f} ms"
+                                               for k, t in timed.items())
+          + f"; mhmoe / dense throughput by CPU time {timed['dense']['cpu_s'] / timed['mhmoe']['cpu_s']:.3f}, "
+            f"by wall time {timed['dense']['wall_s'] / timed['mhmoe']['wall_s']:.3f}")
+    print(json.dumps({"bench": "train_breakdown", "steps": args.breakdown_steps, "nproc": args.nproc,
+                      "dense_ffn": dense_ffn, "us_per_step": results}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60, help="training steps per run (default 60)")
     ap.add_argument("--reps", type=int, default=3, help="runs per model, alternating (default 3)")
     ap.add_argument("--nproc", type=int, default=2, help="processes per run; MH-MoE uses EP=nproc (default 2)")
     ap.add_argument("--workdir", default=None, help="where run dirs go (default: a temporary folder)")
+    ap.add_argument("--breakdown", action="store_true", help="profile where each model's step time goes instead")
+    ap.add_argument("--breakdown_steps", type=int, default=10, help="profiled steps per model (default 10)")
     args = ap.parse_args()
     if args.steps < 2 or args.reps < 1 or args.nproc < 1:
         ap.error("--steps must be >= 2, --reps and --nproc >= 1")
@@ -72,6 +116,9 @@ def main() -> None:
     dense_ffn, moe_flops, dense_flops = equal_flops_dense_ffn(cfg)
     print(f"MH-MoE: {moe_flops / 1e6:.3f} MFLOP/token forward; dense with ffn {dense_ffn}: "
           f"{dense_flops / 1e6:.3f} MFLOP/token ({100 * (dense_flops / moe_flops - 1):+.1f}%)", flush=True)
+    if args.breakdown:
+        print_breakdown(args, dense_ffn)
+        return
     results: dict[str, list[float]] = {"mhmoe": [], "dense": []}
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         for rep in range(args.reps):

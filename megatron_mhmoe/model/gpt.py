@@ -32,6 +32,7 @@ from megatron_mhmoe.parallel.context import ParallelContext
 from megatron_mhmoe.parallel.cross_entropy import masked_mean, vocab_parallel_cross_entropy
 from megatron_mhmoe.parallel.params import is_expert, mark_tp_partial
 from megatron_mhmoe.parallel.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, parallel_lm_logits
+from megatron_mhmoe.step_spans import span
 
 
 @dataclass
@@ -103,9 +104,11 @@ class TransformerBlock(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope=None, kv_cache=None, padding_mask=None):
-        x = x + self.dropout(self.attn(self.norm1(x), rope, kv_cache, self.layer_idx, padding_mask))
-        y, stats = self.ffn(self.norm2(x))
-        return x + self.dropout(y), stats
+        with span("attention"):
+            x = x + self.dropout(self.attn(self.norm1(x), rope, kv_cache, self.layer_idx, padding_mask))
+        with span("ffn"):
+            y, stats = self.ffn(self.norm2(x))
+            return x + self.dropout(y), stats
 
 
 class GPTModel(nn.Module):
@@ -165,7 +168,8 @@ class GPTModel(nn.Module):
             if positions is not None:
                 rope = (cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))  # (b, 1, s, hd/2)
 
-        x = self.embedding(tokens.t(), past, positions)  # (s, b, d) or (s/tp, b, d)
+        with span("embed_output"):
+            x = self.embedding(tokens.t(), past, positions)  # (s, b, d) or (s/tp, b, d)
         moe_stats: list[Any] = []
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
@@ -176,17 +180,18 @@ class GPTModel(nn.Module):
                 moe_stats.append(stats)
         if kv_cache is not None:
             kv_cache.advance(s)
-        x = self.final_norm(x)
-        weight = self.embedding.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
-        logits = parallel_lm_logits(x, weight, ctx)  # (s, b, V_local)
-
+        with span("embed_output"):
+            x = self.final_norm(x)
+            weight = self.embedding.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
+            logits = parallel_lm_logits(x, weight, ctx)  # (s, b, V_local)
         zero = logits.new_zeros((), dtype=torch.float32)
         aux = sum((st.aux_loss for st in moe_stats), zero)
         z = sum((st.z_loss for st in moe_stats), zero)
         lm_loss = loss = None
         if labels is not None:
-            token_loss = vocab_parallel_cross_entropy(logits, labels.t(), ctx, cfg.vocab_size)  # (s, b)
-            lm_loss = masked_mean(token_loss, None if loss_mask is None else loss_mask.t())
+            with span("embed_output"):
+                token_loss = vocab_parallel_cross_entropy(logits, labels.t(), ctx, cfg.vocab_size)  # (s, b)
+                lm_loss = masked_mean(token_loss, None if loss_mask is None else loss_mask.t())
             loss = lm_loss
             if cfg.moe is not None:
                 loss = loss + cfg.moe.aux_loss_coef * aux + cfg.moe.z_loss_coef * z

@@ -4,7 +4,7 @@ reduction that updates it. The trainer only calls its hooks, without knowing any
     balancing = MoEBalancing(model, ctx)
     balancing.begin_step()                         # before a step's first micro-batch
     balancing.after_backward(out.moe_stats)        # after each micro-batch's backward
-    step = balancing.after_step(stats, micro_batches, applied)   # after the optimizer step
+    step = balancing.after_step(stats, micro_batches, applied, log)   # after the optimizer step
     balancing.metrics()                            # for the log line
 
 State, per MoE layer (a LayerBalance the layer's forward reads):
@@ -83,23 +83,33 @@ class MoEBalancing:
         for lb, st in zip(self.layers, moe_stats):
             lb.add_global_counts(st)
 
-    def after_step(self, stats: Sequence[metrics.MoEStats], micro_batches: int, applied: bool) -> dict:
+    def after_step(self, stats: Sequence[metrics.MoEStats], micro_batches: int, applied: bool,
+                   log: bool = True) -> dict:
         """One all-reduce over DP of the step's (L, E) kept and routed counts (and histograms); the biases
-        move only when the optimizer step was applied. Returns the step's counts for the metrics."""
-        if not stats:
-            return {"step_kept": None, "step_selections": None}
+        move only when the optimizer step was applied. Returns the step's counts for the metrics.
+
+        log=False (a step the trainer does not log): the counts only the log line reads are left out, and
+        without a bias to move nothing is reduced at all. Kept counts are left out while the stats have none
+        (the layers' stats_mode 'off')."""
+        none = {"step_kept": None, "step_selections": None}
+        if not stats or not (log or any(lb.bias is not None for lb in self.layers)):
+            return none
         L = len(stats) // micro_batches
-        parts = [metrics.step_kept_counts(stats, micro_batches), metrics.step_selection_counts(stats, micro_batches)]
+        with_kept = log and stats[0].kept is not None
+        parts = [metrics.step_kept_counts(stats, micro_batches)] if with_kept else []
+        parts.append(metrics.step_selection_counts(stats, micro_batches))
         quantile = stats[0].quantile_hist is not None
         if quantile:
             parts.append(metrics.step_sum(stats, micro_batches, "quantile_hist"))  # (L, E x bins)
         E = parts[0].shape[1]
         both = comm.all_reduce_(torch.cat([p.reshape(L, -1) for p in parts], dim=1), self.ctx.dp_group)
-        kept, routed = both[:, :E], both[:, E:2 * E]
+        kept = both[:, :E] if with_kept else None
+        routed = both[:, E:2 * E] if with_kept else both[:, :E]
+        rest = 2 * E if with_kept else E  # where the histograms start
         if applied:
             for i, lb in enumerate(self.layers):
-                lb.update(routed[i], both[i, 2 * E:] if quantile else None)
-        return {"step_kept": kept, "step_selections": routed}
+                lb.update(routed[i], both[i, rest:] if quantile else None)
+        return {"step_kept": kept, "step_selections": routed if log else None}
 
     def metrics(self) -> dict:
         biases = [lb.bias.value for lb in self.layers if lb.bias is not None]

@@ -30,7 +30,10 @@ def choice_counts(e_flat: torch.Tensor, k: int, num_experts: int) -> torch.Tenso
     S = e_flat.numel() // k
     choice = torch.arange(k, device=e_flat.device).repeat_interleave(S)  # (k*S,) choice-major
     flat = choice * num_experts + e_flat  # (k*S,)
-    return torch.bincount(flat, minlength=k * num_experts).view(k, num_experts)
+    # scatter_add, not torch.bincount: on CUDA bincount reads the largest id back to the host to size its
+    # output, a synchronisation in every forward (also with model.moe.a2a_device_counts).
+    counts = torch.zeros(k * num_experts, dtype=torch.long, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat)).view(k, num_experts)
 
 
 def capacity_keep(experts: torch.Tensor, counts_all: torch.Tensor, tp_rank: int, capacity: int,

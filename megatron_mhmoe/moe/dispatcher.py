@@ -33,6 +33,7 @@ from megatron_mhmoe.moe.gate_combine import gate_combine
 from megatron_mhmoe.moe.routing import RoutingRecord
 from megatron_mhmoe.parallel import comm
 from megatron_mhmoe.parallel.context import ParallelContext
+from megatron_mhmoe.step_spans import phase_end
 
 
 def flat_dispatch_combine(x_sub: torch.Tensor, record: RoutingRecord, run_experts: Callable,
@@ -46,7 +47,16 @@ def flat_dispatch_combine(x_sub: torch.Tensor, record: RoutingRecord, run_expert
     # 1. Kept assignments stay grouped by expert and in queue order when filtered out of the sort.
     perm = order if keep is None else order[keep.index_select(0, order)]  # (n,) flat assignment ids
     counts = torch.bincount(e_flat.index_select(0, perm), minlength=E)  # (E,)
-    counts_host = counts.tolist()  # the one host sync of the local dispatch
+    if ep > 1:
+        # 3 (counts). Exchanged before the host read, so that one read brings both to the host.
+        t0 = env.close("permute", t0)
+        recv_counts = comm.all_to_all_v(counts, [E_local] * ep, [E_local] * ep, env.ctx.ep_group)  # (EP*E_local,)
+        host = torch.cat([counts, recv_counts]).tolist()  # the one host sync of the dispatch
+        counts_host = host[:E]
+        recv_host = [host[E + p * E_local:E + (p + 1) * E_local] for p in range(ep)]  # from rank p for my expert e
+        t0 = env.close("counts_exchange", t0)
+    else:
+        counts_host = counts.tolist()  # the one host sync of the dispatch
     n = perm.shape[0]
     src = perm % S  # (n,) sub-token of each row
     if ep == 1 and hasattr(run_experts, "forward_combine"):
@@ -62,9 +72,6 @@ def flat_dispatch_combine(x_sub: torch.Tensor, record: RoutingRecord, run_expert
     t0 = env.close("permute", t0)
     if ep > 1:
         # 3.
-        recv_counts = comm.all_to_all_v(counts, [E_local] * ep, [E_local] * ep, env.ctx.ep_group)
-        recv_counts = recv_counts.view(ep, E_local)  # (EP, E_local): from rank p for my expert e
-        recv_host = recv_counts.tolist()
         send_splits = [sum(counts_host[p * E_local:(p + 1) * E_local]) for p in range(ep)]
         recv_splits = [sum(r) for r in recv_host]
         env.profile.rows_sent = n
@@ -72,7 +79,6 @@ def flat_dispatch_combine(x_sub: torch.Tensor, record: RoutingRecord, run_expert
         env.profile.bytes_sent = n * x_sub.shape[1] * x_sub.element_size() + counts.numel() * counts.element_size()
         _flat_internode(send_splits, recv_splits, x_sub, env)
         env.check_budget(env.profile.rows_received, x_sub)
-        t0 = env.close("counts_exchange", t0)
         rows = comm.all_to_all(rows, recv_splits, send_splits, env.ctx.ep_group)  # (m, d_sub)
         t0 = env.close("all_to_all", t0)
         # 4.
@@ -218,6 +224,7 @@ class MoEDispatcher:
 
     def _tick(self, name: str, mark, device: torch.device):
         """Close phase `name` begun at `mark`; the returned mark begins the next phase."""
+        phase_end(name)  # the profiler breakdown's marker (step_spans; nothing outside profile mode)
         if mark is None:
             return None
         if _device_clock(device):

@@ -30,11 +30,15 @@ from megatron_mhmoe.moe.losses import global_balance_loss, load_balance_loss, se
 from megatron_mhmoe.moe.metrics import MoEStats, divergence_histogram
 from megatron_mhmoe.moe.router import SigmoidGate, SoftmaxGate, XMoEGate, choose
 from megatron_mhmoe.moe.routing import RoutingRecord, build_record
+from megatron_mhmoe.moe import routing_stats
 from megatron_mhmoe.moe.shared_experts import SharedExperts
 from megatron_mhmoe.parallel.context import ParallelContext
 from megatron_mhmoe.parallel import comm
 from megatron_mhmoe.parallel.init import init_parameters, normal, scaled_normal, set_init, xavier_uniform, zeros
 from megatron_mhmoe.parallel.params import mark_tp_partial
+from megatron_mhmoe.step_spans import span
+
+STATS_MODES = ("eager", "deferred", "off")
 
 
 class MHMoELayer(nn.Module):
@@ -80,6 +84,9 @@ class MHMoELayer(nn.Module):
         """The routing bias of aux-loss-free or quantile balancing (a buffer in the state dict); None without."""
         self.balance = LayerBalance(moe, self.expert_bias)
         """Balancing state that outlives a forward (moe/balancing.py; updated by MoEBalancing's hooks)."""
+        self.stats_mode = "eager"
+        """When the routing statistics are computed and summed: 'eager' (in the forward, the reference),
+        'deferred' (local on the device, summed by routing_stats.reduce_pending) or 'off' (moe/routing_stats.py)."""
         self._init_local()
 
     def _bias(self) -> torch.Tensor | None:
@@ -98,26 +105,34 @@ class MHMoELayer(nn.Module):
         tokens = disp.split_tokens(x.reshape(-1, d))  # (n, d): this rank's share of the replica
         n = tokens.shape[0]
         # 1.
-        x_hat = self.head(tokens) if self.head is not None else tokens  # (n, d)
+        with span("moe/projection"):
+            x_hat = self.head(tokens) if self.head is not None else tokens  # (n, d)
         # 2. token-major: the h sub-tokens of a token are adjacent rows.
         x_sub = x_hat.reshape(n * h, self.d_sub)  # (n*h, d/h)
         # 3.
-        logits = self.router(x_sub)  # (n*h, E) fp32
         tp_shards = self.ctx.tp_size  # the replica's tokens are split over TP (a share each, or SP shards)
         tp_rank = self.ctx.tp_rank if tp_shards > 1 else 0
         S = n * h * tp_shards  # sub-tokens in the routing group (the replica)
-        choice = choose(logits, moe, first_index=tp_rank * n * h, bias=self._bias(), head_groups=disp.head_groups)
-        capacity = cap.expert_capacity(moe.capacity_factor, k, S, E)
-        rec = build_record(choice, E, capacity, disp, tp_rank)
+        with span("moe/router"):
+            logits = self.router(x_sub)  # (n*h, E) fp32
+            choice = choose(logits, moe, first_index=tp_rank * n * h, bias=self._bias(),
+                            head_groups=disp.head_groups)
+        with span("moe/permute"):
+            capacity = cap.expert_capacity(moe.capacity_factor, k, S, E)
+            rec = build_record(choice, E, capacity, disp, tp_rank)
         # 4.
-        y_sub = disp.dispatch(x_sub, rec, self.experts)  # (n*h, d/h)
+        with span("moe/dispatcher"):
+            y_sub = disp.dispatch(x_sub, rec, self.experts)  # (n*h, d/h)
         if self.shared_experts is not None:  # gate weight 1, never dropped, joins before the merge
-            y_sub = y_sub + self.shared_experts(x_sub)
+            with span("moe/experts"):
+                y_sub = y_sub + self.shared_experts(x_sub)
         # 5.
         y = y_sub.reshape(n, d)  # (n, d)
         if self.merge is not None:
-            y = self.merge(y)
-        y = disp.gather_tokens(y).reshape(shape)
+            with span("moe/projection"):
+                y = self.merge(y)
+        with span("moe/dispatch"):
+            y = disp.gather_tokens(y).reshape(shape)
         # This rank holds rows tp_rank*n .. of the replica's s-major (s, b) rows (TP share or SP shard), so a
         # token's sequence is its replica row mod b: the sequence-wise loss counts whole sequences over TP.
         seq = (torch.arange(n, device=x.device) + tp_rank * n) % shape[1] if n else None  # (n,)
@@ -134,32 +149,69 @@ class MHMoELayer(nn.Module):
 
     def _stats(self, rec: RoutingRecord, S: int, num_tokens: int, seq: torch.Tensor | None, num_seqs: int,
                seq_len: int) -> MoEStats:
+        if self.stats_mode not in STATS_MODES:
+            raise ValueError(f"MHMoELayer.stats_mode is {self.stats_mode!r}: use one of {STATS_MODES}")
+        balance_ids, choices = self._balance_choices(rec.choice)  # (S_local, c)
+        with span("moe/statistics"), torch.no_grad():
+            if self.stats_mode == "eager":
+                balance, quantile_hist, routing = self._eager_counts(rec, balance_ids)
+            else:
+                balance, quantile_hist = self._training_counts(rec, balance_ids)
+                routing = dict.fromkeys(routing_stats.FIELDS)
+                if self.stats_mode == "deferred":
+                    routing["local_routing"] = routing_stats.local_statistics(
+                        rec, self.moe.num_experts, self.moe.num_heads, self.moe.route_groups,
+                        self.dispatcher.num_local_experts)
+        with span("moe/losses"):
+            return self._losses(rec, S, num_tokens, seq, num_seqs, seq_len, balance_ids, choices, balance,
+                                quantile_hist, routing)
+
+    def _training_counts(self, rec: RoutingRecord, balance_ids: torch.Tensor):
+        """What training needs from every forward, summed over the replica in one exchange: (E,) balance
+        counts and, with quantile balancing, the (E x bins,) required-bias histograms."""
+        moe, E = self.moe, self.moe.num_experts
+        parts = [routing_stats.counts(balance_ids.reshape(-1), E)]
+        if moe.quantile_balancing:  # an empty forward (or debug routing) bins nothing
+            hist = rec.choice.required_bias_hist
+            parts.append(hist if hist is not None else parts[0].new_zeros(E * moe.quantile_bins))
+        both = self.dispatcher.replica_sum_stats(torch.cat(parts))
+        return both[:E], (both[E:] if moe.quantile_balancing else None)
+
+    def _eager_counts(self, rec: RoutingRecord, balance_ids: torch.Tensor):
+        """stats_mode 'eager' (the reference for 'deferred'): the training counts and the routing statistics,
+        summed over the replica in the forward, in one exchange per forward."""
         disp, moe, E, h = self.dispatcher, self.moe, self.moe.num_experts, self.moe.num_heads
-        choice, counts_all, keep = rec.choice, rec.counts_all, rec.keep
-        balance_ids, choices = self._balance_choices(choice)  # (S_local, c)
-        with torch.no_grad():
-            e_flat = rec.flat_experts
-            kept_local = torch.bincount(e_flat[keep] if keep is not None else e_flat, minlength=E)
-            div_local = divergence_histogram(choice.experts, h)
-            # Fan-out: distinct expert groups and EP ranks a token's h*k choices reach (before capacity).
-            groups_local = divergence_histogram(choice.experts // (E // moe.route_groups), h)
-            ranks_local = divergence_histogram(choice.experts // disp.num_local_experts, h)
-            # Sub-token i (token-major) is head i mod h; every one of its k choices counts.
-            n_sub = choice.experts.shape[0]
-            head = (torch.arange(n_sub, device=e_flat.device) % h).repeat_interleave(choice.experts.shape[1])
-            head_local = torch.bincount(head * E + choice.experts.reshape(-1), minlength=h * E)
-            # The balance counts ride on the same exchange (no extra collective with a bias or group limit).
-            balance_local = torch.bincount(balance_ids.reshape(-1), minlength=E)
-            parts = [kept_local, div_local, groups_local, ranks_local, head_local, balance_local]
-            if moe.quantile_balancing:  # an empty forward (or debug routing) bins nothing
-                hist = choice.required_bias_hist
-                parts.append(hist if hist is not None else kept_local.new_zeros(E * moe.quantile_bins))
-            both = disp.replica_sum_stats(torch.cat(parts))
-            nd = div_local.numel()
-            fan_g, fan_r = both[E + nd:E + 2 * nd], both[E + 2 * nd:E + 3 * nd]
-            head_counts = both[E + 3 * nd:E + 3 * nd + h * E].view(h, E)
-            balance = both[E + 3 * nd + h * E:E + 3 * nd + h * E + E]  # (E,) over the replica
-            quantile_hist = both[E + 3 * nd + h * E + E:] if moe.quantile_balancing else None
+        choice, keep = rec.choice, rec.keep
+        e_flat = rec.flat_experts
+        kept_local = torch.bincount(e_flat[keep] if keep is not None else e_flat, minlength=E)
+        div_local = divergence_histogram(choice.experts, h)
+        # Fan-out: distinct expert groups and EP ranks a token's h*k choices reach (before capacity).
+        groups_local = divergence_histogram(choice.experts // (E // moe.route_groups), h)
+        ranks_local = divergence_histogram(choice.experts // disp.num_local_experts, h)
+        # Sub-token i (token-major) is head i mod h; every one of its k choices counts.
+        n_sub = choice.experts.shape[0]
+        head = (torch.arange(n_sub, device=e_flat.device) % h).repeat_interleave(choice.experts.shape[1])
+        head_local = torch.bincount(head * E + choice.experts.reshape(-1), minlength=h * E)
+        # The balance counts ride on the same exchange (no extra collective with a bias or group limit).
+        balance_local = torch.bincount(balance_ids.reshape(-1), minlength=E)
+        parts = [kept_local, div_local, groups_local, ranks_local, head_local, balance_local]
+        if moe.quantile_balancing:  # an empty forward (or debug routing) bins nothing
+            hist = choice.required_bias_hist
+            parts.append(hist if hist is not None else kept_local.new_zeros(E * moe.quantile_bins))
+        both = disp.replica_sum_stats(torch.cat(parts))
+        nd = div_local.numel()
+        routing = {"kept": both[:E], "divergence": both[E:E + nd], "fanout_groups": both[E + nd:E + 2 * nd],
+                   "fanout_ranks": both[E + 2 * nd:E + 3 * nd],
+                   "head_counts": both[E + 3 * nd:E + 3 * nd + h * E].view(h, E)}
+        balance = both[E + 3 * nd + h * E:E + 3 * nd + h * E + E]  # (E,) over the replica
+        quantile_hist = both[E + 3 * nd + h * E + E:] if moe.quantile_balancing else None
+        return balance, quantile_hist, routing
+
+    def _losses(self, rec: RoutingRecord, S: int, num_tokens: int, seq: torch.Tensor | None, num_seqs: int,
+                seq_len: int, balance_ids: torch.Tensor, choices: int, balance: torch.Tensor,
+                quantile_hist: torch.Tensor | None, routing: dict) -> MoEStats:
+        disp, moe, E, h = self.dispatcher, self.moe, self.moe.num_experts, self.moe.num_heads
+        choice, counts_all = rec.choice, rec.counts_all
         # No sub-tokens: the sums below are all zero, and 0 / 1 keeps the losses at 0 instead of 0 / 0 = NaN.
         per = max(S, 1)
         prob_sum = disp.replica_sum(choice.probs.sum(0))  # (E,) over the replica, differentiable
@@ -187,13 +239,12 @@ class MHMoELayer(nn.Module):
                 f_counts = global_counts if earlier is None else global_counts + earlier
             global_aux = global_balance_loss(prob_sum, S, f_counts, global_S + self.balance.earlier_sub_tokens,
                                              choices)
-        return MoEStats(aux_loss=aux, z_loss=z, selections=counts_all.sum((0, 1)), kept=both[:E],
-                        divergence=both[E:E + nd], num_tokens=num_tokens, num_sub_tokens=S,
+        return MoEStats(aux_loss=aux, z_loss=z, selections=counts_all.sum((0, 1)), num_tokens=num_tokens,
+                        num_sub_tokens=S,
                         seq_aux_loss=seq_aux, global_aux_loss=global_aux, prob_sum=prob_sum,
                         balance_counts=balance, balance_choices=choices,
                         global_balance_counts=global_counts, global_sub_tokens=global_S,
-                        head_counts=head_counts, fanout_groups=fan_g, fanout_ranks=fan_r,
-                        quantile_hist=quantile_hist)
+                        quantile_hist=quantile_hist, **routing)
 
     # ------------------------------------------------------------------ slow reference (tests)
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:

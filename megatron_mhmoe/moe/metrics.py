@@ -22,9 +22,11 @@ class MoEStats:
     """Router z-loss mean(logsumexp(logits)^2) (0-dim, differentiable)."""
     selections: torch.Tensor
     """(E,) assignments (sub-token choices) routed to each expert, before capacity."""
-    kept: torch.Tensor
-    """(E,) assignments each expert processed, after capacity."""
-    divergence: torch.Tensor
+    kept: Optional[torch.Tensor]
+    """(E,) assignments each expert processed, after capacity. This and the other routing statistics
+    (divergence, head_counts, fanout_*) are None until summed when the layer's stats_mode is 'deferred'
+    (moe/routing_stats.reduce_pending) and stay None when it is 'off'."""
+    divergence: Optional[torch.Tensor]
     """(h*k+1,) tokens by the number of distinct experts their h*k assignments went to."""
     num_tokens: int
     num_sub_tokens: int
@@ -53,6 +55,9 @@ class MoEStats:
     quantile_hist: Optional[torch.Tensor] = None
     """(E x bins,) quantile balancing's required-bias histograms over the replica (moe/quantile_balancing.py);
     None when MoEConfig.quantile_balancing is off."""
+    local_routing: Optional[dict] = None
+    """stats_mode 'deferred': this rank's share of the routing statistics ({field: tensor}), on the device,
+    until moe/routing_stats.reduce_pending sums them over TP into the fields above; None otherwise."""
 
     @property
     def dropped(self) -> int:

@@ -28,7 +28,7 @@ from megatron_mhmoe.data.builtin_data import prepare_builtin_data
 from megatron_mhmoe.data.indexed import write_json_atomic
 from megatron_mhmoe.data.tokenizer import build_tokenizer
 from megatron_mhmoe.model.gpt import GPTModel
-from megatron_mhmoe.moe import metrics, sizing
+from megatron_mhmoe.moe import metrics, routing_stats, sizing
 from megatron_mhmoe.moe.balancing import MoEBalancing
 from megatron_mhmoe.parallel import comm
 from megatron_mhmoe.parallel.context import ParallelContext
@@ -44,6 +44,7 @@ from megatron_mhmoe.runtime.logging import MetricsLogger, format_line, redact
 from megatron_mhmoe.runtime.run_config import RunConfig
 from megatron_mhmoe.runtime.run_lock import effective_save_dir
 from megatron_mhmoe.runtime.schedule import make_lr_lambda, resume_schedule_rule
+from megatron_mhmoe.step_spans import span
 
 DEVICE_GUARD_ENV = "MHMOE_DEVICE_GUARD"
 
@@ -89,6 +90,9 @@ class Trainer:
         self.callbacks = faults.step_callbacks()
         self.step, self.consumed, self.wandb_id = 0, 0, None
         self.val_routing: dict = {}
+        self.stats_reference = False
+        """Compute the routing statistics the old way, in every forward of every step, summed over TP per
+        layer (the MoE layers' stats_mode 'eager'): the reference the tests compare the deferred path with."""
 
     def print0(self, *a, **k) -> None:
         if self.ctx.rank == 0:
@@ -125,6 +129,7 @@ class Trainer:
         """The parts train_step needs: enough for tests that drive train_step with their own batches."""
         self.ctx, self.engine, self.module = ctx, engine, engine.module
         self.dispatchers = [m.dispatcher for m in self.module.modules() if hasattr(m, "dispatcher")]
+        self.moe_layers = [m for m in self.module.modules() if hasattr(m, "stats_mode")]
         self.balancing = MoEBalancing(self.module, ctx)
 
     def _prepared_builtin_data(self) -> tuple[str, str]:
@@ -290,20 +295,48 @@ class Trainer:
         comm.all_reduce_(x, self.ctx.dp_group)
         return x / self.ctx.dp_size
 
-    def train_step(self, batches) -> dict:
-        """One optimizer step over grad_accum micro-batches; DP-mean losses, grad norm, routing stats."""
+    def _set_stats_mode(self, mode: str) -> None:
+        for layer in self.moe_layers:
+            layer.stats_mode = mode
+
+    def is_log_step(self, step: int, start_step: int = 0) -> bool:
+        """Whether the loop logs after `step` (log_interval, the last step, the exit_interval step)."""
+        t = self.cfg.train
+        return step % t.log_interval == 0 or step == t.train_steps or \
+            (bool(t.exit_interval) and step - start_step >= t.exit_interval)
+
+    def train_step(self, batches, log: bool = True) -> dict:
+        """One optimizer step over grad_accum micro-batches; DP-mean losses, grad norm, routing stats.
+
+        log=False: a step the loop does not log. Its MoE layers skip the routing statistics (stats_mode
+        'off', moe/routing_stats.py); a logged step computes them on the device and sums them over TP once,
+        for all layers and micro-batches, after the last backward."""
         t, eng = self.cfg.train, self.engine
-        with host_tensor_guard(self.device_guard):
-            sums = torch.zeros(6, dtype=torch.float64, device=eng.device)  # loss, lm, aux, z, seq aux, global aux
-            stats = []
-            self.balancing.begin_step()
-            for micro in range(t.grad_accum_steps):
-                b = eng.to_device(next(batches))
-                out = eng(b["tokens"], labels=b["labels"], loss_mask=b["loss_mask"])
-                loss = out.loss
-                for cb in self.callbacks:  # tests only (MHMOE_FAULT): die/hang mid-step, poison the loss
-                    loss = cb.after_forward(self.step + 1, micro, self.ctx.rank, loss)
+        self._set_stats_mode("eager" if self.stats_reference else "deferred" if log else "off")
+        try:
+            with host_tensor_guard(self.device_guard):
+                result, sums, stats, routing = self._step(batches, log)
+        finally:
+            self._set_stats_mode("eager")  # other callers of the model (evaluation, tests) get the reference
+        loss, lm, aux, z, seq_aux, global_aux = sums.tolist()
+        return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "seq_aux_loss": seq_aux,
+                "global_aux_loss": global_aux, "grad_norm": result.grad_norm, "skipped": result.skipped,
+                "moe_stats": stats, **routing}
+
+    def _step(self, batches, log: bool):
+        t, eng = self.cfg.train, self.engine
+        sums = torch.zeros(6, dtype=torch.float64, device=eng.device)  # loss, lm, aux, z, seq aux, global aux
+        stats = []
+        self.balancing.begin_step()
+        for micro in range(t.grad_accum_steps):
+            b = eng.to_device(next(batches))
+            out = eng(b["tokens"], labels=b["labels"], loss_mask=b["loss_mask"])
+            loss = out.loss
+            for cb in self.callbacks:  # tests only (MHMOE_FAULT): die/hang mid-step, poison the loss
+                loss = cb.after_forward(self.step + 1, micro, self.ctx.rank, loss)
+            with span("backward"):
                 eng.backward(loss)
+            with span("step_reduce"):
                 zero = out.z_loss.new_zeros(())
                 sums += torch.stack([loss.detach(), out.lm_loss.detach(), out.aux_loss.detach(), out.z_loss.detach(),
                                      sum((st.seq_aux_loss.detach() for st in out.moe_stats), zero),
@@ -311,14 +344,16 @@ class Trainer:
                                     ).to(torch.float64)
                 stats.extend(out.moe_stats)
                 self.balancing.after_backward(out.moe_stats)
+        with span("optimizer"):
             result = eng.step()
+        with span("step_reduce"):
             sums = self._reduce_mean_over_dp(sums / t.grad_accum_steps)
+        with span("moe/statistics"):
+            if log:  # the routing statistics of every layer and micro-batch: one all-reduce over TP
+                routing_stats.reduce_pending(stats, self.ctx.tp_group)
             # The step's routed and kept counts (and the balancing biases' update): one all-reduce.
-            routing = self.balancing.after_step(stats, t.grad_accum_steps, applied=not result.skipped)
-        loss, lm, aux, z, seq_aux, global_aux = sums.tolist()
-        return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "seq_aux_loss": seq_aux,
-                "global_aux_loss": global_aux, "grad_norm": result.grad_norm, "skipped": result.skipped,
-                "moe_stats": stats, **routing}
+            routing = self.balancing.after_step(stats, t.grad_accum_steps, applied=not result.skipped, log=log)
+        return result, sums, stats, routing
 
     def evaluate(self) -> float:
         """Validation LM loss over eval_iters micro-batches; keeps the validation routing in val_routing."""
@@ -382,7 +417,7 @@ class Trainer:
         guard = NonFiniteGuard(t.max_nonfinite_steps)
         last_val, start_step, loop_t0, r = None, self.step, time.perf_counter(), {"moe_stats": []}
         while self.step < t.train_steps:
-            r = self.train_step(batches)
+            r = self.train_step(batches, log=self.is_log_step(self.step + 1, start_step))
             self.step += 1
             self.consumed += t.global_batch_size
             if progress is not None:
@@ -471,6 +506,9 @@ class Trainer:
     def _finish(self, last_val: Optional[float], stats: list, start_step: int, loop_t0: float) -> None:
         cfg, t = self.cfg, self.cfg.train
         final = {"final/val_ppl": math.exp(min(last_val, 50)) if last_val is not None else None}
+        if self.step > start_step:  # the loop's time (steps, evaluations, saves), not the report written below
+            final["final/tokens_per_s"] = (self.step - start_step) * t.global_batch_size * t.seq_len / max(
+                time.perf_counter() - loop_t0, 1e-9)
         if self.val_routing:
             vr = self.val_routing
             routing = metrics.routing_report(vr["selections"], vr["divergence"], self.threshold,
@@ -485,9 +523,6 @@ class Trainer:
                     metrics.write_head_heatmap(vr["head_counts"], os.path.join(cfg.run_dir, "head_expert_shares.png"))
         elif stats:
             final["final/activation_ratio"] = metrics.summarize(stats, self.threshold)["moe/activation_ratio"]
-        if self.step > start_step:
-            final["final/tokens_per_s"] = (self.step - start_step) * t.global_batch_size * t.seq_len / max(
-                time.perf_counter() - loop_t0, 1e-9)
         final["final/step"] = self.step
         self.logger.summary({k: v for k, v in final.items() if v is not None})
         if self.ctx.rank == 0:
