@@ -34,7 +34,7 @@ if __name__ == "__main__":  # before torch is imported: a Ctrl-C during any impo
 
 import torch
 
-from megatron_mhmoe.runtime.cli import parse_args, resolve_config
+from megatron_mhmoe.launch.cli import parse_args, resolve_config
 from megatron_mhmoe.runtime.exit_codes import (EXIT_CHECKPOINT_WRITE, EXIT_CONFIG, EXIT_ERROR,  # noqa: F401
                                                 EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PEER_FAILURE)
 from megatron_mhmoe.runtime.logging import redact_text

@@ -106,7 +106,7 @@ def test_benchmark_table_is_summarize_of_the_committed_final_runs(capsys):
 
 def test_main_job_numbers():
     """`make main`: 2 CPU processes, EP=2, 300 steps (launch/quickstart.sh + presets/quickstart.yaml)."""
-    from megatron_mhmoe.runtime.cli import resolve_config
+    from megatron_mhmoe.launch.cli import resolve_config
     assert "on 2 CPU processes (EP=2)" in README and "trains for 300 steps" in README
     cfg = resolve_config(os.path.join(ROOT, "megatron_mhmoe", "presets", "quickstart.yaml"), [])
     assert cfg.train.train_steps == 300 and cfg.parallel.ep == 2

@@ -30,7 +30,7 @@ from megatron_mhmoe.scaling.spec import SweepSpec, load_sweep, sweep_from_dict  
 def _machines(a) -> tuple[int | None, int | None]:
     """(nodes, ranks per node) from --hostfile (validated by the launch parser) or the flags."""
     if getattr(a, "hostfile", None):
-        from megatron_mhmoe.runtime.hostfile import parse_hostfile
+        from megatron_mhmoe.launch.hostfile import parse_hostfile
         pool = parse_hostfile(a.hostfile)
         slots = set(pool.values())
         if len(slots) > 1:

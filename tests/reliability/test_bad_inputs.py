@@ -6,7 +6,7 @@ hashed: nothing is ever written over good data.
 
 Entry points: `megatron_mhmoe.train.main` in-process (validation runs before any process group forms; the
 process-group init is patched to fail, so a row that slips through fails instead of waiting for peers),
-`megatron_mhmoe.runtime.launch_check.main` in-process, `tools/preprocess_data.py` (in-process and one
+`megatron_mhmoe.launch.launch_check.main` in-process, `tools/preprocess_data.py` (in-process and one
 subprocess), and for checkpoints one real single-process training launch each (the layout and model checks
 run when resuming, after the engine is built).
 Data-file validation itself is unit-tested in tests/data/test_data_bad_input.py; the rows here check that
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from megatron_mhmoe.parallel.context import ParallelContext
-from megatron_mhmoe.runtime import launch_check
+from megatron_mhmoe.launch import launch_check
 from megatron_mhmoe.runtime.checkpoint import Checkpointer, CheckpointLayout, rng_state
 from tests.runtime.test_train_launch import ROOT, byte_data  # noqa: F401
 

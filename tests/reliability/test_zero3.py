@@ -38,7 +38,7 @@ def run_args(data: str, run_dir: str, zero: int) -> list[str]:
 
 
 def _train(data: str, run_dir: str, zero: int, ds_path: str, world: int, extra=()):
-    from megatron_mhmoe.runtime.cli import resolve_config
+    from megatron_mhmoe.launch.cli import resolve_config
     from megatron_mhmoe.runtime.run_config import check_ds_config_agrees
     from megatron_mhmoe.runtime.trainer import Trainer
     cfg = resolve_config(None, run_args(data, run_dir, zero) + list(extra))

@@ -1,6 +1,6 @@
 """Check a launch before anything starts: hosts, world size, TP/EP, ports, addresses, run config.
 
-    python -m megatron_mhmoe.runtime.launch_check [--hostfile F] [--nodes N] [--gpus-per-node G]
+    python -m megatron_mhmoe.launch.launch_check [--hostfile F] [--nodes N] [--gpus-per-node G]
         [--node-rank R] [--tp T] [--ep E] [--master-addr A] [--master-port P] [--config FILE]
         [--include SPEC | --exclude SPEC] [--launcher NAME] [--no-ssh] [--module NAME]
         [--rdzv-backend static|c10d] [--rdzv-id ID] [--ssh-port P] [--max-restarts N]
@@ -14,7 +14,7 @@ World size: from the hostfile (after --include/--exclude, or --nodes/--gpus-per-
 --section.key=value overrides), so a bad run config (TP/EP not dividing the world, batch arithmetic,
 unknown keys, ZeRO-3 with MoE ...) fails here, before any process is started; --tp/--ep, when given,
 must agree with it. The training arguments are parsed and resolved by the program's own functions
-(runtime/cli.py), and a --deepspeed_config among them is held to the program's own rules
+(megatron_mhmoe/launch/cli.py), and a --deepspeed_config among them is held to the program's own rules
 (run_config.check_ds_config_agrees: a JSON object whose ZeRO stage, precision, optimizer offload, batch
 fields and gradient clipping agree with the run config, without optimizer/scheduler sections), so nothing
 here can drift from what the program accepts. None of it imports torch.
@@ -36,7 +36,7 @@ import sys
 from collections import OrderedDict
 from typing import Optional
 
-from megatron_mhmoe.runtime.hostfile import (apply_filters, apply_num_nodes_and_gpus, parse_hostfile,
+from megatron_mhmoe.launch.hostfile import (apply_filters, apply_num_nodes_and_gpus, parse_hostfile,
                                              validate_address, validate_port, validate_positive_int)
 
 PROG = "launch_check"
@@ -124,7 +124,7 @@ def resolve_world(a) -> tuple["OrderedDict[str, list[int]]", str]:
 # --------------------------------------------------------------------------------------- run config
 def split_train_args(train_args: list[str]):
     """(options, overrides) of the training arguments, parsed by the training program's own parser."""
-    from megatron_mhmoe.runtime import cli
+    from megatron_mhmoe.launch import cli
     try:
         return cli.parse_args(train_args, raise_errors=True)
     except ValueError as e:
@@ -133,7 +133,7 @@ def split_train_args(train_args: list[str]):
 
 def resolve_run_config(config_path: Optional[str], overrides: list[str]):
     """The run config exactly as megatron_mhmoe.train resolves it."""
-    from megatron_mhmoe.runtime import cli
+    from megatron_mhmoe.launch import cli
     return cli.resolve_config(config_path, overrides)
 
 
