@@ -79,6 +79,20 @@ def normalize_prefix(prefix: str) -> str:
     return prefix
 
 
+def expand_prefixes(inputs: Sequence[str]) -> list[str]:
+    """Dataset prefixes named by prefixes (or their .bin/.idx) or directories (every *.idx, sorted by name)."""
+    out: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(p[: -len(".idx")] for p in glob.glob(os.path.join(glob.escape(item), "*.idx")))
+            if not found:
+                raise DataError(f"directory {item} holds no .idx files")
+            out.extend(found)
+        else:
+            out.append(normalize_prefix(item))
+    return out
+
+
 def idx_path(prefix: str) -> str:
     """Path of the index file of a dataset prefix."""
     return prefix + ".idx"

@@ -15,7 +15,6 @@ those errors reach the user from the training CLI before launch.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -287,13 +286,10 @@ def _run_train(argv: list[str], world: int, monkeypatch, capsys) -> tuple[int, s
 
 
 def _run_preprocess(argv: list[str], capsys) -> tuple[int, str]:
-    spec = importlib.util.spec_from_file_location("preprocess_data_cli", os.path.join(ROOT, "tools",
-                                                                                       "preprocess_data.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    code = mod.main(argv)
-    out, err = capsys.readouterr()
-    return code, out + err
+    """The command itself, as a user runs it."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), *argv],
+                       capture_output=True, text=True, timeout=300)
+    return r.returncode, r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

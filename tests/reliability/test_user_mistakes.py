@@ -184,14 +184,10 @@ def test_trainer_applies_the_rule_to_the_resumed_scheduler(rule, capsys):
 
 # ---------------------------------------------------------------------- tokenizer at export
 def test_export_refuses_a_tokenizer_the_data_was_not_made_with(tmp_path):
-    import importlib.util
-
     from tokenizers import Tokenizer, models, pre_tokenizers
 
+    from megatron_mhmoe.export import native as mod
     from megatron_mhmoe.runtime.checkpoint import CheckpointError
-    spec = importlib.util.spec_from_file_location("export_cli", os.path.join(ROOT, "tools", "export_checkpoint.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     tokenizers = []
     for i, word in enumerate(("def", "class")):
         tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1, word: 2}, unk_token="[UNK]"))

@@ -1,7 +1,8 @@
 """Offline checkpoint surgery without processes or a model: read, verify, gather, re-shard, write.
 
-Used by tools/reshard_checkpoint.py and tools/export_checkpoint.py. Works on the Checkpointer format
-(runtime/checkpoint.py): `step_N/rank_XXXXX.pt` + `manifest.json` (sha256 per file) + `latest`.
+Used by checkpoint/reshard.py and export/native.py (tools/reshard_checkpoint.py, tools/export_checkpoint.py).
+Works on the Checkpointer format (runtime/checkpoint.py): `step_N/rank_XXXXX.pt` + `manifest.json` (sha256
+per file) + `latest`.
 - `read_checkpoint` verifies every rank file against the manifest, then loads it with
   `torch.load(weights_only=True)` (tensors and plain containers only: a planted pickle is refused);
 - `gather_full` assembles single-process ("full") tensors from the TP/EP pieces, using the parameter
@@ -21,9 +22,9 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_mhmoe import atomic
 from megatron_mhmoe.parallel.layout import RankLayout, validate_sizes
 from megatron_mhmoe.parallel.params import shard_piece
-from megatron_mhmoe import atomic
 from megatron_mhmoe.runtime.checkpoint import (FORMAT_VERSION, LATEST, MANIFEST, CheckpointError, _fsync_write,
                                                _sha256, step_dirname)
 
