@@ -485,9 +485,12 @@ class Check:
 
 # ---------------------------------------------------------------------------------------------- --logits
 def logits_main(folder: str, device: str, corpus: str, seq: int) -> int:
-    """Check 6's child: load the export with tools/generate.py's loader (megatron_mhmoe/evaluation/generate.py), one forward, one JSON line."""
+    """Check 6's child: load the export with tools/generate.py's loader (megatron_mhmoe/evaluation/generate.py),
+    one forward, one JSON line."""
     import torch
     import torch.nn.functional as F
+    if REPO not in sys.path:  # run as a script: benchmarks/ is on sys.path, not the checkout
+        sys.path.insert(0, REPO)
     from megatron_mhmoe.evaluation import generate
 
     model, info = generate.load_model(folder, device)

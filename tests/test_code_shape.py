@@ -7,6 +7,7 @@ The mutation harness (tools/mutation_check.py, tools/mutants.py) is development 
 from __future__ import annotations
 
 import ast
+import functools
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,6 +23,7 @@ def _py_files(top: str) -> list[str]:
     return sorted(out)
 
 
+@functools.lru_cache(maxsize=None)
 def _tree(rel: str, root: str = ROOT) -> ast.AST:
     with open(os.path.join(root, rel), encoding="utf-8") as f:
         return ast.parse(f.read(), rel)
@@ -71,10 +73,11 @@ def _loads_by_path(rel: str) -> list[str]:
     for node in ast.walk(_tree(rel)):
         if not isinstance(node, ast.Call):
             continue
-        name, text = getattr(node.func, "attr", getattr(node.func, "id", "")), ast.unparse(node)
-        by_path = name in ("spec_from_file_location", "run_path")
-        on_sys_path = name in ("insert", "append") and text.startswith("sys.path.")
-        if (by_path or on_sys_path) and "tools" in text:
+        name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+        if name not in ("spec_from_file_location", "run_path", "insert", "append"):
+            continue
+        text = ast.unparse(node)
+        if (name in ("spec_from_file_location", "run_path") or text.startswith("sys.path.")) and "tools" in text:
             found.append(f"{rel}:{node.lineno} {text}")
     return found
 
