@@ -19,7 +19,8 @@ DEV_TOOLING = {"tools/mutation_check.py", "tools/mutants.py"}
 def _py_files(top: str) -> list[str]:
     out = []
     for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
-        out += [os.path.relpath(os.path.join(dirpath, f), ROOT).replace(os.sep, "/") for f in files if f.endswith(".py")]
+        out += [os.path.relpath(os.path.join(dirpath, f), ROOT).replace(os.sep, "/")
+                for f in files if f.endswith(".py")]
     return sorted(out)
 
 

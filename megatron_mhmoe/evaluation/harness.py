@@ -13,9 +13,10 @@ tools/eval_tasks/ that need no network:
 both from standard-library files after the part the built-in corpus trains on (tools/build_eval_task.py).
 Results: the harness's numbers per task in --out (JSON), and a wandb run (offline unless configured; group
 and name from --wandb-group / --wandb-name) unless --no-wandb.
-Output: the harness's per-request "Truncating N tokens from the left" warnings become one summary line; its
-progress bars become plain lines (at 25, 50, 75 and 100%) when stdout or stderr is not a terminal; the git hash it records
-is this checkout's, looked up without git's "fatal: not a git repository" noise.
+Output (evaluation/progress.py): the harness's per-request "Truncating N tokens from the left" warnings become
+one summary line; its progress bars become plain lines (at 25, 50, 75 and 100%) when stdout or stderr is not a
+terminal; the git hash it records is this checkout's, looked up without git's "fatal: not a git repository"
+noise.
 """
 from __future__ import annotations
 

@@ -40,7 +40,8 @@ def gpt2_state_dict(full: dict, mcfg) -> dict:
             dst + "attn.c_proj.weight": full[src + "attn.proj.weight"].t(),
             dst + "attn.c_proj.bias": full[src + "attn.proj.bias"],
             dst + "ln_2.weight": full[src + "norm2.weight"], dst + "ln_2.bias": full[src + "norm2.bias"],
-            dst + "mlp.c_fc.weight": full[src + "ffn.fc1.weight"].t(), dst + "mlp.c_fc.bias": full[src + "ffn.fc1.bias"],
+            dst + "mlp.c_fc.weight": full[src + "ffn.fc1.weight"].t(),
+            dst + "mlp.c_fc.bias": full[src + "ffn.fc1.bias"],
             dst + "mlp.c_proj.weight": full[src + "ffn.fc2.weight"].t(),
             dst + "mlp.c_proj.bias": full[src + "ffn.fc2.bias"],
         })
