@@ -485,11 +485,13 @@ class Check:
 
 # ---------------------------------------------------------------------------------------------- --logits
 def logits_main(folder: str, device: str, corpus: str, seq: int) -> int:
-    """Check 6's child: load the export with tools/generate.py's loader, one forward, one JSON line."""
+    """Check 6's child: load the export with tools/generate.py's loader (megatron_mhmoe/evaluation/generate.py),
+    one forward, one JSON line."""
     import torch
     import torch.nn.functional as F
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import generate
+    if REPO not in sys.path:  # run as a script: benchmarks/ is on sys.path, not the checkout
+        sys.path.insert(0, REPO)
+    from megatron_mhmoe.evaluation import generate
 
     model, info = generate.load_model(folder, device)
     tok = generate.load_tokenizer(folder, info, None)

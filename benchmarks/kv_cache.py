@@ -8,7 +8,6 @@ whether the greedy tokens agree.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -20,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron_mhmoe.config import ModelConfig, MoEConfig  # noqa: E402
+from megatron_mhmoe.evaluation import generate as gen  # noqa: E402
 from megatron_mhmoe.model.gpt import GPTModel  # noqa: E402
 from megatron_mhmoe.parallel.context import ParallelContext  # noqa: E402
 
@@ -35,9 +35,6 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.prompt + a.new > a.max_seq_len:
         p.error(f"--prompt + --new = {a.prompt + a.new} must fit --max-seq-len {a.max_seq_len}")
-    spec = importlib.util.spec_from_file_location("generate", os.path.join(ROOT, "tools", "generate.py"))
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
     cfg = ModelConfig(vocab_size=2048, hidden_size=a.hidden, num_layers=a.layers, num_attention_heads=8,
                       ffn_hidden_size=4 * a.hidden, max_seq_len=a.max_seq_len, position_embedding="rope",
                       moe=MoEConfig(num_experts=8, top_k=2, num_heads=4, expert_hidden_size=a.hidden,

@@ -29,7 +29,7 @@ from typing import Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from megatron_mhmoe.runtime.proctree import descendants  # noqa: E402
+from megatron_mhmoe.launch.proctree import descendants  # noqa: E402
 
 
 def rss_bytes(pid: int) -> Optional[int]:

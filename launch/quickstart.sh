@@ -10,6 +10,7 @@ NPROC="${NPROC:-2}"
 case "$NPROC" in ''|*[!0-9]*) echo "NPROC must be a positive integer, got '$NPROC'" >&2; exit 2;; esac
 export OMP_NUM_THREADS=1 DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" WANDB_MODE="${WANDB_MODE:-offline}"
 PORT="$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-# The wrapper ends a failed run with the failing worker's own error line and exit code (runtime/proctree.py).
-exec "$PY" -m megatron_mhmoe.runtime.proctree launch -- "$PY" -m torch.distributed.run --nproc_per_node "$NPROC" \
+# The wrapper (megatron_mhmoe/launch/proctree.py) ends a failed run with the failing worker's own error line
+# and exit code.
+exec "$PY" -m megatron_mhmoe.launch.proctree launch -- "$PY" -m torch.distributed.run --nproc_per_node "$NPROC" \
   --master_addr 127.0.0.1 --master_port "$PORT" -m megatron_mhmoe.train --config megatron_mhmoe/presets/quickstart.yaml "$@"

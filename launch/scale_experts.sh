@@ -21,7 +21,7 @@
 # Arguments: --preset NAME|FILE (required), --out DIR, --only REGEX, --dry-run, and overrides
 # --sweep.key=value / --base.section.key=value (e.g. --base.data.data_path=[/data/pile_text_document]).
 #
-# The hostfile is checked first by `python -m megatron_mhmoe.runtime.launch_check` (names, slots, address,
+# The hostfile is checked first by `python -m megatron_mhmoe.launch.launch_check` (names, slots, address,
 # port; a host name like `a;touch x` is refused); on any problem nothing starts and the exit code is 2.
 set -euo pipefail
 
@@ -49,7 +49,7 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 LAUNCHER="${LAUNCHER:-pdsh}"
 
 # 1. The hostfile, address and port, through the same parser every launch script uses (EP 1: any world fits).
-"$PYTHON" -m megatron_mhmoe.runtime.launch_check --hostfile "$HOSTFILE" --master-addr "$MASTER_ADDR" \
+"$PYTHON" -m megatron_mhmoe.launch.launch_check --hostfile "$HOSTFILE" --master-addr "$MASTER_ADDR" \
     --master-port "$MASTER_PORT" --launcher "$LAUNCHER" -- --parallel.tp=1 --parallel.ep=1 >/dev/null
 
 # 2. The sweep: plan, then one launch per run (or the launch lines).

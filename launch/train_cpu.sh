@@ -18,7 +18,7 @@
 #   DRY_RUN=1        validate, print the launcher command, do not run it
 # CUDA_VISIBLE_DEVICES is set empty: this script trains on the CPU even on a machine with GPUs.
 #
-# Everything is checked by `python -m megatron_mhmoe.runtime.launch_check` first (world size vs TP/EP, the
+# Everything is checked by `python -m megatron_mhmoe.launch.launch_check` first (world size vs TP/EP, the
 # run config, the DeepSpeed config, the port); on any problem nothing is started and the exit code is 2.
 set -euo pipefail
 
@@ -35,7 +35,7 @@ export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 export WANDB_MODE="${WANDB_MODE:-offline}"
 export CUDA_VISIBLE_DEVICES=""
 
-"$PYTHON" -m megatron_mhmoe.runtime.launch_check --launcher torchrun --nodes 1 --gpus-per-node "$NPROC" \
+"$PYTHON" -m megatron_mhmoe.launch.launch_check --launcher torchrun --nodes 1 --gpus-per-node "$NPROC" \
     --master-addr 127.0.0.1 --master-port "$MASTER_PORT" --module "$TRAIN_MODULE" -- "$@"
 
 cmd=("$PYTHON" -m torch.distributed.run --nnodes 1 --nproc_per_node "$NPROC" --master_addr 127.0.0.1
@@ -44,5 +44,5 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then printf '%q ' "${cmd[@]}"; printf '\n'; exi
 # Through the wrapper: a busy MASTER_PORT is refused (exit 4) before anything starts, and a failed run ends
 # with the failing worker's own error line and exit code instead of the launcher's traceback.
 port_check=(--rendezvous "127.0.0.1:$MASTER_PORT")
-cmd=("$PYTHON" -m megatron_mhmoe.runtime.proctree launch ${port_check[@]+"${port_check[@]}"} -- "${cmd[@]}")
+cmd=("$PYTHON" -m megatron_mhmoe.launch.proctree launch ${port_check[@]+"${port_check[@]}"} -- "${cmd[@]}")
 exec "${cmd[@]}"

@@ -34,7 +34,7 @@
 #   TRAIN_MODULE     module to launch (default megatron_mhmoe.train)
 #   DRY_RUN=1        validate, print the launcher command, do not run it
 #
-# Everything is checked by `python -m megatron_mhmoe.runtime.launch_check` first: the hostfile (a host name
+# Everything is checked by `python -m megatron_mhmoe.launch.launch_check` first: the hostfile (a host name
 # like `a;touch x` or `$(id)` is refused), filters, world size vs TP/EP, the run and DeepSpeed configs,
 # MASTER_ADDR/MASTER_PORT, and for pdsh the arguments it passes through the remote shell. On any problem
 # nothing is started and the exit code is 2.
@@ -76,7 +76,7 @@ if [[ -n "${EXCLUDE:-}" ]]; then check+=(--exclude "$EXCLUDE"); ds+=(--exclude "
 if [[ -n "${SSH_PORT:-}" ]]; then check+=(--ssh-port "$SSH_PORT"); ds+=(--ssh_port "$SSH_PORT"); fi
 if [[ -n "${LAUNCHER_ARGS:-}" ]]; then ds+=(--launcher_args "$LAUNCHER_ARGS"); fi
 
-"$PYTHON" -m megatron_mhmoe.runtime.launch_check "${check[@]}" -- "$@"
+"$PYTHON" -m megatron_mhmoe.launch.launch_check "${check[@]}" -- "$@"
 
 cmd=("$PYTHON" -u -m deepspeed.launcher.runner "${ds[@]}" --module "$TRAIN_MODULE" "$@")
 if [[ "${DRY_RUN:-0}" == "1" ]]; then printf '%q ' "${cmd[@]}"; printf '\n'; exit 0; fi
@@ -84,5 +84,5 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then printf '%q ' "${cmd[@]}"; printf '\n'; exi
 # with the failing worker's own error line and exit code instead of the launcher's traceback.
 port_check=()
 if [[ "${NO_SSH:-0}" != "1" || "${NODE_RANK:-}" == "0" ]]; then port_check=(--rendezvous "$MASTER_ADDR:$MASTER_PORT"); fi
-cmd=("$PYTHON" -m megatron_mhmoe.runtime.proctree launch ${port_check[@]+"${port_check[@]}"} -- "${cmd[@]}")
+cmd=("$PYTHON" -m megatron_mhmoe.launch.proctree launch ${port_check[@]+"${port_check[@]}"} -- "${cmd[@]}")
 exec "${cmd[@]}"

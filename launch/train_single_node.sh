@@ -17,7 +17,7 @@
 #   TRAIN_MODULE     module to launch (default megatron_mhmoe.train)
 #   DRY_RUN=1        validate, print the launcher command, do not run it
 #
-# Everything is checked by `python -m megatron_mhmoe.runtime.launch_check` first (world size vs TP/EP, the
+# Everything is checked by `python -m megatron_mhmoe.launch.launch_check` first (world size vs TP/EP, the
 # run config, the DeepSpeed config, the port); on any problem nothing is started and the exit code is 2.
 # Note: DeepSpeed's launcher reads /job/hostfile when it exists (its default hostfile); launch_check warns.
 set -euo pipefail
@@ -35,7 +35,7 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 TRAIN_MODULE="${TRAIN_MODULE:-megatron_mhmoe.train}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
-"$PYTHON" -m megatron_mhmoe.runtime.launch_check --launcher local --nodes 1 --gpus-per-node "$GPUS" \
+"$PYTHON" -m megatron_mhmoe.launch.launch_check --launcher local --nodes 1 --gpus-per-node "$GPUS" \
     --master-addr 127.0.0.1 --master-port "$MASTER_PORT" --module "$TRAIN_MODULE" -- "$@"
 
 cmd=("$PYTHON" -u -m deepspeed.launcher.runner --num_gpus "$GPUS" --master_port "$MASTER_PORT"
@@ -44,5 +44,5 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then printf '%q ' "${cmd[@]}"; printf '\n'; exi
 # Through the wrapper: a busy MASTER_PORT is refused (exit 4) before anything starts, and a failed run ends
 # with the failing worker's own error line and exit code instead of the launcher's traceback.
 port_check=(--rendezvous "127.0.0.1:$MASTER_PORT")
-cmd=("$PYTHON" -m megatron_mhmoe.runtime.proctree launch ${port_check[@]+"${port_check[@]}"} -- "${cmd[@]}")
+cmd=("$PYTHON" -m megatron_mhmoe.launch.proctree launch ${port_check[@]+"${port_check[@]}"} -- "${cmd[@]}")
 exec "${cmd[@]}"

@@ -27,7 +27,7 @@
 #   TRAIN_MODULE     module to launch (default megatron_mhmoe.train)
 #   DRY_RUN=1        validate, print the launcher command, do not run it
 #
-# Everything is checked by `python -m megatron_mhmoe.runtime.launch_check` first (world size vs TP/EP, the
+# Everything is checked by `python -m megatron_mhmoe.launch.launch_check` first (world size vs TP/EP, the
 # run and DeepSpeed configs, MASTER_ADDR/MASTER_PORT, NODE_RANK); on any problem nothing is started and
 # the exit code is 2.
 set -euo pipefail
@@ -55,7 +55,7 @@ RDZV_ID="${RDZV_ID:-megatron_mhmoe}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
 TRAIN_MODULE="${TRAIN_MODULE:-megatron_mhmoe.train}"
 
-"$PYTHON" -m megatron_mhmoe.runtime.launch_check --launcher torchrun --nodes "$NNODES" \
+"$PYTHON" -m megatron_mhmoe.launch.launch_check --launcher torchrun --nodes "$NNODES" \
     --gpus-per-node "$NPROC_PER_NODE" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" \
     --master-port "$MASTER_PORT" --rdzv-backend "$RDZV_BACKEND" --rdzv-id "$RDZV_ID" \
     --max-restarts "$MAX_RESTARTS" --module "$TRAIN_MODULE" -- "$@"
@@ -72,5 +72,5 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then printf '%q ' "${cmd[@]}"; printf '\n'; exi
 # with the failing worker's own error line and exit code instead of the launcher's traceback.
 port_check=()
 if [[ "$RDZV_BACKEND" == "static" && "$NODE_RANK" == "0" ]]; then port_check=(--rendezvous "$MASTER_ADDR:$MASTER_PORT"); fi
-cmd=("$PYTHON" -m megatron_mhmoe.runtime.proctree launch ${port_check[@]+"${port_check[@]}"} -- "${cmd[@]}")
+cmd=("$PYTHON" -m megatron_mhmoe.launch.proctree launch ${port_check[@]+"${port_check[@]}"} -- "${cmd[@]}")
 exec "${cmd[@]}"

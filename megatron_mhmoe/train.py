@@ -34,7 +34,7 @@ if __name__ == "__main__":  # before torch is imported: a Ctrl-C during any impo
 
 import torch
 
-from megatron_mhmoe.runtime.cli import parse_args, resolve_config
+from megatron_mhmoe.launch.cli import parse_args, resolve_config
 from megatron_mhmoe.runtime.exit_codes import (EXIT_CHECKPOINT_WRITE, EXIT_CONFIG, EXIT_ERROR,  # noqa: F401
                                                 EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PEER_FAILURE)
 from megatron_mhmoe.runtime.logging import redact_text
@@ -135,39 +135,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg.train.save_dir = run_lock.effective_save_dir(cfg.run_dir, cfg.train.save_dir)
     # Validate before joining the process group: a bad config must not leave peers waiting.
     try:
-        cfg.validate(world)
-        # Before the model is built: a run_dir that is a file would fail only at the first write.
-        run_lock.check_run_folders(cfg.run_dir, cfg.train.save_dir)
-        _check_resume_step(cfg)
-        if args.deepspeed_config:
-            if not os.path.exists(args.deepspeed_config):
-                raise ValueError(f"--deepspeed_config {args.deepspeed_config!r} does not exist")
-            with open(args.deepspeed_config) as f:
-                try:
-                    ds_dict = json.load(f)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"--deepspeed_config {args.deepspeed_config} is not valid JSON: {err}")
-            notes = check_ds_config_agrees(cfg, ds_dict, args.deepspeed_config)
-            # Then every key against DeepSpeed's own schema (a misspelt one would be ignored).
-            from megatron_mhmoe.runtime.ds_schema import check_ds_config_keys
-            t = cfg.train  # batch fields DeepSpeed's parser needs (filled from the run config, as the engine does)
-            check_ds_config_keys(ds_dict, args.deepspeed_config, {
-                "train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": t.grad_accum_steps,
-                "train_batch_size": t.micro_batch_size * t.grad_accum_steps})
-            for note in notes:
-                if os.environ.get("RANK", "0") == "0":
-                    print(f"warning: {note}", file=sys.stderr, flush=True)
-        _check_data_inputs(cfg)
-        if cfg.tensorboard.enabled:
-            import importlib.util
-            if importlib.util.find_spec("tensorboard") is None:
-                raise ValueError("tensorboard.enabled=true needs the tensorboard package: pip install tensorboard "
-                                 "(requirements-eval.txt), or drop --tensorboard.enabled")
-        if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-            raise ValueError("train.precision=fp16 needs a GPU: DeepSpeed's CPU accelerator does not support fp16 "
-                             "('Type fp16 is not supported on your device'); use bf16 or fp32 on CPU")
-        from megatron_mhmoe.runtime import faults
-        armed = faults.check()
+        armed = _check_before_launch(cfg, args.deepspeed_config, world)
     except ValueError as e:
         from megatron_mhmoe.data.errors import DataError
         print(f"{'data' if isinstance(e, DataError) else 'config'} error: {redact_text(str(e))}", file=sys.stderr)
@@ -181,7 +149,55 @@ def main(argv: Optional[list[str]] = None) -> int:
         except run_lock.RunLockError as e:
             print(f"run folder error: {e}", file=sys.stderr, flush=True)
             return EXIT_CONFIG
-    from megatron_mhmoe.runtime import engine
+    return _train(cfg, args.deepspeed_config, world)
+
+
+def _check_deepspeed_config(cfg: RunConfig, path: str) -> None:
+    """A --deepspeed_config: readable JSON, agreeing with the run config, every key known to DeepSpeed."""
+    if not os.path.exists(path):
+        raise ValueError(f"--deepspeed_config {path!r} does not exist")
+    with open(path) as f:
+        try:
+            ds_dict = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--deepspeed_config {path} is not valid JSON: {err}")
+    notes = check_ds_config_agrees(cfg, ds_dict, path)
+    # Then every key against DeepSpeed's own schema (a misspelt one would be ignored).
+    from megatron_mhmoe.runtime.ds_schema import check_ds_config_keys
+    t = cfg.train  # batch fields DeepSpeed's parser needs (filled from the run config, as the engine does)
+    check_ds_config_keys(ds_dict, path, {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps})
+    for note in notes:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"warning: {note}", file=sys.stderr, flush=True)
+
+
+def _check_before_launch(cfg: RunConfig, deepspeed_config: Optional[str], world: int) -> Optional[str]:
+    """Every check that needs no process group (ValueError/DataError with the fix); the armed fault's line."""
+    from megatron_mhmoe.runtime import run_lock
+    cfg.validate(world)
+    # Before the model is built: a run_dir that is a file would fail only at the first write.
+    run_lock.check_run_folders(cfg.run_dir, cfg.train.save_dir)
+    _check_resume_step(cfg)
+    if deepspeed_config:
+        _check_deepspeed_config(cfg, deepspeed_config)
+    _check_data_inputs(cfg)
+    if cfg.tensorboard.enabled:
+        import importlib.util
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("tensorboard.enabled=true needs the tensorboard package: pip install tensorboard "
+                             "(requirements-eval.txt), or drop --tensorboard.enabled")
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("train.precision=fp16 needs a GPU: DeepSpeed's CPU accelerator does not support fp16 "
+                         "('Type fp16 is not supported on your device'); use bf16 or fp32 on CPU")
+    from megatron_mhmoe.runtime import faults
+    return faults.check()
+
+
+def _train(cfg: RunConfig, deepspeed_config: Optional[str], world: int) -> int:
+    """Join the process group and train; every failure ends the process with its exit code (see _leave)."""
+    from megatron_mhmoe.runtime import engine, run_lock
     from megatron_mhmoe.runtime.trainer import Trainer
     rank = os.environ.get("RANK", "?")
     try:
@@ -195,7 +211,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         _leave(EXIT_PEER_FAILURE)
     try:
-        code = Trainer(cfg, args.deepspeed_config).run()
+        code = Trainer(cfg, deepspeed_config).run()
     except Exception as e:
         from megatron_mhmoe.runtime.checkpoint import CheckpointWriteError
         if isinstance(e, CheckpointWriteError):  # its text may name a timeout-like errno: not a peer failure

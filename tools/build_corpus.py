@@ -14,7 +14,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from megatron_mhmoe.data.corpus import build_corpus, iter_sources  # noqa: E402,F401
+from megatron_mhmoe.data.corpus import build_corpus  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

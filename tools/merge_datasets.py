@@ -10,28 +10,13 @@ Token files are stream-copied; only the index arrays are held in memory.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from megatron_mhmoe.data.errors import DataError  # noqa: E402
-from megatron_mhmoe.data.indexed import merge_datasets, normalize_prefix  # noqa: E402
-
-
-def expand(inputs: list[str]) -> list[str]:
-    """Dataset prefixes named by prefixes or directories."""
-    out: list[str] = []
-    for item in inputs:
-        if os.path.isdir(item):
-            found = sorted(p[: -len(".idx")] for p in glob.glob(os.path.join(glob.escape(item), "*.idx")))
-            if not found:
-                raise DataError(f"directory {item} holds no .idx files")
-            out.extend(found)
-        else:
-            out.append(normalize_prefix(item))
-    return out
+from megatron_mhmoe.data.indexed import expand_prefixes, merge_datasets, normalize_prefix  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-prefix", required=True, help="writes <prefix>.bin/.idx/.meta.json")
     args = p.parse_args(argv)
     try:
-        prefixes = expand(args.input)
+        prefixes = expand_prefixes(args.input)
         out = normalize_prefix(args.output_prefix)
         if out in prefixes:
             raise DataError(f"--output-prefix {out} is also an input; choose a new name")

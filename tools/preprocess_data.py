@@ -5,7 +5,7 @@ Example:
   python tools/preprocess_data.py --input corpus.jsonl --json-keys text \\
       --tokenizer-model tok.model --append-eod --output-prefix data/corpus --workers 8
 writes data/corpus_text_document.{bin,idx} (+ .meta.json, a sidecar Megatron ignores) for training
-with --data-path data/corpus_text_document. --tokenizer-model may also be a Hugging Face tokenizer.json
+with --data.data_path=[data/corpus_text_document]. --tokenizer-model may also be a Hugging Face tokenizer.json
 (or a folder holding one); its EOD is its eos token, else a token like </s> or <|endoftext|>, else
 --eod-token. Progress is a bar on a terminal and a line every --log-interval documents otherwise.
 """
@@ -18,44 +18,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from megatron_mhmoe.data.errors import DataError  # noqa: E402
-from megatron_mhmoe.data.input_reader import InputConfig  # noqa: E402
+from megatron_mhmoe.data.input_args import BAD_INPUT_POLICY, add_input_arguments, input_config  # noqa: E402
 from megatron_mhmoe.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
 from megatron_mhmoe.data.tokenizer import TOKENIZER_TYPES  # noqa: E402
-
-BAD_INPUT_POLICY = """\
-bad input policy (counts and the first locations are printed as warnings at the end):
-  invalid JSON / not an object / missing --json-keys key or non-string value: line skipped
-  non-UTF-8 bytes: decoded with U+FFFD replacement characters, counted
-  NUL characters: removed from the text, counted
-  document longer than --max-doc-chars characters: skipped; a raw line longer than
-      6 * --max-doc-chars bytes is skipped without being read into memory
-  empty documents: skipped
-  --strict turns every case above except empty documents into an error naming file:line.
-  No documents at all (empty input, or everything skipped) is always an error.
-  A file whose first 64 KiB are more than --max-nontext-fraction non-text bytes (a program, an archive) is
-      refused before anything is written, with the count.
-"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, epilog=BAD_INPUT_POLICY,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("input")
-    g.add_argument("--input", nargs="+", required=True,
-                   help="JSONL or text files, directories or globs; .gz is decompressed on the fly")
-    g.add_argument("--json-keys", nargs="+", default=["text"],
-                   help="JSON keys to tokenize; one output dataset per key (default: text)")
-    g.add_argument("--input-format", choices=["auto", "jsonl", "text"], default="auto",
-                   help="auto: by extension (.jsonl/.json -> jsonl, .txt -> text), else by the first line")
-    g.add_argument("--text-doc", choices=["line", "file"], default="line",
-                   help="text input: each non-empty line is a document (line) or each file is one (file)")
-    g.add_argument("--max-doc-chars", type=int, default=50_000_000,
-                   help="skip (count) documents longer than this many characters (default 50M)")
-    g.add_argument("--strict", action="store_true", help="fail on the first bad line instead of skipping it")
-    g.add_argument("--max-nontext-fraction", type=float, default=0.01,
-                   help="refuse an input whose first 64 KiB are more than this share non-text bytes "
-                        "(undecodable UTF-8, NUL and other control bytes): a program or archive, not a corpus "
-                        "(default 0.01; 1 turns the check off)")
+    add_input_arguments(p.add_argument_group("input"), "JSON keys to tokenize; one output dataset per key "
+                                                       "(default: text)")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", default="auto", choices=list(TOKENIZER_TYPES),
                    help="auto (default: by --tokenizer-model: .json or a folder holding tokenizer.json -> hf, "
@@ -89,10 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PreprocessConfig(
             inputs=args.input, output_prefix=args.output_prefix, tokenizer_type=args.tokenizer_type,
             tokenizer_model=args.tokenizer_model, eod_token=args.eod_token, append_eod=args.append_eod,
-            workers=args.workers, log_interval=args.log_interval, progress=args.progress, partitions=args.partitions, keep_partitions=args.keep_partitions,
-            input=InputConfig(json_keys=tuple(args.json_keys), input_format=args.input_format,
-                              text_doc=args.text_doc, max_doc_chars=args.max_doc_chars, strict=args.strict,
-                              max_nontext_fraction=args.max_nontext_fraction))
+            workers=args.workers, log_interval=args.log_interval, progress=args.progress, partitions=args.partitions,
+            keep_partitions=args.keep_partitions, input=input_config(args))
         result = preprocess(cfg)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -24,7 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from megatron_mhmoe.data.errors import DataError  # noqa: E402
-from megatron_mhmoe.data.input_reader import InputConfig  # noqa: E402
+from megatron_mhmoe.data.input_args import add_input_arguments, input_config  # noqa: E402
 from megatron_mhmoe.data.spm_train import (PRESETS, TokenizerTrainConfig, train_hf_tokenizer,  # noqa: E402
                                             train_tokenizer)
 
@@ -32,13 +32,7 @@ from megatron_mhmoe.data.spm_train import (PRESETS, TokenizerTrainConfig, train_
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Bad input lines follow tools/preprocess_data.py's policy (see its --help).")
-    p.add_argument("--input", nargs="+", required=True, help="JSONL/text files, directories or globs (.gz ok)")
-    p.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys holding text (default: text)")
-    p.add_argument("--input-format", choices=["auto", "jsonl", "text"], default="auto")
-    p.add_argument("--text-doc", choices=["line", "file"], default="line",
-                   help="text input: a document per line or per file")
-    p.add_argument("--max-doc-chars", type=int, default=50_000_000, help="skip longer documents")
-    p.add_argument("--strict", action="store_true", help="fail on bad lines instead of skipping them")
+    add_input_arguments(p)
     p.add_argument("--type", choices=["sentencepiece", "hf-bpe"], default="sentencepiece",
                    help="sentencepiece (default) or hf-bpe: a byte-level BPE tokenizer.json (Hugging Face tokenizers)")
     p.add_argument("--model-prefix", required=True,
@@ -73,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             model_type=args.model_type, preset=args.preset, byte_fallback=args.byte_fallback,
             user_defined_symbols=args.user_defined_symbols, control_symbols=args.control_symbols,
             max_sentences=args.max_sentences, max_sentence_bytes=args.max_sentence_bytes, seed=args.seed,
-            num_threads=args.num_threads, log_interval=args.log_interval,
-            input=InputConfig(json_keys=tuple(args.json_keys), input_format=args.input_format,
-                              text_doc=args.text_doc, max_doc_chars=args.max_doc_chars, strict=args.strict))
+            num_threads=args.num_threads, log_interval=args.log_interval, input=input_config(args))
         result = (train_hf_tokenizer if args.type == "hf-bpe" else train_tokenizer)(cfg)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -31,7 +31,6 @@ def build_train_valid_test_datasets(
     cache_dir: Optional[str] = None,
     use_cache: bool = True,
     model_vocab_size: Optional[int] = None,
-    tokenizer_sha256: Optional[str] = None,
     log: Log = _stderr,
 ) -> tuple[Optional[Dataset], Optional[Dataset], Optional[Dataset]]:
     """Build (train, valid, test) GPT datasets, blended when data_path names several datasets.
@@ -46,7 +45,6 @@ def build_train_valid_test_datasets(
         cache_dir: index cache directory (default: `index_cache/` next to each dataset).
         use_cache: False never reads or writes index caches.
         model_vocab_size: if given, check every dataset's token ids fit the model's embedding (DataError if not).
-        tokenizer_sha256: if given, check datasets made by our preprocessing used this tokenizer.
     Returns:
         Three datasets (or None for an empty split); each item is an int64 array of seq_len + 1 tokens.
     """
@@ -58,7 +56,7 @@ def build_train_valid_test_datasets(
     for p in prefixes:
         ds = IndexedDataset(p)
         if model_vocab_size is not None:
-            check_dataset_vocab(ds, model_vocab_size, tokenizer_sha256)
+            check_dataset_vocab(ds, model_vocab_size)
         indexed.append(ds)
     ranges = [split_ranges(ds.num_documents, split_weights) for ds in indexed]
     out: list[Optional[Dataset]] = []

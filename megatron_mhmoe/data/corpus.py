@@ -14,6 +14,8 @@ import sysconfig
 import tokenize
 from typing import Iterator
 
+from megatron_mhmoe import atomic
+
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 
@@ -55,11 +57,9 @@ def build_corpus(out: str, max_mb: float = 8.0, root: str | None = None, repeat:
     folder = os.path.dirname(out)
     if folder:
         os.makedirs(folder, exist_ok=True)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic.atomic_open(out, "wb") as f:
         for r in range(repeat):
             f.writelines(lines)
             if repeat > 1:
                 print(f"wrote copy {r + 1}/{repeat}", file=sys.stderr, flush=True)
-    os.replace(tmp, out)
     return len(lines) * repeat, total * repeat

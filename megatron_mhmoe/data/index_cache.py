@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Callable, Optional
 
 import numpy as np
 
-from .indexed import write_json_atomic
+from megatron_mhmoe import atomic
 
 CACHE_DIR_NAME = "index_cache"
 
@@ -58,16 +57,9 @@ class IndexCache:
         try:
             os.makedirs(self.cache_dir, exist_ok=True)
             for part, arr in arrays.items():
-                fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{key}-{part}.", suffix=".tmp")
-                try:
-                    with os.fdopen(fd, "wb") as f:
-                        np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
-                    os.replace(tmp, self._path(key, part))
-                except BaseException:
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
-                    raise
-            write_json_atomic(self._path(key, "desc", ".json"), desc)
+                with atomic.atomic_open(self._path(key, part), "wb", hidden=True) as f:
+                    np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+            atomic.write_json(self._path(key, "desc", ".json"), desc, sort_keys=True)
             return True
         except OSError as e:
             self.log(f"cannot write index cache in {self.cache_dir} ({e}); indices stay in memory only "

@@ -27,12 +27,12 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from megatron_mhmoe import atomic
 from .errors import DataError
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
@@ -77,6 +77,20 @@ def normalize_prefix(prefix: str) -> str:
         if prefix.endswith(ext):
             return prefix[: -len(ext)]
     return prefix
+
+
+def expand_prefixes(inputs: Sequence[str]) -> list[str]:
+    """Dataset prefixes named by prefixes (or their .bin/.idx) or directories (every *.idx, sorted by name)."""
+    out: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(p[: -len(".idx")] for p in glob.glob(os.path.join(glob.escape(item), "*.idx")))
+            if not found:
+                raise DataError(f"directory {item} holds no .idx files")
+            out.extend(found)
+        else:
+            out.append(normalize_prefix(item))
+    return out
 
 
 def idx_path(prefix: str) -> str:
@@ -185,20 +199,6 @@ def read_meta(prefix: str) -> Optional[dict]:
     if not isinstance(meta, dict):
         raise DataError(f"metadata sidecar {path} is not a JSON object; delete it or re-run preprocessing.")
     return meta
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON via a temporary file + os.replace so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class IndexedDataset:
@@ -338,7 +338,7 @@ class IndexedDatasetWriter:
         folder = os.path.dirname(self.prefix)
         if folder:
             os.makedirs(folder, exist_ok=True)
-        self._tmp_bin = f"{bin_path(self.prefix)}.tmp-{os.getpid()}"
+        self._tmp_bin = atomic.temp_path(bin_path(self.prefix))
         self._bin = open(self._tmp_bin, "wb")
         self._sizes = array.array("i")  # int32, Megatron's sizes dtype
         self._doc_idx = array.array("q", [0])  # int64
@@ -408,7 +408,7 @@ class IndexedDatasetWriter:
         """Write the .idx, move both files into place, then write the metadata sidecar (if given)."""
         self._bin.close()
         s, d = len(self._sizes), len(self._doc_idx)
-        tmp_idx = f"{idx_path(self.prefix)}.tmp-{os.getpid()}"
+        tmp_idx = atomic.temp_path(idx_path(self.prefix))
         with open(tmp_idx, "wb") as f:
             f.write(INDEX_HEADER)
             f.write(struct.pack("<Q", INDEX_VERSION))
@@ -429,7 +429,7 @@ class IndexedDatasetWriter:
         os.replace(self._tmp_bin, bin_path(self.prefix))
         os.replace(tmp_idx, idx_path(self.prefix))
         if meta is not None:
-            write_json_atomic(meta_path(self.prefix), meta)
+            atomic.write_json(meta_path(self.prefix), meta, sort_keys=True)
 
     def abort(self) -> None:
         """Drop the partial output."""

@@ -19,9 +19,10 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from megatron_mhmoe import atomic
+
 from .errors import DataError
-from .indexed import (IndexedDataset, IndexedDatasetWriter, merge_datasets, meta_path, optimal_dtype, read_meta,
-                      write_json_atomic)
+from .indexed import IndexedDataset, IndexedDatasetWriter, merge_datasets, meta_path, optimal_dtype, read_meta
 from .input_reader import (InputConfig, InputStats, check_text_file, detect_format, expand_inputs, iter_raw,
                            parse_record)
 
@@ -396,7 +397,7 @@ def _run_partitions(groups: list[list[str]], keys: list[str], outputs: dict, cfg
         merged.pop("merged_from", None)
         merged.update(inputs=[os.path.abspath(f) for g in groups for f in g], stats=stats.as_dict(),
                       partitions=len(groups))
-        write_json_atomic(meta_path(outputs[k]), merged)
+        atomic.write_json(meta_path(outputs[k]), merged, sort_keys=True)
         num_tokens = merged["num_tokens"]
         if not cfg.keep_partitions:
             for p in parts[k]:

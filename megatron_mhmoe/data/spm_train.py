@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
+from megatron_mhmoe import atomic
+
 from .errors import DataError
 from .input_reader import InputConfig, InputStats, iter_documents
 
@@ -186,10 +188,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, log: Log = lambda m: print(m, fil
     if folder:
         os.makedirs(folder, exist_ok=True)
     model_path = cfg.model_prefix + ".model"
-    tmp = f"{model_path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, model_path)
+    atomic.write_bytes(model_path, model.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     with open(cfg.model_prefix + ".vocab", "w", encoding="utf-8") as f:
         for i in range(sp.GetPieceSize()):
@@ -258,16 +257,12 @@ def train_hf_tokenizer(cfg: TokenizerTrainConfig, log: Log = lambda m: print(m, 
     folder = cfg.model_prefix
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "tokenizer.json")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    tk.save(tmp)
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as tmp:
+        tk.save(tmp)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": HF_EOD, "bos_token": HF_EOD,
               "unk_token": None, "clean_up_tokenization_spaces": False,
               "additional_special_tokens": specials[1:]}
-    tmp = os.path.join(folder, f"tokenizer_config.json.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=1)
-    os.replace(tmp, os.path.join(folder, "tokenizer_config.json"))
+    atomic.write_json(os.path.join(folder, "tokenizer_config.json"), config)
     failed = 0
     if cfg.preset == "code":
         failed = sum(tk.decode(tk.encode(d, add_special_tokens=False).ids, skip_special_tokens=False) != d

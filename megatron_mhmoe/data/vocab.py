@@ -1,7 +1,9 @@
-"""Checks that token ids in a dataset fit the model's embedding table."""
+"""Checks that token ids in a dataset fit the model's embedding table, and the one check of the run's tokenizer
+against the data (check_training_tokenizer, made once before launch by train.py; the export makes the same
+comparison through tokenizer_mismatches)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 from .errors import DataError
 from .indexed import IndexedDataset, meta_path
@@ -31,12 +33,12 @@ def check_vocab(tokenizer_vocab: int, model_vocab: int, max_padding: int = DEFAU
                         "tokenizer (padded to a multiple of 128 * TP), or raise max_padding if intended.")
 
 
-def check_dataset_vocab(dataset: IndexedDataset, model_vocab: int, tokenizer_sha256: Optional[str] = None,
-                        max_padding: int = DEFAULT_MAX_PADDING, scan_without_meta: bool = True) -> None:
-    """Check a tokenized dataset against the model (and optionally the tokenizer it should come from).
+def check_dataset_vocab(dataset: IndexedDataset, model_vocab: int, max_padding: int = DEFAULT_MAX_PADDING,
+                        scan_without_meta: bool = True) -> None:
+    """Check that a tokenized dataset's ids fit the model (which tokenizer made it: check_training_tokenizer).
 
-    With our `.meta.json` sidecar the check is free (vocab size, tokenizer hash and max token id are
-    recorded). A dataset without one (e.g. made by Megatron-LM) is scanned once for its largest id.
+    With our `.meta.json` sidecar the check is free (vocab size and max token id are recorded). A dataset
+    without one (e.g. made by Megatron-LM) is scanned once for its largest id.
     """
     meta = dataset.meta
     if meta is not None:
@@ -46,11 +48,6 @@ def check_dataset_vocab(dataset: IndexedDataset, model_vocab: int, tokenizer_sha
             except DataError as e:
                 raise DataError(f"dataset {dataset.prefix} (tokenizer recorded in {meta_path(dataset.prefix)}): "
                                 f"{e}") from None
-        recorded = meta.get("tokenizer_sha256")
-        if tokenizer_sha256 and recorded and recorded != tokenizer_sha256:
-            raise DataError(f"dataset {dataset.prefix} was tokenized with tokenizer sha256 {recorded[:12]}... "
-                            f"({meta.get('tokenizer_model')}), not the given tokenizer ({tokenizer_sha256[:12]}...)."
-                            " Use the same tokenizer model for preprocessing and training.")
         max_id = meta.get("max_token_id")
     else:
         max_id = dataset.max_token_id() if scan_without_meta else None

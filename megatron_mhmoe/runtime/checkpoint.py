@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from megatron_mhmoe import atomic
 from megatron_mhmoe.parallel import comm
 from megatron_mhmoe.parallel.context import ParallelContext
 from megatron_mhmoe.runtime import faults
@@ -102,8 +103,7 @@ class _RecordingFile:
 
 def _fsync_write(path: str, write: Callable[[Any], None], binary: bool = True) -> None:
     # A hidden `.tmp-` name: a crash mid-write leaves a file that discovery and pruning know to ignore/remove.
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}.{os.getpid()}")
-    with open(tmp, "wb" if binary else "w") as f:
+    with atomic.atomic_open(path, "wb" if binary else "w", fsync=True, hidden=True) as f:
         rec = _RecordingFile(f)
         try:
             write(rec)
@@ -111,9 +111,6 @@ def _fsync_write(path: str, write: Callable[[Any], None], binary: bool = True) -
             if rec.error is not None:
                 raise rec.error from None
             raise
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _mb(n: float) -> str:
@@ -229,17 +226,6 @@ def resume_changes(saved: dict, now: dict) -> list[str]:
     """'key A saved vs B now' for each recorded setting that differs."""
     return [f"{k} {saved.get(k)!r} saved vs {now.get(k)!r} now" for k in RESUME_KEYS
             if k in saved and saved.get(k) != now.get(k)]
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict:
@@ -473,13 +459,13 @@ class Checkpointer:
                 manifest = {"format_version": FORMAT_VERSION, "step": step, "layout": self.layout.__dict__,
                             "files": entries, "time": time.time(), **(extra_manifest or {})}
                 _fsync_write(where, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-                _fsync_dir(tmp)
+                atomic.fsync_dir(tmp)
                 faults.at_checkpoint("kill_before_rename", step, 0)
                 where = final
                 if os.path.exists(final):
                     shutil.rmtree(final)
                 os.replace(tmp, final)
-                _fsync_dir(self.save_dir)
+                atomic.fsync_dir(self.save_dir)
                 faults.at_checkpoint("kill_before_latest", step, 0)
                 where = os.path.join(self.save_dir, LATEST)
                 _fsync_write(where, lambda f: f.write(step_dirname(step).encode()))

@@ -23,9 +23,9 @@ from typing import Optional
 
 import torch
 
+from megatron_mhmoe import atomic
 from megatron_mhmoe.data import build_train_valid_test_datasets, make_batch_iterator
 from megatron_mhmoe.data.builtin_data import prepare_builtin_data
-from megatron_mhmoe.data.indexed import write_json_atomic
 from megatron_mhmoe.data.tokenizer import build_tokenizer
 from megatron_mhmoe.model.gpt import GPTModel
 from megatron_mhmoe.moe import metrics, routing_stats, sizing
@@ -518,7 +518,7 @@ class Trainer:
                 "activation_ratio", "effective_experts", "divergence", "maxvio", "head_activation_ratio",
                 "head_effective_experts", "mi_head_expert_bits", "fanout_groups_mean", "fanout_ranks_mean")})
             if self.ctx.rank == 0:
-                write_json_atomic(os.path.join(cfg.run_dir, "moe_stats.json"), routing)
+                atomic.write_json(os.path.join(cfg.run_dir, "moe_stats.json"), routing, sort_keys=True)
                 if vr.get("head_counts") is not None:
                     metrics.write_head_heatmap(vr["head_counts"], os.path.join(cfg.run_dir, "head_expert_shares.png"))
         elif stats:
@@ -526,8 +526,8 @@ class Trainer:
         final["final/step"] = self.step
         self.logger.summary({k: v for k, v in final.items() if v is not None})
         if self.ctx.rank == 0:
-            write_json_atomic(os.path.join(cfg.run_dir, "summary.json"),
-                              {k.split("/", 1)[1]: v for k, v in final.items() if v is not None})
+            atomic.write_json(os.path.join(cfg.run_dir, "summary.json"),
+                              {k.split("/", 1)[1]: v for k, v in final.items() if v is not None}, sort_keys=True)
             _print_final(cfg, final, last_val, self.threshold, self.logger)
         self.logger.close()
 

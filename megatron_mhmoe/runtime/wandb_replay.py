@@ -29,6 +29,8 @@ import struct
 import zlib
 from typing import Iterator, Optional
 
+from megatron_mhmoe import atomic
+
 _HEADER = struct.Struct("<4sHB")  # b":W&B", 0xBEE1, version
 _CHUNK = struct.Struct("<IHB")  # crc32 of (type byte + data), length, type
 _BLOCK = 32768
@@ -139,12 +141,8 @@ def catch_up(logger, checkpoint_step: int) -> Optional[str]:
         unchanged = f.read() == "".join(line for line, _ in kept).encode()
     if not unchanged:
         logger.jsonl.close()
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic.atomic_open(path, "w", fsync=True) as f:
             f.writelines(line for line, _ in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
         logger.jsonl = open(path, "a")
         later = sorted({row["step"] for _, row in rows if row["step"] > checkpoint_step})
         if later:

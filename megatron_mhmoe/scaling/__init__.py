@@ -9,5 +9,5 @@ One concept per file:
   runner.py    writing run configs, launching runs (local process / torchrun / multi-node deepspeed)
   report.py    tables over seeds (mean +- std)
   plots.py     the paper's figures (matplotlib Agg) and the wandb summary run
-The CLI is tools/scaling.py.
+  commands.py  what each subcommand of the CLI (tools/scaling.py) does
 """

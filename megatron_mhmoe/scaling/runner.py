@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from megatron_mhmoe import atomic
 from megatron_mhmoe.config import to_dict
 from megatron_mhmoe.parallel.spawn import free_port
 from megatron_mhmoe.scaling import matching, results
@@ -67,11 +68,9 @@ def run_config(run: RunPlan, spec: SweepSpec, base: dict, sweep_dir: str) -> dic
 def write_config(path: str, cfg: dict) -> None:
     import yaml
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic.atomic_open(path, "w") as f:
         f.write("# written by tools/scaling.py; train with: python -m megatron_mhmoe.train --config THIS_FILE\n")
         yaml.safe_dump(cfg, f, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def local_command(run: RunPlan, config_path: str, python: str = sys.executable) -> list[str]:

@@ -1,17 +1,13 @@
 """tools/build_corpus.py: a deterministic stdlib JSONL corpus, no download."""
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
-import os
 import sysconfig
 
-from .conftest import REPO, run_tool
+from megatron_mhmoe.data.corpus import iter_sources
 
-_spec = importlib.util.spec_from_file_location("build_corpus", os.path.join(REPO, "tools", "build_corpus.py"))
-build_corpus = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(build_corpus)
+from .conftest import run_tool
 
 
 def test_build_corpus_is_deterministic_and_bounded(tmp_path):
@@ -24,7 +20,7 @@ def test_build_corpus_is_deterministic_and_bounded(tmp_path):
     assert outs[0] == outs[1] and 0 < len(outs[0]) <= 300_000
     recs = [json.loads(line) for line in outs[0].decode().splitlines()]
     assert recs and all(set(r) == {"text", "path"} and r["path"].endswith(".py") for r in recs)
-    walk = [rel for rel, _ in itertools.islice(build_corpus.iter_sources(sysconfig.get_paths()["stdlib"]), len(recs))]
+    walk = [rel for rel, _ in itertools.islice(iter_sources(sysconfig.get_paths()["stdlib"]), len(recs))]
     assert [r["path"] for r in recs] == walk  # sorted walk order, stopping at the size limit
     r = run_tool("build_corpus.py", "--out", str(tmp_path / "x2.jsonl"), "--max-mb", "0.1", "--repeat", "2")
     assert r.returncode == 0

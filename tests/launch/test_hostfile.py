@@ -1,11 +1,11 @@
-"""Hostfile parser, resource filters, port/address helpers (megatron_mhmoe.runtime.hostfile)."""
+"""Hostfile parser, resource filters, port/address helpers (megatron_mhmoe.launch.hostfile)."""
 from __future__ import annotations
 
 from collections import OrderedDict
 
 import pytest
 
-from megatron_mhmoe.runtime import hostfile as H
+from megatron_mhmoe.launch import hostfile as H
 
 
 def write(tmp_path, text: str, name: str = "hostfile"):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from megatron_mhmoe.runtime import launch_check as LC
+from megatron_mhmoe.launch import launch_check as LC
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DS = os.path.join(ROOT, "ds_configs")
@@ -37,7 +37,7 @@ def cli(*argv, env=None):
     e.pop("DS_ACCELERATOR", None)
     e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "megatron_mhmoe.runtime.launch_check", *argv],
+    return subprocess.run([sys.executable, "-m", "megatron_mhmoe.launch.launch_check", *argv],
                           capture_output=True, text=True, env=e, timeout=60)
 
 
@@ -337,7 +337,7 @@ def test_deepspeed_config_rules_accept_the_fixed_file(tmp_path):
 
 
 def _with_extra_option(monkeypatch):
-    from megatron_mhmoe.runtime import cli
+    from megatron_mhmoe.launch import cli
     original = cli.build_parser
 
     def with_extra(raise_errors=False):
@@ -349,9 +349,9 @@ def _with_extra_option(monkeypatch):
 
 
 def test_launch_check_parses_and_resolves_with_cli(capsys, monkeypatch):
-    """launch_check has no copy of the training command line: an option added to runtime/cli.py's parser,
+    """launch_check has no copy of the training command line: an option added to megatron_mhmoe/launch/cli.py's parser,
     or a change of its config resolution, reaches launch_check."""
-    from megatron_mhmoe.runtime import cli
+    from megatron_mhmoe.launch import cli
     assert run(capsys, "--gpus-per-node", "2", "--", "--extra-option", "7")[0] == 2
     _with_extra_option(monkeypatch)
     code, _, err = run(capsys, "--gpus-per-node", "2", "--", "--extra-option", "7", "--train.lr=0.5")
@@ -365,8 +365,8 @@ def test_launch_check_parses_and_resolves_with_cli(capsys, monkeypatch):
 
 
 def test_train_parses_and_resolves_with_cli(monkeypatch, train_module):
-    """...and so does the program: both use runtime/cli.py's functions, not copies of them."""
-    from megatron_mhmoe.runtime import cli
+    """...and so does the program: both use megatron_mhmoe/launch/cli.py's functions, not copies of them."""
+    from megatron_mhmoe.launch import cli
     assert train_module.parse_args is cli.parse_args and train_module.resolve_config is cli.resolve_config
     _with_extra_option(monkeypatch)
     assert train_module.parse_args(["--extra-option", "7", "--train.lr=0.5"])[0].extra_option == "7"
@@ -375,7 +375,7 @@ def test_train_parses_and_resolves_with_cli(monkeypatch, train_module):
 def test_launch_check_does_not_import_torch(tmp_path):
     """The whole check (run config, DeepSpeed file, sizes) runs without torch or deepspeed: it precedes every
     launch, and importing torch there would cost seconds and tie the check to an installed torch."""
-    code = ("import sys; from megatron_mhmoe.runtime import launch_check as LC; "
+    code = ("import sys; from megatron_mhmoe.launch import launch_check as LC; "
             "rc = LC.main(sys.argv[1:]); heavy = sorted({'torch', 'deepspeed'} & set(sys.modules)); "
             "print('heavy', heavy); sys.exit(rc)")
     e = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

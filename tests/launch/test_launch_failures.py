@@ -3,8 +3,8 @@ that fails (a data_path that does not exist; a rank SIGKILLed mid-step). Each en
 line, the failing worker's own (or the launch wrapper's for a busy port), its exit code, and no launcher
 traceback or summary box; the good dataset is untouched.
 
-The wrapper's parsing of torchrun's and deepspeed's failure output (runtime/proctree.py) is also checked on
-their captured output, which needs no launch.
+The wrapper's parsing of torchrun's and deepspeed's failure output (megatron_mhmoe/launch/proctree.py) is
+also checked on their captured output, which needs no launch.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from megatron_mhmoe.runtime import proctree
+from megatron_mhmoe.launch import proctree
 from tests.runtime.test_train_launch import ROOT, byte_data, common_args  # noqa: F401
 
 LAUNCH = os.path.join(ROOT, "launch")

@@ -3,7 +3,7 @@
 The scripts run for real (no DRY_RUN) with PYTHON pointing at a recording wrapper: it logs every
 interpreter call and, instead of starting a launcher (deepspeed.launcher.runner / torch.distributed.run),
 exits 97. So a refused launch shows only the launch_check call in the log, and an accepted one shows the
-exact launcher command line, without any training starting. The launch wrapper (runtime/proctree.py) in
+exact launcher command line, without any training starting. The launch wrapper (megatron_mhmoe/launch/proctree.py) in
 front of the launcher runs for real. tests/launch/test_launch_failures.py runs real launches that fail.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def fake_python(tmp_path):
         "#!/usr/bin/env bash\n"
         f"printf '%s\\0' \"$@\" >> {str(log)!r}; printf '\\n' >> {str(log)!r}\n"
         # the launch wrapper runs for real; the launcher it starts is recorded, not run
-        'if [[ "${2:-}" != megatron_mhmoe.runtime.proctree ]]; then\n'
+        'if [[ "${2:-}" != megatron_mhmoe.launch.proctree ]]; then\n'
         '  for a in "$@"; do case "$a" in ' + "|".join(LAUNCHERS) + f") exit {LAUNCHED};; esac; done\n"
         "fi\n"
         f'exec {sys.executable!r} "$@"\n')
@@ -76,8 +76,8 @@ def test_conventions(name):
     code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
     assert not re.search(r"\beval\b|\bsed\b", code), "no eval, no sed templating"
     assert code.count("exec ") == 1 and 'exec "${cmd[@]}"' in code, "one launcher line"
-    assert 'cmd=("$PYTHON" -m megatron_mhmoe.runtime.proctree launch ' in code, "through the launch wrapper"
-    assert code.count("megatron_mhmoe.runtime.launch_check") == 1
+    assert 'cmd=("$PYTHON" -m megatron_mhmoe.launch.proctree launch ' in code, "through the launch wrapper"
+    assert code.count("megatron_mhmoe.launch.launch_check") == 1
     assert code.index("launch_check") < code.index('exec "${cmd[@]}"')
     assert '"$@"' in code and " $@" not in code and " $* " not in code
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))

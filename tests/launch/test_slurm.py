@@ -3,7 +3,7 @@
 The test puts its own `scontrol` (expands the node list) and `srun` on PATH. The fake srun records its
 arguments and then does what srun does with them: it runs the task command once per node with that
 node's SLURM_NODEID. PYTHON is a recording wrapper: launch_check and the launch wrapper
-(runtime/proctree.py) run for real, torchrun is recorded instead of started. So the tests see the exact
+(megatron_mhmoe/launch/proctree.py) run for real, torchrun is recorded instead of started. So the tests see the exact
 srun line, the wrapper and torchrun lines each node runs, and that a refused launch never reaches srun.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ sys.exit(rc)
         tmp_path / "fakepython",
         "#!/usr/bin/env bash\n"
         f'{{ printf "%s\\0" "${{SLURM_NODEID:-}}" "$@"; printf "\\n"; }} >> {str(python_log)!r}\n'
-        'if [[ "${2:-}" != megatron_mhmoe.runtime.proctree ]]; then\n'
+        'if [[ "${2:-}" != megatron_mhmoe.launch.proctree ]]; then\n'
         f'  for a in "$@"; do if [[ "$a" == {TORCHRUN} ]]; then\n'
         f'    {{ printf "%s\\0" "$SLURM_NODEID" "$@"; printf "\\n"; }} >> {str(torchrun_log)!r}\n'
         # a node whose (recorded) run fails as a worker of the training program would
@@ -114,7 +114,7 @@ def test_script_conventions():
     assert "set -euo pipefail" in text
     code = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
     assert not re.search(r"\beval\b|\bsed\b", code)
-    assert code.count("exec \"${cmd[@]}\"") == 1 and code.count("megatron_mhmoe.runtime.launch_check") == 1
+    assert code.count("exec \"${cmd[@]}\"") == 1 and code.count("megatron_mhmoe.launch.launch_check") == 1
     assert code.index("launch_check") < code.index("cmd=(srun")
     header = "\n".join(line for line in lines if line.startswith("#"))
     for var in set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", code)) - {"ROOT", "PYTHONPATH", "BASH_SOURCE"}:
@@ -164,7 +164,7 @@ def test_srun_starts_one_torchrun_per_node_with_its_node_rank(slurm, tmp_path):
         assert t["train_args"] == args
     assert not os.path.exists(os.path.join(ROOT, "x"))
     # torchrun ran through the launch wrapper on every node; only node 0, which binds the port, checks it.
-    wrappers = [rec for rec in records(python_log) if rec[1:4] == ["-m", "megatron_mhmoe.runtime.proctree", "launch"]]
+    wrappers = [rec for rec in records(python_log) if rec[1:4] == ["-m", "megatron_mhmoe.launch.proctree", "launch"]]
     assert [rec[0] for rec in wrappers] == ["0", "1", "2"]
     assert wrappers[0][4:7] == ["--rendezvous", "n1:29777", "--"]
     assert all(rec[4] == "--" for rec in wrappers[1:])

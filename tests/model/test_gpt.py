@@ -210,7 +210,7 @@ def test_ffn_slot_builds_moe_layers_and_collects_stats(stub_moe):
 def _sizing_variants():
     import os
 
-    from megatron_mhmoe.runtime.cli import resolve_config
+    from megatron_mhmoe.launch.cli import resolve_config
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     preset = os.path.join(root, "megatron_mhmoe", "presets", "quickstart.yaml")
     d = dict(vocab_size=10, hidden_size=8, num_layers=2, num_attention_heads=2, ffn_hidden_size=16, max_seq_len=4)

@@ -6,22 +6,21 @@ attention over a cached prefix sums in another order), greedy tokens are identic
 past max_seq_len where the cache restarts on the last window, and a multi-token chunk fed after a cached
 prefix is masked causally. A left-padded batch with its attention mask gives, at every real position, the
 logits of each prompt alone within 1e-5, in one forward and step by step through the cache, and
-tools/generate.py's generate_batch gives each prompt's own tokens, also past max_seq_len.
+generate_batch (megatron_mhmoe/evaluation/generate.py, what tools/generate.py runs) gives each prompt's own
+tokens, also past max_seq_len.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import pytest
 import torch
 
 from megatron_mhmoe.config import ModelConfig, MoEConfig
+from megatron_mhmoe.evaluation import generate as gen
 from megatron_mhmoe.model.gpt import GPTModel
 from megatron_mhmoe.model.kv_cache import KVCache
 from megatron_mhmoe.parallel.context import ParallelContext
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 KINDS = {
     "dense_learned": ModelConfig(vocab_size=97, hidden_size=32, num_layers=2, num_attention_heads=4,
@@ -42,13 +41,6 @@ def _model(kind: str) -> GPTModel:
     return model.eval()
 
 
-def _generate_tool():
-    spec = importlib.util.spec_from_file_location("generate", os.path.join(ROOT, "tools", "generate.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_cached_logits_equal_full_forward(kind):
     model = _model(kind)
@@ -66,7 +58,6 @@ def test_cached_logits_equal_full_forward(kind):
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_greedy_tokens_equal_with_and_without_cache(kind):
-    gen = _generate_tool()
     model = _model(kind)
     prompt = [5, 17, 3]
     slow = gen.generate(model, prompt, 40, greedy=True, use_cache=False)  # 43 > max_seq_len 24: the window slides
@@ -104,6 +95,5 @@ def test_left_padded_batch_equals_each_prompt_alone(kind):
             alone = model(torch.cat([torch.tensor([p]), cont[i:i + 1]], 1)).logits[0]  # (len + steps, V)
             torch.testing.assert_close(full[i, W - len(p):], alone, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(cached[i, W - len(p):], alone, atol=1e-5, rtol=1e-5)
-    gen = _generate_tool()
     batch = gen.generate_batch(model, prompts[:2], 14, greedy=True)  # 11 + 14 > max_seq_len 24: the window slides
     assert batch == [gen.generate(model, p, 14, greedy=True) for p in prompts[:2]]

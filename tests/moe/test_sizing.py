@@ -217,7 +217,7 @@ def test_active_params_count_every_routing_slot():
 def test_active_params_quickstart_preset():
     import os
 
-    from megatron_mhmoe.runtime.cli import resolve_config
+    from megatron_mhmoe.launch.cli import resolve_config
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     preset = os.path.join(root, "megatron_mhmoe", "presets", "quickstart.yaml")
     cfg = resolve_config(preset, []).model

@@ -6,7 +6,7 @@ hashed: nothing is ever written over good data.
 
 Entry points: `megatron_mhmoe.train.main` in-process (validation runs before any process group forms; the
 process-group init is patched to fail, so a row that slips through fails instead of waiting for peers),
-`megatron_mhmoe.runtime.launch_check.main` in-process, `tools/preprocess_data.py` (in-process and one
+`megatron_mhmoe.launch.launch_check.main` in-process, `tools/preprocess_data.py` (in-process and one
 subprocess), and for checkpoints one real single-process training launch each (the layout and model checks
 run when resuming, after the engine is built).
 Data-file validation itself is unit-tested in tests/data/test_data_bad_input.py; the rows here check that
@@ -15,7 +15,6 @@ those errors reach the user from the training CLI before launch.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ import pytest
 import torch
 
 from megatron_mhmoe.parallel.context import ParallelContext
-from megatron_mhmoe.runtime import launch_check
+from megatron_mhmoe.launch import launch_check
 from megatron_mhmoe.runtime.checkpoint import Checkpointer, CheckpointLayout, rng_state
 from tests.runtime.test_train_launch import ROOT, byte_data  # noqa: F401
 
@@ -287,13 +286,10 @@ def _run_train(argv: list[str], world: int, monkeypatch, capsys) -> tuple[int, s
 
 
 def _run_preprocess(argv: list[str], capsys) -> tuple[int, str]:
-    spec = importlib.util.spec_from_file_location("preprocess_data_cli", os.path.join(ROOT, "tools",
-                                                                                       "preprocess_data.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    code = mod.main(argv)
-    out, err = capsys.readouterr()
-    return code, out + err
+    """The command itself, as a user runs it."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), *argv],
+                       capture_output=True, text=True, timeout=300)
+    return r.returncode, r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -18,8 +18,11 @@ import sys
 import pytest
 import torch
 
+from megatron_mhmoe.checkpoint.consolidate import run_checkpoint_tool
+from megatron_mhmoe.checkpoint.reshard import reshard
+from megatron_mhmoe.evaluation import generate as gen
+from megatron_mhmoe.export.native import export
 from tests.distributed import run_workers
-from tests.reliability.test_reshard import load_tool
 from tests.runtime.test_train_launch import ROOT, byte_data, common_args, finish, torchrun  # noqa: F401 (fixture)
 
 
@@ -39,7 +42,7 @@ def exported(byte_data, tmp_path_factory):  # noqa: F811
     finish(torchrun(2, args(byte_data, run)))
     ckpt = os.path.join(run, "checkpoints")
     out = str(d / "exported")
-    assert load_tool("export_checkpoint").main(["--input", ckpt, "--output", out, "--quiet"]) == 0
+    export(ckpt, out, log=lambda m: None)
     return {"ckpt": ckpt, "out": out, "dir": d}
 
 
@@ -66,8 +69,7 @@ def _trained_logits(rank: int, world: int, folder: str) -> torch.Tensor:
 
 
 def test_exported_logits_equal_trained_logits(exported):
-    from megatron_mhmoe.runtime.consolidate import resolve_folder
-    gen = load_tool("generate")
+    from megatron_mhmoe.checkpoint.consolidate import resolve_folder
     folder = resolve_folder(exported["ckpt"])
     want = run_workers(_trained_logits, 2, folder)[0]
     model, info = gen.load_model(exported["out"])
@@ -95,7 +97,6 @@ def _cli(*a: str) -> subprocess.CompletedProcess:
 
 
 def test_generate_greedy_is_deterministic_and_cli_runs(exported):
-    gen = load_tool("generate")
     model, info = gen.load_model(exported["out"])
     a = gen.generate(model, [100, 101, 102], 12, greedy=True, seed=1)
     b = gen.generate(model, [100, 101, 102], 12, greedy=True, seed=2)
@@ -133,12 +134,13 @@ def test_planted_pickle_is_refused_by_tools(exported, tmp_path, capsys):
                 "files": [{"file": "rank_00000.pt", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}]}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     (tmp_path / "ckpt" / "latest").write_text("step_00000002")
-    export = load_tool("export_checkpoint").main(["--input", str(tmp_path / "ckpt"), "--output",
-                                                  str(tmp_path / "out"), "--quiet"])
-    reshard = load_tool("reshard_checkpoint").main(["--input", str(folder), "--output", str(tmp_path / "r"),
-                                                    "--world-size", "1", "--tp", "1", "--ep", "1", "--quiet"])
+    quiet = lambda m: None  # noqa: E731
+    exported_code = run_checkpoint_tool(lambda: export(str(tmp_path / "ckpt"), str(tmp_path / "out"), log=quiet),
+                                        str(tmp_path / "ckpt"))
+    reshard_code = run_checkpoint_tool(lambda: reshard(str(folder), str(tmp_path / "r"), 1, 1, 1, log=quiet),
+                                       str(folder))
     err = capsys.readouterr().err
-    assert export == 3 and reshard == 3, err
+    assert exported_code == 3 and reshard_code == 3, err
     assert err.count("refusing to load") == 2
     assert not marker.exists()
     assert not (tmp_path / "out").exists() and not (tmp_path / "r").exists()

@@ -10,14 +10,18 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from megatron_mhmoe.evaluation import generate as gen
+from megatron_mhmoe.export.huggingface import export_hf
+from megatron_mhmoe.export.native import export
 from tests.distributed import run_workers
 from tests.reliability.test_export import TOKENS, _trained_logits, exported  # noqa: F401 (fixture)
-from tests.reliability.test_reshard import load_tool
-from tests.runtime.test_train_launch import byte_data, common_args, finish, torchrun  # noqa: F401 (fixture)
+from tests.runtime.test_train_launch import ROOT, byte_data, common_args, finish, torchrun  # noqa: F401 (fixture)
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,14 +29,14 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def hf_folder(exported, tmp_path_factory):  # noqa: F811
     out = str(tmp_path_factory.mktemp("hf") / "mhmoe")
-    assert load_tool("export_hf").main(["--input", exported["ckpt"], "--output", out, "--quiet"]) == 0
+    export_hf(exported["ckpt"], out, log=lambda m: None)
     return out
 
 
 def test_transformers_loads_the_export_and_its_logits_equal_the_trained_model(exported, hf_folder):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_mhmoe.runtime.consolidate import resolve_folder
+    from megatron_mhmoe.checkpoint.consolidate import resolve_folder
     want = run_workers(_trained_logits, 2, resolve_folder(exported["ckpt"]))[0]
     model = AutoModelForCausalLM.from_pretrained(hf_folder, trust_remote_code=True).eval()
     with torch.no_grad():
@@ -47,7 +51,6 @@ def test_transformers_loads_the_export_and_its_logits_equal_the_trained_model(ex
 
 def test_transformers_generate_uses_the_cache_and_matches_our_generator(exported, hf_folder):
     from transformers import AutoModelForCausalLM
-    gen = load_tool("generate")
     ours, _ = gen.load_model(exported["out"])
     model = AutoModelForCausalLM.from_pretrained(hf_folder, trust_remote_code=True).eval()
     fed = []
@@ -67,10 +70,9 @@ def test_dense_model_exports_as_plain_gpt2(byte_data, tmp_path):  # noqa: F811
         "--train.eval_interval=100", "--train.eval_iters=1", "--train.lr=3e-2"]))
     ckpt = os.path.join(run, "checkpoints")
     ours_dir, gpt2_dir = str(tmp_path / "ours"), str(tmp_path / "gpt2")
-    assert load_tool("export_checkpoint").main(["--input", ckpt, "--output", ours_dir, "--quiet"]) == 0
-    assert load_tool("export_hf").main(["--input", ours_dir, "--output", gpt2_dir, "--format", "gpt2",
-                                        "--quiet"]) == 0
-    ours, _ = load_tool("generate").load_model(ours_dir)
+    export(ckpt, ours_dir, log=lambda m: None)
+    export_hf(ours_dir, gpt2_dir, fmt="gpt2", log=lambda m: None)
+    ours, _ = gen.load_model(ours_dir)
     gpt2 = GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
     with torch.no_grad():
         want = ours(TOKENS).logits[..., :ours.config.vocab_size]
@@ -78,9 +80,11 @@ def test_dense_model_exports_as_plain_gpt2(byte_data, tmp_path):  # noqa: F811
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_gpt2_format_refuses_models_it_cannot_represent(exported, tmp_path, capsys):
-    code = load_tool("export_hf").main(["--input", exported["out"], "--output", str(tmp_path / "x"),
-                                        "--format", "gpt2"])
-    err = capsys.readouterr().err
-    assert code != 0 and "does not map exactly onto GPT-2" in err and "MoE layers" in err
-    assert not os.path.exists(tmp_path / "x")
+def test_gpt2_format_refuses_models_it_cannot_represent(exported, tmp_path):
+    """The command: tools/export_hf.py exits 2 with one error line naming why, and writes nothing."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "export_hf.py"), "--input", exported["out"],
+                        "--output", str(tmp_path / "x"), "--format", "gpt2"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "does not map exactly onto GPT-2" in r.stderr and "MoE layers" in r.stderr
+    assert os.listdir(tmp_path) == []  # no output folder, no temporary

@@ -27,7 +27,7 @@ import time
 import pytest
 
 from megatron_mhmoe.runtime.checkpoint import LATEST, MANIFEST
-from megatron_mhmoe.runtime.proctree import descendants
+from megatron_mhmoe.launch.proctree import descendants
 from tests.distributed import free_port
 from tests.runtime.test_train_launch import ROOT, byte_data, common_args, finish, losses, torchrun  # noqa: F401
 

@@ -26,9 +26,10 @@ import pytest
 import torch
 
 from megatron_mhmoe.config import ModelConfig, MoEConfig, to_dict
+from megatron_mhmoe.evaluation import generate as gen
+from megatron_mhmoe.export.huggingface import export_hf
 from megatron_mhmoe.model.gpt import GPTModel
 from megatron_mhmoe.parallel.context import ParallelContext
-from tests.reliability.test_reshard import load_tool
 
 transformers = pytest.importorskip("transformers")
 
@@ -123,7 +124,7 @@ def _export(model: GPTModel, folder: str) -> str:
     save_file(full, os.path.join(src, "model.safetensors"))
     with open(os.path.join(src, "config.json"), "w") as f:
         json.dump({"model": to_dict(model.config), "step": 0, "tokenizer": {"type": "byte"}}, f)
-    load_tool("export_hf").export_hf(src, folder, log=lambda m: None)
+    export_hf(src, folder, log=lambda m: None)
     return folder
 
 
@@ -206,7 +207,6 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(gen_model,
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     assert (enc["attention_mask"] == 0).any()
     batch_new, batch_logits = _greedy(hf, use_cache, **enc)
-    gen = load_tool("generate")
     ours_batch = gen.generate_batch(ours, [tok(p).input_ids for p in PROMPTS], 8, use_cache=use_cache)
     for i, prompt in enumerate(PROMPTS):
         alone_new, alone_logits = _greedy(hf, use_cache, **tok([prompt], return_tensors="pt"))
@@ -270,7 +270,6 @@ def test_past_max_seq_len_each_token_is_the_models_choice_on_the_last_window(cfg
     for t in range(prompt.shape[1], len(seq)):
         window = torch.tensor([seq[max(0, t - L):t]])
         assert int(_logits(ours, window)[0, -1].argmax()) == seq[t], t
-    gen = load_tool("generate")
     for use_cache in (True, False):
         assert gen.generate(ours, prompt[0].tolist(), n_new, use_cache=use_cache) == seq[prompt.shape[1]:]
     with pytest.raises(ValueError, match=f"{L + 4} > max_seq_len {L}: the model was trained on at most"):

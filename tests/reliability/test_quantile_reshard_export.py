@@ -15,9 +15,13 @@ import shutil
 import pytest
 import torch
 
+from megatron_mhmoe.checkpoint.reshard import reshard
+from megatron_mhmoe.evaluation.generate import load_model
+from megatron_mhmoe.export.huggingface import export_hf
+from megatron_mhmoe.export.native import export
 from tests.distributed import run_workers
 from tests.reliability.test_export import TOKENS, _trained_logits
-from tests.reliability.test_reshard import assert_same_bias_everywhere, load_tool, rank_biases, rel, run_args
+from tests.reliability.test_reshard import assert_same_bias_everywhere, rank_biases, rel, run_args
 from tests.runtime.test_train_launch import byte_data, finish, losses, torchrun  # noqa: F401 (fixture)
 
 QUANTILE = ["--model.moe.bias_update_rate=0", "--model.moe.quantile_balancing=true", "--train.lr=3e-2"]
@@ -40,8 +44,7 @@ def test_resharded_quantile_run_continues_with_the_same_losses_and_bias(quantile
     q = quantile_run
     run = str(q["dir"] / "w1")
     save_dir = os.path.join(run, "checkpoints")
-    assert load_tool("reshard_checkpoint").main(["--input", q["step3"], "--output", save_dir, "--world-size", "1",
-                                                 "--tp", "1", "--ep", "1", "--zero-stage", "0", "--quiet"]) == 0
+    reshard(q["step3"], save_dir, 1, 1, 1, 0, log=lambda m: None)
     finish(torchrun(1, run_args(q["data"], run, 1, 1, 0, QUANTILE)))
     got = losses(run)
     assert sorted(got) == [4, 5]
@@ -59,12 +62,12 @@ def test_exported_quantile_model_carries_the_bias(quantile_run, tmp_path):
     q = quantile_run
     want = run_workers(_trained_logits, 2, q["step5"])[0]
     ours_dir, hf_dir = str(tmp_path / "ours"), str(tmp_path / "hf")
-    assert load_tool("export_checkpoint").main(["--input", q["step5"], "--output", ours_dir, "--quiet"]) == 0
-    ours, _ = load_tool("generate").load_model(ours_dir)
+    export(q["step5"], ours_dir, log=lambda m: None)
+    ours, _ = load_model(ours_dir)
     with torch.no_grad():
         got = ours(TOKENS).logits[..., :want.shape[-1]]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert load_tool("export_hf").main(["--input", q["step5"], "--output", hf_dir, "--quiet"]) == 0
+    export_hf(q["step5"], hf_dir, log=lambda m: None)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(TOKENS).logits, want, atol=1e-5, rtol=1e-5)

@@ -13,23 +13,17 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 import torch
 
+from megatron_mhmoe.checkpoint.consolidate import run_checkpoint_tool
+from megatron_mhmoe.checkpoint.reshard import reshard
 from tests.runtime.test_train_launch import byte_data, finish, losses, torchrun  # noqa: F401 (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REL_TOL = 2e-5
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def run_args(data: str, run_dir: str, tp: int, ep: int, zero: int, extra=()) -> list[str]:
@@ -61,7 +55,7 @@ def trained(byte_data, tmp_path_factory):  # noqa: F811
 
 def rank_biases(ckpt: str) -> list[dict]:
     """Every rank file's aux-loss-free biases (name -> (E,) tensor), from a checkpoint folder."""
-    from megatron_mhmoe.runtime import consolidate as C
+    from megatron_mhmoe.checkpoint import consolidate as C
     _, states = C.read_checkpoint(ckpt, _safe(), log=lambda m: None)
     return [{k: v for k, v in st["model"].items() if k.endswith("expert_bias.value")} for st in states]
 
@@ -80,11 +74,9 @@ def rel(a: float, b: float) -> float:
 
 @pytest.mark.parametrize("world,tp,ep,zero", [(2, 1, 2, 2), (1, 1, 1, 0)])
 def test_resharded_run_continues_with_the_same_losses(trained, world, tp, ep, zero):
-    tool = load_tool("reshard_checkpoint")
     run = str(trained["dir"] / f"w{world}")
     save_dir = os.path.join(run, "checkpoints")
-    assert tool.main(["--input", trained["ckpt"], "--output", save_dir, "--world-size", str(world), "--tp", str(tp),
-                      "--ep", str(ep), "--zero-stage", str(zero), "--quiet"]) == 0
+    reshard(trained["ckpt"], save_dir, world, tp, ep, zero, log=lambda m: None)
     out = finish(torchrun(world, run_args(trained["data"], run, tp, ep, zero)))
     assert "universal per-parameter copy" in out and "at step 3" in out
     got, want = losses(run), trained["want"]
@@ -121,13 +113,12 @@ def test_bias_is_identical_on_every_rank(trained):
 
 
 def test_round_trip_4_2_1_4_is_exact(trained, tmp_path):
-    from megatron_mhmoe.runtime import consolidate as C
-    tool = load_tool("reshard_checkpoint")
+    from megatron_mhmoe.checkpoint import consolidate as C
     src = trained["ckpt"]
     cur = src
     for i, (world, tp, ep, zero) in enumerate([(2, 1, 2, 2), (1, 1, 1, 0), (4, 2, 4, 1)]):
         out = str(tmp_path / f"hop{i}")
-        cur = tool.reshard(cur, out, world, tp, ep, zero, log=lambda m: None)
+        cur = reshard(cur, out, world, tp, ep, zero, log=lambda m: None)
     _, orig = C.read_checkpoint(src, _safe(), log=lambda m: None)
     manifest, back = C.read_checkpoint(cur, _safe(), log=lambda m: None)
     assert manifest["universal_only"] and manifest["layout"]["world_size"] == 4
@@ -145,15 +136,16 @@ def test_round_trip_4_2_1_4_is_exact(trained, tmp_path):
 
 
 def test_tool_refuses_bad_targets_with_clear_errors(trained, tmp_path, capsys):
-    tool = load_tool("reshard_checkpoint")
-    base = ["--input", trained["ckpt"], "--quiet"]
-    assert tool.main(base + ["--output", str(tmp_path / "x"), "--world-size", "2", "--tp", "1", "--ep", "3"]) == 2
+    """What tools/reshard_checkpoint.py returns and prints: run_checkpoint_tool around reshard()."""
+    def tool(out, world, tp, ep):
+        return run_checkpoint_tool(lambda: reshard(trained["ckpt"], str(tmp_path / out), world, tp, ep,
+                                                   log=lambda m: None), trained["ckpt"])
+    assert tool("x", 2, 1, 3) == 2
     assert "does not divide world size" in capsys.readouterr().err
-    assert tool.main(base + ["--output", str(tmp_path / "y"), "--world-size", "8", "--tp", "1", "--ep", "8"]) == 2
+    assert tool("y", 8, 1, 8) == 2
     assert "experts do not split over EP=8" in capsys.readouterr().err
-    ok = ["--world-size", "1", "--tp", "1", "--ep", "1"]
-    assert tool.main(base + ["--output", str(tmp_path / "z")] + ok) == 0
-    assert tool.main(base + ["--output", str(tmp_path / "z")] + ok) == 2
+    assert tool("z", 1, 1, 1) == 0
+    assert tool("z", 1, 1, 1) == 2
     assert "already holds a checkpoint" in capsys.readouterr().err
 
 

@@ -108,7 +108,7 @@ def test_lock_of_another_host_is_reported_fresh_or_stale(tmp_path):
 
 
 def test_save_dir_elsewhere_is_locked_too(tmp_path):
-    from megatron_mhmoe.runtime.cli import resolve_config
+    from megatron_mhmoe.launch.cli import resolve_config
     from megatron_mhmoe.train import _locked_folders
     run = str(tmp_path / "run")
     inside = resolve_config(None, [f"--run_dir={run}"])
@@ -153,7 +153,7 @@ def test_trainer_applies_the_rule_to_the_resumed_scheduler(rule, capsys):
     step's lr (in the optimizer) and the steps after it follow the chosen rule."""
     from types import SimpleNamespace
 
-    from megatron_mhmoe.runtime.cli import resolve_config
+    from megatron_mhmoe.launch.cli import resolve_config
     from megatron_mhmoe.runtime.schedule import lr_factor, make_lr_lambda
     from megatron_mhmoe.runtime.trainer import Trainer
     cfg = resolve_config(None, ["--train.train_steps=30", "--train.warmup_steps=2", "--train.lr=3e-4",
@@ -184,14 +184,10 @@ def test_trainer_applies_the_rule_to_the_resumed_scheduler(rule, capsys):
 
 # ---------------------------------------------------------------------- tokenizer at export
 def test_export_refuses_a_tokenizer_the_data_was_not_made_with(tmp_path):
-    import importlib.util
-
     from tokenizers import Tokenizer, models, pre_tokenizers
 
+    from megatron_mhmoe.export import native as mod
     from megatron_mhmoe.runtime.checkpoint import CheckpointError
-    spec = importlib.util.spec_from_file_location("export_cli", os.path.join(ROOT, "tools", "export_checkpoint.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     tokenizers = []
     for i, word in enumerate(("def", "class")):
         tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1, word: 2}, unk_token="[UNK]"))
@@ -268,11 +264,11 @@ def test_start_up_checks_are_cheap(tmp_path):
 
 
 def test_launch_wrapper_shows_one_line_for_a_ctrl_c():
-    """Through the launch scripts (runtime/proctree.py) the ranks' interrupt line is not shown beside the
+    """Through the launch scripts (megatron_mhmoe/launch/proctree.py) the ranks' interrupt line is not shown beside the
     wrapper's own: one line. A rank interrupted alone (the launcher was not) ends with its line and 130."""
     import io
 
-    from megatron_mhmoe.runtime import proctree
+    from megatron_mhmoe.launch import proctree
     from megatron_mhmoe.runtime.interrupt import MESSAGE
 
     def relay(text):

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.distributed import run_workers
-from tests.reliability.test_reshard import REL_TOL, load_tool, rel
+from tests.reliability.test_reshard import REL_TOL, rel
 from tests.runtime.test_train_launch import byte_data, losses  # noqa: F401 (fixture)
 
 DS_ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100}}
@@ -38,7 +38,7 @@ def run_args(data: str, run_dir: str, zero: int) -> list[str]:
 
 
 def _train(data: str, run_dir: str, zero: int, ds_path: str, world: int, extra=()):
-    from megatron_mhmoe.runtime.cli import resolve_config
+    from megatron_mhmoe.launch.cli import resolve_config
     from megatron_mhmoe.runtime.run_config import check_ds_config_agrees
     from megatron_mhmoe.runtime.trainer import Trainer
     cfg = resolve_config(None, run_args(data, run_dir, zero) + list(extra))
@@ -82,10 +82,10 @@ def _two_ranks(rank: int, world: int, data: str, d: str) -> dict:
     except RuntimeError as e:
         facts["bad_shape"] = str(e)
     if rank == 0:
-        tool = load_tool("reshard_checkpoint")
+        from megatron_mhmoe.checkpoint.reshard import reshard
         step3 = os.path.join(d, "parts", "checkpoints", "step_00000003")
         for run, w, zero in (("z3w2", 2, 3), ("z1w1", 1, 1)):
-            tool.reshard(step3, os.path.join(d, run, "checkpoints"), w, 1, 1, zero, log=lambda m: None)
+            reshard(step3, os.path.join(d, run, "checkpoints"), w, 1, 1, zero, log=lambda m: None)
     comm.barrier()
     _train(data, os.path.join(d, "z3w2"), 3, ds, world)
     return facts
@@ -109,7 +109,7 @@ def runs(byte_data, tmp_path_factory):  # noqa: F811
 
 
 def test_parameters_are_partitioned_and_saved_whole(runs):
-    from megatron_mhmoe.runtime import consolidate as C
+    from megatron_mhmoe.checkpoint import consolidate as C
     from megatron_mhmoe.runtime.engine import checkpoint_safe_globals
     for f in runs["facts"]:
         assert any(".weight" in n or "embeddings" in n for n in f["partitioned"]), f["partitioned"]
@@ -143,9 +143,10 @@ def test_resharded_run_continues_with_the_same_losses(runs, name):
 
 def test_exported_logits_equal_trained_logits(runs, tmp_path):
     out = str(tmp_path / "exported")
-    assert load_tool("export_checkpoint").main(["--input", str(runs["dir"] / "parts" / "checkpoints"),
-                                                "--output", out, "--quiet"]) == 0
-    model, info = load_tool("generate").load_model(out)
+    from megatron_mhmoe.evaluation.generate import load_model
+    from megatron_mhmoe.export.native import export
+    export(str(runs["dir"] / "parts" / "checkpoints"), out, log=lambda m: None)
+    model, info = load_model(out)
     assert info["step"] == 5
     with torch.no_grad():
         got = model(TOKENS).logits[..., :model.config.vocab_size]
@@ -155,7 +156,7 @@ def test_exported_logits_equal_trained_logits(runs, tmp_path):
 
 
 def test_refusals_name_the_problem(runs, tmp_path, capsys):
-    from megatron_mhmoe.runtime import consolidate as C
+    from megatron_mhmoe.checkpoint import consolidate as C
     from megatron_mhmoe.runtime.checkpoint import CheckpointError
     meta = {"layers.0.moe.experts.w1": {"expert": True}, "layers.0.norm1.weight": {"expert": False}}
     with pytest.raises(CheckpointError, match="ZeRO-3 is refused with MoE layers"):

@@ -1,4 +1,5 @@
-"""tools/evaluate.py: lm-eval-harness (HF backend) on an exported model, offline, with the shipped local task.
+"""tools/evaluate.py's evaluation (megatron_mhmoe/evaluation/harness.py): lm-eval-harness (HF backend) on an
+exported model, offline, with the shipped local task.
 
 The model is a freshly initialised MH-MoE GPT (byte tokenizer, 512 positions: the items are longer than the
 trained test models' 32) written in tools/export_checkpoint.py's format and exported with tools/export_hf.py:
@@ -18,7 +19,10 @@ import os
 import pytest
 import torch
 
-from tests.reliability.test_reshard import load_tool
+from megatron_mhmoe.evaluation import harness, progress
+from megatron_mhmoe.evaluation.generate import load_model
+from megatron_mhmoe.evaluation.tasks import TASKS_DIR
+from megatron_mhmoe.export.huggingface import export_hf
 
 pytest.importorskip("lm_eval")
 LIMIT = 16
@@ -70,7 +74,7 @@ def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval_model")
     ours = random_export(str(d / "ours"), {"type": "byte"})
     hf = str(d / "hf")
-    assert load_tool("export_hf").main(["--input", ours, "--output", hf, "--quiet"]) == 0
+    export_hf(ours, hf, log=lambda m: None)
     return {"out": ours, "hf": hf}
 
 
@@ -78,9 +82,7 @@ def test_local_task_results_equal_our_own_scoring(exported, tmp_path, monkeypatc
     hf_folder = exported["hf"]
     out = tmp_path / "eval.json"
     monkeypatch.chdir(tmp_path)  # not a git checkout: lm-eval's own `git describe` would print "fatal: ..."
-    code = load_tool("evaluate").main(["--model", hf_folder, "--tasks", "local", "--out", str(out),
-                                       "--limit", str(LIMIT), "--no-wandb", "--batch-size", "4"])
-    assert code == 0
+    harness.evaluate_to_file(hf_folder, ["local"], str(out), batch_size=4, limit=LIMIT, wandb_group=None)
     printed = capfd.readouterr()
     text = printed.out + printed.err
     assert "fatal" not in text and "\r" not in text, text[-2000:]
@@ -89,9 +91,9 @@ def test_local_task_results_equal_our_own_scoring(exported, tmp_path, monkeypatc
     report = json.loads(out.read_text())
     res = report["results"]
     assert set(res) == {"mhmoe_next_line", "mhmoe_heldout_ppl"}
-    with open(os.path.join(os.path.dirname(load_tool("evaluate").__file__), "eval_tasks", "next_line.jsonl")) as f:
+    with open(os.path.join(TASKS_DIR, "next_line.jsonl")) as f:
         items = [json.loads(line) for line in f][:LIMIT]
-    ours, _ = load_tool("generate").load_model(exported["out"])
+    ours, _ = load_model(exported["out"])
     acc, acc_norm = _our_accuracy(ours, items)
     assert res["mhmoe_next_line"]["acc"] == pytest.approx(acc, abs=1e-9)
     assert res["mhmoe_next_line"]["acc_norm"] == pytest.approx(acc_norm, abs=1e-9)
@@ -101,9 +103,8 @@ def test_local_task_results_equal_our_own_scoring(exported, tmp_path, monkeypatc
 
 def test_truncation_warnings_become_one_summary_line(capsys, caplog):
     import logging
-    evaluate = load_tool("evaluate")
     lines = []
-    with evaluate.clean_output(plain_progress=True, log=lines.append):
+    with progress.clean_output(plain_progress=True, log=lines.append):
         hf_log = logging.getLogger("lm_eval.models.huggingface")
         for i in range(300):  # lm-eval's warning, once per over-long request
             hf_log.warning(f"Combined length of context ({600 + i}) and continuation (5) exceeds model's maximum "
@@ -120,4 +121,4 @@ def test_truncation_warnings_become_one_summary_line(capsys, caplog):
     assert lines == ["lm-eval truncated 300 request(s) from the left to the model's max_seq_len (context + "
                      "continuation longer than the positions the model was trained on)"]
     assert err.out.splitlines() == [f"Running loglikelihood requests: {n}/8 ({100 * n // 8}%)" for n in (2, 4, 6, 8)]
-    assert tqdm.tqdm is not evaluate.LineProgress  # restored
+    assert tqdm.tqdm is not progress.LineProgress  # restored

@@ -12,7 +12,9 @@ import os
 
 import pytest
 
-from tests.reliability.test_reshard import load_tool
+from megatron_mhmoe.evaluation.generate import load_tokenizer
+from megatron_mhmoe.export.huggingface import export_hf
+from megatron_mhmoe.export.native import find_tokenizer
 from tests.tools.test_evaluate import random_export
 
 pytest.importorskip("tokenizers")
@@ -39,16 +41,15 @@ def test_hf_tokenizer_is_found_exported_and_loaded_with_the_same_ids(hf_tokenize
 
     from megatron_mhmoe.data.tokenizer import HFTokenizer
     ours = HFTokenizer(hf_tokenizer)
-    found = load_tool("export_checkpoint").find_tokenizer({"data": {"tokenizer_model": hf_tokenizer}}, None)
+    found = find_tokenizer({"data": {"tokenizer_model": hf_tokenizer}}, None)
     assert found == {"type": "hf", "path": hf_tokenizer, "eod_token": "<|endoftext|>"}
     folder = random_export(str(tmp_path / "ours"), {"type": "hf", "file": "tokenizer.json",
                                                     "eod_token": "<|endoftext|>"},
                            {"tokenizer.json": hf_tokenizer}, vocab_size=ours.vocab_size)
-    gen = load_tool("generate")
     with open(os.path.join(folder, "config.json")) as f:
-        loaded = gen.load_tokenizer(folder, json.load(f), None)
+        loaded = load_tokenizer(folder, json.load(f), None)
     hf_dir = str(tmp_path / "hf")
-    assert load_tool("export_hf").main(["--input", folder, "--output", hf_dir, "--quiet"]) == 0
+    export_hf(folder, hf_dir, log=lambda m: None)
     auto = AutoTokenizer.from_pretrained(hf_dir)  # no trust_remote_code: transformers' own class
     assert isinstance(auto, PreTrainedTokenizerFast) and auto.eos_token_id == ours.eod
     for text in TEXTS:

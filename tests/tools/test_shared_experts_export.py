@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from tests.reliability.test_reshard import load_tool
+from megatron_mhmoe.export.huggingface import export_hf
+from megatron_mhmoe.runtime.checkpoint import CheckpointError
 
 pytest.importorskip("transformers")
 
@@ -48,7 +49,7 @@ def test_mhmoe_export_carries_the_shared_experts(tmp_path):
         model, _ = _shared_export(ours, zero_shared=zero)
         with torch.no_grad():
             want = model(tokens).logits
-        assert load_tool("export_hf").main(["--input", ours, "--output", hf, "--quiet"]) == 0
+        export_hf(ours, hf, log=lambda m: None)
         with open(os.path.join(hf, "config.json")) as f:
             assert json.load(f)["mhmoe_model"]["moe"]["num_shared_experts"] == 1
         loaded = AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True).eval()
@@ -60,12 +61,12 @@ def test_mhmoe_export_carries_the_shared_experts(tmp_path):
     assert (logits[False] - logits[True]).abs().max() > 1e-3  # the shared experts are in the exported logits
 
 
-def test_gpt2_export_refuses_the_shared_expert_model(tmp_path, capsys):
+def test_gpt2_export_refuses_the_shared_expert_model(tmp_path):
     ours = str(tmp_path / "ours")
     _shared_export(ours)
-    code = load_tool("export_hf").main(["--input", ours, "--output", str(tmp_path / "gpt2"), "--format", "gpt2",
-                                        "--quiet"])
-    assert code != 0 and "MoE" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="does not map exactly onto GPT-2: it has MoE layers"):
+        export_hf(ours, str(tmp_path / "gpt2"), fmt="gpt2", log=lambda m: None)
+    assert sorted(os.listdir(tmp_path)) == ["ours"]  # no output folder, no temporary left behind
 
 
 def test_reshard_metadata_replicates_the_shared_experts():
@@ -74,7 +75,7 @@ def test_reshard_metadata_replicates_the_shared_experts():
     from megatron_mhmoe.model.gpt import GPTModel
     from megatron_mhmoe.parallel.context import ParallelContext
     from megatron_mhmoe.parallel.layout import RankLayout
-    from megatron_mhmoe.runtime import consolidate as C
+    from megatron_mhmoe.checkpoint import consolidate as C
     from megatron_mhmoe.runtime.universal import param_meta
     from megatron_mhmoe.config import ModelConfig, MoEConfig
     cfg = ModelConfig(vocab_size=257, hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,

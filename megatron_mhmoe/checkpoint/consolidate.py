@@ -1,7 +1,8 @@
 """Offline checkpoint surgery without processes or a model: read, verify, gather, re-shard, write.
 
-Used by tools/reshard_checkpoint.py and tools/export_checkpoint.py. Works on the Checkpointer format
-(runtime/checkpoint.py): `step_N/rank_XXXXX.pt` + `manifest.json` (sha256 per file) + `latest`.
+Used by checkpoint/reshard.py and export/native.py (tools/reshard_checkpoint.py, tools/export_checkpoint.py).
+Works on the Checkpointer format (runtime/checkpoint.py): `step_N/rank_XXXXX.pt` + `manifest.json` (sha256
+per file) + `latest`.
 - `read_checkpoint` verifies every rank file against the manifest, then loads it with
   `torch.load(weights_only=True)` (tensors and plain containers only: a planted pickle is refused);
 - `gather_full` assembles single-process ("full") tensors from the TP/EP pieces, using the parameter
@@ -16,16 +17,16 @@ import json
 import math
 import os
 import sys
-import shutil
 import time
 from typing import Callable, Optional
 
 import torch
 
+from megatron_mhmoe import atomic
 from megatron_mhmoe.parallel.layout import RankLayout, validate_sizes
 from megatron_mhmoe.parallel.params import shard_piece
-from megatron_mhmoe.runtime.checkpoint import (FORMAT_VERSION, LATEST, MANIFEST, CheckpointError, _fsync_dir,
-                                               _fsync_write, _sha256, step_dirname)
+from megatron_mhmoe.runtime.checkpoint import (FORMAT_VERSION, LATEST, MANIFEST, CheckpointError, _fsync_write,
+                                               _sha256, step_dirname)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -218,23 +219,17 @@ def write_checkpoint(save_dir: str, step: int, rank_states: list[dict], manifest
     """Write `save_dir/step_N` like Checkpointer.save: temp folder, fsync, manifest, rename, `latest`."""
     os.makedirs(save_dir, exist_ok=True)
     final = os.path.join(save_dir, step_dirname(step))
-    tmp = os.path.join(save_dir, f".tmp-{step_dirname(step)}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    files = []
-    for r, state in enumerate(rank_states):
-        path = os.path.join(tmp, f"rank_{r:05d}.pt")
-        _fsync_write(path, lambda f, s=state: torch.save(s, f))
-        files.append({"file": os.path.basename(path), "sha256": _sha256(path), "bytes": os.path.getsize(path)})
-        log(f"wrote {os.path.join(final, os.path.basename(path))} ({files[-1]['bytes'] / 1e6:.1f} MB)")
-    manifest = dict(manifest, format_version=FORMAT_VERSION, step=step, files=files, time=time.time())
-    _fsync_write(os.path.join(tmp, MANIFEST), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-    _fsync_dir(tmp)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(save_dir)
+    with atomic.atomic_dir(final, replace=True, hidden=True) as tmp:
+        files = []
+        for r, state in enumerate(rank_states):
+            path = os.path.join(tmp, f"rank_{r:05d}.pt")
+            _fsync_write(path, lambda f, s=state: torch.save(s, f))
+            files.append({"file": os.path.basename(path), "sha256": _sha256(path), "bytes": os.path.getsize(path)})
+            log(f"wrote {os.path.join(final, os.path.basename(path))} ({files[-1]['bytes'] / 1e6:.1f} MB)")
+        manifest = dict(manifest, format_version=FORMAT_VERSION, step=step, files=files, time=time.time())
+        _fsync_write(os.path.join(tmp, MANIFEST), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        atomic.fsync_dir(tmp)
+    atomic.fsync_dir(save_dir)
     _fsync_write(os.path.join(save_dir, LATEST), lambda f: f.write(step_dirname(step).encode()))
     return final
 

@@ -4,7 +4,7 @@ its launcher through.
 `descendants` (fault-injection tests, the soak tool): torchrun and the deepspeed launcher start workers in
 their own sessions, so a process group or session does not find them; their parent links do.
 
-`python -m megatron_mhmoe.runtime.proctree launch [--rendezvous ADDR:PORT] -- LAUNCHER ARGS...` (launch/*.sh):
+`python -m megatron_mhmoe.launch.proctree launch [--rendezvous ADDR:PORT] -- LAUNCHER ARGS...` (launch/*.sh):
 a MASTER_PORT already in use is one line and exit 4 before anything starts; a failed run ends with the
 first worker error line and that worker's exit code instead of the launcher's traceback.
 """
@@ -45,7 +45,7 @@ def descendants(pid: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------ the launch wrapper
-# Every launch script starts its launcher through `python -m megatron_mhmoe.runtime.proctree launch`:
+# Every launch script starts its launcher through `python -m megatron_mhmoe.launch.proctree launch`:
 # torchrun answers a failed worker with its own traceback and a summary box (and exit 1 whatever the
 # worker's code), the deepspeed launcher with its kill log (and the first exit code it happened to poll,
 # often the SIGKILLed peer's). The wrapper passes the run's output through, drops that launcher noise, and
@@ -274,7 +274,7 @@ def launch(cmd: list[str], rendezvous: Optional[str] = None) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = (f"usage: python -m megatron_mhmoe.runtime.proctree launch [--rendezvous ADDR:PORT] -- LAUNCHER "
+    usage = (f"usage: python -m megatron_mhmoe.launch.proctree launch [--rendezvous ADDR:PORT] -- LAUNCHER "
              f"ARGS...")
     if not argv or argv[0] != "launch" or "--" not in argv:
         print(usage, file=sys.stderr)

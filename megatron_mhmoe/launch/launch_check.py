@@ -1,6 +1,6 @@
 """Check a launch before anything starts: hosts, world size, TP/EP, ports, addresses, run config.
 
-    python -m megatron_mhmoe.runtime.launch_check [--hostfile F] [--nodes N] [--gpus-per-node G]
+    python -m megatron_mhmoe.launch.launch_check [--hostfile F] [--nodes N] [--gpus-per-node G]
         [--node-rank R] [--tp T] [--ep E] [--master-addr A] [--master-port P] [--config FILE]
         [--include SPEC | --exclude SPEC] [--launcher NAME] [--no-ssh] [--module NAME]
         [--rdzv-backend static|c10d] [--rdzv-id ID] [--ssh-port P] [--max-restarts N]
@@ -14,7 +14,7 @@ World size: from the hostfile (after --include/--exclude, or --nodes/--gpus-per-
 --section.key=value overrides), so a bad run config (TP/EP not dividing the world, batch arithmetic,
 unknown keys, ZeRO-3 with MoE ...) fails here, before any process is started; --tp/--ep, when given,
 must agree with it. The training arguments are parsed and resolved by the program's own functions
-(runtime/cli.py), and a --deepspeed_config among them is held to the program's own rules
+(megatron_mhmoe/launch/cli.py), and a --deepspeed_config among them is held to the program's own rules
 (run_config.check_ds_config_agrees: a JSON object whose ZeRO stage, precision, optimizer offload, batch
 fields and gradient clipping agree with the run config, without optimizer/scheduler sections), so nothing
 here can drift from what the program accepts. None of it imports torch.
@@ -36,7 +36,7 @@ import sys
 from collections import OrderedDict
 from typing import Optional
 
-from megatron_mhmoe.runtime.hostfile import (apply_filters, apply_num_nodes_and_gpus, parse_hostfile,
+from megatron_mhmoe.launch.hostfile import (apply_filters, apply_num_nodes_and_gpus, parse_hostfile,
                                              validate_address, validate_port, validate_positive_int)
 
 PROG = "launch_check"
@@ -124,7 +124,7 @@ def resolve_world(a) -> tuple["OrderedDict[str, list[int]]", str]:
 # --------------------------------------------------------------------------------------- run config
 def split_train_args(train_args: list[str]):
     """(options, overrides) of the training arguments, parsed by the training program's own parser."""
-    from megatron_mhmoe.runtime import cli
+    from megatron_mhmoe.launch import cli
     try:
         return cli.parse_args(train_args, raise_errors=True)
     except ValueError as e:
@@ -133,7 +133,7 @@ def split_train_args(train_args: list[str]):
 
 def resolve_run_config(config_path: Optional[str], overrides: list[str]):
     """The run config exactly as megatron_mhmoe.train resolves it."""
-    from megatron_mhmoe.runtime import cli
+    from megatron_mhmoe.launch import cli
     return cli.resolve_config(config_path, overrides)
 
 
@@ -208,8 +208,8 @@ def _ranges(ranks: list[int]) -> str:
     return f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
 
 
-def check(a) -> list[str]:
-    """Run every check; return the plan lines. Raises CheckError/ValueError on the first problem."""
+def _check_launcher_flags(a) -> tuple[str, int, Optional[str]]:
+    """Step 1: the launcher's own flags (address, port, launcher, module, rendezvous, ssh port, restarts)."""
     addr = validate_address(a.master_addr, "--master-addr")
     port = validate_port(a.master_port, "--master-port")
     launcher = (a.launcher or "").lower() or None
@@ -231,9 +231,12 @@ def check(a) -> list[str]:
     if launcher == "local" and not a.hostfile and os.path.exists("/job/hostfile"):
         warn("/job/hostfile exists and DeepSpeed's launcher reads it by default: this 'single-node' launch "
              "would use its hosts; remove it or use train_multi_node.sh")
+    return addr, port, launcher
 
+
+def _check_nodes(a, launcher: Optional[str], addr: str) -> tuple[dict, str, Optional[int]]:
+    """Step 2: the nodes and ranks (hostfile and filters), this node's rank, what each launcher backend can do."""
     active, source = resolve_world(a)
-    world = sum(len(s) for s in active.values())
     n_nodes = len(active)
     node_rank = None
     if a.node_rank is not None:
@@ -264,7 +267,12 @@ def check(a) -> list[str]:
     if n_nodes > 1 and addr in ("127.0.0.1", "localhost") and not a.no_ssh:
         warn(f"{n_nodes} nodes rendezvous at {addr}: other nodes cannot reach a loopback address; set the "
              f"master address to node 0's private interface")
+    return active, source, node_rank
 
+
+def _check_run_config(a, launcher: Optional[str], world: int, n_nodes: int):
+    """Step 3: the training arguments: shell-safe where a shell re-parses them, the run config they resolve
+    (the training program's own parser and rules) at this world size, and a --deepspeed_config."""
     train_args = list(a.train_args)
     if launcher == "pdsh" and not a.no_ssh and n_nodes > 1:  # DeepSpeed's multi-node (shell) path
         check_shell_safe(a, train_args + [a.module])
@@ -294,8 +302,13 @@ def check(a) -> list[str]:
     ds_path = targs.deepspeed_config
     if ds_path:
         check_ds_config(ds_path, cfg)
+    return cfg
 
 
+def _plan_lines(active: dict, source: str, cfg, addr: str, port: int, node_rank: Optional[int]) -> list[str]:
+    """Step 4: the plan printed on success (a TP group across nodes is a warning)."""
+    world, n_nodes = sum(len(s) for s in active.values()), len(active)
+    tp, ep = cfg.parallel.tp, cfg.parallel.ep
     per_node = [len(s) for s in active.values()]
     rpn = str(per_node[0]) if len(set(per_node)) == 1 else "/".join(map(str, per_node))
     if tp > 1 and any(n % tp for n in per_node):
@@ -316,6 +329,14 @@ def check(a) -> list[str]:
                      f"(slots {','.join(map(str, slots))})")
         first += len(slots)
     return lines
+
+
+def check(a) -> list[str]:
+    """Run every check; return the plan lines. Raises CheckError/ValueError on the first problem."""
+    addr, port, launcher = _check_launcher_flags(a)
+    active, source, node_rank = _check_nodes(a, launcher, addr)
+    cfg = _check_run_config(a, launcher, sum(len(s) for s in active.values()), len(active))
+    return _plan_lines(active, source, cfg, addr, port, node_rank)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,6 +1,6 @@
 """The training program's command line, defined once.
 
-`megatron_mhmoe.train` parses with it, and `runtime/launch_check.py` (the pre-launch check of every launch
+`megatron_mhmoe.train` parses with it, and `megatron_mhmoe/launch/launch_check.py` (the pre-launch check of every launch
 script) splits the training arguments with the same `parse_args` and resolves them with the same
 `resolve_config`, so the two cannot drift apart. Importing this module (and calling `resolve_config`) does
 not import torch: the launch check runs it before anything is started.
