@@ -18,7 +18,7 @@ from tests.runtime.test_train_launch import ROOT, byte_data, common_args  # noqa
 
 DOC = os.path.join("docs", "training-and-launch.md")
 EXPERTS, LAYERS, MOE_EVERY = 4, 2, 2  # common_args' model; moe_every 2: one MoE layer
-# README name -> (metrics.jsonl keys, None or why a CPU fp32 run does not log it).
+# docs name -> (metrics.jsonl keys, None or why a CPU fp32 run does not log it).
 NAMES = {
     "loss": (["loss"], None),
     "lm/aux/z loss": (["lm_loss", "aux_loss", "z_loss"], None),
@@ -99,11 +99,11 @@ def check_console(out: str, run_dir: str) -> None:
     assert "\r" not in out and '"model": {' not in out  # no bar, no config dump through a pipe
 
 
-def test_every_value_the_readme_names_is_in_metrics_jsonl(byte_data, tmp_path):
+def test_every_value_the_docs_name_is_in_metrics_jsonl(byte_data, tmp_path):
     names = readme_names()
     assert len(names) >= 14, names
     unknown = [n for n in names if n not in NAMES]
-    assert not unknown, f"README.md names {unknown}: log them to metrics.jsonl and add them to NAMES here"
+    assert not unknown, f"{DOC} names {unknown}: log them to metrics.jsonl and add them to NAMES here"
     run_dir = str(tmp_path / "run")
     args = [a for a in common_args(byte_data, run_dir) if not a.startswith(("--train.train_steps",
                                                                             "--train.eval_interval"))]
@@ -123,7 +123,7 @@ def test_every_value_the_readme_names_is_in_metrics_jsonl(byte_data, tmp_path):
     for row in rows:
         keys.update(row)
     missing = [(n, k) for n in names for k in NAMES[n][0] if NAMES[n][1] is None and k not in keys]
-    assert not missing, f"README.md says these are logged, metrics.jsonl lacks them: {missing}"
+    assert not missing, f"{DOC} says these are logged, metrics.jsonl lacks them: {missing}"
     for row in rows:
         if "routing/layer0/tokens_per_expert" in row:
             vec = row["routing/layer0/tokens_per_expert"]
