@@ -252,7 +252,7 @@ def test_every_dotted_name_in_the_docs_resolves():
 
 # `section.key` names of the run config, as `--train.lr=...` or `train.lr`; a file name such as train.py or
 # model.safetensors, or a module such as parallel.grads, is not an option.
-OPTION = re.compile(r"(?<![\w./-])((?:model\.moe|model|parallel|train|data|wandb|tensorboard)\.[A-Za-z_]\w*)")
+OPTION = re.compile(r"(?:(?<=--)|(?<![\w./-]))((?:model\.moe|model|parallel|train|data|wandb|tensorboard)\.[A-Za-z_]\w*)")
 NOT_OPTIONS = {"py", "log", "safetensors", "json", "jsonl", "yaml"}
 
 
