@@ -120,7 +120,7 @@ def test_readme_walkthrough_runs_as_written(tmp_path):
             run(command, ws)
             assert os.path.exists(os.path.join(ws, "exported", "mine-hf", "config.json"))
         elif "tools/evaluate.py" in command:
-            run(command, ws, extra_args=["--limit", "1", "--no-wandb"], timeout=400)
+            run(command, ws, extra_args=["--limit", "2", "--no-wandb"], timeout=400)
             res = json.load(open(os.path.join(ws, "runs", "mine", "eval.json")))["results"]
             assert {"acc", "acc_stderr"} <= set(res["mhmoe_next_line"]), res  # what the README says to read
         else:
