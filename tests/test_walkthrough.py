@@ -7,6 +7,7 @@ evaluation. Two lines cannot run literally on one CPU machine, and are run as cl
 - the 8-GPU line is `DRY_RUN=1` in the README already (launch_check validates it and prints the launcher line);
 - the pdsh line runs with DRY_RUN=1 (no ssh here), and the NO_SSH line runs twice at once, as node 0 and
   node 1 of a two-line hostfile on 127.0.0.1: a real two-node job through the DeepSpeed launcher.
+Launches get a free MASTER_PORT in their environment (the default 29500 may be held by another job here).
 A command the test does not recognise fails it, so a step added to the README is a step run here.
 """
 from __future__ import annotations
@@ -87,8 +88,8 @@ def test_readme_walkthrough_runs_as_written(tmp_path):
             run(command, ws)
             prefix = os.path.join(ws, "data", "mine_text_document")
             assert os.path.exists(prefix + ".bin") and os.path.exists(prefix + ".idx")
-        elif "launch/train_cpu.sh" in command:
-            out = run(command, ws, extra_args=TINY)
+        elif "launch/train_cpu.sh" in command:  # a free port: other jobs on this machine may hold 29500
+            out = run(command, ws, {"MASTER_PORT": str(free_port())}, extra_args=TINY)
             assert "full config: runs/mine/config.json" in out and re.search(r"^step 4/4 \|", out, re.M), out[-3000:]
             assert os.path.exists(os.path.join(ws, "runs", "mine", "checkpoints", "latest"))
         elif "launch/train_single_node.sh" in command:
