@@ -30,6 +30,7 @@ SLOW_FILES = frozenset({
     "scaling/test_cli.py", "scaling/test_runner.py",
     "security/test_secrets.py",
     "tools/test_evaluate.py",
+    "test_walkthrough.py",
 })
 
 

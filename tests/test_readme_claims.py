@@ -1,8 +1,9 @@
-"""README.md states what the code does: its exit-code table, the checkpoint tools' exit codes, the benchmark
-table, counts and defaults it quotes, and every repository path and dotted name it mentions.
+"""README.md and the pages under docs/ state what the code does: the exit-code table, the checkpoint tools' exit
+codes, the benchmark tables (benchmarks/RESULTS.md), counts and defaults they quote, every repository path,
+dotted name and run-config option they mention, and the README's size.
 
-Each test reads the README text itself, so editing a number there (or in the code) without the other fails.
-Claims that need a training run are asserted by the tests the README names next to them.
+Each test reads the page the text lives on, so editing a number there (or in the code) without the other fails.
+Claims that need a training run are asserted by the tests the pages name next to them.
 """
 from __future__ import annotations
 
@@ -18,7 +19,23 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+README_MAX_BYTES = 12 * 1024
+DOC_PAGES = sorted(p for p in glob.glob(os.path.join(ROOT, "docs", "*.md")) if not os.path.islink(p))
+RESULTS_MD = os.path.join(ROOT, "benchmarks", "RESULTS.md")
 EXIT_TABLE_HEADER = "| exit code | constant | meaning |"
+
+
+def page(name: str) -> str:
+    """The text of docs/<name>.md (the page a README section moved to)."""
+    return open(os.path.join(ROOT, "docs", name + ".md"), encoding="utf-8").read()
+
+
+def all_docs() -> dict[str, str]:
+    """README.md and every page of docs/ (benchmark-results.md is a link to benchmarks/RESULTS.md)."""
+    out = {"README.md": README}
+    for path in DOC_PAGES + [RESULTS_MD]:
+        out[os.path.relpath(path, ROOT)] = open(path, encoding="utf-8").read()
+    return out
 
 
 def load_script(relpath: str):
@@ -35,8 +52,10 @@ def flat(text: str) -> str:
 
 # ---------------------------------------------------------------------- exit codes
 def readme_exit_table() -> dict[str, int]:
-    lines = [line.strip() for line in README.splitlines()]
-    assert lines.count(EXIT_TABLE_HEADER) == 1, f"README needs exactly one table headed {EXIT_TABLE_HEADER!r}"
+    tables = [name for name, text in all_docs().items() if EXIT_TABLE_HEADER in text]
+    assert tables == ["docs/reliability.md"], f"exactly one page (reliability) has the table {EXIT_TABLE_HEADER!r}"
+    lines = [line.strip() for line in page("reliability").splitlines()]
+    assert lines.count(EXIT_TABLE_HEADER) == 1, f"docs/reliability.md needs one table headed {EXIT_TABLE_HEADER!r}"
     i = lines.index(EXIT_TABLE_HEADER) + 2  # skip the |---| row
     table = {}
     while i < len(lines) and lines[i].startswith("|"):
@@ -51,11 +70,11 @@ def readme_exit_table() -> dict[str, int]:
 
 def test_exit_code_table_is_the_code_constants_both_ways():
     """Every constant of runtime/exit_codes.py is a row with its value, and every row is a constant: a
-    renumbered, added or removed code fails until the README says so."""
+    renumbered, added or removed code fails until docs/reliability.md says so."""
     from megatron_mhmoe.runtime import exit_codes
     code = {k: v for k, v in vars(exit_codes).items() if k.startswith("EXIT_") and isinstance(v, int)}
     table = readme_exit_table()
-    assert table == code, {"only in README": sorted(set(table.items()) - set(code.items())),
+    assert table == code, {"only in docs/reliability.md": sorted(set(table.items()) - set(code.items())),
                            "only in exit_codes.py": sorted(set(code.items()) - set(table.items()))}
     assert len(set(code.values())) == len(code), "two constants share a code"
 
@@ -65,8 +84,8 @@ def test_checkpoint_tools_exit_codes_are_the_readme_ones(capsys):
     from megatron_mhmoe.runtime.checkpoint import CheckpointError
     from megatron_mhmoe.checkpoint.consolidate import run_checkpoint_tool
     m = re.search(r"checkpoint tools \(`tools/reshard_checkpoint.py`, `tools/export_checkpoint.py`\) exit (\d+) "
-                  r"when done, (\d+) on a named problem .*?and (\d+) on a refused pickle", flat(README))
-    assert m, "README's sentence on the checkpoint tools' exit codes is gone"
+                  r"when done, (\d+) on a named problem .*?and (\d+) on a refused pickle", flat(page("reliability")))
+    assert m, "docs/reliability.md's sentence on the checkpoint tools' exit codes is gone"
     done, named, pickle = map(int, m.groups())
 
     def raising(e):
@@ -85,8 +104,8 @@ def test_checkpoint_tools_exit_codes_are_the_readme_ones(capsys):
 
 
 def test_generate_exit_code_is_the_readme_one(tmp_path):
-    m = re.search(r"`tools/generate.py` exits (\d+) on bad arguments or an unreadable model folder", flat(README))
-    assert m, "README's sentence on generate.py's exit code is gone"
+    m = re.search(r"`tools/generate.py` exits (\d+) on bad arguments or an unreadable model folder", flat(page("reliability")))
+    assert m, "docs/reliability.md's sentence on generate.py's exit code is gone"
     for args in (["--model", str(tmp_path / "missing"), "--prompt", "x", "--greedy"],
                  ["--model", str(tmp_path), "--prompt", "x", "--temperature", "0"]):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), *args], capture_output=True,
@@ -95,16 +114,32 @@ def test_generate_exit_code_is_the_readme_one(tmp_path):
 
 
 # ---------------------------------------------------------------------- numbers
-def test_benchmark_table_is_summarize_of_the_committed_final_runs(capsys):
-    """The README's results table is, line for line, benchmarks/summarize.py over the 3 final runs."""
+def test_benchmark_tables_are_summarize_of_the_committed_final_runs(capsys):
+    """benchmarks/RESULTS.md's generated tables are, line for line, benchmarks/summarize.py over the committed
+    final runs (3 moe_layer runs; the 3 two-node runs through moe_two_node.py --summarize), and
+    `summarize.py --results RESULTS.md --check` agrees."""
     runs = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*moe_layer-final-run*.jsonl")))
-    assert len(runs) == 3 and "median of\n3 runs" in README
-    load_script("benchmarks/summarize.py").main(runs)
+    results = open(RESULTS_MD, encoding="utf-8").read()
+    assert len(runs) == 3 and "median of\n3 runs" in results
+    mod = load_script("benchmarks/summarize.py")
+    assert mod.main(runs) == 0
     out = capsys.readouterr().out
     summary = out[out.index("Median over"):].strip().splitlines()
     assert summary[0] == "Median over 3 run(s) [min-max over runs]; ✓ = target met by the median."
+    block = results[results.index("<!-- BEGIN generated: moe_layer -->"):results.index("<!-- END generated: moe_layer")]
     for line in summary:
-        assert line in README.splitlines(), f"README lacks the summarize line {line!r}"
+        assert line in block.splitlines(), f"RESULTS.md lacks the summarize line {line!r}"
+    assert mod.main(["--results", RESULTS_MD, "--check"]) == 0
+    stale = results.replace("| smoe | 8 | 1.107", "| smoe | 8 | 1.108")
+    assert stale != results
+    tmp = os.path.join(os.path.dirname(RESULTS_MD), ".RESULTS.stale-test.md")
+    try:
+        open(tmp, "w", encoding="utf-8").write(stale)
+        assert mod.main(["--results", tmp, "--check"]) == 1  # a hand-edited table is caught
+    finally:
+        os.remove(tmp)
+    for name in ("performance", "cross-node"):  # the pages point at the tables
+        assert "(benchmark-results.md" in page(name), name
 
 
 def test_main_job_numbers():
@@ -118,7 +153,7 @@ def test_main_job_numbers():
 
 def test_bad_input_table_size():
     from tests.reliability import test_bad_inputs as t
-    m = re.search(r"a table of (\d+) bad inputs", flat(README))
+    m = re.search(r"a table of (\d+) bad inputs", flat(page("reliability")))
     assert m
     # the matrix, plus its two incompatible-checkpoint launches and the never-overwrite preprocess run
     assert int(m.group(1)) == len(t.CASES) + 2 + 1
@@ -130,18 +165,19 @@ def test_sweep_preset_sizes(preset, runs):
     from megatron_mhmoe.scaling.plan import build_plan
     from megatron_mhmoe.scaling.spec import load_sweep
     # the comment line above each command gives its run count
-    assert re.search(rf"\({runs} (tiny )?runs[^\n]*\n[^\n]*--preset {preset}\b", README), preset
+    assert re.search(rf"\({runs} (tiny )?runs[^\n]*\n[^\n]*--preset {preset}\b", page("scaling-experiments")), preset
     spec, base = load_sweep(preset, [])
     assert len(build_plan(spec, base)) == runs
 
 
 def test_quoted_defaults():
     from megatron_mhmoe.config import MoEConfig
-    assert "`activation_threshold` (0.5)" in README and MoEConfig().activation_threshold == 0.5
-    assert "default 50M\n  characters" in README or "default 50M characters" in flat(README)
+    scaling, security = page("scaling-experiments"), page("security")
+    assert "`activation_threshold` (0.5)" in scaling and MoEConfig().activation_threshold == 0.5
+    assert "default 50M characters" in flat(security)
     parser_src = open(os.path.join(ROOT, "megatron_mhmoe", "data", "input_args.py")).read()  # preprocess_data
     assert re.search(r'"--max-doc-chars", type=int, default=50_000_000', parser_src)
-    assert "(29500 by default)" in README
+    assert "(29500 by default)" in security
     for script in ("train_cpu.sh", "train_single_node.sh", "train_multi_node.sh"):
         assert 'MASTER_PORT="${MASTER_PORT:-29500}"' in open(os.path.join(ROOT, "launch", script)).read(), script
 
@@ -149,19 +185,21 @@ def test_quoted_defaults():
 def test_shared_expert_defaults_and_kinds_are_the_readme_ones():
     from megatron_mhmoe.config import MoEConfig
     from megatron_mhmoe.scaling.spec import KINDS, SweepSpec
-    text = flat(README)
+    text, scaling = flat(page("moe-and-routing")), page("scaling-experiments")
     assert "`num_shared_experts` (default 0 = none)" in text and MoEConfig().num_shared_experts == 0
     assert "`shared_expert_hidden_size` (default 0 = `expert_hidden_size`)" in text
     assert MoEConfig().shared_expert_hidden_size == 0
-    assert "(sweep field, default 1)" in text and SweepSpec().num_shared_experts == 1
+    assert "(sweep field, default 1)" in flat(scaling) and SweepSpec().num_shared_experts == 1
     for kind in KINDS:
-        assert README.count(f"| `{kind}` |") == 1, kind  # each kind is one row of the table
+        assert scaling.count(f"| `{kind}` |") == 1, kind  # each kind is one row of the table
+    assert scaling.count("- `+shared` kinds:") == 1  # the matching equations once
 
 
 def test_one_process_command_sets_the_ep_the_default_does_not():
     from megatron_mhmoe.runtime.run_config import program_defaults
-    assert "the built-in default is EP=2" in README and program_defaults().parallel.ep == 2
-    assert "\n.venv/bin/python -m megatron_mhmoe.train --parallel.ep=1 " in README
+    text = page("training-and-launch")
+    assert "the built-in default is EP=2" in text and program_defaults().parallel.ep == 2
+    assert "\n.venv/bin/python -m megatron_mhmoe.train --parallel.ep=1 " in text
 
 
 # ---------------------------------------------------------------------- names
@@ -169,30 +207,35 @@ SHORT = ("runtime", "moe", "parallel", "model", "scaling")
 TOP = ("megatron_mhmoe", "tools", "tests", "benchmarks", "launch", "ds_configs", "constraints")
 
 
-def readme_paths() -> set[str]:
+def doc_paths(text: str) -> set[str]:
     dirs = "|".join(TOP + SHORT)
-    return set(re.findall(rf"(?<![\w./<>-])((?:{dirs})/[\w./-]*\w)", README))
+    return set(re.findall(rf"(?<![\w./<>-])((?:{dirs})/[\w./-]*\w)", text))
 
 
-def test_every_repository_path_in_the_readme_exists():
-    """Paths under the checkout; `runtime/x.py`-style short paths are under megatron_mhmoe/, and
-    `runtime/engine.Engine` names an attribute of that module."""
+def _path_exists(p: str) -> bool:
+    full = os.path.join(ROOT, p) if p.startswith(TOP) else os.path.join(ROOT, "megatron_mhmoe", p)
+    if os.path.exists(full) or glob.glob(full + "*"):  # `run{1,2,3}.jsonl` / `run*.jsonl`: the files' prefix
+        return True
+    mod, _, attr = p.rpartition(".")
+    if mod and os.path.exists(os.path.join(ROOT, "megatron_mhmoe", mod + ".py")):
+        return hasattr(importlib.import_module("megatron_mhmoe." + mod.replace("/", ".")), attr)
+    return False
+
+
+def test_every_repository_path_in_the_docs_exists():
+    """Paths under the checkout, in the README and every docs/ page; `runtime/x.py`-style short paths are under
+    megatron_mhmoe/, and `runtime/engine.Engine` names an attribute of that module."""
     missing = []
-    for p in sorted(readme_paths()):
-        full = os.path.join(ROOT, p) if p.startswith(TOP) else os.path.join(ROOT, "megatron_mhmoe", p)
-        if os.path.exists(full):
-            continue
-        mod, _, attr = p.rpartition(".")
-        if mod and os.path.exists(os.path.join(ROOT, "megatron_mhmoe", mod + ".py")):
-            module = importlib.import_module("megatron_mhmoe." + mod.replace("/", "."))
-            if hasattr(module, attr):
-                continue
-        missing.append(p)
+    for name, text in all_docs().items():
+        missing += [f"{name}: {p}" for p in sorted(doc_paths(text)) if not _path_exists(p)]
     assert missing == []
+    assert len(doc_paths(flat(" ".join(all_docs().values())))) > 100  # the pattern still finds the paths
 
 
-def test_every_dotted_name_in_the_readme_resolves():
-    names = set(re.findall(r"\bmegatron_mhmoe(?:\.\w+)+", README))
+def test_every_dotted_name_in_the_docs_resolves():
+    names = set()
+    for text in all_docs().values():
+        names |= set(re.findall(r"\bmegatron_mhmoe(?:\.\w+)+", text))
     assert "megatron_mhmoe.parallel.devices.init_process_group" in names
     for name in sorted(names):
         parts = name.split(".")
@@ -202,11 +245,54 @@ def test_every_dotted_name_in_the_readme_resolves():
             except ModuleNotFoundError:
                 continue
             for attr in parts[cut:]:
-                assert hasattr(obj, attr), f"README names {name}, but {attr} is not in {obj}"
+                assert hasattr(obj, attr), f"the docs name {name}, but {attr} is not in {obj}"
                 obj = getattr(obj, attr)
             break
         else:
-            pytest.fail(f"README names {name}, which does not import")
+            pytest.fail(f"the docs name {name}, which does not import")
+
+
+# `section.key` names of the run config, as `--train.lr=...` or `train.lr`; a file name such as train.py or
+# model.safetensors, or a module such as parallel.grads, is not an option.
+OPTION = re.compile(r"(?:(?<=--)|(?<![\w./-]))((?:model\.moe|model|parallel|train|data|wandb|tensorboard)\.[A-Za-z_]\w*)")
+NOT_OPTIONS = {"py", "log", "safetensors", "json", "jsonl", "yaml"}
+
+
+def test_every_run_config_option_in_the_docs_exists():
+    """Every `train.x` / `--model.moe.y=` the README and the pages name is a field of the run-config dataclasses
+    (a renamed or removed option fails until the docs follow)."""
+    from megatron_mhmoe.runtime.run_config import program_defaults
+    cfg, unknown, seen = program_defaults(), [], set()
+    for name, text in all_docs().items():
+        for option in OPTION.findall(text):
+            parts = option.split(".")
+            if parts[-1] in NOT_OPTIONS or os.path.exists(os.path.join(ROOT, "megatron_mhmoe", *parts) + ".py"):
+                continue
+            seen.add(option)
+            obj = cfg
+            for part in parts:
+                if obj is None or not hasattr(obj, part):
+                    unknown.append(f"{name}: {option}")
+                    break
+                obj = getattr(obj, part)
+    assert unknown == []
+    assert {"data.data_path", "train.progress_interval_s", "model.moe.gate", "parallel.timeout_s"} <= seen
+
+
+def test_readme_is_short_and_links_every_page():
+    """The README stays a front page (at most 12 KB); every docs/ page is linked from it, and every page opens
+    with its title and a one-paragraph summary."""
+    size = len(README.encode("utf-8"))
+    assert size <= README_MAX_BYTES, f"README.md is {size} bytes, over {README_MAX_BYTES}: move detail to docs/"
+    for path in DOC_PAGES:
+        name = os.path.relpath(path, ROOT)
+        if name == os.path.join("docs", "index.md"):
+            continue
+        assert f"]({name})" in README, f"README.md does not link {name}"
+        head = open(path, encoding="utf-8").read().split("\n\n")
+        assert head[0].startswith("# ") and head[0].count("\n") == 0, name
+        assert len(head[1]) > 150 and not head[1].startswith(("#", "- ", "```", "|")), f"{name}: no summary paragraph"
+    assert "](benchmarks/RESULTS.md)" in README
 
 
 def test_parallel_context_error_names_functions_that_exist():
@@ -226,7 +312,8 @@ def test_flops_matched_parameter_deviation():
     from megatron_mhmoe.moe import sizing
     from megatron_mhmoe.scaling import matching
     from tests.scaling.test_matching import SEQ, _ff_dense
-    m = re.search(r"tested within 5%; ([-+]\d+\.\d)% and ([-+]\d+\.\d)% for these two", flat(README))
+    m = re.search(r"tested within 5%; ([-+]\d+\.\d)% and ([-+]\d+\.\d)% for these two",
+                  flat(page("scaling-experiments")))
     assert m
     dense = _ff_dense()
     ref = sizing.count_params(matching.point("smoe", dense, 8, top_k=1).model)["total"]
@@ -254,8 +341,8 @@ def test_checkpoints_are_never_unpickled():
     """Security: every torch.load that can see a checkpoint passes weights_only=True, and nothing calls
     DeepSpeed's load_checkpoint (which needs a full unpickle). parallel/spawn.py reads back the results
     its own worker processes wrote, never a checkpoint."""
-    flat_readme = flat(README)
-    assert "read with `torch.load(weights_only=True)`" in flat_readme and "never calls it" in flat_readme
+    text = flat(page("security"))
+    assert "read with `torch.load(weights_only=True)`" in text and "never calls it" in text
     loads = 0
     for rel, src in _sources("megatron_mhmoe", "tools"):
         assert not re.search(r"\.load_checkpoint\(", src), rel
@@ -285,7 +372,7 @@ def test_benchmark_shapes_and_missed_targets_are_the_committed_runs():
     """The compared shapes (4096 tokens, d=256, top-2, capacity 1.0; SMoE 256 -> 1024 -> 256, MH-MoE h=4:
     16384 sub-tokens 64 -> 1024 -> 64) and the missed-target figures quoted below the table."""
     med, runs = _final_medians()
-    text = flat(README)
+    text = flat(page("performance"))
     assert "(4096 tokens, d=256, top-2, capacity factor 1.0)" in text
     assert "experts 256 -> 1024 -> 256; **MH-MoE** (h=4): 16384 sub-tokens, experts 64 -> 1024 -> 64" in text
     for run in runs:
@@ -314,12 +401,14 @@ def test_make_targets_are_the_readme_commands():
         assert m, target
         return m.group(1).strip()
 
-    assert "`make test` runs `pytest tests`" in README and re.fullmatch(r"\$\(PY\) -m pytest( -q)? tests",
+    testing, performance = page("testing"), page("performance")
+    assert "`make test` runs `pytest tests`" in testing and re.fullmatch(r"\$\(PY\) -m pytest( -q)? tests",
                                                                           recipe("test"))
-    assert "make bench                                        # = python benchmarks/moe_layer.py" in README
+    assert "make bench                                        # = python benchmarks/moe_layer.py" in performance
     assert recipe("bench") == "$(PY) benchmarks/moe_layer.py"
     assert recipe("main").endswith("bash launch/quickstart.sh")
-    assert "`.ci/run` runs exactly\n`make test`" in README or "`.ci/run` runs exactly `make test`" in flat(README)
+    assert "`.ci/run` runs exactly `make test`" in flat(testing)
+    assert README.startswith("# megatron_mhmoe\n\n```bash\nmake main ") and "\nmake test " in README[:400]
     ci = [line for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
           if line.strip() and not line.startswith("#")]
     assert ci[-1] == "make test"
@@ -327,5 +416,51 @@ def test_make_targets_are_the_readme_commands():
 
 def test_router_eps_is_the_readme_one():
     from megatron_mhmoe.moe.router import NORMALIZE_EPS
-    m = re.search(r"normalisation eps (\S+) ", flat(README))
+    m = re.search(r"normalisation eps (\S+) ", flat(page("reliability")))
     assert m and float(m.group(1)) == NORMALIZE_EPS
+
+
+def test_evaluation_figures_come_with_their_standard_error_and_chance():
+    """The lm-eval figures of the `make main` model are stated as the harness reports them (standard error
+    sqrt(p(1-p)/(n-1)) over the task's n items) against chance (1 / choices per item), in the README and on
+    the export page. The accuracies are a measured run's; their standard errors, item count and chance level
+    follow from the shipped task file and are checked here, as is the reading ("within one standard error")."""
+    import json
+    import math
+    items = [json.loads(line) for line in open(os.path.join(ROOT, "tools", "eval_tasks", "next_line.jsonl"))]
+    choices = {len(item["choices"]) for item in items}
+    assert choices == {4}
+    chance = 1 / choices.pop()
+    readme = flat(README)
+    m = re.search(r"next-line accuracy, (0\.\d+) with standard error (0\.\d+) over (\d+) items, is within one "
+                  r"standard error of chance", readme)
+    assert m and "chance (0.25: 4 choices per item)" in readme
+    acc, se, n = float(m.group(1)), float(m.group(2)), int(m.group(3))
+    assert n == len(items) and f"{math.sqrt(acc * (1 - acc) / (n - 1)):.3f}" == m.group(2) and chance == 0.25
+    assert abs(acc - chance) < se  # the reading the README gives
+    text = flat(page("checkpoints-and-export"))
+    m = re.search(r"acc (0\.\d+) and acc_norm (0\.\d+), each with standard error (0\.\d+) over the (\d+) items, "
+                  r"against chance (0\.\d+) \(4 choices\): within one standard error \(acc\) and under two "
+                  r"\(acc_norm\) of chance", text)
+    assert m, "docs/checkpoints-and-export.md's evaluation sentence is gone"
+    acc, acc_norm, se, n, ch = float(m.group(1)), float(m.group(2)), float(m.group(3)), int(m.group(4)), float(m.group(5))
+    assert n == len(items) and ch == chance
+    for p in (acc, acc_norm):
+        assert f"{math.sqrt(p * (1 - p) / (n - 1)):.3f}" == m.group(3)
+    assert abs(acc - chance) < se and se <= abs(acc_norm - chance) < 2 * se
+
+
+def test_package_map_names_what_is_in_the_package():
+    """Every entry of the README's package map under megatron_mhmoe/ exists and every
+    subpackage and top-level module of megatron_mhmoe/ is in the map."""
+    block = README[README.index("## Package map"):]
+    block = block[block.index("```\n") + 4:]
+    block = block[:block.index("```")]
+    entries = [line.split()[0] for line in block.splitlines()[1:] if line.startswith("  ") and line.strip()
+               and not line.startswith("   ")]
+    pkg = os.path.join(ROOT, "megatron_mhmoe")
+    missing = [e for e in entries if not os.path.exists(os.path.join(pkg, e))]
+    assert missing == [], f"the README's package map names {missing}, which megatron_mhmoe/ does not have"
+    present = {n + "/" if os.path.isdir(os.path.join(pkg, n)) else n for n in os.listdir(pkg)
+               if not n.startswith(("_", ".")) and (n.endswith(".py") or os.path.isdir(os.path.join(pkg, n)))}
+    assert present - set(entries) == set(), "megatron_mhmoe/ has entries the README's package map lacks"

@@ -5,7 +5,7 @@ Example:
   python tools/preprocess_data.py --input corpus.jsonl --json-keys text \\
       --tokenizer-model tok.model --append-eod --output-prefix data/corpus --workers 8
 writes data/corpus_text_document.{bin,idx} (+ .meta.json, a sidecar Megatron ignores) for training
-with --data.data_path=[data/corpus_text_document]. --tokenizer-model may also be a Hugging Face tokenizer.json
+with --data.data_path=[data/corpus_text_document] (not Megatron's --data-path). --tokenizer-model may also be a Hugging Face tokenizer.json
 (or a folder holding one); its EOD is its eos token, else a token like </s> or <|endoftext|>, else
 --eod-token. Progress is a bar on a terminal and a line every --log-interval documents otherwise.
 """

@@ -19,7 +19,7 @@ Loading verifies this rank's file against the manifest; if any rank finds a mism
 back to the previous complete checkpoint, with a message.
 
 Files are read with `torch.load(weights_only=True)`: only tensors and plain containers, never code.
-The folder must be the run's own `save_dir` (see security notes in the README).
+The folder must be the run's own `save_dir` (see docs/security.md).
 """
 from __future__ import annotations
 

@@ -200,14 +200,113 @@ class MetricsLogger:
             self.run = None
 
 
-def format_line(step: int, total: int, m: dict) -> str:
-    """One console line per log interval."""
-    parts = [f"step {step:>6}/{total}"]
-    for key, fmt in (("loss", ".4f"), ("lm_loss", ".4f"), ("aux_loss", ".4f"), ("z_loss", ".4f"), ("lr", ".2e"),
-                     ("grad_norm", ".3f"), ("loss_scale", ".0f"), ("tokens_per_s", ".0f"), ("step_time_s", ".3f"),
-                     ("all_to_all_s", ".4f"), ("tflops", ".3f"), ("mfu", ".1%"),
-                     ("moe/activation_ratio", ".2f"), ("moe/divergence", ".2f"), ("moe/dropped_fraction", ".3f")):
-        if key in m and m[key] is not None:
-            name = key.split("/")[-1]
-            parts.append(f"{name} {m[key]:{fmt}}")
-    return " | ".join(parts)
+CONSOLE_WIDTH = 120
+"""Console step and progress lines never exceed this many characters; every value is in metrics.jsonl."""
+
+# (metrics key, console label, format); the first STEP_CORE always print, the rest while the line fits.
+STEP_FIELDS = (("loss", "loss", ".4f"), ("lr", "lr", ".2e"), ("grad_norm", "gnorm", ".3f"),
+               ("tokens_per_s", "tok/s", ".0f"), ("step_time_s", "s/step", ".3f"), ("loss_scale", "scale", ".0f"),
+               ("moe/activation_ratio", "act", ".2f"), ("moe/dropped_fraction", "drop", ".3f"),
+               ("mfu", "mfu", ".1%"), ("aux_loss", "aux", ".4f"))
+STEP_CORE = 5
+
+
+def format_eta(seconds: Optional[float]) -> str:
+    """h:mm:ss, or '?' before a step has been timed."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = int(round(max(seconds, 0.0)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def format_line(step: int, total: int, m: dict, eta_s: Optional[float] = None) -> str:
+    """One console line per log interval, at most CONSOLE_WIDTH characters: step, loss, lr, grad norm,
+    tokens/s and step time always, then loss scale, activation ratio, dropped fraction, MFU and aux loss while
+    they fit, then the ETA. Values that are None or absent are left out."""
+    head = [f"step {step:>{len(str(total))}}/{total}"]  # aligned within a run
+    tail = [f"eta {format_eta(eta_s)}"] if eta_s is not None else []
+    for i, (key, label, fmt) in enumerate(STEP_FIELDS):
+        if m.get(key) is None:
+            continue
+        part = f"{label} {m[key]:{fmt}}"
+        if i >= STEP_CORE and len(" | ".join(head + [part] + tail)) > CONSOLE_WIDTH:
+            continue
+        head.append(part)
+    return " | ".join(head + tail)[:CONSOLE_WIDTH]
+
+
+def run_summary(cfg, ctx, counts: dict, flops_per_token: float, config_file: str) -> list[str]:
+    """The few lines printed at start (the whole config is in config_file; --print-config prints it)."""
+    m, t, mo = cfg.model, cfg.train, cfg.model.moe
+    layout = (f"world {ctx.world_size} = TP {ctx.tp_size} x DP {ctx.dp_size}, MoE EP {ctx.ep_size} x EDP "
+              f"{ctx.world_size // ctx.ep_size}, sequence parallel {'on' if ctx.sequence_parallel else 'off'}")
+    model = f"{m.num_layers} layers, d={m.hidden_size}, {m.num_attention_heads} attention heads, vocab {m.vocab_size}"
+    if mo is not None:
+        kind = "MH-MoE" if mo.num_heads > 1 else "SMoE"
+        model += (f"; {kind} every {mo.moe_every} layers: {mo.num_experts} experts, top-{mo.top_k}, h={mo.num_heads}, "
+                  f"{mo.gate} gate")
+    data = ", ".join(str(p) for p in cfg.data.data_path) if cfg.data.data_path else "the built-in corpus"
+    lines = [
+        f"run {cfg.run_dir}: {t.train_steps} steps; full config: {config_file}",
+        f"model: {model}",
+        "parameters: " + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in counts.items())
+        + f"; forward {flops_per_token / 1e6:.2f} MFLOP/token",
+        f"layout: {layout}; ZeRO-{t.zero_stage}, {t.precision}",
+        f"batch: micro {t.micro_batch_size} x accumulation {t.grad_accum_steps} x DP {ctx.dp_size} = global "
+        f"{t.global_batch_size} sequences of {t.seq_len} tokens",
+        f"data: {data}",
+        f"wandb: project {cfg.wandb.project}, group {cfg.wandb.group or '-'}, name "
+        f"{cfg.wandb.name or os.path.basename(os.path.abspath(cfg.run_dir))}",
+    ]
+    return [redact_text(line) for line in lines]
+
+
+class Progress:
+    """Progress of the training loop for a person. On a terminal: a tqdm bar on stderr (with its own ETA).
+    Through a pipe (the launchers, a log file): no bar, but a plain `progress:` line with the ETA when
+    `interval_s` seconds passed without a console line. ETA = steps left x mean seconds per step of this
+    launch; `line()` is how step lines and other messages reach the console without breaking the bar."""
+
+    def __init__(self, total: int, initial: int, interval_s: float, tty: Optional[bool] = None,
+                 clock=time.monotonic, out=None):
+        self.total, self.initial, self.step = total, initial, initial
+        self.interval_s, self.clock = interval_s, clock
+        self.out = out or sys.stdout
+        self.t0 = self.last_line = clock()
+        self.bar = None
+        if (self.out.isatty() if tty is None else tty):
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                            mininterval=2.0, file=sys.stderr)
+
+    def eta_s(self) -> Optional[float]:
+        done = self.step - self.initial
+        if done <= 0:
+            return None
+        return (self.total - self.step) * (self.clock() - self.t0) / done
+
+    def line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.out)
+        else:
+            print(text, file=self.out, flush=True)
+        self.last_line = self.clock()
+
+    def update(self, step: int) -> Optional[str]:
+        """Step `step` is done; returns the progress line it printed, if any."""
+        self.step = step
+        if self.bar is not None:
+            self.bar.update(1)
+            return None
+        if self.interval_s <= 0 or self.clock() - self.last_line < self.interval_s:
+            return None
+        done = step - self.initial
+        text = (f"progress: step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%), "
+                f"{(self.clock() - self.t0) / max(done, 1):.3g} s/step, eta {format_eta(self.eta_s())}")
+        self.line(text)
+        return text
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -105,6 +105,9 @@ class TrainConfig:
     """Micro-batches per validation."""
     log_interval: int = 10
     """Console/wandb line every N steps."""
+    progress_interval_s: float = 60.0
+    """When stdout is not a terminal (the launchers' pipes, a log file): a `progress:` line with the ETA after
+    this many seconds without a console line; 0 = none. On a terminal a progress bar shows it instead."""
     exit_interval: int = 0
     """Stop (after saving a checkpoint) once this launch has run this many steps; 0 = run to train_steps.
     For jobs split over scheduler allocations; the schedule still follows train_steps."""
@@ -236,7 +239,8 @@ class RunConfig:
                 ("train.eval_interval", t.eval_interval, 0, False), ("train.eval_iters", t.eval_iters, 0, False),
                 ("train.exit_interval", t.exit_interval, 0, False), ("train.keep_last", t.keep_last, 0, False),
                 ("train.max_nonfinite_steps", t.max_nonfinite_steps, 1, False),
-                ("parallel.timeout_s", p.timeout_s, 0.0, True), ("train.lock_stale_s", t.lock_stale_s, 60.0, False)):
+                ("parallel.timeout_s", p.timeout_s, 0.0, True), ("train.lock_stale_s", t.lock_stale_s, 60.0, False),
+                ("train.progress_interval_s", t.progress_interval_s, 0.0, False)):
             if not math.isfinite(float(value)) or value < low or (strict and value == low):
                 raise ValueError(f"{where}={value} must be {'>' if strict else '>='} {low}")
         for where, value in (("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)):

@@ -40,7 +40,7 @@ from megatron_mhmoe.runtime.checkpoint import (CheckpointError, Checkpointer, Ch
 from megatron_mhmoe.runtime.device_peaks import current_device_peak
 from megatron_mhmoe.runtime.engine import Engine, checkpoint_safe_globals
 from megatron_mhmoe.runtime.exit_codes import EXIT_NONFINITE
-from megatron_mhmoe.runtime.logging import MetricsLogger, format_line, redact
+from megatron_mhmoe.runtime.logging import MetricsLogger, Progress, format_line, redact, run_summary
 from megatron_mhmoe.runtime.run_config import RunConfig
 from megatron_mhmoe.runtime.run_lock import effective_save_dir
 from megatron_mhmoe.runtime.schedule import make_lr_lambda, resume_schedule_rule
@@ -93,6 +93,7 @@ class Trainer:
         self.stats_reference = False
         """Compute the routing statistics the old way, in every forward of every step, summed over TP per
         layer (the MoE layers' stats_mode 'eager'): the reference the tests compare the deferred path with."""
+        self.resume_line = ""  # printed after the run summary (or folded into the nothing-to-train line)
 
     def print0(self, *a, **k) -> None:
         if self.ctx.rank == 0:
@@ -111,7 +112,7 @@ class Trainer:
         model = GPTModel(cfg.model, ctx, seed=t.seed)
         model.activation_checkpointing = t.activation_checkpointing
         self.flops_per_token = sizing.flops_per_token(cfg.model, t.seq_len)
-        self._print_header(model.num_params())
+        self.param_counts = model.num_params()
         base = None
         if self.ds_config_path:
             with open(self.ds_config_path) as f:
@@ -171,18 +172,19 @@ class Trainer:
             comm.barrier()
         return train_ds, valid_ds, tokenizer
 
-    def _print_header(self, counts: dict) -> None:
-        cfg, t, ctx = self.cfg, self.cfg.train, self.ctx
+    def _print_header(self) -> None:
+        """A short summary on the console; the whole (redacted) config in <run_dir>/config.json."""
+        cfg, ctx = self.cfg, self.ctx
         if ctx.rank != 0:
             return
-        print("=" * 80)
-        print(json.dumps(redact(cfg.to_dict()), indent=1))
-        print(ctx.describe())
-        print("parameters: " + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in counts.items()))
-        print(f"forward FLOPs per token: {self.flops_per_token / 1e6:.2f} MFLOP (x3 for training)")
-        print(f"batch: micro {t.micro_batch_size} x accumulation {t.grad_accum_steps} x DP {ctx.dp_size} = "
-              f"global {t.global_batch_size} sequences of {t.seq_len} tokens")
-        print("=" * 80, flush=True)
+        path = os.path.join(cfg.run_dir, "config.json")
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        atomic.write_json(path, redact(cfg.to_dict()))
+        for line in run_summary(cfg, ctx, self.param_counts, self.flops_per_token, path):
+            print(line)
+        if self.resume_line:
+            print(self.resume_line)
+        sys.stdout.flush()
 
     @property
     def eod(self) -> Optional[int]:
@@ -261,7 +263,7 @@ class Trainer:
         self.step, self.consumed = step, int(state["consumed_samples"])
         self.wandb_id = manifest.get("wandb_id")
         eng.global_steps = step
-        self.print0(f"resumed from {t.save_dir} at step {step} ({self.consumed} samples consumed)")
+        self.resume_line = f"resumed from {t.save_dir} at step {step} ({self.consumed} samples consumed)"
 
     def _apply_resume_schedule(self, saved_steps: int) -> None:
         """train_steps changed since the checkpoint: apply train.resume_schedule (runtime/schedule.py) from the
@@ -397,6 +399,8 @@ class Trainer:
         # enter it themselves); the build does not: parameters are made on the host and moved by DeepSpeed.
         with host_tensor_guard(self.device_guard):
             self.resume()
+            if self.step < self.cfg.train.train_steps:
+                self._print_header()
             return self._loop()
 
     def _loop(self) -> int:
@@ -407,12 +411,9 @@ class Trainer:
                                     tensorboard_cfg=cfg.tensorboard)
         self.logger.catch_up(self.step)  # a killed launch's rows wandb never got; none past the checkpoint
         batches = self._batches(self.train_ds, t.grad_accum_steps, self.consumed)
-        progress = None
-        if rank0:
-            from tqdm import tqdm
-            progress = tqdm(total=t.train_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                            mininterval=2.0, file=sys.stderr, disable=None)
-        out_line = progress.write if progress is not None else print
+        quiet = self.step >= t.train_steps  # a relaunch with nothing to train says so in one line
+        progress = Progress(t.train_steps, self.step, t.progress_interval_s) if rank0 and not quiet else None
+        out_line = progress.line if progress is not None else print
         window = _Window()
         guard = NonFiniteGuard(t.max_nonfinite_steps)
         last_val, start_step, loop_t0, r = None, self.step, time.perf_counter(), {"moe_stats": []}
@@ -421,7 +422,7 @@ class Trainer:
             self.step += 1
             self.consumed += t.global_batch_size
             if progress is not None:
-                progress.update(1)
+                progress.update(self.step)
             window.add(t.global_batch_size * t.seq_len)
             overflow_skip = t.precision == "fp16" and r["skipped"]
             if guard.update(r["loss"], r["grad_norm"], overflow_skip):
@@ -434,7 +435,7 @@ class Trainer:
                 m = self._metrics(r, window)
                 self.logger.log(self.step, {k: v for k, v in m.items() if v is not None})
                 if rank0:
-                    out_line(format_line(self.step, t.train_steps, m))
+                    out_line(format_line(self.step, t.train_steps, m, progress.eta_s() if progress else None))
                 window = _Window()
             if self.valid_ds is not None and ((t.eval_interval and self.step % t.eval_interval == 0)
                                               or self.step == t.train_steps):
@@ -455,12 +456,12 @@ class Trainer:
                 break
         if progress is not None:
             progress.close()
-        if start_step >= t.train_steps:
-            self.print0(f"the checkpoint in {t.save_dir} is already at train_steps={t.train_steps}: nothing to train "
-                        f"(raise --train.train_steps to continue, or use another run_dir)")
+        if quiet:
+            self.print0(f"nothing to train: the checkpoint in {t.save_dir} is already at train_steps="
+                        f"{t.train_steps} (raise --train.train_steps to continue, or use another run_dir)")
         if last_val is None and self.valid_ds is not None:
             last_val = self.evaluate()
-        self._finish(last_val, r["moe_stats"], start_step, loop_t0)
+        self._finish(last_val, r["moe_stats"], start_step, loop_t0, report=not quiet)
         return 0
 
     # ------------------------------------------------------------------ reporting
@@ -503,7 +504,8 @@ class Trainer:
         self.logger.close()
         return EXIT_NONFINITE
 
-    def _finish(self, last_val: Optional[float], stats: list, start_step: int, loop_t0: float) -> None:
+    def _finish(self, last_val: Optional[float], stats: list, start_step: int, loop_t0: float,
+                report: bool = True) -> None:
         cfg, t = self.cfg, self.cfg.train
         final = {"final/val_ppl": math.exp(min(last_val, 50)) if last_val is not None else None}
         if self.step > start_step:  # the loop's time (steps, evaluations, saves), not the report written below
@@ -528,7 +530,8 @@ class Trainer:
         if self.ctx.rank == 0:
             atomic.write_json(os.path.join(cfg.run_dir, "summary.json"),
                               {k.split("/", 1)[1]: v for k, v in final.items() if v is not None}, sort_keys=True)
-            _print_final(cfg, final, last_val, self.threshold, self.logger)
+            if report:
+                _print_final(cfg, final, last_val, self.threshold, self.logger)
         self.logger.close()
 
 

@@ -44,7 +44,7 @@ def test_choose_on_layouts():
     # k=8 (DeepSeek-V3's): 2.7 packets per sub-token cross instead of 6 rows: two-level once bytes dominate.
     assert choose("auto", 8192, 8, layout=plan, **args) == "two_level"
     assert choose("auto", 64, 8, layout=plan, **args) == "flat"  # 9 exchanges' latency dominates
-    assert [choose("auto", S, 8, layout=plan, **args) for S in (2048, 4096)] == ["flat", "two_level"]  # README
+    assert [choose("auto", S, 8, layout=plan, **args) for S in (2048, 4096)] == ["flat", "two_level"]  # docs/cross-node.md
     # k=2: 1.31 packets instead of 1.5 rows save 11% of the NIC bytes, about what the fan-out costs on
     # NVLink: flat up to 64k sub-tokens per rank.
     assert all(choose("auto", 2 ** i, 2, layout=plan, **args) == "flat" for i in range(4, 17))

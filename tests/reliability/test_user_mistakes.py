@@ -224,7 +224,7 @@ def test_shipped_ds_configs_pass_the_key_schema():
 
 # ---------------------------------------------------------------------- cost of the checks
 def test_start_up_checks_are_cheap(tmp_path):
-    """What the checks add to a launch (README, Reliability: ~2 ms measured, asserted below 100 ms here): the
+    """What the checks add to a launch (docs/reliability.md: ~2 ms measured, asserted below 100 ms here): the
     run-folder and resume-step checks, the tokenizer-vs-data check, the DeepSpeed key check (DeepSpeed
     itself is imported by the engine anyway), and taking and releasing the lock."""
     import statistics

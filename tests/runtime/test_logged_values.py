@@ -1,6 +1,9 @@
-"""What README.md says the program reports, checked against the program: every value its "Each log line has"
-paragraph names is a key of metrics.jsonl after a short run (a value the README adds without a key here fails),
-and a data_path that is a folder holding a dataset gets a message naming the dataset and the value to pass.
+"""What docs/training-and-launch.md says the program reports, checked against the program: every value its
+"Each metrics row has" paragraph names is a key of metrics.jsonl after a short run (a value the page adds
+without a key here fails); the console of that run is the page's "What the console shows" (a 7-line summary,
+step lines within 120 columns ending in the ETA, the full config in <run_dir>/config.json, and one line for a
+relaunch with nothing to train); and a data_path that is a folder holding a dataset gets a message naming the
+dataset and the value to pass.
 """
 from __future__ import annotations
 
@@ -13,8 +16,9 @@ import sys
 
 from tests.runtime.test_train_launch import ROOT, byte_data, common_args  # noqa: F401
 
+DOC = os.path.join("docs", "training-and-launch.md")
 EXPERTS, LAYERS, MOE_EVERY = 4, 2, 2  # common_args' model; moe_every 2: one MoE layer
-# README name -> (metrics.jsonl keys, None or why a CPU fp32 run does not log it).
+# docs name -> (metrics.jsonl keys, None or why a CPU fp32 run does not log it).
 NAMES = {
     "loss": (["loss"], None),
     "lm/aux/z loss": (["lm_loss", "aux_loss", "z_loss"], None),
@@ -61,9 +65,9 @@ def _split_top(text: str) -> list[str]:
 
 
 def readme_names() -> list[str]:
-    text = open(os.path.join(ROOT, "README.md")).read()
-    m = re.search(r"^Each log line has (.*?)(?:\n\s*\n)", text, re.S | re.M)
-    assert m, "README.md has no paragraph starting 'Each log line has'"
+    text = open(os.path.join(ROOT, DOC)).read()
+    m = re.search(r"^Each metrics row has (.*?)(?:\n\s*\n)", text, re.S | re.M)
+    assert m, f"{DOC} has no paragraph starting 'Each metrics row has'"
     para = " ".join(m.group(1).split())
     per_line, _, rest = para.partition(";")
     names = []
@@ -80,27 +84,46 @@ def readme_names() -> list[str]:
     return names
 
 
-def test_every_value_the_readme_names_is_in_metrics_jsonl(byte_data, tmp_path):
+def check_console(out: str, run_dir: str) -> None:
+    """The page's console claims on a real run's stdout (a pipe here, as under the launchers)."""
+    doc = " ".join(open(os.path.join(ROOT, DOC)).read().split())
+    n = int(re.search(r"prints a run summary of (\d+) lines", doc).group(1))
+    lines = out.splitlines()
+    first_step = next(i for i, line in enumerate(lines) if line.startswith("step "))
+    assert first_step == n, lines[:first_step]
+    assert lines[0].endswith(f"full config: {os.path.join(run_dir, 'config.json')}"), lines[0]
+    saved = json.load(open(os.path.join(run_dir, "config.json")))
+    assert saved["train"]["train_steps"] == 2 and saved["run_dir"] == run_dir
+    steps = [line for line in lines if re.match(r"step +\d+/", line)]
+    assert steps and all(len(line) <= 120 and re.search(r" \| eta \d+:\d\d:\d\d$", line) for line in steps), steps
+    assert "\r" not in out and '"model": {' not in out  # no bar, no config dump through a pipe
+
+
+def test_every_value_the_docs_name_is_in_metrics_jsonl(byte_data, tmp_path):
     names = readme_names()
     assert len(names) >= 14, names
     unknown = [n for n in names if n not in NAMES]
-    assert not unknown, f"README.md names {unknown}: log them to metrics.jsonl and add them to NAMES here"
+    assert not unknown, f"{DOC} names {unknown}: log them to metrics.jsonl and add them to NAMES here"
     run_dir = str(tmp_path / "run")
     args = [a for a in common_args(byte_data, run_dir) if not a.startswith(("--train.train_steps",
                                                                             "--train.eval_interval"))]
     env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MHMOE_FAULT"):
         env.pop(k, None)
-    r = subprocess.run([sys.executable, "-m", "megatron_mhmoe.train", *args, "--parallel.ep=1",
-                        "--train.train_steps=2", "--train.eval_interval=2", "--model.moe.bias_update_rate=0.01"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    command = [sys.executable, "-m", "megatron_mhmoe.train", *args, "--parallel.ep=1", "--train.train_steps=2",
+               "--train.eval_interval=2", "--model.moe.bias_update_rate=0.01"]
+    r = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    check_console(r.stdout, run_dir)
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.startswith("nothing to train: "), again.stdout[-3000:]
+    assert again.stdout.count("\n") == 1, again.stdout  # one line, not the summary and the final report
     keys = set()
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     for row in rows:
         keys.update(row)
     missing = [(n, k) for n in names for k in NAMES[n][0] if NAMES[n][1] is None and k not in keys]
-    assert not missing, f"README.md says these are logged, metrics.jsonl lacks them: {missing}"
+    assert not missing, f"{DOC} says these are logged, metrics.jsonl lacks them: {missing}"
     for row in rows:
         if "routing/layer0/tokens_per_expert" in row:
             vec = row["routing/layer0/tokens_per_expert"]

@@ -1,6 +1,7 @@
 """Metrics logging: secret redaction, wandb mode resolution, offline wandb + metrics.jsonl, console lines."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -9,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from megatron_mhmoe.runtime import logging as mlog
-from megatron_mhmoe.runtime.logging import MetricsLogger, format_line, redact, redact_text, resolve_wandb_mode
+from megatron_mhmoe.runtime.logging import (CONSOLE_WIDTH, MetricsLogger, Progress, format_eta, format_line, redact,
+                                            redact_text, resolve_wandb_mode, run_summary)
 from megatron_mhmoe.runtime.run_config import RunConfig, WandbConfig, default_moe_model
 
 HEX40 = "0123456789abcdef0123456789abcdef01234567"
@@ -167,13 +169,80 @@ def test_metrics_logger_offline_wandb_run(clean_env, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------- console line
 def test_format_line_fields():
     line = format_line(7, 100, {"loss": 2.345678, "lr": 3e-4, "grad_norm": 0.5, "mfu": 0.123,
-                                "moe/dropped_fraction": 0.01, "aux_loss": None, "unlisted": 5})
+                                "moe/dropped_fraction": 0.01, "aux_loss": None, "unlisted": 5}, eta_s=3725)
     parts = line.split(" | ")
-    assert parts[0] == "step      7/100"
+    assert parts[0] == "step   7/100"
     assert "loss 2.3457" in parts
     assert "lr 3.00e-04" in parts
-    assert "grad_norm 0.500" in parts
+    assert "gnorm 0.500" in parts
     assert "mfu 12.3%" in parts
-    assert "dropped_fraction 0.010" in parts
-    assert "aux_loss" not in line and "unlisted" not in line
-    assert format_line(1, 1, {}) == "step      1/1"
+    assert "drop 0.010" in parts
+    assert parts[-1] == "eta 1:02:05"
+    assert "aux" not in line and "unlisted" not in line
+    assert format_line(1, 1, {}) == "step 1/1"
+    assert format_eta(None) == "?" and format_eta(59.6) == "0:01:00" and format_eta(90061) == "25:01:01"
+
+
+def test_format_line_fits_the_console_with_every_field_at_its_widest():
+    """Every field present with wide values (a GPU run at 10M tokens/s, a diverged loss, fp16's scale, a
+    7-digit step count): at most CONSOLE_WIDTH characters, the five core fields and the ETA kept, the
+    optional ones left out from the end of the list."""
+    wide = {"loss": 12345.678, "lr": 1.5e-3, "grad_norm": 98765.4321, "tokens_per_s": 12_345_678.0,
+            "step_time_s": 1234.5678, "loss_scale": 65536.0 * 1024, "mfu": 0.999, "moe/activation_ratio": 1.0,
+            "moe/dropped_fraction": 0.999, "aux_loss": 123.4567}
+    line = format_line(1_234_567, 9_999_999, wide, eta_s=10 ** 7)
+    assert len(line) <= CONSOLE_WIDTH, (len(line), line)
+    labels = [p.split(" ")[0] for p in line.split(" | ")[1:]]
+    assert labels[:5] == ["loss", "lr", "gnorm", "tok/s", "s/step"] and labels[-1] == "eta", labels
+    assert "aux" not in labels  # the last optional field is the first to go
+    # a CPU fp32 run of 300 steps (no loss scale, no MFU): the routing fields fit beside the core ones
+    cpu = {"loss": 7.6365, "lr": 1e-4, "grad_norm": 2.957, "tokens_per_s": 8553.0, "step_time_s": 0.12,
+           "moe/activation_ratio": 1.0, "moe/dropped_fraction": 0.0, "aux_loss": 2.0762, "mfu": None}
+    small = format_line(25, 300, cpu, eta_s=40.0)
+    assert [p.split(" ")[0] for p in small.split(" | ")[1:]] == [
+        "loss", "lr", "gnorm", "tok/s", "s/step", "act", "drop", "eta"], small
+    assert len(small) <= CONSOLE_WIDTH
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_progress_through_a_pipe_is_plain_lines_with_an_eta():
+    """Not a terminal: no bar, no carriage returns; a `progress:` line once interval_s passed without a
+    console line, with the ETA from this launch's mean step time (resumed at step 10 of 110)."""
+    out, clock = io.StringIO(), _Clock()
+    p = Progress(total=110, initial=10, interval_s=60.0, tty=False, clock=clock, out=out)
+    assert p.bar is None and p.eta_s() is None
+    for step in range(11, 21):  # 10 steps of 2 s: 20 s, under the interval
+        clock.t += 2.0
+        assert p.update(step) is None
+    p.line("step 20/110 | loss 1.0")  # a step line resets the interval
+    for step in range(21, 51):  # 30 more steps: 60 s after the step line
+        clock.t += 2.0
+        printed = p.update(step)
+    assert printed == "progress: step 50/110 (45%), 2 s/step, eta 0:02:00", printed
+    assert out.getvalue() == "step 20/110 | loss 1.0\n" + printed + "\n" and "\r" not in out.getvalue()
+    p.close()
+    quiet = Progress(total=10, initial=0, interval_s=0, tty=False, clock=clock, out=io.StringIO())
+    clock.t += 1e6
+    assert quiet.update(1) is None  # interval 0: no progress lines
+
+
+def test_run_summary_is_short_and_names_the_config_file():
+    from megatron_mhmoe.parallel.context import ParallelContext
+    from megatron_mhmoe.runtime.run_config import program_defaults
+    cfg = program_defaults()
+    cfg.parallel.ep = 1
+    cfg.train.global_batch_size = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+    lines = run_summary(cfg, ParallelContext.single_process(), {"total": 2_000_000, "expert": 1_000_000}, 3e6,
+                        "runs/x/config.json")
+    assert 5 <= len(lines) <= 8, lines
+    assert lines[0].endswith("full config: runs/x/config.json")
+    assert "world 1 = TP 1 x DP 1, MoE EP 1 x EDP 1" in lines[3]
+    assert any(line.startswith("parameters: total 2.000M, expert 1.000M; forward 3.00 MFLOP/token") for line in lines)
+    assert all("\n" not in line for line in lines)

@@ -89,5 +89,5 @@ def test_two_node_launch_on_loopback(byte_data, tmp_path):
     nodes = [torchrun(1, args, ["--nnodes", "2", "--node_rank", str(r), "--master_addr", "127.0.0.1",
                                 "--master_port", port]) for r in (0, 1)]
     outs = [finish(p) for p in nodes]
-    assert "world 2 = EP 2 x EDP 1" in outs[0]
+    assert "layout: world 2 = TP 1 x DP 2, MoE EP 2 x EDP 1" in outs[0]  # the run summary
     assert sorted(losses(run_dir)) == [1, 2, 3]
