@@ -39,6 +39,7 @@ removed at exit, also on failure or a signal.
 from __future__ import annotations
 
 import argparse
+import datetime
 import faulthandler
 import json
 import math
@@ -164,7 +165,8 @@ def worker(args) -> None:
     torch.set_num_threads(1)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the driver asks for stacks before a timeout kill
     rank = int(os.environ["RANK"])
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A rendezvous that cannot connect fails in 2 minutes (the driver retries the link once) instead of 30.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     ctx = ParallelContext.from_world(1, WORLD)
     nic, node_link = os.environ["GLOO_SOCKET_IFNAME"], os.environ.get("MHMOE_NODE_LINK", "")
     reads_nic = os.environ.get("MHMOE_READS_NIC") == "1"  # one reader per NIC
@@ -310,6 +312,16 @@ def run_link(args, rate: str, rails: int) -> list:
         subprocess.run([NETNS, "down"], check=False)
 
 
+def run_link_retry(args, rate: str, rails: int) -> list:
+    """run_link, once more after a failure (on the shared machine a namespace's rendezvous occasionally
+    cannot connect); the first failure's message and the workers' stacks stay on stderr."""
+    try:
+        return run_link(args, rate, rails)
+    except SystemExit as err:
+        print(f"# link {rate}, rails {rails} failed ({err}); retrying it once", file=sys.stderr, flush=True)
+        return run_link(args, rate, rails)
+
+
 def report(args, rate: str, rails: int, per_rank: list) -> list[dict]:
     rows = []
     alpha = statistics.median(r["alpha_us"] for r in per_rank)
@@ -386,7 +398,7 @@ def main(argv=None) -> int:
     try:
         for rails in [int(r) for r in args.rails.split(",")]:
             for rate in args.rates.split(","):
-                for row in report(args, rate, rails, run_link(args, rate, rails)):
+                for row in report(args, rate, rails, run_link_retry(args, rate, rails)):
                     print("JSON " + json.dumps(row), flush=True)
     finally:
         teardown()
