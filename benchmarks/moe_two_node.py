@@ -157,10 +157,27 @@ def rate_gbps(rate: str) -> float:
     return float(num[:-1] if num[-1].isalpha() else num) * scale
 
 
-def worker(args) -> None:
+def exchange_cost_us(ctx) -> float:
+    """The exchange cost alpha of this network: a one-row all-to-all over the 4 ranks, median of 20 after 5
+    warm-ups. Every rank must price 'auto' alike (or their collectives would differ): the slowest rank's."""
     import torch
     import torch.distributed as dist
     from megatron_mhmoe.parallel import comm
+    one = torch.zeros(WORLD, 1)
+    times = []
+    for _ in range(25):
+        dist.barrier()
+        t = time.perf_counter()
+        comm.all_to_all_v(one, [1] * WORLD, [1] * WORLD, ctx.ep_group)
+        times.append(time.perf_counter() - t)
+    alpha = torch.tensor([statistics.median(times[5:]) * 1e6], dtype=torch.float64)
+    dist.all_reduce(alpha, op=dist.ReduceOp.MAX)
+    return float(alpha)
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
     from megatron_mhmoe.parallel.context import ParallelContext
     torch.set_num_threads(1)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the driver asks for stacks before a timeout kill
@@ -171,18 +188,7 @@ def worker(args) -> None:
     nic, node_link = os.environ["GLOO_SOCKET_IFNAME"], os.environ.get("MHMOE_NODE_LINK", "")
     reads_nic = os.environ.get("MHMOE_READS_NIC") == "1"  # one reader per NIC
     gl = group_limited_available()
-    # The exchange cost alpha of this network: a one-row all-to-all over the 4 ranks.
-    one = torch.zeros(WORLD, 1)
-    times = []
-    for i in range(25):
-        dist.barrier()
-        t = time.perf_counter()
-        comm.all_to_all_v(one, [1] * WORLD, [1] * WORLD, ctx.ep_group)
-        times.append(time.perf_counter() - t)
-    # Every rank must price 'auto' alike (or their collectives would differ): the slowest rank's median.
-    alpha = torch.tensor([statistics.median(times[5:]) * 1e6], dtype=torch.float64)
-    dist.all_reduce(alpha, op=dist.ReduceOp.MAX)
-    args.alpha_us = float(alpha)
+    args.alpha_us = exchange_cost_us(ctx)
     out = {"group_limited": gl, "shapes": {}, "alpha_us": args.alpha_us}
     for shape in args.shapes.split(","):
         modes = [m for m in MODES if gl or m != "two-level+group-lim"]
