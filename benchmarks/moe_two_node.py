@@ -52,6 +52,7 @@ removed at exit, also on failure or a signal.
 from __future__ import annotations
 
 import argparse
+import datetime
 import faulthandler
 import json
 import math
@@ -178,31 +179,38 @@ def rate_gbps(rate: str) -> float:
     return float(num[:-1] if num[-1].isalpha() else num) * scale
 
 
-def worker(args) -> None:
+def exchange_cost_us(ctx) -> float:
+    """The exchange cost alpha of this network: a one-row all-to-all over the 4 ranks, median of 20 after 5
+    warm-ups. Every rank must price 'auto' alike (or their collectives would differ): the slowest rank's."""
     import torch
     import torch.distributed as dist
     from megatron_mhmoe.parallel import comm
-    from megatron_mhmoe.parallel.context import ParallelContext
-    torch.set_num_threads(1)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the driver asks for stacks before a timeout kill
-    rank = int(os.environ["RANK"])
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    ctx = ParallelContext.from_world(1, WORLD)
-    nic, node_link = os.environ["GLOO_SOCKET_IFNAME"], os.environ.get("MHMOE_NODE_LINK", "")
-    reads_nic = os.environ.get("MHMOE_READS_NIC") == "1"  # one reader per NIC
-    gl = group_limited_available()
-    # The exchange cost alpha of this network: a one-row all-to-all over the 4 ranks.
     one = torch.zeros(WORLD, 1)
     times = []
-    for i in range(25):
+    for _ in range(25):
         dist.barrier()
         t = time.perf_counter()
         comm.all_to_all_v(one, [1] * WORLD, [1] * WORLD, ctx.ep_group)
         times.append(time.perf_counter() - t)
-    # Every rank must price 'auto' alike (or their collectives would differ): the slowest rank's median.
     alpha = torch.tensor([statistics.median(times[5:]) * 1e6], dtype=torch.float64)
     dist.all_reduce(alpha, op=dist.ReduceOp.MAX)
-    args.alpha_us = float(alpha)
+    return float(alpha)
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+    from megatron_mhmoe.parallel.context import ParallelContext
+    torch.set_num_threads(1)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the driver asks for stacks before a timeout kill
+    rank = int(os.environ["RANK"])
+    # A rendezvous that cannot connect fails in 2 minutes (the driver retries the link once) instead of 30.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    ctx = ParallelContext.from_world(1, WORLD)
+    nic, node_link = os.environ["GLOO_SOCKET_IFNAME"], os.environ.get("MHMOE_NODE_LINK", "")
+    reads_nic = os.environ.get("MHMOE_READS_NIC") == "1"  # one reader per NIC
+    gl = group_limited_available()
+    args.alpha_us = exchange_cost_us(ctx)
     out = {"group_limited": gl, "shapes": {}, "alpha_us": args.alpha_us}
     for shape in args.shapes.split(","):
         modes = [m for m in run_modes(args, gl) if shape == "mhmoe" or m != "head-affine"]  # needs h >= nodes
@@ -358,6 +366,16 @@ def run_link(args, rate: str, rails: int) -> list:
         subprocess.run([NETNS, "down"], check=False)
 
 
+def run_link_retry(args, rate: str, rails: int) -> list:
+    """run_link, once more after a failure (on the shared machine a namespace's rendezvous occasionally
+    cannot connect); the first failure's message and the workers' stacks stay on stderr."""
+    try:
+        return run_link(args, rate, rails)
+    except SystemExit as err:
+        print(f"# link {rate}, rails {rails} failed ({err}); retrying it once", file=sys.stderr, flush=True)
+        return run_link(args, rate, rails)
+
+
 def report(args, rate: str, rails: int, per_rank: list) -> list[dict]:
     rows = []
     alpha = statistics.median(r["alpha_us"] for r in per_rank)
@@ -461,7 +479,7 @@ def main(argv=None) -> int:
     try:
         for rails in [int(r) for r in args.rails.split(",")]:
             for rate in args.rates.split(","):
-                for row in report(args, rate, rails, run_link(args, rate, rails)):
+                for row in report(args, rate, rails, run_link_retry(args, rate, rails)):
                     print("JSON " + json.dumps(row), flush=True)
     finally:
         teardown()
