@@ -70,7 +70,8 @@ def breakdown_once(kind: str, args: argparse.Namespace, dense_ffn: int, workdir:
     warmup = 3
     overrides = [f"--run_dir={os.path.join(workdir, 'breakdown_' + kind)}",
                  f"--train.train_steps={warmup + 2 * args.breakdown_steps}", "--train.save_interval=0",
-                 "--train.eval_interval=0", "--wandb.mode=disabled", f"--parallel.ep={args.nproc if kind == 'mhmoe' else 1}"]
+                 "--train.eval_interval=0", "--wandb.mode=disabled",
+                 f"--parallel.ep={args.nproc if kind == 'mhmoe' else 1}"]
     if kind == "dense":
         overrides += ["--model.moe=null", f"--model.ffn_hidden_size={dense_ffn}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled")

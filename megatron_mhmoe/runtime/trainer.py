@@ -313,7 +313,6 @@ class Trainer:
         log=False: a step the loop does not log. Its MoE layers skip the routing statistics (stats_mode
         'off', moe/routing_stats.py); a logged step computes them on the device and sums them over TP once,
         for all layers and micro-batches, after the last backward."""
-        t, eng = self.cfg.train, self.engine
         self._set_stats_mode("eager" if self.stats_reference else "deferred" if log else "off")
         try:
             with host_tensor_guard(self.device_guard):
@@ -326,6 +325,7 @@ class Trainer:
                 "moe_stats": stats, **routing}
 
     def _step(self, batches, log: bool):
+        """train_step's work: (engine step result, (6,) DP-mean loss sums, the MoE stats, the step's counts)."""
         t, eng = self.cfg.train, self.engine
         sums = torch.zeros(6, dtype=torch.float64, device=eng.device)  # loss, lm, aux, z, seq aux, global aux
         stats = []
