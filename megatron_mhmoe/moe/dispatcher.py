@@ -200,7 +200,9 @@ class MoEDispatcher:
         return times
 
     def _mark(self, device: torch.device):
-        if not self.profile_enabled:
+        # Under torch.compile the phases are fused into one graph with no host clock between them: a
+        # timestamp would time the tracing, and calling the clock is a graph break.
+        if not self.profile_enabled or torch.compiler.is_compiling():
             return None
         return _record_event(device) if _device_clock(device) else time.perf_counter()
 
