@@ -86,3 +86,16 @@ def test_compiled_training_matches_eager_at_ep2():
         for step, (a, b) in enumerate(zip(r["compiled"], r["eager"])):
             assert abs(a - b) <= LOSS_RTOL * abs(b), f"step {step + 1}: compiled {a} vs eager {b}"
         assert len(set(r["eager"])) > 1  # the steps train (different batches and weights each step)
+
+
+def test_unknown_compile_backend_is_a_config_error():
+    import pytest
+
+    from megatron_mhmoe.runtime.run_config import RunConfig
+    rc = RunConfig(model=_model_config())
+    rc.train.compile, rc.train.compile_backend, rc.train.seq_len = True, "inductr", SEQ
+    with pytest.raises(ValueError, match=r"train.compile_backend='inductr' is not a torch.compile backend; "
+                                         r"known: .*'inductor'"):
+        rc.validate(1)
+    rc.train.compile = False  # the backend is only checked when compiling
+    rc.validate(1)
