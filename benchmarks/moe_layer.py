@@ -28,6 +28,7 @@ from common import (DTYPES, MEMORY_NOTE, init_deepspeed_single, parse_device, pe
 
 from megatron_mhmoe.config import ModelConfig, MoEConfig
 from megatron_mhmoe.moe import capacity as cap
+from megatron_mhmoe.moe.grouped_ffn import release_kept_grads
 from megatron_mhmoe.moe.layer import MHMoELayer
 from megatron_mhmoe.moe.router import top_k
 from megatron_mhmoe.parallel.context import ParallelContext
@@ -121,82 +122,103 @@ def tokens_without_drops(ours: MHMoELayer, x: torch.Tensor) -> torch.Tensor:
     return keep.reshape(n, -1).all(1)  # (N,)
 
 
-def run_point(args, shape: str, E: int, device, dtype, aux_coef: float = 0.01) -> dict:
-    torch.manual_seed(args.seed + E)
-    ours = build_ours(args, shape, E, device, dtype)
-    N, d, h, k = args.tokens, args.hidden, ours.moe.num_heads, args.top_k
-    x = torch.randn(N, d, device=device, dtype=dtype, requires_grad=True)
-    gy = torch.randn(N, d, device=device, dtype=dtype)
-    aux_grad = torch.tensor(aux_coef, device=device)
+class Bench:
+    """The three implementations of one point as step functions, with what each must clear before a step."""
 
-    def zero(*mods):
-        x.grad = None
+    def __init__(self, args, ours: MHMoELayer, x: torch.Tensor, gy: torch.Tensor, aux_grad: torch.Tensor):
+        self.args, self.ours, self.x, self.gy, self.aux_grad = args, ours, x, gy, aux_grad
+        self.steps, self.before, self.checks = {}, {}, {}
+
+    def zero(self, *mods) -> None:
+        self.x.grad = None
         for m in mods:
             m.zero_grad(set_to_none=True)
 
-    y_ours, st = ours(x)
-    counts = st.kept.tolist()  # (E,) rows each expert processes after capacity
-    n_rows = sum(counts)
-    steps, checks, before = {}, {}, {}
-
-    def use_loop(on: bool) -> None:
+    def use_loop(self, on: bool) -> None:
         # An instance attribute shadows the class's forward: ours with the autograd per-expert loop.
         if on:
-            ours.experts.forward = ours.experts.forward_loop
+            self.ours.experts.forward = self.ours.experts.forward_loop
         else:
-            ours.experts.__dict__.pop("forward", None)
+            self.ours.experts.__dict__.pop("forward", None)
 
-    def make_ours(loop: bool):
+    def add_ours(self, name: str, loop: bool) -> None:
         def step():
-            use_loop(loop)
-            y, s = ours(x)
-            torch.autograd.backward([y, s.aux_loss], [gy, aux_grad])
-        return step
+            self.use_loop(loop)
+            y, s = self.ours(self.x)
+            torch.autograd.backward([y, s.aux_loss], [self.gy, self.aux_grad])
+        self.steps[name], self.before[name] = step, lambda: self.zero(self.ours)
 
-    if "ours" in args.impl_list:
-        steps["ours"], before["ours"] = make_ours(False), lambda: zero(ours)
-    if "loop" in args.impl_list:
-        steps["loop"], before["loop"] = make_ours(True), lambda: zero(ours)
-    if "deepspeed" in args.impl_list:
+    def add_deepspeed(self, y_ours: torch.Tensor) -> None:
         from ds_moe import DeepSpeedMHMoE
+        ours, x = self.ours, self.x
         ds = DeepSpeedMHMoE(ours)
         with torch.no_grad():
             y_ds, _ = ds(x)
             clean = tokens_without_drops(ours, x)  # (N,) bool
         # DeepSpeed renormalises the gates over the choices that survive capacity, we over the top-k
         # before dropping (capacity applies after routing): outputs agree exactly on tokens that lost nothing.
-        checks["max_abs_diff_vs_deepspeed"] = (y_ds.float() - y_ours.detach().float())[clean].abs().max().item()
-        checks["tokens_with_drops"] = int((~clean).sum())
+        self.checks["max_abs_diff_vs_deepspeed"] = (y_ds.float() - y_ours.detach().float())[clean].abs().max().item()
+        self.checks["tokens_with_drops"] = int((~clean).sum())
 
-        def ds_step():
+        def step():
             y, l_aux = ds(x)
-            torch.autograd.backward([y, l_aux], [gy, aux_grad.to(l_aux.dtype)])
-        steps["deepspeed"], before["deepspeed"] = ds_step, lambda: zero(ds)
-    if "floor" in args.impl_list:
-        # Already-permuted rows with ours' per-expert counts: only the GEMMs (and the activation) remain.
+            torch.autograd.backward([y, l_aux], [self.gy, self.aux_grad.to(l_aux.dtype)])
+        self.steps["deepspeed"], self.before["deepspeed"] = step, lambda: self.zero(ds)
+
+    def add_floor(self, counts: list[int]) -> None:
+        """Already-permuted rows with ours' per-expert counts: only the GEMMs (and the activation) remain."""
+        ours, x, N, d = self.ours, self.x, self.x.shape[0], self.x.shape[1]
+        n_rows, device, dtype = sum(counts), x.device, x.dtype
         rows = torch.randn(n_rows, ours.d_sub, device=device, dtype=dtype, requires_grad=True)  # (n, d/h)
         g_rows = torch.randn(n_rows, ours.d_sub, device=device, dtype=dtype)
         x_merge = torch.randn(N, d, device=device, dtype=dtype, requires_grad=True)  # merge's input (N, d)
 
         def floor_zero():
-            zero(ours)
+            self.zero(ours)
             rows.grad = x_merge.grad = None
 
-        def floor_step():
-            use_loop(False)
+        def step():
+            self.use_loop(False)
             outs, grads = [ours.experts(rows, counts)], [g_rows]
             if ours.head is not None:
                 outs += [ours.head(x), ours.merge(x_merge)]
-                grads += [gy, gy]
+                grads += [self.gy, self.gy]
             torch.autograd.backward(outs, grads)
-        steps["floor"], before["floor"] = floor_step, floor_zero
+        self.steps["floor"], self.before["floor"] = step, floor_zero
 
-    samples = time_interleaved(steps, args.reps, args.warmup, device, before)
-    res = {name: summary(s) for name, s in samples.items()}
-    if not args.no_memory:
-        for name, step in steps.items():
-            res[name]["peak_mb"] = peak_step_bytes(step, device, before[name]) / 2 ** 20
-    use_loop(False)
+    def measure(self, device) -> dict:
+        """Interleaved timings, then each step's peak memory from a fresh allocation: the weight-gradient
+        storage kept for reuse (grouped_ffn.REUSE_GRAD_MIN_BYTES) is released first, so that it counts."""
+        samples = time_interleaved(self.steps, self.args.reps, self.args.warmup, device, self.before)
+        res = {name: summary(s) for name, s in samples.items()}
+        if not self.args.no_memory:
+            for name, step in self.steps.items():
+                def fresh(name=name):
+                    self.before[name]()
+                    release_kept_grads()
+                res[name]["peak_mb"] = peak_step_bytes(step, device, fresh) / 2 ** 20
+        self.use_loop(False)
+        return res
+
+
+def run_point(args, shape: str, E: int, device, dtype, aux_coef: float = 0.01) -> dict:
+    torch.manual_seed(args.seed + E)
+    ours = build_ours(args, shape, E, device, dtype)
+    N, d, h, k = args.tokens, args.hidden, ours.moe.num_heads, args.top_k
+    x = torch.randn(N, d, device=device, dtype=dtype, requires_grad=True)
+    gy = torch.randn(N, d, device=device, dtype=dtype)
+    bench = Bench(args, ours, x, gy, torch.tensor(aux_coef, device=device))
+    y_ours, st = ours(x)
+    counts = st.kept.tolist()  # (E,) rows each expert processes after capacity
+    n_rows = sum(counts)
+    for name in ("ours", "loop"):
+        if name in args.impl_list:
+            bench.add_ours(name, loop=name == "loop")
+    if "deepspeed" in args.impl_list:
+        bench.add_deepspeed(y_ours)
+    if "floor" in args.impl_list:
+        bench.add_floor(counts)
+    res = bench.measure(device)
     n_mats = 3 if args.act == "swiglu" else 2
     flops = 3 * 2 * n_rows * ours.d_sub * args.ffn * n_mats  # fwd + 2 backward GEMMs per weight
     if ours.head is not None:
@@ -205,7 +227,7 @@ def run_point(args, shape: str, E: int, device, dtype, aux_coef: float = 0.01) -
         r["tflops"] = flops / (r["median_ms"] * 1e-3) / 1e12
     point = dict(bench="moe_layer", shape=shape, E=E, h=h, tokens=N, sub_tokens=N * h, d=d, d_sub=ours.d_sub,
                  ffn=args.ffn, k=k, capacity_factor=args.capacity_factor, act=args.act, dtype=args.dtype,
-                 device=str(device), rows=n_rows, floor_flops=flops, impl=res, **checks)
+                 device=str(device), rows=n_rows, floor_flops=flops, impl=res, **bench.checks)
     point["ratios"] = ratios(res)
     return point
 
