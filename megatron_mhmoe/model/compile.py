@@ -9,8 +9,10 @@ another micro-batch) compiles once more.
 
 What traces as one graph (no graph break): the attention, norms and dense MLP, and the MoE layer with
 model.moe.a2a_device_counts=true and a capacity (tests/moe/test_compile.py asserts it with fullgraph=True):
-its shapes are fixed by the config and nothing reads values back to the host. The dropless MoE path
-reads its per-expert counts back to size the expert GEMMs, so the graph breaks there (correct, slower).
+its shapes are fixed by the config and nothing reads values back to the host. The count-sized MoE paths
+(dropless, or a2a_device_counts=false) read per-expert counts back to size the expert GEMMs: traced, each
+new set of counts would recompile, so their dispatch runs eagerly (torch.compiler.disable, in
+MoEDispatcher.path) between two compiled graphs: correct, with a graph break on each side.
 """
 from __future__ import annotations
 

@@ -237,8 +237,12 @@ class MoEDispatcher:
             return padded_dispatch.dispatch_combine
         if self.layout is not None and not self.force_flat and \
                 self.choose(*record.experts.shape, x_sub.shape[1], x_sub.element_size()) == "two_level":
-            return two_level.dispatch_combine
-        return flat_dispatch_combine
+            path = two_level.dispatch_combine
+        else:
+            path = flat_dispatch_combine
+        # The count-sized paths read counts back and size everything by them: traced, every new set of
+        # counts would be a recompilation (then eager after torch's recompile limit). Run them eagerly.
+        return torch.compiler.disable(path) if torch.compiler.is_compiling() else path
 
     def dispatch(self, x_sub: torch.Tensor, record: RoutingRecord, run_experts: Callable) -> torch.Tensor:
         """x_sub (S, d_sub) and its routing record -> (S, d_sub): each sub-token's gate-weighted expert outputs.
