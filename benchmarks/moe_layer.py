@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -66,6 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed repetitions first")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: elapsed seconds; cpu: this process's CPU seconds (user + kernel), which leave out "
+                        "other processes' time on a loaded machine (CPU device, with --threads 1)")
+    p.add_argument("--no-grad-reuse", action="store_true",
+                   help="fresh weight-gradient blocks every step (grouped_ffn.REUSE_GRAD_MIN_BYTES = None), as before")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     preset = PRESETS["quick" if args.quick else args.preset]
@@ -189,7 +195,8 @@ class Bench:
     def measure(self, device) -> dict:
         """Interleaved timings, then each step's peak memory from a fresh allocation: the weight-gradient
         storage kept for reuse (grouped_ffn.REUSE_GRAD_MIN_BYTES) is released first, so that it counts."""
-        samples = time_interleaved(self.steps, self.args.reps, self.args.warmup, device, self.before)
+        clock = time.process_time if self.args.clock == "cpu" else time.perf_counter
+        samples = time_interleaved(self.steps, self.args.reps, self.args.warmup, device, self.before, clock)
         res = {name: summary(s) for name, s in samples.items()}
         if not self.args.no_memory:
             for name, step in self.steps.items():
@@ -245,12 +252,18 @@ def main(argv=None) -> None:
     device, dtype = parse_device(args.device), DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_grad_reuse:
+        from megatron_mhmoe.moe import grouped_ffn
+        grouped_ffn.REUSE_GRAD_MIN_BYTES = None
+    if args.clock == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        sys.exit("--clock cpu measures one CPU thread: use it with a CPU device and --threads 1")
     if "deepspeed" in args.impl_list:
         init_deepspeed_single(device)
     peak = matmul_peak_tflops(device, dtype, 8192 if device.type == "cuda" else 2048)
     print(f"# moe_layer: torch {torch.__version__}, device {device}, {args.dtype}, threads "
           f"{torch.get_num_threads()}, N={args.tokens} d={args.hidden} ffn={args.ffn} k={args.top_k} "
           f"cf={args.capacity_factor} act={args.act}, median of {args.reps} after {args.warmup} warm-up, "
+          f"{args.clock} clock, gradient reuse {'off' if args.no_grad_reuse else 'on'}, "
           f"matmul peak {peak:.3f} TFLOP/s")
     if not args.no_memory:
         print(f"# memory: {MEMORY_NOTE[device.type]}")
