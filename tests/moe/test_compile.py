@@ -95,3 +95,14 @@ def test_fixed_bincount_equals_bincount():
         assert torch.equal(fixed_bincount(ids, size), torch.bincount(ids, minlength=size))
         assert torch.equal(fixed_bincount(ids, size, keep), fixed_bincount_reference(ids, size, keep))
         assert torch.equal(fixed_bincount(ids, size, keep), torch.bincount(ids[keep], minlength=size))
+
+
+def test_docs_page_states_the_tested_tolerances():
+    import os
+
+    from tests.runtime.test_compile_train import LOSS_RTOL, STEPS
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "docs", "compile.md")) as f:
+        page = " ".join(f.read().split())
+    assert f"atol {ATOL:g} / rtol {RTOL:g}" in page
+    assert f"{STEPS} training steps give the eager losses within a relative {LOSS_RTOL:g} per step" in page
