@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -28,6 +29,7 @@ from common import (DTYPES, MEMORY_NOTE, init_deepspeed_single, parse_device, pe
 
 from megatron_mhmoe.config import ModelConfig, MoEConfig
 from megatron_mhmoe.moe import capacity as cap
+from megatron_mhmoe.moe.grouped_ffn import release_kept_grads
 from megatron_mhmoe.moe.layer import MHMoELayer
 from megatron_mhmoe.moe.router import top_k
 from megatron_mhmoe.parallel.context import ParallelContext
@@ -65,6 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed repetitions first")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: elapsed seconds; cpu: this process's CPU seconds (user + kernel), which leave out "
+                        "other processes' time on a loaded machine (CPU device, with --threads 1)")
+    p.add_argument("--no-grad-reuse", action="store_true",
+                   help="fresh weight-gradient blocks every step (grouped_ffn.REUSE_GRAD_MIN_BYTES = None), as before")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     preset = PRESETS["quick" if args.quick else args.preset]
@@ -94,17 +101,18 @@ def build_ours(args, shape: str, E: int, device, dtype) -> MHMoELayer:
     return MHMoELayer(cfg, ParallelContext.single_process()).to(device=device, dtype=dtype)
 
 
-def matmul_peak_tflops(device, dtype, n: int) -> float:
-    """Best of a few square matmuls: the dense peak this run can reach in this dtype."""
+def matmul_peak_tflops(device, dtype, n: int, clock=time.perf_counter) -> float:
+    """Best of a few square matmuls: the dense peak this run can reach in this dtype (timed by `clock`, as
+    the points are, so that %peak compares like with like)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(5):
         sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         torch.mm(a, b)
         sync(device)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return 2 * n ** 3 / best / 1e12
 
 
@@ -121,82 +129,104 @@ def tokens_without_drops(ours: MHMoELayer, x: torch.Tensor) -> torch.Tensor:
     return keep.reshape(n, -1).all(1)  # (N,)
 
 
-def run_point(args, shape: str, E: int, device, dtype, aux_coef: float = 0.01) -> dict:
-    torch.manual_seed(args.seed + E)
-    ours = build_ours(args, shape, E, device, dtype)
-    N, d, h, k = args.tokens, args.hidden, ours.moe.num_heads, args.top_k
-    x = torch.randn(N, d, device=device, dtype=dtype, requires_grad=True)
-    gy = torch.randn(N, d, device=device, dtype=dtype)
-    aux_grad = torch.tensor(aux_coef, device=device)
+class Bench:
+    """The three implementations of one point as step functions, with what each must clear before a step."""
 
-    def zero(*mods):
-        x.grad = None
+    def __init__(self, args, ours: MHMoELayer, x: torch.Tensor, gy: torch.Tensor, aux_grad: torch.Tensor):
+        self.args, self.ours, self.x, self.gy, self.aux_grad = args, ours, x, gy, aux_grad
+        self.steps, self.before, self.checks = {}, {}, {}
+
+    def zero(self, *mods) -> None:
+        self.x.grad = None
         for m in mods:
             m.zero_grad(set_to_none=True)
 
-    y_ours, st = ours(x)
-    counts = st.kept.tolist()  # (E,) rows each expert processes after capacity
-    n_rows = sum(counts)
-    steps, checks, before = {}, {}, {}
-
-    def use_loop(on: bool) -> None:
+    def use_loop(self, on: bool) -> None:
         # An instance attribute shadows the class's forward: ours with the autograd per-expert loop.
         if on:
-            ours.experts.forward = ours.experts.forward_loop
+            self.ours.experts.forward = self.ours.experts.forward_loop
         else:
-            ours.experts.__dict__.pop("forward", None)
+            self.ours.experts.__dict__.pop("forward", None)
 
-    def make_ours(loop: bool):
+    def add_ours(self, name: str, loop: bool) -> None:
         def step():
-            use_loop(loop)
-            y, s = ours(x)
-            torch.autograd.backward([y, s.aux_loss], [gy, aux_grad])
-        return step
+            self.use_loop(loop)
+            y, s = self.ours(self.x)
+            torch.autograd.backward([y, s.aux_loss], [self.gy, self.aux_grad])
+        self.steps[name], self.before[name] = step, lambda: self.zero(self.ours)
 
-    if "ours" in args.impl_list:
-        steps["ours"], before["ours"] = make_ours(False), lambda: zero(ours)
-    if "loop" in args.impl_list:
-        steps["loop"], before["loop"] = make_ours(True), lambda: zero(ours)
-    if "deepspeed" in args.impl_list:
+    def add_deepspeed(self, y_ours: torch.Tensor) -> None:
         from ds_moe import DeepSpeedMHMoE
+        ours, x = self.ours, self.x
         ds = DeepSpeedMHMoE(ours)
         with torch.no_grad():
             y_ds, _ = ds(x)
             clean = tokens_without_drops(ours, x)  # (N,) bool
         # DeepSpeed renormalises the gates over the choices that survive capacity, we over the top-k
         # before dropping (capacity applies after routing): outputs agree exactly on tokens that lost nothing.
-        checks["max_abs_diff_vs_deepspeed"] = (y_ds.float() - y_ours.detach().float())[clean].abs().max().item()
-        checks["tokens_with_drops"] = int((~clean).sum())
+        self.checks["max_abs_diff_vs_deepspeed"] = (y_ds.float() - y_ours.detach().float())[clean].abs().max().item()
+        self.checks["tokens_with_drops"] = int((~clean).sum())
 
-        def ds_step():
+        def step():
             y, l_aux = ds(x)
-            torch.autograd.backward([y, l_aux], [gy, aux_grad.to(l_aux.dtype)])
-        steps["deepspeed"], before["deepspeed"] = ds_step, lambda: zero(ds)
-    if "floor" in args.impl_list:
-        # Already-permuted rows with ours' per-expert counts: only the GEMMs (and the activation) remain.
+            torch.autograd.backward([y, l_aux], [self.gy, self.aux_grad.to(l_aux.dtype)])
+        self.steps["deepspeed"], self.before["deepspeed"] = step, lambda: self.zero(ds)
+
+    def add_floor(self, counts: list[int]) -> None:
+        """Already-permuted rows with ours' per-expert counts: only the GEMMs (and the activation) remain."""
+        ours, x, N, d = self.ours, self.x, self.x.shape[0], self.x.shape[1]
+        n_rows, device, dtype = sum(counts), x.device, x.dtype
         rows = torch.randn(n_rows, ours.d_sub, device=device, dtype=dtype, requires_grad=True)  # (n, d/h)
         g_rows = torch.randn(n_rows, ours.d_sub, device=device, dtype=dtype)
         x_merge = torch.randn(N, d, device=device, dtype=dtype, requires_grad=True)  # merge's input (N, d)
 
         def floor_zero():
-            zero(ours)
+            self.zero(ours)
             rows.grad = x_merge.grad = None
 
-        def floor_step():
-            use_loop(False)
+        def step():
+            self.use_loop(False)
             outs, grads = [ours.experts(rows, counts)], [g_rows]
             if ours.head is not None:
                 outs += [ours.head(x), ours.merge(x_merge)]
-                grads += [gy, gy]
+                grads += [self.gy, self.gy]
             torch.autograd.backward(outs, grads)
-        steps["floor"], before["floor"] = floor_step, floor_zero
+        self.steps["floor"], self.before["floor"] = step, floor_zero
 
-    samples = time_interleaved(steps, args.reps, args.warmup, device, before)
-    res = {name: summary(s) for name, s in samples.items()}
-    if not args.no_memory:
-        for name, step in steps.items():
-            res[name]["peak_mb"] = peak_step_bytes(step, device, before[name]) / 2 ** 20
-    use_loop(False)
+    def measure(self, device) -> dict:
+        """Interleaved timings, then each step's peak memory from a fresh allocation: the weight-gradient
+        storage kept for reuse (grouped_ffn.REUSE_GRAD_MIN_BYTES) is released first, so that it counts."""
+        clock = time.process_time if self.args.clock == "cpu" else time.perf_counter
+        samples = time_interleaved(self.steps, self.args.reps, self.args.warmup, device, self.before, clock)
+        res = {name: summary(s) for name, s in samples.items()}
+        if not self.args.no_memory:
+            for name, step in self.steps.items():
+                def fresh(name=name):
+                    self.before[name]()
+                    release_kept_grads()
+                res[name]["peak_mb"] = peak_step_bytes(step, device, fresh) / 2 ** 20
+        self.use_loop(False)
+        return res
+
+
+def run_point(args, shape: str, E: int, device, dtype, aux_coef: float = 0.01) -> dict:
+    torch.manual_seed(args.seed + E)
+    ours = build_ours(args, shape, E, device, dtype)
+    N, d, h, k = args.tokens, args.hidden, ours.moe.num_heads, args.top_k
+    x = torch.randn(N, d, device=device, dtype=dtype, requires_grad=True)
+    gy = torch.randn(N, d, device=device, dtype=dtype)
+    bench = Bench(args, ours, x, gy, torch.tensor(aux_coef, device=device))
+    y_ours, st = ours(x)
+    counts = st.kept.tolist()  # (E,) rows each expert processes after capacity
+    n_rows = sum(counts)
+    for name in ("ours", "loop"):
+        if name in args.impl_list:
+            bench.add_ours(name, loop=name == "loop")
+    if "deepspeed" in args.impl_list:
+        bench.add_deepspeed(y_ours)
+    if "floor" in args.impl_list:
+        bench.add_floor(counts)
+    res = bench.measure(device)
     n_mats = 3 if args.act == "swiglu" else 2
     flops = 3 * 2 * n_rows * ours.d_sub * args.ffn * n_mats  # fwd + 2 backward GEMMs per weight
     if ours.head is not None:
@@ -205,7 +235,7 @@ def run_point(args, shape: str, E: int, device, dtype, aux_coef: float = 0.01) -
         r["tflops"] = flops / (r["median_ms"] * 1e-3) / 1e12
     point = dict(bench="moe_layer", shape=shape, E=E, h=h, tokens=N, sub_tokens=N * h, d=d, d_sub=ours.d_sub,
                  ffn=args.ffn, k=k, capacity_factor=args.capacity_factor, act=args.act, dtype=args.dtype,
-                 device=str(device), rows=n_rows, floor_flops=flops, impl=res, **checks)
+                 device=str(device), rows=n_rows, floor_flops=flops, impl=res, **bench.checks)
     point["ratios"] = ratios(res)
     return point
 
@@ -223,12 +253,19 @@ def main(argv=None) -> None:
     device, dtype = parse_device(args.device), DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_grad_reuse:
+        from megatron_mhmoe.moe import grouped_ffn
+        grouped_ffn.REUSE_GRAD_MIN_BYTES = None
+    if args.clock == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        sys.exit("--clock cpu measures one CPU thread: use it with a CPU device and --threads 1")
     if "deepspeed" in args.impl_list:
         init_deepspeed_single(device)
-    peak = matmul_peak_tflops(device, dtype, 8192 if device.type == "cuda" else 2048)
+    peak = matmul_peak_tflops(device, dtype, 8192 if device.type == "cuda" else 2048,
+                              time.process_time if args.clock == "cpu" else time.perf_counter)
     print(f"# moe_layer: torch {torch.__version__}, device {device}, {args.dtype}, threads "
           f"{torch.get_num_threads()}, N={args.tokens} d={args.hidden} ffn={args.ffn} k={args.top_k} "
           f"cf={args.capacity_factor} act={args.act}, median of {args.reps} after {args.warmup} warm-up, "
+          f"{args.clock} clock, gradient reuse {'off' if args.no_grad_reuse else 'on'}, "
           f"matmul peak {peak:.3f} TFLOP/s")
     if not args.no_memory:
         print(f"# memory: {MEMORY_NOTE[device.type]}")

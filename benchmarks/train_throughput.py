@@ -13,6 +13,10 @@ megatron_mhmoe/step_spans.py, aggregated by megatron_mhmoe/runtime/step_breakdow
 each spends its time per step, forward + backward, and the difference (docs/step-throughput.md):
 
     .venv/bin/python benchmarks/train_throughput.py --breakdown
+
+--compile instead compares eager with train.compile=true:
+
+    .venv/bin/python benchmarks/train_throughput.py --compile --steps 40 --reps 1   # eager vs train.compile
 """
 from __future__ import annotations
 
@@ -47,13 +51,14 @@ def equal_flops_dense_ffn(cfg: RunConfig) -> tuple[int, int, int]:
     return width, target, flops(width)
 
 
-def run_once(kind: str, args: argparse.Namespace, dense_ffn: int, workdir: str, rep: int) -> float:
+def run_once(kind: str, args: argparse.Namespace, dense_ffn: int, workdir: str, rep: int, extra=()) -> float:
     run_dir = os.path.join(workdir, f"{kind}_{rep}")
     overrides = [f"--run_dir={run_dir}", f"--train.train_steps={args.steps}", "--train.save_interval=0",
                  "--train.eval_interval=0", "--train.eval_iters=1", f"--train.log_interval={args.steps}",
                  "--wandb.mode=disabled", f"--parallel.ep={args.nproc if kind == 'mhmoe' else 1}"]
     if kind == "dense":
         overrides += ["--model.moe=null", f"--model.ffn_hidden_size={dense_ffn}"]
+    overrides += list(extra)  # later overrides win (compare_compiled: log interval, compile)
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), "-m", "megatron_mhmoe.train", "--config", PRESET] + overrides
@@ -101,6 +106,45 @@ def print_breakdown(args: argparse.Namespace, dense_ffn: int) -> None:
                       "dense_ffn": dense_ffn, "us_per_step": results}))
 
 
+def steady_tokens_per_s(run_dir: str) -> float:
+    """Tokens/s over the log windows after the first (metrics.jsonl): the first holds torch.compile's
+    compilation (and eager's warm-up), which is not the speed of training."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if '"tokens_per_s"' in line]
+    later = rows[1:] or rows
+    return statistics.mean(r["tokens_per_s"] for r in later)
+
+
+def compare_compiled(args: argparse.Namespace, dense_ffn: int, workdir: str) -> dict:
+    """--compile: eager vs train.compile=true for both models, alternating, steady-state tokens/s
+    (log every --compile-window steps, the first window left out)."""
+    window = max(1, args.compile_window)
+    if args.steps < 2 * window:
+        sys.exit(f"--compile needs --steps >= 2 x --compile-window = {2 * window} (the first window compiles)")
+    out: dict[str, list[float]] = {}
+    for rep in range(args.reps):
+        for kind in ("mhmoe", "dense"):
+            for compiled in (False, True):
+                extra = [f"--train.log_interval={window}", f"--train.compile={str(compiled).lower()}",
+                         f"--train.compile_backend={args.compile_backend}"]
+                if kind == "mhmoe" and args.device_counts:
+                    extra += ["--model.moe.capacity_factor=1.25", "--model.moe.a2a_device_counts=true"]
+                name = f"{kind}_{'compiled' if compiled else 'eager'}"
+                run_once(kind, args, dense_ffn, workdir, f"{rep}_{name}", extra)
+                tok_s = steady_tokens_per_s(os.path.join(workdir, f"{kind}_{rep}_{name}"))
+                out.setdefault(name, []).append(tok_s)
+                print(f"  rep {rep + 1}/{args.reps} {name:16s} {tok_s:9.0f} tokens/s (steady)", flush=True)
+    med = {k: statistics.median(v) for k, v in out.items()}
+    print(f"\n{'model':16s} {'median tok/s':>13s} {'min':>9s} {'max':>9s}")
+    for k, v in out.items():
+        print(f"{k:16s} {med[k]:13.0f} {min(v):9.0f} {max(v):9.0f}")
+    for kind in ("mhmoe", "dense"):
+        print(f"{kind}: compiled / eager tokens/s {med[kind + '_compiled'] / med[kind + '_eager']:.3f}")
+    print(f"MH-MoE / dense: eager {med['mhmoe_eager'] / med['dense_eager']:.3f}, "
+          f"compiled {med['mhmoe_compiled'] / med['dense_compiled']:.3f}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60, help="training steps per run (default 60)")
@@ -109,6 +153,13 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where run dirs go (default: a temporary folder)")
     ap.add_argument("--breakdown", action="store_true", help="profile where each model's step time goes instead")
     ap.add_argument("--breakdown_steps", type=int, default=10, help="profiled steps per model (default 10)")
+    ap.add_argument("--compile", action="store_true",
+                    help="instead: eager vs train.compile=true for both models (steady-state tokens/s)")
+    ap.add_argument("--compile-backend", default="inductor", help="train.compile_backend for --compile")
+    ap.add_argument("--compile-window", type=int, default=10,
+                    help="--compile: steps per log window; the first (compilation) is left out (default 10)")
+    ap.add_argument("--device-counts", action="store_true",
+                    help="--compile: MH-MoE with capacity 1.25 and a2a_device_counts (its graph-break-free mode)")
     args = ap.parse_args()
     if args.steps < 2 or args.reps < 1 or args.nproc < 1:
         ap.error("--steps must be >= 2, --reps and --nproc >= 1")
@@ -119,6 +170,12 @@ def main() -> None:
           f"{dense_flops / 1e6:.3f} MFLOP/token ({100 * (dense_flops / moe_flops - 1):+.1f}%)", flush=True)
     if args.breakdown:
         print_breakdown(args, dense_ffn)
+        return
+    if args.compile:
+        with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+            out = compare_compiled(args, dense_ffn, workdir)
+        print(json.dumps({"bench": "train_throughput_compile", "steps": args.steps, "nproc": args.nproc,
+                          "backend": args.compile_backend, "device_counts": args.device_counts, "tokens_per_s": out}))
         return
     results: dict[str, list[float]] = {"mhmoe": [], "dense": []}
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:

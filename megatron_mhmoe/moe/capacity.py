@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from megatron_mhmoe.moe.fixed_counts import fixed_bincount
+
 
 def expert_capacity(capacity_factor: float, top_k: int, num_sub_tokens: int, num_experts: int) -> int:
     """ceil(cf * k * S / E); 0 means dropless (cf <= 0)."""
@@ -30,10 +32,7 @@ def choice_counts(e_flat: torch.Tensor, k: int, num_experts: int) -> torch.Tenso
     S = e_flat.numel() // k
     choice = torch.arange(k, device=e_flat.device).repeat_interleave(S)  # (k*S,) choice-major
     flat = choice * num_experts + e_flat  # (k*S,)
-    # scatter_add, not torch.bincount: on CUDA bincount reads the largest id back to the host to size its
-    # output, a synchronisation in every forward (also with model.moe.a2a_device_counts).
-    counts = torch.zeros(k * num_experts, dtype=torch.long, device=flat.device)
-    return counts.scatter_add_(0, flat, torch.ones_like(flat)).view(k, num_experts)
+    return fixed_bincount(flat, k * num_experts).view(k, num_experts)
 
 
 def capacity_keep(experts: torch.Tensor, counts_all: torch.Tensor, tp_rank: int, capacity: int,

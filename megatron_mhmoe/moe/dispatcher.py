@@ -218,7 +218,9 @@ class MoEDispatcher:
         return times
 
     def _mark(self, device: torch.device):
-        if not self.profile_enabled:
+        # Under torch.compile the phases are fused into one graph with no host clock between them: a
+        # timestamp would time the tracing, and calling the clock is a graph break.
+        if not self.profile_enabled or torch.compiler.is_compiling():
             return None
         return _record_event(device) if _device_clock(device) else time.perf_counter()
 
@@ -258,15 +260,18 @@ class MoEDispatcher:
         if self.device_counts and record.capacity > 0:
             return padded_dispatch.dispatch_combine
         if self.layout is None or self.force_flat:
-            return flat_dispatch_combine
-        key = self._shape_key(record, x_sub)
-        picked = self.choose(*key)
-        if self.ep_dispatch == "auto":
-            node_path = "head_affine" if self.head_groups > 1 else "two_level"
-            picked = self.tuner.pick(key, picked, ("flat", node_path))
-        if picked == "head_affine":
-            return head_affine_dispatch.dispatch_combine
-        return two_level.dispatch_combine if picked == "two_level" else flat_dispatch_combine
+            path = flat_dispatch_combine
+        else:
+            key = self._shape_key(record, x_sub)
+            picked = self.choose(*key)
+            if self.ep_dispatch == "auto" and not torch.compiler.is_compiling():
+                node_path = "head_affine" if self.head_groups > 1 else "two_level"
+                picked = self.tuner.pick(key, picked, ("flat", node_path))
+            path = {"head_affine": head_affine_dispatch.dispatch_combine,
+                    "two_level": two_level.dispatch_combine}.get(picked, flat_dispatch_combine)
+        # The count-sized paths read counts back and size everything by them: traced, every new set of
+        # counts would be a recompilation (then eager after torch's recompile limit). Run them eagerly.
+        return torch.compiler.disable(path) if torch.compiler.is_compiling() else path
 
     def dispatch(self, x_sub: torch.Tensor, record: RoutingRecord, run_experts: Callable) -> torch.Tensor:
         """x_sub (S, d_sub) and its routing record -> (S, d_sub): each sub-token's gate-weighted expert outputs.
@@ -281,7 +286,8 @@ class MoEDispatcher:
                           recv_budget=self.recv_budget, layout=self.layout, chunks=self.chunks,
                           head_groups=self.head_groups, num_heads=self.num_heads)
         run = self.path(record, x_sub)
-        if self.layout is None or self.force_flat or run is padded_dispatch.dispatch_combine:
+        if self.layout is None or self.force_flat or run is padded_dispatch.dispatch_combine \
+                or torch.compiler.is_compiling():
             return run(x_sub, record, run_experts, env)
         return self.tuner.timed(self._shape_key(record, x_sub), lambda x: run(x, record, run_experts, env), x_sub)
 

@@ -44,6 +44,17 @@ class GroupedExperts(nn.Module):
         """
         return grouped_ffn(rows, self.w1, self.w2, self.w3, counts, self.activation == "swiglu")
 
+    def forward_padded(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (E_local, M, d_in): M rows per expert, as the capacity-slot dispatch gives them -> same shape.
+
+        Batched GEMMs by autograd: static shapes and no Python-side counts, which is what torch.compile
+        (fullgraph) and CUDA graphs need. Empty slots are zero rows: with no biases and act(0) = 0 they give
+        zero outputs and add nothing to the weight gradients, as in `forward`."""
+        w1, w2, w3 = self.w1.to(rows.dtype), self.w2.to(rows.dtype), self.w3
+        if self.activation == "swiglu":
+            return torch.bmm(F.silu(torch.bmm(rows, w1)) * torch.bmm(rows, w3.to(rows.dtype)), w2)
+        return torch.bmm(F.gelu(torch.bmm(rows, w1)), w2)  # (E_local, M, d_in)
+
     def forward_combine(self, x: torch.Tensor, src: torch.Tensor, weights: torch.Tensor, counts: list[int],
                         num_rows: int):
         """EP=1: zeros(num_rows, d_in).index_add(0, src, weights[:, None] * forward(x[src], counts)) as one

@@ -26,6 +26,7 @@ from megatron_mhmoe.moe.balancing import LayerBalance
 from megatron_mhmoe.moe.bias_balancing import ExpertBias
 from megatron_mhmoe.moe.dispatcher import MoEDispatcher
 from megatron_mhmoe.moe.experts import GroupedExperts
+from megatron_mhmoe.moe.fixed_counts import fixed_bincount
 from megatron_mhmoe.moe.losses import global_balance_loss, load_balance_loss, sequence_balance_loss
 from megatron_mhmoe.moe.metrics import MoEStats, divergence_histogram
 from megatron_mhmoe.moe.router import SigmoidGate, SoftmaxGate, XMoEGate, choose
@@ -183,7 +184,7 @@ class MHMoELayer(nn.Module):
         disp, moe, E, h = self.dispatcher, self.moe, self.moe.num_experts, self.moe.num_heads
         choice, keep = rec.choice, rec.keep
         e_flat = rec.flat_experts
-        kept_local = torch.bincount(e_flat[keep] if keep is not None else e_flat, minlength=E)
+        kept_local = fixed_bincount(e_flat, E, keep)  # (E,) the kept assignments (all when dropless)
         div_local = divergence_histogram(choice.experts, h)
         # Fan-out: distinct expert groups and EP ranks a token's h*k choices reach (before capacity).
         groups_local = divergence_histogram(choice.experts // (E // moe.route_groups), h)
@@ -191,9 +192,9 @@ class MHMoELayer(nn.Module):
         # Sub-token i (token-major) is head i mod h; every one of its k choices counts.
         n_sub = choice.experts.shape[0]
         head = (torch.arange(n_sub, device=e_flat.device) % h).repeat_interleave(choice.experts.shape[1])
-        head_local = torch.bincount(head * E + choice.experts.reshape(-1), minlength=h * E)
+        head_local = fixed_bincount(head * E + choice.experts.reshape(-1), h * E)
         # The balance counts ride on the same exchange (no extra collective with a bias or group limit).
-        balance_local = torch.bincount(balance_ids.reshape(-1), minlength=E)
+        balance_local = fixed_bincount(balance_ids, E)
         parts = [kept_local, div_local, groups_local, ranks_local, head_local, balance_local]
         if moe.quantile_balancing:  # an empty forward (or debug routing) bins nothing
             hist = choice.required_bias_hist

@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_mhmoe.moe.fixed_counts import fixed_bincount
+
 
 @dataclass
 class MoEStats:
@@ -101,7 +103,7 @@ def divergence_histogram(experts: torch.Tensor, num_heads: int) -> torch.Tensor:
     per_token = experts.reshape(S // num_heads, num_heads * k)  # (n, h*k)
     s, _ = per_token.sort(dim=1)
     distinct = 1 + (s[:, 1:] != s[:, :-1]).sum(dim=1)  # (n,)
-    return torch.bincount(distinct, minlength=num_heads * k + 1)
+    return fixed_bincount(distinct, num_heads * k + 1)
 
 
 def maxvio(counts: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,12 @@ def dispatch_combine(x_sub: torch.Tensor, record, run_experts: Callable, env) ->
     tick("all_to_all")
     # 4.
     rows = recv.view(ep_size, E_local, C, d).transpose(0, 1).reshape(E_local * ep_size * C, d)  # (E_local*EP*C, d)
-    out = run_experts(rows, [ep_size * C] * E_local)  # (E_local*EP*C, d)
+    if torch.compiler.is_compiling() and hasattr(run_experts, "forward_padded"):
+        # Traced: batched GEMMs over the static (E_local, EP*C, d) layout (the grouped node's Python-side
+        # chunking is not traceable); eager keeps the grouped node (its results are unchanged).
+        out = run_experts.forward_padded(rows.view(E_local, ep_size * C, d)).reshape(E_local * ep_size * C, d)
+    else:
+        out = run_experts(rows, [ep_size * C] * E_local)  # (E_local*EP*C, d)
     tick("experts")
     # 5.
     out = out.view(E_local, ep_size, C, d).transpose(0, 1).reshape(ep_size * E_local * C, d)  # (EP*E_local*C, d)

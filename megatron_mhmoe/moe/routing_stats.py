@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from megatron_mhmoe.moe.fixed_counts import fixed_bincount
 from megatron_mhmoe.moe.routing import RoutingRecord
 from megatron_mhmoe.parallel import comm
 
@@ -28,8 +29,7 @@ FIELDS = ("kept", "divergence", "fanout_groups", "fanout_ranks", "head_counts")
 
 def counts(ids: torch.Tensor, n: int, weights: torch.Tensor | None = None) -> torch.Tensor:
     """(m,) ids in [0, n) -> (n,) int64 occurrences (weighted by 0/1 `weights` when given), on ids' device."""
-    ones = torch.ones_like(ids) if weights is None else weights.to(ids.dtype)
-    return torch.zeros(n, dtype=torch.long, device=ids.device).scatter_add_(0, ids, ones)
+    return fixed_bincount(ids, n, weights)
 
 
 def distinct_histogram(experts: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from megatron_mhmoe.model.compile import compile_blocks
 from megatron_mhmoe.parallel import comm, grads
 from megatron_mhmoe.parallel.context import ParallelContext
 from megatron_mhmoe.parallel.params import is_expert
@@ -230,6 +231,8 @@ class Engine:
         self.zero_stage, self.precision, self.clip_grad = t.zero_stage, t.precision, float(t.clip_grad)
         self.device = accelerator_device()
         attach_moe_markers(model, ctx)
+        if t.compile:  # in place, before DeepSpeed wraps the model (model/compile.py)
+            compile_blocks(model, t.compile_backend)
         grads.install_tp_partial_grad_hooks(model, ctx)
         mark_norm_ownership(model)
         self.ds_config = build_ds_config(run_cfg, ctx.world_size, ds_base)

@@ -70,6 +70,15 @@ class TrainConfig:
     """ZeRO optimizer state offload to CPU (ZeRO 1/2)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in backward."""
+    compile: bool = False
+    """Wrap each transformer block in torch.compile (in place: parameter names and checkpoints unchanged),
+    static shapes (dynamic=False). With model.moe.a2a_device_counts=true and a capacity the MoE layer has no
+    graph break (what CUDA graphs need too); the dropless path breaks the graph where it reads counts back.
+    docs/compile.md has the measured speeds."""
+    compile_backend: str = "inductor"
+    """The torch.compile backend of train.compile: 'inductor' (code generation; needs a C++ compiler on
+    CPU), 'aot_eager' (traces forward and backward graphs and runs them without code generation: checks
+    that a model compiles, in seconds), or any other name torch._dynamo.list_backends(exclude_tags=()) gives."""
     seed: int = 1234
     """Seed of weights, data order and dropout."""
     save_dir: str = "runs/default/checkpoints"
@@ -252,6 +261,9 @@ class RunConfig:
                 f"(a throughput/memory worst case, not a model worth training): pass "
                 f"--train.allow_debug_routing=true to train with it anyway, or --model.moe.debug_routing= to "
                 f"route normally")
+        if t.compile:
+            from megatron_mhmoe.model.compile import check_backend
+            check_backend(t.compile_backend)
         if m.moe is not None and not (m.moe.capacity_factor >= 0.0 and math.isfinite(m.moe.capacity_factor)):
             raise ValueError(f"model.moe.capacity_factor={m.moe.capacity_factor} must be >= 0 (0 = dropless)")
 
