@@ -60,23 +60,16 @@ def _range_category(name: str) -> Optional[str]:
     return None
 
 
-def aggregate(evs: Sequence[Ev], steps: int) -> dict:
-    """{category: [forward us, backward us]} per step, and {'total': us per step}, from events in start order.
-
-    Step-level ranges ('backward', 'optimizer', ...) count as forward: they are outside the model's forward."""
-    children: list[list[int]] = [[] for _ in evs]
-    for i, e in enumerate(evs):
-        if e.parent >= 0:
-            children[e.parent].append(i)
-    # 2. Direct children of a dispatcher range: the phase of the next marker; gaps go to the next child.
+def _dispatcher_phases(evs: Sequence[Ev], children: list) -> tuple[dict, dict]:
+    """2. Direct children of a dispatcher range: the phase of the next marker; gaps go to the next child.
+    Returns ({child index: phase}, {child index: us between it and the previous child})."""
     phase_of: dict[int, str] = {}
     gap_us: dict[int, float] = {}
     for i, e in enumerate(evs):
         if e.name != DISPATCHER:
             continue
-        kids = children[i]
         pending, prev_end = [], e.start
-        for c in kids:
+        for c in children[i]:
             gap_us[c] = max(0.0, evs[c].start - prev_end)
             prev_end = max(prev_end, evs[c].end)
             if evs[c].name.startswith(PHASE_END):
@@ -88,6 +81,18 @@ def aggregate(evs: Sequence[Ev], steps: int) -> dict:
                 pending.append(c)
         for p in pending:
             phase_of[p] = "moe/dispatch"
+    return phase_of, gap_us
+
+
+def aggregate(evs: Sequence[Ev], steps: int) -> dict:
+    """{category: [forward us, backward us]} per step, and {'total': us per step}, from events in start order.
+
+    Step-level ranges ('backward', 'optimizer', ...) count as forward: they are outside the model's forward."""
+    children: list[list[int]] = [[] for _ in evs]
+    for i, e in enumerate(evs):
+        if e.parent >= 0:
+            children[e.parent].append(i)
+    phase_of, gap_us = _dispatcher_phases(evs, children)
     # Forward op sequence numbers -> their category (1.), for 3.
     fwd_cat: dict[int, str] = {}
     resolved: dict[int, tuple[Optional[str], bool, bool]] = {}  # index -> (category, backward?, in a step)
