@@ -50,7 +50,7 @@ def _pm(vals: list, fmt: str) -> str:
     if not vals:
         return "n/a"
     sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{format(statistics.mean(vals), fmt)} ± {format(sd, fmt)}"
+    return f"{format(statistics.mean(vals), fmt)} ± {format(sd, fmt.replace('+', ''))}"
 
 
 def table(sweep_dir: str) -> str:
