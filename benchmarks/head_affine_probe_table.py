@@ -2,7 +2,7 @@
 
   python benchmarks/head_affine_probe_table.py runs/sweeps/head_affine
 
-One row per variant (shared, head-G2, head-G4, group-M1), mean ± std over the finished seeds: validation
+One row per variant (shared, head-G2, head-G4, group-M1), mean ± std over the seeds every variant finished: validation
 perplexity, its difference from the shared pool's run of the same seed, activation ratio and effective experts (over the 64), MaxVio, and per head (moe_stats.json,
 validation set, final weights): effective experts of one head, the share of a head's reachable experts
 (E/G with head_groups G, else E) that it activates, and the mutual information between head and expert
@@ -42,7 +42,9 @@ def rows(sweep_dir: str) -> dict:
             head_effective_experts=stats["head_effective_experts"],
             head_reach_activation=stats["head_activation_ratio"] * E / reach,
             mi_head_expert_bits=stats["mi_head_expert_bits"], heads=heads, reach=reach))
-    return out
+    # Only the seeds every variant finished, so that the rows compare the same seeds.
+    common = set.intersection(*({r["seed"] for r in rs} for rs in out.values())) if out else set()
+    return {v: [r for r in rs if r["seed"] in common] for v, rs in out.items()}
 
 
 def _pm(vals: list, fmt: str) -> str:
