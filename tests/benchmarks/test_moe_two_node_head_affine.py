@@ -82,3 +82,20 @@ def test_docs_tables_are_summarize_of_the_saved_runs():
                    "group-limited routing is 2.80 under the hot-token skew",
                    "head-affine 0.55x flat under the hot-token skew (group-limited\n0.83x)"):
         assert quoted in doc, quoted
+
+
+def test_docs_probe_table_is_the_saved_one():
+    """The quality probe's table in the docs is the saved one, and its claim holds run by run: both head-affine
+    variants below the shared pool in every seed that finished."""
+    import re
+    saved = open(os.path.join(REPO, "benchmarks", "results", "2026-12-08-head_affine_probe.md"), encoding="utf-8").read()
+    doc = open(os.path.join(REPO, "docs", "head-affine-placement.md"), encoding="utf-8").read()
+    table = saved.split("\n\n")[2].strip()
+    assert table.startswith("| variant |") and table in doc
+    ppl = {m.group(1): float(m.group(2)) for m in re.finditer(r"\| mhmoe-h4-params-E64-(\S+) \| ([\d.]+) \|", saved)}
+    seeds = sorted({k.rsplit("-s", 1)[1] for k in ppl if k.startswith("shared-")})
+    assert len(seeds) >= 2
+    for s in seeds:
+        for g in ("head-G2", "head-G4"):
+            assert ppl[f"{g}-s{s}"] < ppl[f"shared-s{s}"], (g, s)
+    assert "It costs no quality" in doc or "it costs no quality" in doc
