@@ -81,15 +81,17 @@ def test_results_table_is_summarize_of_the_final_runs():
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tc") is None, reason="needs root and iproute2")
-def test_netns_script_builds_one_nic_per_rank_and_always_cleans_up():
+def test_netns_script_builds_one_nic_per_rank_and_always_cleans_up(monkeypatch):
+    # Its own prefix: `down` removes every namespace of a prefix, and a benchmark may be running in mhr_*.
+    monkeypatch.setenv("MHMOE_NETNS_PREFIX", "mht")
     script = os.path.join(REPO, "benchmarks", "two_node_netns.sh")
 
     def ours():
         out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        return sorted(line.split()[0] for line in out.splitlines() if line.startswith("mhr_"))
+        return sorted(line.split()[0] for line in out.splitlines() if line.startswith("mht_"))
     try:
         subprocess.run([script, "up", "1gbit", "2"], check=True)
-        assert ours() == ["mhr_rank0", "mhr_rank1", "mhr_rank2", "mhr_rank3", "mhr_switch"]
+        assert ours() == ["mht_rank0", "mht_rank1", "mht_rank2", "mht_rank3", "mht_switch"]
         for r in range(4):  # the rank's NIC with its address and tbf; the node link's host route to its mate
             ns, nic, addr = moe_two_node.rank_net(2, r)
             ip = subprocess.run(["ip", "netns", "exec", ns, "ip", "-o", "addr", "show", nic], capture_output=True,
@@ -101,7 +103,7 @@ def test_netns_script_builds_one_nic_per_rank_and_always_cleans_up():
             mate = moe_two_node.rank_net(2, r ^ 1)[2]
             route = subprocess.run(["ip", "netns", "exec", ns, "ip", "route", "get", mate], capture_output=True,
                                    text=True).stdout
-            assert f"dev mhr_node{r}" in route, route
+            assert f"dev mht_node{r}" in route, route
         subprocess.run([script, "down"], check=True)
         assert ours() == []
         # A step that fails half-way (a bad rate, after the namespaces exist) leaves nothing behind.
