@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -54,7 +55,7 @@ def test_summarize_takes_median_and_range_of_json_lines(tmp_path):
 
 
 
-RUNS = [os.path.join(REPO, "benchmarks", "results", f"2026-12-07-moe_two_node-rails-run{i}.txt") for i in (1, 2, 3)]
+RUNS = [os.path.join(REPO, "benchmarks", "results", f"2026-12-08-moe_two_node-rails-run{i}.txt") for i in (1, 2, 3)]
 
 
 def test_results_table_is_summarize_of_the_final_runs():
@@ -65,18 +66,18 @@ def test_results_table_is_summarize_of_the_final_runs():
     assert len(rows) == 3 * 2 * 3 * 5  # runs x rails x rates x modes
     for r in rows:
         assert len(r["rail_mb"]) == (4 if r["rails"] == 2 else 2), r  # a counter per NIC
-        # The NICs' counters: the dispatcher's exact count plus TCP/IP headers and gloo's own messages
-        # (under 10%); the count within 2% of the uniform-routing formula.
-        assert 1.0 <= r["link_mb"] / r["counted_mb"] <= 1.1, r
+        # The NICs' counters: the dispatcher's exact count plus TCP/IP headers, gloo's own messages and
+        # retransmissions (up to 10.2% measured: flat at 1 Gbit/s, 2 NICs); the count within 2% of the
+        # uniform-routing formula.
+        assert 1.0 <= r["link_mb"] / r["counted_mb"] <= 1.12, r
         assert abs(r["counted_mb"] / r["formula_mb"] - 1) < 0.02, r
         # Bytes per NIC: the NICs of a node within 10% of each other on the two-level paths (one per rank).
         if r["mode"].startswith("two-level") and r["rails"] == 2:
             for node in (r["rail_mb"][:2], r["rail_mb"][2:]):
                 assert max(node) <= 1.1 * min(node), r
     page = open(os.path.join(REPO, "docs", "cross-node.md"), encoding="utf-8").read()
-    for quoted in ("met (0.80x, runs\n0.70-0.81)", "met (0.93x)", "slower (1.17x)", "met (0.57x)",
-                   "1.13x\nflat there with overlap (runs 1.06-1.47)", "is 186 ms flat and 294 ms",
-                   "+89 ms (1 NIC) / +102 ms (2 NICs)", "0.72 s at line rate, in\na 1.42 s step"):
+    for quoted in ("met (0.63x, runs\n0.59-0.69; without overlap 0.89x)", "missed (1.13x)", "(1.52x)", "met (0.44x)",
+                   "0.72 s at line rate, in a 1.41 s step", "(1.15x flat there with overlap)", "0.97x (runs 0.94-1.00)"):
         assert quoted in page, quoted  # the figures docs/cross-node.md reads off the table
 
 
@@ -111,3 +112,26 @@ def test_netns_script_builds_one_nic_per_rank_and_always_cleans_up(monkeypatch):
         assert ours() == []
     finally:
         subprocess.run([script, "down"], check=False)
+
+
+def test_auto_kept_the_faster_path_in_every_final_run():
+    """auto's measured choice (moe/path_tuner.py) on the simulator: in every (run, rate, NICs) case its pick is
+    the faster of flat and the two-level path it tried (by its trial), whatever its cost model preferred."""
+    rows = [json.loads(line[5:]) for path in RUNS for line in open(path) if line.startswith("JSON ")]
+    autos = [r for r in rows if r["mode"] == "auto"]
+    assert len(autos) == 3 * 2 * 3
+    for r in autos:
+        faster = "two_level" if r["tune_two_level_ms"] < r["tune_flat_ms"] else "flat"
+        assert r["picked"] == faster, r
+    # ... and the trial's verdict is the benchmark's: where a path is slower by 10% or more in the table's
+    # medians, auto did not keep it.
+    step = {(r["rate"], r["rails"], r["mode"]): [] for r in rows}
+    for r in rows:
+        step[(r["rate"], r["rails"], r["mode"])].append(r["step_ms"])
+    for r in autos:
+        flat = statistics.median(step[(r["rate"], r["rails"], "flat")])
+        two = statistics.median(step[(r["rate"], r["rails"], "two-level+overlap")])
+        if two < 0.9 * flat:
+            assert r["picked"] == "two_level", r
+        if flat < 0.9 * two:
+            assert r["picked"] == "flat", r
