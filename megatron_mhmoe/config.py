@@ -271,7 +271,7 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
 
 
 def _validate_groups(moe: MoEConfig) -> None:
-    from megatron_mhmoe.moe.head_affine import check_routing
+    from megatron_mhmoe.moe.head_groups_check import check_routing
     G, M, E, k = moe.route_groups, moe.route_group_limit, moe.num_experts, moe.top_k
     if G < 1 or E % G:
         raise ValueError(f"moe.route_groups={G} must be >= 1 and divide num_experts={E} "

@@ -26,7 +26,8 @@ from typing import Callable
 
 import torch
 
-from megatron_mhmoe.moe import ep_cost, head_affine, head_affine_dispatch, padded_dispatch, path_tuner, two_level
+from megatron_mhmoe.moe import (ep_cost, head_affine, head_affine_dispatch, head_groups_check, padded_dispatch,
+                                path_tuner, two_level)
 from megatron_mhmoe.moe.dispatch_env import (  # noqa: F401  (_device_clock, _record_event: patched by tests)
     DispatchEnv, DispatchProfile, _device_clock, _record_event, _span_seconds)
 from megatron_mhmoe.moe.gate_combine import gate_combine
@@ -142,7 +143,7 @@ class MoEDispatcher:
         self.head_groups = head_affine.resolve(setting, self.layout)
         """G of head-affine routing (model.moe.head_groups resolved on this layout; 1 = off)."""
         if moe is not None:
-            head_affine.check_routing(self.head_groups, moe.num_heads, num_experts, moe.top_k,
+            head_groups_check.check_routing(self.head_groups, moe.num_heads, num_experts, moe.top_k,
                                       where=f"model.moe.head_groups={setting!r} ->")
         head_affine.check_placement(self.head_groups, self.layout, num_experts)
         self.num_heads = moe.num_heads if moe is not None else 1

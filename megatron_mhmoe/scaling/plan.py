@@ -128,7 +128,7 @@ def head_affine_placement(model: ModelConfig, setting, ep: int, ranks_per_node: 
     """(G, one line saying where each head's experts live) for head_groups `setting` (an int or 'nodes') on
     an EP group of `ep` ranks, `ranks_per_node` per node; (1, '') when off. ValueError with the arithmetic
     when G does not fit the heads, the experts or the nodes (moe/head_affine.py)."""
-    from megatron_mhmoe.moe import head_affine
+    from megatron_mhmoe.moe import head_affine, head_groups_check
     from megatron_mhmoe.moe.two_level import node_layout
     moe = model.moe
     if moe is None or setting in (0, 1, None):
@@ -138,7 +138,7 @@ def head_affine_placement(model: ModelConfig, setting, ep: int, ranks_per_node: 
     if G <= 1:
         return 1, ""
     E, h = moe.num_experts, moe.num_heads
-    head_affine.check_routing(G, h, E, moe.top_k, where=f"head_groups={setting!r} ->")
+    head_groups_check.check_routing(G, h, E, moe.top_k, where=f"head_groups={setting!r} ->")
     head_affine.check_placement(G, layout, E)
     groups = f"G={G}: head j routes among experts of group j mod {G} ({E // G} each)"
     if layout is None:
