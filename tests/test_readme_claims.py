@@ -224,10 +224,12 @@ def _path_exists(p: str) -> bool:
 
 def test_every_repository_path_in_the_docs_exists():
     """Paths under the checkout, in the README and every docs/ page; `runtime/x.py`-style short paths are under
-    megatron_mhmoe/, and `runtime/engine.Engine` names an attribute of that module."""
+    megatron_mhmoe/, and `runtime/engine.Engine` names an attribute of that module. The step breakdown's
+    categories (`moe/router`, ...: runtime/step_breakdown.ORDER) are names, not paths."""
+    from megatron_mhmoe.runtime.step_breakdown import ORDER  # the breakdown's categories read like paths
     missing = []
     for name, text in all_docs().items():
-        missing += [f"{name}: {p}" for p in sorted(doc_paths(text)) if not _path_exists(p)]
+        missing += [f"{name}: {p}" for p in sorted(doc_paths(text)) if not _path_exists(p) and p not in ORDER]
     assert missing == []
     assert len(doc_paths(flat(" ".join(all_docs().values())))) > 100  # the pattern still finds the paths
 

@@ -30,7 +30,7 @@ import torch
 
 from megatron_mhmoe.moe import head_affine
 from megatron_mhmoe.moe.gate_combine import gate_combine
-from megatron_mhmoe.moe.two_level import _Route, id_dtype, pack_ids, unpack_ids
+from megatron_mhmoe.moe.two_level import _Route, advance_in_turn, id_dtype, pack_ids, unpack_ids
 from megatron_mhmoe.parallel import comm
 
 
@@ -124,15 +124,5 @@ def dispatch_combine(x_sub: torch.Tensor, record, run_experts, env) -> torch.Ten
         kc = keep2[:, lo:hi].reshape(-1) if keep2 is not None else None  # (k*(hi-lo),) choice-major
         coros.append(chunk_coroutine(env, x_sub[lo:hi], experts[lo:hi], gates[lo:hi], kc, run_experts, res))
         results.append(res)
-    # Every rank advances the chunks in the same order, so the collectives match across ranks.
-    live = list(coros)
-    while live:
-        nxt = []
-        for co in live:
-            try:
-                next(co)
-                nxt.append(co)
-            except StopIteration:
-                pass
-        live = nxt
+    advance_in_turn(coros)
     return torch.cat([r[0] for r in results], 0)  # (S, d_sub)

@@ -28,7 +28,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
+
+from megatron_mhmoe.parallel import comm
 
 PATHS = ("flat", "two_level")
 """The default pair; a dispatcher whose node-aware path is another (head-affine) passes its own."""
@@ -50,6 +51,8 @@ class Trial:
     calls: int = 0
     current: tuple = (-1, "")
     """(index, path) of the forward picked last."""
+    device: torch.device = torch.device("cpu")
+    """Where the sub-tokens are: the decision's all-reduce runs there (NCCL takes no host tensors)."""
     forward: dict = field(default_factory=dict)
     """Seconds of each measured forward, per path."""
     backward: dict = field(default_factory=dict)
@@ -108,7 +111,7 @@ class PathTuner:
         if trial is None or not torch.is_grad_enabled():
             return run(x_sub)
         n, path = trial.current
-        trial.current = (-1, "")
+        trial.current, trial.device = (-1, ""), x_sub.device
         if n < 2:  # the warm-up of each path (or no pick for this forward)
             return run(x_sub)
         dev = x_sub.device
@@ -139,9 +142,10 @@ class PathTuner:
         full = [min(f + b for f, b in zip(trial.forward[p], trial.backward[p]))
                 if len(trial.backward[p]) == len(trial.forward[p]) else 0.0 for p in paths]
         complete = all(len(trial.backward[p]) == len(trial.forward[p]) for p in paths)
-        vec = torch.tensor(fwd + full + [-float(complete)], dtype=torch.float64)
-        if self.group is not None and dist.is_initialized():
-            dist.all_reduce(vec, op=dist.ReduceOp.MAX, group=self.group)
+        vec = torch.tensor(fwd + full + [-float(complete)], dtype=torch.float64, device=trial.device)
+        if self.group is not None:
+            vec = comm.all_reduce_(vec, self.group, op="max")
+        vec = vec.cpu()  # the one host read of the trial
         with_backward = bool(vec[4] < -0.5)
         times = vec[2:4] if with_backward else vec[0:2]
         picked = paths[1] if times[1] < times[0] else paths[0]

@@ -290,6 +290,21 @@ def chunk_coroutine(env, x_sub, experts, gates, keep, run_experts, result: list)
     result[0] = partial.new_zeros(S, d_sub).index_add(0, pk_tok, partial)  # (S, d_sub)
 
 
+def advance_in_turn(coros: list) -> None:
+    """Run chunk coroutines to the end, one step of each in turn: one chunk's exchange is in flight while the
+    next chunk works. Every rank advances its chunks in the same order, so the collectives match across ranks."""
+    live = list(coros)
+    while live:
+        nxt = []
+        for co in live:
+            try:
+                next(co)
+                nxt.append(co)
+            except StopIteration:
+                pass
+        live = nxt
+
+
 def dispatch_combine(x_sub: torch.Tensor, record, run_experts, env) -> torch.Tensor:
     """x_sub (S, d_sub), a routing.RoutingRecord -> (S, d_sub), in env.chunks pipelined chunks of
     consecutive sub-tokens (each chunk's outputs depend only on its own sub-tokens). The path interface of
@@ -316,15 +331,5 @@ def dispatch_combine(x_sub: torch.Tensor, record, run_experts, env) -> torch.Ten
     env.profile.internode_bytes += width * 8 * len(env.layout.remote_peers(env.ctx.ep_rank))
     for co, mine in zip(coros, everyone):
         co.send(mine)  # runs the chunk up to its first inter-node exchange
-    # Every rank advances the chunks in the same order, so the collectives match across ranks.
-    live = list(coros)
-    while live:
-        nxt = []
-        for co in live:
-            try:
-                next(co)
-                nxt.append(co)
-            except StopIteration:
-                pass
-        live = nxt
+    advance_in_turn(coros)
     return torch.cat([r[0] for r in results], 0)  # (S, d_sub)
