@@ -221,7 +221,7 @@ def main(argv: Optional[list] = None) -> int:
 
     from megatron_mhmoe.parallel import comm
     from megatron_mhmoe.runtime import engine
-    from megatron_mhmoe.runtime.cli import parse_args, resolve_config
+    from megatron_mhmoe.launch.cli import parse_args, resolve_config
     from megatron_mhmoe.runtime.trainer import Trainer
 
     ap = argparse.ArgumentParser(add_help=False)
