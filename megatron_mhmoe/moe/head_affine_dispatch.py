@@ -29,8 +29,7 @@ from __future__ import annotations
 import torch
 
 from megatron_mhmoe.moe import head_affine
-from megatron_mhmoe.moe.gate_combine import gate_combine
-from megatron_mhmoe.moe.two_level import _Route, advance_in_turn, id_dtype, pack_ids, unpack_ids
+from megatron_mhmoe.moe.two_level import _Route, advance_in_turn, experts_in_node, id_dtype, pack_ids, unpack_ids
 from megatron_mhmoe.parallel import comm
 
 
@@ -77,28 +76,7 @@ def chunk_coroutine(env, x_sub, experts, gates, keep, run_experts, result: list)
     node_group = env.ctx.ep_node_group(L)
     send3 = torch.bincount(owner, minlength=L)  # (L,)
     recv3 = comm.all_to_all_v(send3, [1] * L, [1] * L, node_group).tolist() if L > 1 else send3.tolist()
-    env.profile.rows_received += sum(recv3)
-    env.check_budget(sum(recv3), x_sub)  # before the owner's receive buffer exists
-    if E_local > 256 and x_sub.dtype != torch.float32:
-        raise ValueError(f"{E_local} experts per rank do not fit the {x_sub.dtype} id column of the head-affine "
-                         f"fan-out (at most 256 below fp32): use fp32, more EP ranks or the flat path")
-    fan = _Route(env, node_group, owner, recv3, [])
-    local_col = (a_e % E_local).to(held.dtype).view(-1, 1)  # (A, 1) the owner's local expert, exact
-    rows = fan.forward(torch.cat([held[:, :d_sub].index_select(0, a_h), local_col], 1))  # (m, d_sub + 1)
-    local = rows[:, d_sub].detach().long()  # (m,)
-    rows = rows[:, :d_sub]  # (m, d_sub)
-    # 4. Regroup by local expert, run the experts, back to arrival order.
-    regroup = torch.argsort(local, stable=True)  # (m,)
-    counts = torch.bincount(local, minlength=E_local).tolist()
-    t = env.mark()
-    out = run_experts(rows.index_select(0, regroup), counts)  # (m, d_sub)
-    env.close("experts", t)
-    inverse = torch.empty_like(regroup)
-    inverse[regroup] = torch.arange(regroup.numel(), device=dev)
-    out = out.index_select(0, inverse)  # (m, d_sub)
-    # 5. Back to the holder: one partial row per packet, weighted by the gates the packet carried.
-    out = fan.back(out)  # (A, d_sub)
-    partial = gate_combine(out, held[:, d_sub:d_sub + k][a_h, a_j], a_h, held.shape[0])  # (S, d_sub)
+    partial = experts_in_node(env, held, a_h, a_j, a_e, recv3, d_sub, k, run_experts, "head-affine")  # (S, d_sub)
     # 6. Over the same rail, back to the sub-token (one packet each: back_finish restores their order).
     back, pend = rail.back_start(partial)
     yield

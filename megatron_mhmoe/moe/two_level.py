@@ -216,6 +216,37 @@ class _Route:
         return self.back_finish(*self.back_start(rows))
 
 
+def experts_in_node(env, held, a_h, a_j, a_local, recv3: list, d_sub: int, k: int, run_experts,
+                    path: str) -> torch.Tensor:
+    """Steps 3-5 of a packet path, in the node that holds the packets `held` (H, d_sub + k + c): assignment
+    (packet a_h, choice a_j) goes to the owner of its node-local expert a_local over the node's group (this
+    rank receives recv3 rows from each node-mate), the experts run on exact counts, and the outputs return to
+    the holder, which adds each times the gate its packet carried into one partial row per packet (H, d_sub)."""
+    E_local, L = env.num_local_experts, env.layout.per_node
+    env.profile.rows_received += sum(recv3)
+    env.check_budget(sum(recv3), held)  # before the owner's receive buffer exists
+    if E_local > 256 and held.dtype != torch.float32:
+        raise ValueError(f"{E_local} experts per rank do not fit the {held.dtype} id column of the {path} "
+                         f"fan-out (at most 256 below fp32): use fp32, more EP ranks or the flat path")
+    fan = _Route(env, env.ctx.ep_node_group(L), a_local // E_local, recv3, [])
+    local_col = (a_local % E_local).to(held.dtype).view(-1, 1)  # (A, 1) the owner's local expert, exact
+    rows = fan.forward(torch.cat([held[:, :d_sub].index_select(0, a_h), local_col], 1))  # (m, d_sub + 1)
+    local = rows[:, d_sub].detach().long()  # (m,)
+    rows = rows[:, :d_sub]  # (m, d_sub)
+    # 4. Regroup by local expert, run the experts.
+    regroup = torch.argsort(local, stable=True)  # (m,)
+    counts = torch.bincount(local, minlength=E_local).tolist()
+    t = env.mark()  # device events on CUDA (the experts' kernels run asynchronously there)
+    out = run_experts(rows.index_select(0, regroup), counts)  # (m, d_sub)
+    env.close("experts", t)
+    inverse = torch.empty_like(regroup)
+    inverse[regroup] = torch.arange(regroup.numel(), device=held.device)
+    out = out.index_select(0, inverse)  # (m, d_sub) in arrival order
+    # 5. Back to the holder, weighted by the gates carried in the packet: one partial row per packet.
+    out = fan.back(out)  # (A, d_sub)
+    return gate_combine(out, held[:, d_sub:d_sub + k][a_h, a_j], a_h, held.shape[0])  # (H, d_sub)
+
+
 def chunk_coroutine(env, x_sub, experts, gates, keep, run_experts, result: list):
     """Steps 1-6 for one chunk; yields while its inter-node exchanges are in flight; result[0] = (S, d_sub)."""
     S, k = experts.shape
@@ -260,29 +291,8 @@ def chunk_coroutine(env, x_sub, experts, gates, keep, run_experts, result: list)
     ids = unpack_ids(held[:, d_sub + k:], k, idt)  # (H, k) node-local expert ids, -1 = none
     # 3. Expand to (packet, choice) assignments and send each row to its expert's owner on this node.
     a_h, a_j = (ids >= 0).nonzero(as_tuple=True)  # (A,), (A,) packet-major
-    a_e = ids[a_h, a_j].long() + my_node * E_node  # (A,) global expert id
-    env.profile.rows_received += sum(recv3)
-    env.check_budget(sum(recv3), x_sub)  # before the owner's receive buffer exists
-    if E_local > 256 and x_sub.dtype != torch.float32:
-        raise ValueError(f"{E_local} experts per rank do not fit the {x_sub.dtype} id column of the two-level "
-                         f"fan-out (at most 256 below fp32): use fp32, more EP ranks or the flat path")
-    fan = _Route(env, env.ctx.ep_node_group(L), a_e // E_local - my_node * L, recv3, [])
-    local_col = (a_e % E_local).to(held.dtype).view(-1, 1)  # (A, 1) the owner's local expert, exact
-    rows = fan.forward(torch.cat([held[:, :d_sub].index_select(0, a_h), local_col], 1))  # (m, d_sub + 1)
-    local = rows[:, d_sub].detach().long()  # (m,)
-    rows = rows[:, :d_sub]  # (m, d_sub)
-    # 4. Regroup by local expert, run the experts.
-    regroup = torch.argsort(local, stable=True)  # (m,)
-    counts = torch.bincount(local, minlength=E_local).tolist()
-    t = env.mark()  # device events on CUDA (the experts' kernels run asynchronously there)
-    out = run_experts(rows.index_select(0, regroup), counts)  # (m, d_sub)
-    env.close("experts", t)
-    inverse = torch.empty_like(regroup)
-    inverse[regroup] = torch.arange(regroup.numel(), device=dev)
-    out = out.index_select(0, inverse)  # (m, d_sub) in arrival order
-    # 5. Back to the holder, weighted by the gates carried in the packet: one partial row per packet.
-    out = fan.back(out)  # (A, d_sub)
-    partial = gate_combine(out, held[:, d_sub:d_sub + k][a_h, a_j], a_h, held.shape[0])  # (H, d_sub)
+    a_local = ids[a_h, a_j].long()  # (A,) node-local expert id
+    partial = experts_in_node(env, held, a_h, a_j, a_local, recv3, d_sub, k, run_experts, "two-level")  # (H, d_sub)
     # 6. Partial rows back over the same rail, then into the sub-tokens.
     back, pend = rail.back_start(partial)
     yield
