@@ -9,6 +9,9 @@ Dispatch of S local sub-tokens with k choices each (choice-major flat index f = 
 4. Received rows are ordered (source rank, local expert): regroup them by local expert.
 5. Run the local experts on exact counts (no padding to a capacity).
 6. Undo 4, reverse the all-to-all, and add each row times its gate into its sub-token's output.
+With EP > 1 the rows for a rank's own experts skip the all-to-alls: they run through the experts while
+the other rows are exchanged, and their backward while the conjugate exchange is (measured on the main
+job: docs/step-throughput.md).
 No dense [tokens x experts x capacity] tensor is built: memory is O(S*k*d), whatever E.
 
 Every path has one signature, path(x_sub, record, run_experts, env) (moe/dispatch_env.py): this flat
@@ -39,7 +42,7 @@ from megatron_mhmoe.step_spans import phase_end
 
 def flat_dispatch_combine(x_sub: torch.Tensor, record: RoutingRecord, run_experts: Callable,
                           env: DispatchEnv) -> torch.Tensor:
-    """x_sub (S, d_sub) -> (S, d_sub): one all-to-all over the EP group each way (steps 1-6 above)."""
+    """x_sub (S, d_sub) -> (S, d_sub): one all-to-all of rows over the EP group each way (steps 1-6 above)."""
     experts, gates, keep = record.experts, record.gates, record.keep
     order, e_flat = record.order, record.flat_experts
     S, k = experts.shape
@@ -58,11 +61,12 @@ def flat_dispatch_combine(x_sub: torch.Tensor, record: RoutingRecord, run_expert
         t0 = env.close("counts_exchange", t0)
     else:
         counts_host = counts.tolist()  # the one host sync of the dispatch
-    n = perm.shape[0]
+    if ep > 1:
+        return _exchange_around_home_experts(x_sub, gates, perm, counts_host, recv_host, run_experts, env, t0)
     src = perm % S  # (n,) sub-token of each row
-    if ep == 1 and hasattr(run_experts, "forward_combine"):
+    weights = gates.t().reshape(-1).index_select(0, perm)  # (n,) gate of each row
+    if hasattr(run_experts, "forward_combine"):
         # 2, 5 and 6 as one node that gathers rows per chunk (experts.GroupedExperts.forward_combine)
-        weights = gates.t().reshape(-1).index_select(0, perm)  # (n,)
         t0 = env.close("permute", t0)
         y = run_experts.forward_combine(x_sub, src, weights, counts_host, S)
         if y is not None:
@@ -71,39 +75,72 @@ def flat_dispatch_combine(x_sub: torch.Tensor, record: RoutingRecord, run_expert
     # 2.
     rows = x_sub.index_select(0, src)  # (n, d_sub)
     t0 = env.close("permute", t0)
-    if ep > 1:
-        # 3.
-        send_splits = [sum(counts_host[p * E_local:(p + 1) * E_local]) for p in range(ep)]
-        recv_splits = [sum(r) for r in recv_host]
-        env.profile.rows_sent = n
-        env.profile.rows_received = sum(recv_splits)
-        env.profile.bytes_sent = n * x_sub.shape[1] * x_sub.element_size() + counts.numel() * counts.element_size()
-        _flat_internode(send_splits, recv_splits, x_sub, env)
-        env.check_budget(env.profile.rows_received, x_sub)
-        rows = comm.all_to_all(rows, recv_splits, send_splits, env.ctx.ep_group)  # (m, d_sub)
-        t0 = env.close("all_to_all", t0)
-        # 4.
-        local_ids = torch.arange(E_local, device=rows.device).repeat(ep)  # (EP*E_local,)
-        local_ids = local_ids.repeat_interleave(recv_counts.reshape(-1), output_size=rows.shape[0])  # (m,)
-        regroup = torch.argsort(local_ids, stable=True)  # (m,)
-        rows = rows.index_select(0, regroup)
-        expert_counts = [sum(recv_host[p][e] for p in range(ep)) for e in range(E_local)]
-        t0 = env.close("permute", t0)
-    else:
-        expert_counts = counts_host
     # 5.
-    out = run_experts(rows, expert_counts)  # (m, d_sub)
+    out = run_experts(rows, counts_host)  # (n, d_sub)
     t0 = env.close("experts", t0)
     # 6.
-    if ep > 1:
+    y = gate_combine(out, weights.to(out.dtype), src, S)  # (S, d_sub)
+    env.close("combine", t0)
+    return y
+
+
+def _exchange_around_home_experts(x_sub: torch.Tensor, gates: torch.Tensor, perm: torch.Tensor, counts_host: list,
+                                  recv_host: list, run_experts: Callable, env: DispatchEnv, t0) -> torch.Tensor:
+    """Steps 2-6 for EP > 1. The rows for this rank's own experts ("home" rows) never enter the all-to-alls:
+    they run through the experts while the exchange of the other rows is in flight, and in the backward while
+    its conjugate is (comm.all_to_all_start / all_to_all_wait), so a rank that waits for a peer has work to
+    do meanwhile. The received rows come from the other ranks only, ordered (source rank, local expert); at
+    EP=2 that is one rank, so they arrive grouped by expert and step 4 has nothing to regroup."""
+    S, ep, me, E_local = x_sub.shape[0], env.ctx.ep_size, env.ctx.ep_rank, env.num_local_experts
+    group = env.ctx.ep_group
+    send_splits = [sum(counts_host[p * E_local:(p + 1) * E_local]) for p in range(ep)]
+    recv_splits = [sum(r) for r in recv_host]
+    n = perm.shape[0]
+    env.profile.rows_sent = n
+    env.profile.rows_received = sum(recv_splits)
+    env.profile.bytes_sent = n * x_sub.shape[1] * x_sub.element_size() + len(counts_host) * 8
+    _flat_internode(send_splits, recv_splits, x_sub, env)
+    env.check_budget(env.profile.rows_received, x_sub)
+    # 2. perm is grouped by expert, hence by destination rank: this rank's own block is perm[a:b].
+    a = sum(send_splits[:me])
+    b = a + send_splits[me]
+    home, away = perm[a:b], torch.cat([perm[:a], perm[b:]])  # (n_home,), (n - n_home,) flat assignment ids
+    send_away = [0 if p == me else c for p, c in enumerate(send_splits)]
+    recv_away = [0 if p == me else c for p, c in enumerate(recv_splits)]
+    flat_gates = gates.t().reshape(-1)  # (k*S,) choice-major, like perm's ids
+    rows_away = x_sub.index_select(0, away % S)  # (n - n_home, d_sub)
+    t0 = env.close("permute", t0)
+    # 3. The exchange starts; the home rows run through the experts (5) meanwhile.
+    buf, pending = comm.all_to_all_start(rows_away, recv_away, send_away, group)  # (m - m_home, d_sub)
+    out_home = run_experts(x_sub.index_select(0, home % S), counts_host[me * E_local:(me + 1) * E_local])
+    t0 = env.close("experts", t0)
+    rows = comm.all_to_all_wait(buf, pending)
+    t0 = env.close("all_to_all", t0)
+    # 4. Regroup the received rows by local expert (from (source rank, local expert) order), unless one rank sent them.
+    peers = [p for p in range(ep) if p != me]
+    expert_counts = [sum(recv_host[p][e] for p in peers) for e in range(E_local)]
+    regroup = None
+    if len(peers) > 1:
+        counts_in = torch.tensor([recv_host[p][e] for p in peers for e in range(E_local)], device=rows.device)
+        local_ids = torch.arange(E_local, device=rows.device).repeat(len(peers))  # ((EP-1)*E_local,)
+        local_ids = local_ids.repeat_interleave(counts_in, output_size=rows.shape[0])  # (m - m_home,)
+        regroup = torch.argsort(local_ids, stable=True)  # (m,)
+        rows = rows.index_select(0, regroup)
+    t0 = env.close("permute", t0)
+    # 5.
+    out = run_experts(rows, expert_counts)  # (m - m_home, d_sub)
+    t0 = env.close("experts", t0)
+    # 6. The away rows' outputs go back; the home rows are weighted and summed meanwhile.
+    if regroup is not None:
         inverse = torch.empty_like(regroup)
         inverse[regroup] = torch.arange(regroup.numel(), device=regroup.device)
         out = out.index_select(0, inverse)
-        t0 = env.close("permute", t0)
-        out = comm.all_to_all(out, send_splits, recv_splits, env.ctx.ep_group)  # (n, d_sub)
-        t0 = env.close("all_to_all", t0)
-    weights = gates.t().reshape(-1).index_select(0, perm).to(out.dtype)  # (n,)
-    y = gate_combine(out, weights, src, S)  # (S, d_sub)
+    buf, pending = comm.all_to_all_start(out, send_away, recv_away, group)  # (n - n_home, d_sub)
+    y = gate_combine(out_home, flat_gates.index_select(0, home).to(out_home.dtype), home % S, S)  # (S, d_sub)
+    t0 = env.close("combine", t0)
+    back = comm.all_to_all_wait(buf, pending)
+    t0 = env.close("all_to_all", t0)
+    y = y + gate_combine(back, flat_gates.index_select(0, away).to(back.dtype), away % S, S)  # (S, d_sub)
     env.close("combine", t0)
     return y
 
