@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from megatron_mhmoe.moe import head_affine
 from megatron_mhmoe.moe.quantile_balancing import required_bias_histogram
+from megatron_mhmoe.moe.softmax_top_k import softmax_top_k
 from megatron_mhmoe.parallel.init import constant, normal, set_init
 
 
@@ -108,7 +109,16 @@ class TopK:
 
 
 def top_k(logits: torch.Tensor, k: int) -> TopK:
-    """Everything after the logits is O(S x k) except the softmax and the top-k selection themselves."""
+    """Softmax gate's decision: top_k_reference's values as one autograd node for the softmax, the top-k
+    and the logsumexp (moe/softmax_top_k.py: the backward builds no dense zero tensors)."""
+    probs, top_p, top_e, lse = softmax_top_k(logits, k)  # (S, E), (S, k), (S, k), (S,)
+    gates = top_p / top_p.sum(dim=-1, keepdim=True) if k > 1 else top_p
+    return TopK(probs=probs, experts=top_e, gates=gates, lse=lse)
+
+
+def top_k_reference(logits: torch.Tensor, k: int) -> TopK:
+    """top_k as separate autograd ops: the obvious version the fused one is tested against. Everything
+    after the logits is O(S x k) except the softmax and the top-k selection themselves."""
     probs = torch.softmax(logits, dim=-1)  # (S, E)
     top_p, top_e = probs.topk(k, dim=-1)  # (S, k)
     gates = top_p / top_p.sum(dim=-1, keepdim=True) if k > 1 else top_p
