@@ -67,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed repetitions first")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    p.add_argument("--stats", choices=["off", "deferred", "eager"], default="off",
+                   help="our layer's routing statistics (MHMoELayer.stats_mode): 'off' as in the training steps "
+                        "that are not logged (all but one per log interval), 'deferred' as in a logged one, "
+                        "'eager' the reference that sums them in every forward")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: elapsed seconds; cpu: this process's CPU seconds (user + kernel), which leave out "
                         "other processes' time on a loaded machine (CPU device, with --threads 1)")
@@ -216,7 +220,9 @@ def run_point(args, shape: str, E: int, device, dtype, aux_coef: float = 0.01) -
     x = torch.randn(N, d, device=device, dtype=dtype, requires_grad=True)
     gy = torch.randn(N, d, device=device, dtype=dtype)
     bench = Bench(args, ours, x, gy, torch.tensor(aux_coef, device=device))
+    ours.stats_mode = "eager"  # this one forward: the kept counts the floor runs on
     y_ours, st = ours(x)
+    ours.stats_mode = args.stats
     counts = st.kept.tolist()  # (E,) rows each expert processes after capacity
     n_rows = sum(counts)
     for name in ("ours", "loop"):
@@ -265,7 +271,7 @@ def main(argv=None) -> None:
     print(f"# moe_layer: torch {torch.__version__}, device {device}, {args.dtype}, threads "
           f"{torch.get_num_threads()}, N={args.tokens} d={args.hidden} ffn={args.ffn} k={args.top_k} "
           f"cf={args.capacity_factor} act={args.act}, median of {args.reps} after {args.warmup} warm-up, "
-          f"{args.clock} clock, gradient reuse {'off' if args.no_grad_reuse else 'on'}, "
+          f"{args.clock} clock, gradient reuse {'off' if args.no_grad_reuse else 'on'}, our statistics {args.stats}, "
           f"matmul peak {peak:.3f} TFLOP/s")
     if not args.no_memory:
         print(f"# memory: {MEMORY_NOTE[device.type]}")
@@ -273,7 +279,7 @@ def main(argv=None) -> None:
     for shape in args.shape_list:
         for E in args.expert_list:
             point = run_point(args, shape, E, device, dtype)
-            point["matmul_peak_tflops"] = peak
+            point["matmul_peak_tflops"], point["stats_mode"] = peak, args.stats
             print("JSON " + json.dumps(point), flush=True)
             row = dict(shape=shape, E=E, rows=point["rows"])
             for name, r in point["impl"].items():
