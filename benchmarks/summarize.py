@@ -22,7 +22,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FINAL_RUNS = {  # generated block -> the committed runs it summarises (globs under benchmarks/results/)
-    "moe_layer": "*moe_layer-final-run*.jsonl",
+    "moe_layer": "2026-12-08-moe_layer-final-run*.jsonl",
     "moe_two_node": "2026-12-08-moe_two_node-rails-run*.txt",
 }
 
