@@ -69,11 +69,11 @@ def formula_bytes(sub_tokens: int, k: int, d_sub: int, itemsize: int, num_expert
                   rows_received: int, rows_sent: int | None = None) -> dict:
     """Bytes one rank hands to the all-to-alls of one MoE layer fwd+bwd step.
 
-    dispatch: rows_sent = S * k assignments (dropless; the kept ones otherwise) of d_sub values, plus
-    the per-expert counts (E int64) exchanged once before it. The combine sends back the rows this rank's
-    experts received (rows_received: data-dependent, S * k on average over the ranks). The backward runs
-    both all-to-alls in the other direction: the combine's conjugate sends rows_sent rows again, the
-    dispatch's conjugate rows_received.
+    dispatch: rows_sent of d_sub values (the kept assignments for other ranks' experts on the flat path,
+    whose rows for this rank's own experts never enter an exchange; None = all S * k assignments), plus the
+    per-expert counts (E int64) exchanged once before it. The combine sends back the rows this rank's
+    experts received (rows_received: data-dependent). The backward runs both all-to-alls in the other
+    direction: the combine's conjugate sends rows_sent rows again, the dispatch's conjugate rows_received.
     """
     rows_sent = sub_tokens * k if rows_sent is None else rows_sent
     dispatch = rows_sent * d_sub * itemsize

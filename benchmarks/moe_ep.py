@@ -6,9 +6,9 @@ record, per rank, the forward split from the dispatcher's profile (permute, coun
 experts, combine; "routing" is the rest of the forward: head/merge projections, router, top-k,
 capacity), and the backward as a whole; the table shows the median over reps of the slowest rank.
 Bytes: what each rank hands to dist.all_to_all_single in one fwd+bwd step (measured by wrapping it,
-benchmarks/a2a_meter.py) against the formula 4 x S x k x d/h x itemsize + E x 8 (dispatch and combine,
-forward and backward, plus the int64 counts exchange), S = tokens x h sub-tokens. Dropless routing by
-default so that the formula is exact; with --capacity-factor > 0 the formula uses the kept rows.
+benchmarks/a2a_meter.py) against the formula 2 x (sent + received rows) x d/h x itemsize + E x 8 (dispatch
+and combine, forward and backward, plus the int64 counts exchange): sent rows are the kept assignments
+(S x k dropless, S = tokens x h sub-tokens) less those for the rank's own experts, which stay home.
 
   python benchmarks/moe_ep.py                   # EP 2 and 4, SMoE and MH-MoE
   python benchmarks/moe_ep.py --ep 2 --experts 64 --tokens 4096
@@ -110,13 +110,14 @@ def measure(rank: int, ep: int, args, shape: str, device, dtype) -> dict:
     S = args.tokens * layer.moe.num_heads
     dropless = args.capacity_factor <= 0
     formula = formula_bytes(S, args.top_k, layer.d_sub, x.element_size(), args.experts, prof.rows_received,
-                            None if dropless else prof.rows_sent)
+                            prof.rows_sent)
     floats = [c for c in meter.per_call if c["floating"]]
     ints = [c for c in meter.per_call if not c["floating"]]
     return dict(rank=rank, median={p: statistics.median(v) for p, v in samples.items()},
                 measured=dict(total=meter.bytes_total, dispatch=floats[0]["bytes"] if floats else 0,
                               counts=sum(c["bytes"] for c in ints), off_rank=meter.bytes_off_rank, calls=meter.calls),
-                formula=formula, rows_sent=prof.rows_sent, rows_received=prof.rows_received, dropless=dropless)
+                formula=formula, rows_sent=prof.rows_sent, rows_received=prof.rows_received,
+                rows_home=prof.rows_home, dropless=dropless)
 
 
 def _rank_results(rank: int, ep: int, args) -> dict:
@@ -160,7 +161,7 @@ def main(argv=None) -> None:
     print("\nstep time split, ms (median over reps of the slowest rank; routing = rest of the forward)")
     print_table(time_rows, [("ep", "EP", "d"), ("shape", "shape", "s")] + [(p, p, ".1f") for p in PHASES])
     print("\nall-to-all bytes per rank, measured at dist.all_to_all_single (m_) vs formula (f_):")
-    print("  dispatch = S*k*(d/h)*itemsize (forward rows; kept rows when not dropless), counts = E*8;")
+    print("  dispatch = sent rows*(d/h)*itemsize (kept assignments less the rank's own experts'), counts = E*8;")
     print("  step total (fwd+bwd) = 2*dispatch + 2*recv*(d/h)*itemsize + counts, recv = rows this rank's experts got")
     print_table(byte_rows, [("ep", "EP", "d"), ("shape", "shape", "s"), ("rank", "rank", "d"),
                             ("m_dispatch", "m_dispatch", "d"), ("f_dispatch", "f_dispatch", "d"),

@@ -48,9 +48,13 @@ class DispatchProfile:
     `MoEDispatcher.take_times()`), not after every micro-batch."""
 
     rows_sent: int = 0
-    """Sub-token rows handed to the dispatch all-to-all (this rank's kept assignments)."""
+    """Sub-token rows handed to the dispatch all-to-all (this rank's kept assignments; on the flat path with
+    EP > 1 those for other ranks' experts: the rest are rows_home)."""
     rows_received: int = 0
     """Rows the dispatch all-to-all brought to this rank's experts (what the combine sends back)."""
+    rows_home: int = 0
+    """Flat path, EP > 1: this rank's kept assignments to its own experts, which never enter an all-to-all
+    (rows_sent + rows_home are its kept assignments; rows_received + rows_home the rows its experts run)."""
     internode_bytes: int = 0
     """Bytes this rank sends to ranks of other nodes in the whole fwd+bwd step of this forward (rows, ids,
     gates and counts; known where the node layout is known, 0 otherwise): both paths count it from their

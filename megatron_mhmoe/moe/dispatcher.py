@@ -96,11 +96,12 @@ def _exchange_around_home_experts(x_sub: torch.Tensor, gates: torch.Tensor, perm
     send_splits = [sum(counts_host[p * E_local:(p + 1) * E_local]) for p in range(ep)]
     recv_splits = [sum(r) for r in recv_host]
     n = perm.shape[0]
-    env.profile.rows_sent = n
-    env.profile.rows_received = sum(recv_splits)
-    env.profile.bytes_sent = n * x_sub.shape[1] * x_sub.element_size() + len(counts_host) * 8
+    env.profile.rows_home = send_splits[me]  # == recv_splits[me]: this rank's rows for its own experts
+    env.profile.rows_sent = n - send_splits[me]
+    env.profile.rows_received = sum(recv_splits) - recv_splits[me]
+    env.profile.bytes_sent = env.profile.rows_sent * x_sub.shape[1] * x_sub.element_size() + len(counts_host) * 8
     _flat_internode(send_splits, recv_splits, x_sub, env)
-    env.check_budget(env.profile.rows_received, x_sub)
+    env.check_budget(sum(recv_splits), x_sub)  # every row its experts run, home rows included
     # 2. perm is grouped by expert, hence by destination rank: this rank's own block is perm[a:b].
     a = sum(send_splits[:me])
     b = a + send_splits[me]

@@ -2,7 +2,8 @@
 
 1. The bytes each rank hands to the expert-parallel all-to-alls in one fwd+bwd step equal the formula
    exactly (benchmarks/a2a_meter.py wraps dist.all_to_all_single), on 2 and 4 gloo processes:
-   dispatch = S*k*(d/h)*itemsize (dropless) or kept rows*(d/h)*itemsize, counts = E*8,
+   dispatch = sent rows*(d/h)*itemsize, where the sent rows are the kept assignments (S*k dropless) less
+   those for the rank's own experts (which stay home: as many as its routing put on them), counts = E*8,
    step = 2*dispatch + 2*received*(d/h)*itemsize + counts, and the ranks receive what they send.
 2. `benchmarks/moe_layer.py --quick` runs and prints every ratio (ours/floor, ours/DeepSpeed, memory).
 """
@@ -47,9 +48,12 @@ def worker(rank: int, world: int) -> list[dict]:
             (y.float().square().sum() + st.aux_loss).backward()
         prof = layer.dispatcher.profile
         S = TOKENS * h
-        f = formula_bytes(S, k, D // h, x.element_size(), E, prof.rows_received, None if cf <= 0 else prof.rows_sent)
+        f = formula_bytes(S, k, D // h, x.element_size(), E, prof.rows_received, prof.rows_sent)
         floats = [c for c in meter.per_call if c["floating"]]
+        E_local = E // world
+        mine = int(st.kept[rank * E_local:(rank + 1) * E_local].sum())  # kept assignments to this rank's experts
         out.append(dict(case=(h, k, cf, str(dtype)), S=S, rows_sent=prof.rows_sent, rows_received=prof.rows_received,
+                        rows_home=prof.rows_home, mine=mine, kept=int(st.kept.sum()),
                         dropped=st.dropped, formula=f, total=meter.bytes_total,
                         dispatch=floats[0]["bytes"], counts=sum(c["bytes"] for c in meter.per_call if not c["floating"]),
                         profile_bytes=prof.bytes_sent))
@@ -64,9 +68,11 @@ def test_all_to_all_bytes_equal_formula(world):
         for rank, r in enumerate(results):
             where = f"case {r['case']} rank {rank}"
             f = r["formula"]
-            if cf <= 0:  # dropless: every assignment is sent, exactly S*k rows of d/h values
-                assert r["rows_sent"] == r["S"] * k, where
-                assert r["dispatch"] == r["S"] * k * (D // h) * torch.empty((), dtype=CASES[i][3]).element_size()
+            # Rows for the rank's own experts stay home; every other kept assignment is sent (dropless: all S*k).
+            assert r["rows_home"] == r["mine"], where
+            assert r["rows_sent"] + r["rows_home"] == (r["S"] * k if cf <= 0 else r["kept"]), where
+            row = (D // h) * torch.empty((), dtype=CASES[i][3]).element_size()
+            assert r["dispatch"] == r["rows_sent"] * row, where
             assert r["dispatch"] == f["dispatch"], where
             assert r["counts"] == f["counts"] == E * 8, where
             assert r["total"] == f["total"], f"{where}: measured {r['total']} != formula {f['total']}"

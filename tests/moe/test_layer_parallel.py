@@ -13,6 +13,7 @@ through the drop counts).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -107,6 +108,12 @@ def worker(rank: int, world: int) -> dict:
     results["empty_expert"] = dict(selections=st.selections.tolist(),
                                    last_w1=grads["experts.w1"][-1].abs().max().item(),
                                    others_w1=grads["experts.w1"][:-1].abs().max().item())
+    if world > 1:
+        # Every choice on rank 0's experts: there all rows stay home and nothing arrives; the other ranks keep
+        # none and receive nothing (the flat path's empty exchanges and empty expert calls).
+        cfg = make_config(2, 4, 0.0)
+        cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, debug_routing="skew", debug_skew_fraction=1.0))
+        results["all_to_rank0"] = run_case(ParallelContext.from_world(1, world), cfg, seed=3)
     if world == 4:
         # 256 experts over EP=4 run and equal the reference.
         ctx = ParallelContext.from_world(1, 4)
@@ -156,6 +163,14 @@ def test_empty_expert_gets_zero_gradient(world_results):
         assert res["selections"][-1] == 0, "the forced routing should starve the last expert"
         assert res["last_w1"] == 0.0
         assert res["others_w1"] > 0.0
+
+
+def test_all_rows_to_one_rank_equals_single_process(world_results):
+    world, per_rank = world_results
+    if world == 1:
+        pytest.skip("needs EP > 1")
+    for rank, results in enumerate(per_rank):
+        _check(("all_to_rank0",), results["all_to_rank0"], rank)
 
 
 def test_256_experts_ep4(world_results):
