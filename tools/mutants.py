@@ -116,10 +116,12 @@ MUTANTS: list[Mutant] = [
            (SPDS,)),
     # ------------------------------------------------------------------ moe: routing
     Mutant("gates_not_renormalised", M + "moe/router.py",
-           "gates = top_p / top_p.sum(dim=-1, keepdim=True) if k > 1 else top_p", "gates = top_p",
+           "softmax_top_k(logits, k)  # (S, E), (S, k), (S, k), (S,)\n"
+           "    gates = top_p / top_p.sum(dim=-1, keepdim=True) if k > 1 else top_p",
+           "softmax_top_k(logits, k)  # (S, E), (S, k), (S, k), (S,)\n    gates = top_p",
            "top-k gates are the raw probabilities instead of renormalised over the k choices",
            (CAPV + "::test_layer_k2_keep_mask_by_hand",), fast=True),
-    Mutant("lse_sign", M + "moe/router.py",
+    Mutant("lse_sign", M + "moe/softmax_top_k.py",
            "- torch.log(top_p[:, 0])", "+ torch.log(top_p[:, 0])",
            "logsumexp from the top-1 choice with the wrong sign of log p",
            ("tests/benchmarks/test_fast_paths.py::test_lse_from_top1_equals_logsumexp", LOSS), fast=True),
@@ -162,6 +164,22 @@ MUTANTS: list[Mutant] = [
            "regroup = torch.argsort(local_ids, stable=True).flip(0)  # (m,)",
            "rows received over the all-to-all regrouped in the wrong order (EP > 1)",
            ("tests/moe/test_layer_parallel.py::test_layer_equals_single_process",)),
+    Mutant("home_rows_after_the_exchange", M + "moe/dispatcher.py",
+           "    out_home = run_experts(x_sub.index_select(0, home % S), counts_host[me * E_local:(me + 1) * E_local])\n"
+           "    t0 = env.close(\"experts\", t0)\n    rows = comm.all_to_all_wait(buf, pending)\n",
+           "    rows = comm.all_to_all_wait(buf, pending)\n"
+           "    out_home = run_experts(x_sub.index_select(0, home % S), counts_host[me * E_local:(me + 1) * E_local])\n"
+           "    t0 = env.close(\"experts\", t0)\n",
+           "the home rows' experts run after waiting for the exchange (no overlap; outputs unchanged)",
+           ("tests/moe/test_home_experts.py",)),
+    Mutant("home_rows_combined_into_wrong_rows", M + "moe/dispatcher.py",
+           "to(out_home.dtype), home % S, S)", "to(out_home.dtype), (home + 1) % S, S)",
+           "the home rows' outputs are added to the neighbouring sub-tokens (EP > 1)",
+           ("tests/moe/test_layer_parallel.py::test_layer_equals_single_process",)),
+    Mutant("softmax_top_k_drops_lse_gradient", M + "moe/softmax_top_k.py",
+           "            r -= g_lse\n", "            r -= 0 * g_lse\n",
+           "the fused router node ignores the z-loss's logsumexp gradient",
+           ("tests/moe/test_softmax_top_k.py",), fast=True),
     Mutant("combine_backward_no_gate", M + "moe/gate_combine.py",
            "g_out = g_rows.mul_(w.unsqueeze(1)) if ctx.needs_input_grad[0] else None",
            "g_out = g_rows if ctx.needs_input_grad[0] else None",

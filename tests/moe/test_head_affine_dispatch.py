@@ -57,8 +57,9 @@ def step(layer, x, flat: bool, per_node: int):
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
     return dict(y=y.detach(), gx=x.grad, grads=grads, dropped=st.dropped, meter=meter,
-                counted=layer.dispatcher.profile.internode_bytes, sent=layer.dispatcher.profile.rows_sent,
-                received=layer.dispatcher.profile.rows_received)
+                counted=layer.dispatcher.profile.internode_bytes,
+                sent=layer.dispatcher.profile.rows_sent + layer.dispatcher.profile.rows_home,  # kept assignments
+                received=layer.dispatcher.profile.rows_received + layer.dispatcher.profile.rows_home)  # rows its experts ran
 
 
 def worker(rank: int, world: int, cases: list) -> dict:

@@ -66,7 +66,8 @@ def step(layer, x, flat: bool, per_node: int):
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
     return dict(y=y.detach(), gx=x.grad, grads=grads, dropped=st.dropped, meter=meter, calls=meter.calls,
-                counted=layer.dispatcher.profile.internode_bytes, sent=layer.dispatcher.profile.rows_sent)
+                counted=layer.dispatcher.profile.internode_bytes,
+                sent=layer.dispatcher.profile.rows_sent + layer.dispatcher.profile.rows_home)  # kept assignments
 
 
 def packets(all_routes, layout: two_level.NodeLayout, me: int, E_node: int):
