@@ -12,9 +12,9 @@ import torch
 
 from megatron_mhmoe.config import ModelConfig, MoEConfig
 from megatron_mhmoe.moe.layer import MHMoELayer
-from megatron_mhmoe.parallel import comm
 from megatron_mhmoe.parallel.context import ParallelContext
 from tests.distributed import run_workers
+from tests.moe.exchange_log import logged_exchanges
 
 
 class _LogGrad(torch.autograd.Function):
@@ -37,19 +37,7 @@ def _worker(rank: int, world: int) -> dict:
         num_experts=4, top_k=2, num_heads=2, expert_hidden_size=16, capacity_factor=0.0))
     layer = MHMoELayer(cfg, ctx)
     log, calls = [], []
-    orig_start, orig_wait, orig_experts = comm.all_to_all_v_start, comm.Pending.wait, layer.experts.forward
-
-    def start(*a, **kw):
-        out, pending = orig_start(*a, **kw)
-        pending.tag = len(log)
-        log.append(("start", pending.tag))
-        return out, pending
-
-    def wait(pending):
-        if getattr(pending, "tag", None) is not None:
-            log.append(("wait", pending.tag))
-            pending.tag = None
-        orig_wait(pending)
+    orig_experts = layer.experts.forward
 
     def experts(rows, counts):
         call = len(calls)
@@ -58,14 +46,12 @@ def _worker(rank: int, world: int) -> dict:
         log.append(("experts", call))
         return out
 
-    comm.all_to_all_v_start, comm.Pending.wait, layer.experts.forward = start, wait, experts
-    try:
+    layer.experts.forward = experts
+    with logged_exchanges(log):
         torch.manual_seed(rank)
         y, _ = layer(torch.randn(8, 4, 32, requires_grad=True))
         fwd = len(log)
         y.square().sum().backward()
-    finally:
-        comm.all_to_all_v_start, comm.Pending.wait = orig_start, orig_wait
     prof = layer.dispatcher.profile
     return dict(fwd=log[:fwd], bwd=log[fwd:], rows=calls, home=prof.rows_home, received=prof.rows_received)
 

@@ -37,6 +37,7 @@ from megatron_mhmoe.moe.layer import MHMoELayer
 from megatron_mhmoe.parallel import comm
 from megatron_mhmoe.parallel.context import ParallelContext
 from tests.distributed import run_workers
+from tests.moe.exchange_log import logged_exchanges
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -209,27 +210,10 @@ def world4_extras(ctx, rank: int) -> dict:
     # 6. The backward overlaps like the forward: its conjugate exchanges start asynchronously and another
     # chunk's work runs before they are waited on.
     layer = make_layer(ctx, 2, 4, 2, 0.0, 3)
-    log = []
-    orig_start, orig_wait = comm.all_to_all_v_start, comm.Pending.wait
-
-    def start(*a, **kw):
-        out, pending = orig_start(*a, **kw)
-        pending.tag = len(log)
-        log.append(("start", pending.tag))
-        return out, pending
-
-    def wait(pending):
-        if getattr(pending, "tag", None) is not None:
-            log.append(("wait", pending.tag))
-            pending.tag = None
-        orig_wait(pending)
-    comm.all_to_all_v_start, comm.Pending.wait = start, wait
-    try:
+    with logged_exchanges([]) as log:
         y, _ = layer(torch.randn(TOKENS, D_MODEL, requires_grad=True))
         fwd = len(log)
         y.sum().backward()
-    finally:
-        comm.all_to_all_v_start, comm.Pending.wait = orig_start, orig_wait
     res["log"] = (log[:fwd], log[fwd:])
     # 4. A budget below what the busiest rank receives: every rank raises, naming the setting.
     for flat in (True, False):
