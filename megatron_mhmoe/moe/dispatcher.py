@@ -125,7 +125,7 @@ def _exchange_around_home_experts(x_sub: torch.Tensor, gates: torch.Tensor, perm
         counts_in = torch.tensor([recv_host[p][e] for p in peers for e in range(E_local)], device=rows.device)
         local_ids = torch.arange(E_local, device=rows.device).repeat(len(peers))  # ((EP-1)*E_local,)
         local_ids = local_ids.repeat_interleave(counts_in, output_size=rows.shape[0])  # (m - m_home,)
-        regroup = torch.argsort(local_ids, stable=True)  # (m,)
+        regroup = torch.argsort(local_ids, stable=True)  # (m - m_home,)
         rows = rows.index_select(0, regroup)
     t0 = env.close("permute", t0)
     # 5.
