@@ -113,6 +113,8 @@ def _exchange_around_home_experts(x_sub: torch.Tensor, gates: torch.Tensor, perm
     t0 = env.close("permute", t0)
     # 3. The exchange starts; the home rows run through the experts (5) meanwhile.
     buf, pending = comm.all_to_all_start(rows_away, recv_away, send_away, group)  # (m - m_home, d_sub)
+    # Its own phase, so that the breakdown files the backward's wait for the conjugate under the exchange.
+    t0 = env.close("all_to_all", t0)
     out_home = run_experts(x_sub.index_select(0, home % S), counts_host[me * E_local:(me + 1) * E_local])
     t0 = env.close("experts", t0)
     rows = comm.all_to_all_wait(buf, pending)
@@ -137,6 +139,7 @@ def _exchange_around_home_experts(x_sub: torch.Tensor, gates: torch.Tensor, perm
         inverse[regroup] = torch.arange(regroup.numel(), device=regroup.device)
         out = out.index_select(0, inverse)
     buf, pending = comm.all_to_all_start(out, send_away, recv_away, group)  # (n - n_home, d_sub)
+    t0 = env.close("all_to_all", t0)
     y = gate_combine(out_home, flat_gates.index_select(0, home).to(out_home.dtype), home % S, S)  # (S, d_sub)
     t0 = env.close("combine", t0)
     back = comm.all_to_all_wait(buf, pending)
