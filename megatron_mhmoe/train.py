@@ -22,10 +22,8 @@ write error mid-save; the previous checkpoint stays latest); 130 Ctrl-C. Tests i
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-import time
 from typing import Optional
 
 if __name__ == "__main__":  # before torch is imported: a Ctrl-C during any import is one line too

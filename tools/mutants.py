@@ -165,15 +165,15 @@ MUTANTS: list[Mutant] = [
            "rows received over the all-to-all regrouped in the wrong order (EP > 1)",
            ("tests/moe/test_layer_parallel.py::test_layer_equals_single_process",)),
     Mutant("home_rows_after_the_exchange", M + "moe/dispatcher.py",
-           "    out_home = run_experts(x_sub.index_select(0, home % S), counts_host[me * E_local:(me + 1) * E_local])\n"
+           "    out_home = run_experts(x_sub.index_select(0, src_home), counts_host[me * E_local:(me + 1) * E_local])\n"
            "    t0 = env.close(\"experts\", t0)\n    rows = comm.all_to_all_wait(buf, pending)\n",
            "    rows = comm.all_to_all_wait(buf, pending)\n"
-           "    out_home = run_experts(x_sub.index_select(0, home % S), counts_host[me * E_local:(me + 1) * E_local])\n"
+           "    out_home = run_experts(x_sub.index_select(0, src_home), counts_host[me * E_local:(me + 1) * E_local])\n"
            "    t0 = env.close(\"experts\", t0)\n",
            "the home rows' experts run after waiting for the exchange (no overlap; outputs unchanged)",
            ("tests/moe/test_home_experts.py",)),
     Mutant("home_rows_combined_into_wrong_rows", M + "moe/dispatcher.py",
-           "to(out_home.dtype), home % S, S)", "to(out_home.dtype), (home + 1) % S, S)",
+           "to(out_home.dtype), src_home, S)", "to(out_home.dtype), (src_home + 1) % S, S)",
            "the home rows' outputs are added to the neighbouring sub-tokens (EP > 1)",
            ("tests/moe/test_layer_parallel.py::test_layer_equals_single_process",)),
     Mutant("softmax_top_k_drops_lse_gradient", M + "moe/softmax_top_k.py",

@@ -12,7 +12,6 @@ Special ids: unk 0, bos 1, eos 2 (= EOD for the datasets), pad 3, then user-defi
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
 import sys

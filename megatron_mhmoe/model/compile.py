@@ -16,7 +16,6 @@ MoEDispatcher.path) between two compiled graphs: correct, with a graph break on 
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 

@@ -106,16 +106,17 @@ def _exchange_around_home_experts(x_sub: torch.Tensor, gates: torch.Tensor, perm
     a = sum(send_splits[:me])
     b = a + send_splits[me]
     home, away = perm[a:b], torch.cat([perm[:a], perm[b:]])  # (n_home,), (n - n_home,) flat assignment ids
+    src_home, src_away = home % S, away % S  # their sub-tokens
     send_away = [0 if p == me else c for p, c in enumerate(send_splits)]
     recv_away = [0 if p == me else c for p, c in enumerate(recv_splits)]
     flat_gates = gates.t().reshape(-1)  # (k*S,) choice-major, like perm's ids
-    rows_away = x_sub.index_select(0, away % S)  # (n - n_home, d_sub)
+    rows_away = x_sub.index_select(0, src_away)  # (n - n_home, d_sub)
     t0 = env.close("permute", t0)
     # 3. The exchange starts; the home rows run through the experts (5) meanwhile.
     buf, pending = comm.all_to_all_start(rows_away, recv_away, send_away, group)  # (m - m_home, d_sub)
     # Its own phase, so that the breakdown files the backward's wait for the conjugate under the exchange.
     t0 = env.close("all_to_all", t0)
-    out_home = run_experts(x_sub.index_select(0, home % S), counts_host[me * E_local:(me + 1) * E_local])
+    out_home = run_experts(x_sub.index_select(0, src_home), counts_host[me * E_local:(me + 1) * E_local])
     t0 = env.close("experts", t0)
     rows = comm.all_to_all_wait(buf, pending)
     t0 = env.close("all_to_all", t0)
@@ -140,11 +141,11 @@ def _exchange_around_home_experts(x_sub: torch.Tensor, gates: torch.Tensor, perm
         out = out.index_select(0, inverse)
     buf, pending = comm.all_to_all_start(out, send_away, recv_away, group)  # (n - n_home, d_sub)
     t0 = env.close("all_to_all", t0)
-    y = gate_combine(out_home, flat_gates.index_select(0, home).to(out_home.dtype), home % S, S)  # (S, d_sub)
+    y = gate_combine(out_home, flat_gates.index_select(0, home).to(out_home.dtype), src_home, S)  # (S, d_sub)
     t0 = env.close("combine", t0)
     back = comm.all_to_all_wait(buf, pending)
     t0 = env.close("all_to_all", t0)
-    y = y + gate_combine(back, flat_gates.index_select(0, away).to(back.dtype), away % S, S)  # (S, d_sub)
+    y = y + gate_combine(back, flat_gates.index_select(0, away).to(back.dtype), src_away, S)  # (S, d_sub)
     env.close("combine", t0)
     return y
 

@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 
 from megatron_mhmoe.moe import head_affine
-from megatron_mhmoe.moe.two_level import _Route, advance_in_turn, experts_in_node, id_dtype, pack_ids, unpack_ids
+from megatron_mhmoe.moe.two_level import (_Route, advance_in_turn, experts_in_node, id_dtype, pack_ids, start_chunks,
+                                          unpack_ids)
 from megatron_mhmoe.parallel import comm
 
 
@@ -86,21 +87,12 @@ def chunk_coroutine(env, x_sub, experts, gates, keep, run_experts, result: list)
 def dispatch_combine(x_sub: torch.Tensor, record, run_experts, env) -> torch.Tensor:
     """x_sub (S, d_sub), a routing.RoutingRecord -> (S, d_sub), in env.chunks chunks of whole tokens. The
     path interface of moe/dispatch_env.py; env.head_groups and env.num_heads give the placement."""
-    experts, gates, keep = record.experts, record.gates, record.keep
-    S, k = experts.shape
-    h = env.num_heads
+    S, h = record.experts.shape[0], env.num_heads
     if S % h:
         raise ValueError(f"{S} sub-tokens are not whole tokens of h={h} sub-tokens ({S} % {h} = {S % h})")
-    env.profile.rows_sent = int(keep.sum()) if keep is not None else experts.numel()  # kept assignments
     n = S // h
     chunks = max(1, min(env.chunks, n))
     bounds = [h * (n * c // chunks) for c in range(chunks + 1)]  # token-aligned: every node gets h/N per token
-    keep2 = keep.view(k, S) if keep is not None else None  # (k, S) choice-major
-    results, coros = [], []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        res = [None]
-        kc = keep2[:, lo:hi].reshape(-1) if keep2 is not None else None  # (k*(hi-lo),) choice-major
-        coros.append(chunk_coroutine(env, x_sub[lo:hi], experts[lo:hi], gates[lo:hi], kc, run_experts, res))
-        results.append(res)
+    coros, results = start_chunks(chunk_coroutine, env, x_sub, record, bounds, run_experts)
     advance_in_turn(coros)
     return torch.cat([r[0] for r in results], 0)  # (S, d_sub)

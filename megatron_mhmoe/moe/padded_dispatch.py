@@ -48,7 +48,7 @@ def slots(e_flat: torch.Tensor, order: torch.Tensor, keep: torch.Tensor, num_exp
 def dispatch_combine(x_sub: torch.Tensor, record, run_experts: Callable, env) -> torch.Tensor:
     """x_sub (S, d), a routing.RoutingRecord with a capacity -> (S, d). Steps above; the path interface of
     moe/dispatch_env.py (env: DispatchEnv)."""
-    experts, gates, keep, order, e_flat = record.experts, record.gates, record.keep, record.order, record.flat_experts
+    gates, keep, order, e_flat = record.gates, record.keep, record.order, record.flat_experts
     ep_size, ep_group, num_experts, capacity = env.ctx.ep_size, env.ctx.ep_group, env.num_experts, record.capacity
     E, C = num_experts, capacity
     received = ep_size * (E // ep_size) * C  # a static bound: the buffer is this size whatever the routing

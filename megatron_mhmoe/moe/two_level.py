@@ -315,14 +315,13 @@ def advance_in_turn(coros: list) -> None:
         live = nxt
 
 
-def dispatch_combine(x_sub: torch.Tensor, record, run_experts, env) -> torch.Tensor:
-    """x_sub (S, d_sub), a routing.RoutingRecord -> (S, d_sub), in env.chunks pipelined chunks of
-    consecutive sub-tokens (each chunk's outputs depend only on its own sub-tokens). The path interface of
-    moe/dispatch_env.py."""
-    experts, gates, keep, chunks = record.experts, record.gates, record.keep, env.chunks
+def start_chunks(chunk_coroutine, env, x_sub: torch.Tensor, record, bounds: list, run_experts) -> tuple[list, list]:
+    """One coroutine per chunk [bounds[c], bounds[c+1]) of consecutive sub-tokens, and the one-element lists
+    their outputs land in; counts the kept assignments into env.profile.rows_sent. Shared by the two-level
+    and head-affine paths, whose chunk coroutines differ."""
+    experts, gates, keep = record.experts, record.gates, record.keep
     S, k = experts.shape
     env.profile.rows_sent = int(keep.sum()) if keep is not None else experts.numel()  # kept assignments
-    bounds = [S * c // chunks for c in range(chunks + 1)]
     keep2 = keep.view(k, S) if keep is not None else None  # (k, S) choice-major
     results, coros = [], []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
@@ -330,6 +329,16 @@ def dispatch_combine(x_sub: torch.Tensor, record, run_experts, env) -> torch.Ten
         kc = keep2[:, lo:hi].reshape(-1) if keep2 is not None else None  # (k*(hi-lo),) choice-major
         coros.append(chunk_coroutine(env, x_sub[lo:hi], experts[lo:hi], gates[lo:hi], kc, run_experts, res))
         results.append(res)
+    return coros, results
+
+
+def dispatch_combine(x_sub: torch.Tensor, record, run_experts, env) -> torch.Tensor:
+    """x_sub (S, d_sub), a routing.RoutingRecord -> (S, d_sub), in env.chunks pipelined chunks of
+    consecutive sub-tokens (each chunk's outputs depend only on its own sub-tokens). The path interface of
+    moe/dispatch_env.py."""
+    S, chunks = record.experts.shape[0], env.chunks
+    bounds = [S * c // chunks for c in range(chunks + 1)]
+    coros, results = start_chunks(chunk_coroutine, env, x_sub, record, bounds, run_experts)
     # Step 1 of every chunk, then one exchange of all their traffic vectors (the one host sync).
     traffic = torch.stack([next(co) for co in coros])  # (C, N + EP)
     width = traffic.numel()

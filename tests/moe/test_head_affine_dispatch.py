@@ -27,6 +27,7 @@ from megatron_mhmoe.moe.two_level import id_columns
 from megatron_mhmoe.moe.layer import MHMoELayer
 from megatron_mhmoe.parallel.context import ParallelContext
 from tests.distributed import run_workers
+from tests.moe.path_step import step
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -46,20 +47,6 @@ def make_layer(ctx, per_node, h, k, cf, chunks, G, debug="", mode="two_level", n
         ep_dispatch=mode, ep_nic_gbps=nic_gbps))
     torch.manual_seed(7)
     return MHMoELayer(cfg, ctx)
-
-
-def step(layer, x, flat: bool, per_node: int):
-    layer.dispatcher.force_flat = flat
-    layer.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    with A2AMeter(per_node=per_node) as meter:
-        y, st = layer(x)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
-    return dict(y=y.detach(), gx=x.grad, grads=grads, dropped=st.dropped, meter=meter,
-                counted=layer.dispatcher.profile.internode_bytes,
-                sent=layer.dispatcher.profile.rows_sent + layer.dispatcher.profile.rows_home,  # kept assignments
-                received=layer.dispatcher.profile.rows_received + layer.dispatcher.profile.rows_home)  # rows its experts ran
 
 
 def worker(rank: int, world: int, cases: list) -> dict:

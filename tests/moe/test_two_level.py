@@ -37,6 +37,7 @@ from megatron_mhmoe.moe.layer import MHMoELayer
 from megatron_mhmoe.parallel import comm
 from megatron_mhmoe.parallel.context import ParallelContext
 from tests.distributed import run_workers
+from tests.moe.path_step import step
 from tests.moe.exchange_log import logged_exchanges
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,19 +57,6 @@ def make_layer(ctx, per_node, h, k, cf, chunks, budget=0, debug="", mode="two_le
         gate="softmax", ep_ranks_per_node=per_node, a2a_chunks=chunks, ep_recv_budget=budget, debug_routing=debug,
         ep_dispatch=mode, ep_nic_gbps=nic_gbps))
     return MHMoELayer(cfg, ctx)
-
-
-def step(layer, x, flat: bool, per_node: int):
-    layer.dispatcher.force_flat = flat
-    layer.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    with A2AMeter(per_node=per_node) as meter:
-        y, st = layer(x)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
-    return dict(y=y.detach(), gx=x.grad, grads=grads, dropped=st.dropped, meter=meter, calls=meter.calls,
-                counted=layer.dispatcher.profile.internode_bytes,
-                sent=layer.dispatcher.profile.rows_sent + layer.dispatcher.profile.rows_home)  # kept assignments
 
 
 def packets(all_routes, layout: two_level.NodeLayout, me: int, E_node: int):
