@@ -467,3 +467,40 @@ def test_package_map_names_what_is_in_the_package():
     present = {n + "/" if os.path.isdir(os.path.join(pkg, n)) else n for n in os.listdir(pkg)
                if not n.startswith(("_", ".")) and (n.endswith(".py") or os.path.isdir(os.path.join(pkg, n)))}
     assert present - set(entries) == set(), "megatron_mhmoe/ has entries the README's package map lacks"
+
+
+# ---------------------------------------------------------------------- step-throughput measurements
+def _last_json(name: str) -> dict:
+    import json
+    with open(os.path.join(ROOT, "benchmarks", "results", name), encoding="utf-8") as f:
+        return json.loads([line for line in f if line.startswith("{")][-1])
+
+
+def _median_range(values: list) -> str:
+    import statistics
+    return f"{statistics.median(values):.0f} [{min(values):.0f}-{max(values):.0f}]"
+
+
+def test_step_throughput_tables_quote_the_committed_runs():
+    """docs/step-throughput.md's quiet-machine table and collective-latency table are the committed raw runs
+    under benchmarks/results/ (medians, ranges, ratios, per-call times as the mean over ranks, the step
+    estimate)."""
+    import statistics
+    text = page("step-throughput")
+    run = _last_json("2026-12-08-train_throughput.txt")["tokens_per_s"]
+    ratio = statistics.median(run["mhmoe"]) / statistics.median(run["dense"])
+    assert f"| {_median_range(run['mhmoe'])} | {_median_range(run['dense'])} | **{ratio:.3f}** |" in text
+    comp = _last_json("2026-12-08-train_throughput-compile.txt")["tokens_per_s"]
+    for mode in ("eager", "compiled"):
+        cells = f"| {_median_range(comp['mhmoe_' + mode])} | {_median_range(comp['dense_' + mode])} |"
+        assert cells in text, cells
+    lat = _last_json("2026-12-08-collective_latency.txt")
+    res = lat["results"]
+    for name, row in (("counts (8 int64)", "counts, 8 int64"),
+                      ("rows (2048 x 32 fp32)", "rows, 2048 x 32 fp32 to the peer")):
+        b2b, mid = res[f"{name} | back to back"], res[f"{name} | between compute"]
+        cells = (f"| {row} | {statistics.mean(b2b['mean_per_rank']):.2f} | {statistics.mean(mid['mean_per_rank']):.2f} "
+                 f"({mid['last_rank']:.2f}) |")
+        assert cells in text, cells
+    step = f"{lat['step_floor_ms']:.1f} ms when no rank is late, {lat['step_mean_ms']:.1f} ms at the measured"
+    assert step in flat(text)
